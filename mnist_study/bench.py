@@ -1,0 +1,166 @@
+"""Side-by-side training throughput: the textbook PyTorch loop against our trainer.
+
+All setups run in one process on the same data and machine, interleaved over several
+rounds so that a noisy neighbour hits them alike; the median round is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mnist_study.config import TrainConfig
+from mnist_study.dataset import MEAN, STD, load_splits
+from mnist_study.model import SeedCNN, build_model, train_flops_per_image
+from mnist_study.train import make_optimizer, train_steps
+
+WARMUP_STEPS = 20
+
+
+def textbook_images_per_second(root: Path, steps: int) -> float:
+    """torchvision MNIST + DataLoader(64, shuffle) + ToTensor/Normalize, NCHW fp32, Adam."""
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))])
+    loader = torch.utils.data.DataLoader(
+        datasets.MNIST(root, train=True, download=False, transform=tf),
+        batch_size=64,
+        shuffle=True,
+    )
+    torch.manual_seed(0)
+    # The seed's layer order (ReLU before pool), as a textbook would write it.
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(32, 64, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(3136, 128),
+        torch.nn.ReLU(),
+        torch.nn.Linear(128, 10),
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    started, images = 0.0, 0
+    for step, (x, y) in enumerate(loader):
+        if step == WARMUP_STEPS:
+            started, images = time.perf_counter(), 0
+        if step == WARMUP_STEPS + steps:
+            break
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        images += len(x)
+    return images / (time.perf_counter() - started)
+
+
+def ours_images_per_second(splits, cfg: TrainConfig, steps: int) -> float:
+    torch.manual_seed(0)
+    model = build_model(cfg).to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg, model)
+    order = torch.Generator().manual_seed(0)
+    x, y = splits.train_x, splits.train_y
+    train_steps(model, optimizer, x, y, cfg, order, None, max_steps=WARMUP_STEPS)
+    started = time.perf_counter()
+    train_steps(model, optimizer, x, y, cfg, order, None, max_steps=steps)
+    return steps * cfg.batch_size / (time.perf_counter() - started)
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
+    """Best fp32 GEMM rate on this CPU: the practical peak training is compared to."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = 0.0
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        best = max(best, 2 * size**3 / (time.perf_counter() - started) / 1e9)
+    return best
+
+
+SETUPS = [
+    ("ours fp32, batch 64", "fp32", 64),
+    ("ours bf16, batch 64", "bf16", 64),
+    ("ours fp32, batch 256", "fp32", 256),
+    ("ours bf16, batch 256", "bf16", 256),
+]
+
+
+def run_bench(root: Path, steps: int, rounds: int, json_path: Path | None) -> dict:
+    splits = load_splits(root, TrainConfig())
+    textbook = "textbook loop, fp32, batch 64"
+    samples: dict[str, list[float]] = {textbook: []} | {name: [] for name, _, _ in SETUPS}
+    for r in range(1, rounds + 1):
+        samples[textbook].append(textbook_images_per_second(root, steps))
+        for name, precision, batch in SETUPS:
+            cfg = TrainConfig(precision=precision, batch_size=batch)
+            # Same number of images per setup, so each gets a comparable slice of time.
+            samples[name].append(ours_images_per_second(splits, cfg, steps * 64 // batch))
+        print(f"round {r}/{rounds}: " + ", ".join(f"{v[-1]:,.0f}" for v in samples.values()))
+    peak = matmul_gflops()
+    flops = train_flops_per_image(SeedCNN())
+    base = statistics.median(samples[textbook])
+    rows = []
+    for name, values in samples.items():
+        ips = statistics.median(values)
+        share = ips * flops / 1e9 / peak if "fp32" in name else None
+        rows.append(
+            {
+                "setup": name,
+                "images_per_s": round(ips),
+                "speedup": round(ips / base, 2),
+                "fp32_peak_share": None if share is None else round(share, 3),
+            }
+        )
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {cpu_model()}, "
+        f"{torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "steps_at_batch_64": steps,
+        "rounds": rounds,
+        "train_mflop_per_image": round(flops / 1e6, 1),
+        "fp32_matmul_gflops": round(peak, 1),
+        "rows": rows,
+    }
+    print(format_table(result))
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {json_path}")
+    return result
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def format_table(result: dict) -> str:
+    lines = [
+        f"Machine: {result['machine']}; torch {result['torch']}; median of "
+        f"{result['rounds']} rounds of {result['steps_at_batch_64'] * 64:,} images each.",
+        f"fp32 peak = best 2048^2 fp32 matmul in this run: {result['fp32_matmul_gflops']} "
+        f"GFLOP/s; training = {result['train_mflop_per_image']} MFLOP/image.",
+        "",
+        "| setup | images/s | vs textbook | share of fp32 peak |",
+        "|---|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        share = "" if row["fp32_peak_share"] is None else f"{row['fp32_peak_share']:.0%}"
+        lines.append(
+            f"| {row['setup']} | {row['images_per_s']:,} | {row['speedup']:.2f}x | {share} |"
+        )
+    return "\n".join(lines)

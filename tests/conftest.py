@@ -1,0 +1,27 @@
+"""Shared fixtures: real MNIST (fetched once into the repo's data/ folder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_ROOT = REPO / "data"
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> Path:
+    from mnist_study.data import fetch
+
+    fetch(DATA_ROOT)
+    return DATA_ROOT
+
+
+@pytest.fixture(scope="session")
+def small_splits(mnist_root):
+    """Real MNIST, shrunk: 1,000 training images, 500 validation."""
+    from mnist_study.config import TrainConfig
+    from mnist_study.dataset import load_splits
+
+    return load_splits(mnist_root, TrainConfig(train_size=1000, val_size=500, train_eval_size=500))

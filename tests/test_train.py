@@ -1,0 +1,61 @@
+"""The trainer on real MNIST, shrunk: metrics, determinism, divergence, end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from mnist_study.config import TrainConfig
+from mnist_study.train import Diverged, evaluate_test, train
+
+SMALL = TrainConfig(train_size=1000, val_size=500, train_eval_size=500, epochs=2, threads=1)
+KEYS = {
+    "train_loss",
+    "train_acc",
+    "train_loss_running",
+    "val_loss",
+    "val_acc",
+    "lr",
+    "epoch_seconds",
+}
+
+
+def without_time(history):
+    return [{k: v for k, v in m.items() if k != "epoch_seconds"} for m in history]
+
+
+def test_history_has_one_entry_per_epoch_with_all_metrics(small_splits):
+    seen = []
+    result = train(SMALL, small_splits, on_epoch=lambda e, m: seen.append(e))
+    assert seen == [1, 2]
+    assert [set(m) for m in result.history] == [KEYS, KEYS]
+    assert result.history[-1]["lr"] == SMALL.lr
+    assert all(0 <= m["val_acc"] <= 1 for m in result.history)
+
+
+@pytest.mark.parametrize("change", [{}, {"augment": True, "dropout": 0.3, "batchnorm": True}])
+def test_same_config_and_seed_give_identical_metrics(small_splits, change):
+    cfg = dataclasses.replace(SMALL, epochs=1, **change)
+    first = without_time(train(cfg, small_splits).history)
+    again = without_time(train(cfg, small_splits).history)
+    other = without_time(train(dataclasses.replace(cfg, seed=1), small_splits).history)
+    assert first == again
+    assert first != other
+
+
+def test_nan_loss_stops_with_epoch_and_step(small_splits):
+    cfg = dataclasses.replace(SMALL, optimizer="sgd", lr=1e12)
+    with pytest.raises(Diverged) as err:
+        train(cfg, small_splits)
+    assert err.value.epoch == 1 and err.value.step >= 1
+    assert f"epoch 1, step {err.value.step}" in str(err.value)
+
+
+def test_baseline_learns_end_to_end(small_splits):
+    """A short real run: the seed's setup on 1,000 MNIST images reaches >85% validation."""
+    result = train(dataclasses.replace(SMALL, epochs=3), small_splits)
+    assert result.history[-1]["val_acc"] > 0.85
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    test = evaluate_test(result.model, small_splits, SMALL)
+    assert test["test_acc"] > 0.85 and len(small_splits.test_y) == 10_000
