@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import typing
@@ -12,6 +13,8 @@ from mnist_study.config import ConfigError, TrainConfig, field_docs
 from mnist_study.data import DataError
 
 DEFAULT_DATA_ROOT = Path("data")
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+DEFAULT_STORAGE = "mlruns/optuna.journal"
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -95,6 +98,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from mnist_study.runner import RunOptions, run_study
+    from mnist_study.spec import load_spec
+    from mnist_study.storage import check_storage_url
+
+    spec = load_spec(args.spec)
+    check_storage_url(args.storage)
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: must be >= 1")
+    opts = RunOptions(tracking_uri=args.tracking_uri, storage=args.storage,
+                      data_root=str(args.data_root), workers=args.workers,
+                      threads=args.threads, quiet=args.quiet)
+    print(f"study {spec.name!r}: {len(spec.variants)} variants x ({spec.settings.trials} trials"
+          f" + {len(spec.settings.seeds)} seeds); MLflow {args.tracking_uri}, "
+          f"Optuna {args.storage}; {args.workers} worker(s)")
+    try:
+        run_study(spec, opts)
+    except KeyboardInterrupt:
+        print("interrupted: finished trials are kept; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    print(f"study {spec.name!r} complete. Browse it: make ui")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mnist-study", description=__doc__)
     parser.add_argument(
@@ -119,6 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median kept)")
     p.add_argument("--json", type=Path, help="also write the figures as JSON here")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("run", help="run a study spec: tune every variant, then final seeds")
+    p.add_argument("spec", type=Path, help="experiment file, e.g. experiments/ablations.toml")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI",
+                                                            DEFAULT_TRACKING_URI),
+                   help=f"MLflow store (default: $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI})")
+    p.add_argument("--storage", default=os.environ.get("OPTUNA_STORAGE", DEFAULT_STORAGE),
+                   help="Optuna storage: a journal file, sqlite:///PATH or postgresql://... "
+                        f"(default: $OPTUNA_STORAGE or {DEFAULT_STORAGE})")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes sharing the studies (CPU threads split among them)")
+    p.add_argument("--threads", type=int, default=0, help="threads per worker (0: automatic)")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines, only per run")
+    p.set_defaults(func=cmd_run)
     return parser
 
 

@@ -81,11 +81,19 @@ def make_splits(arrays: dict[str, np.ndarray], cfg: TrainConfig) -> Splits:
 
 
 _ARRAYS: dict[Path, dict[str, np.ndarray]] = {}
+_SPLITS: dict[tuple, Splits] = {}
 
 
 def load_splits(root: Path, cfg: TrainConfig) -> Splits:
-    """Read (once per process) and split the verified MNIST files under `root`."""
+    """Read (once per process) and split the verified MNIST files under `root`.
+
+    Splits are cached per split setting: a study's runs share them. Training never
+    modifies them in place.
+    """
     root = Path(root).resolve()
     if root not in _ARRAYS:
         _ARRAYS[root] = load_arrays(root)
-    return make_splits(_ARRAYS[root], cfg)
+    key = (root, cfg.train_size, cfg.val_size, cfg.train_eval_size, cfg.split_seed)
+    if key not in _SPLITS:
+        _SPLITS[key] = make_splits(_ARRAYS[root], cfg)
+    return _SPLITS[key]

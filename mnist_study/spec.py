@@ -1,0 +1,210 @@
+"""Study specs: TOML files in experiments/, validated completely before anything runs.
+
+    [study]                  # how the study is run (all keys optional)
+    trials = 8               # Optuna trials per variant, the same for every variant
+    seeds = [0, 1, 2]        # final runs per variant; only these see the test set
+    sampler_seed = 0
+    pruner = "median"        # or "none"
+
+    [defaults]               # TrainConfig fields for every run of this study
+    epochs = 5
+
+    [variants.dropout]       # one table per variant
+    set = { }                # the scientific change: TrainConfig fields
+    search.lr = { low = 1e-4, high = 1e-2, log = true }  # nuisance hyperparameters
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mnist_study.config import ConfigError, TrainConfig
+
+
+class SpecError(ConfigError):
+    """An experiment file that cannot be run; the message names file and key."""
+
+
+@dataclass(frozen=True)
+class SearchRange:
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    changes: dict[str, object]
+    """The TrainConfig fields this variant sets (its scientific hyperparameter)."""
+    search: dict[str, SearchRange]
+    """Nuisance hyperparameters Optuna tunes for this variant."""
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    trials: int = 8
+    """Optuna trials per variant (COMPLETE + PRUNED); crashed trials are redone."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """Seeds of the final runs, which alone are evaluated on the test set."""
+    sampler_seed: int = 0
+    """Seed of each variant's TPE sampler (worker k adds k, so workers differ)."""
+    startup_trials: int = 4
+    """Random trials before TPE models the space; also the pruner's startup."""
+    pruner: typing.Literal["median", "none"] = "median"
+    """Median pruning on validation accuracy, within a variant's own study only."""
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    path: Path
+    settings: StudySettings
+    defaults: TrainConfig
+    variants: tuple[Variant, ...] = field(default_factory=tuple)
+
+    def config_for(self, variant: Variant, params: dict[str, object]) -> TrainConfig:
+        return self.defaults.replace(f"{self.path}: variants.{variant.name}",
+                                     **variant.changes, **params)
+
+
+TOP_KEYS = {"name", "description", "study", "defaults", "variants"}
+VARIANT_KEYS = {"description", "set", "search"}
+RANGE_KEYS = {"low", "high", "log"}
+
+
+def load_spec(path: Path | str) -> StudySpec:
+    """Read and validate a study file; any problem raises SpecError (one line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such experiment file (see experiments/ for examples)")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        # Also catches a variant declared twice ("Cannot declare ... twice").
+        raise SpecError(f"{path}: not valid TOML: {exc}") from None
+    where = str(path)
+    unknown(raw, TOP_KEYS, where, "")
+    name = raw.get("name", path.stem)
+    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
+        raise SpecError(f"{where}: name = {name!r}; must be letters, digits, '-' or '_'")
+    settings = parse_settings(raw.get("study", {}), where)
+    defaults_table = table(raw.get("defaults", {}), where, "defaults")
+    defaults = TrainConfig().replace(f"{where}: defaults", **defaults_table)
+    variants_table = table(raw.get("variants", {}), where, "variants")
+    if not variants_table:
+        raise SpecError(f"{where}: variants: none defined; add at least one [variants.NAME]")
+    variants = tuple(
+        parse_variant(vname, body, defaults, where) for vname, body in variants_table.items()
+    )
+    return StudySpec(name, path, settings, defaults, variants)
+
+
+def table(value: object, where: str, key: str) -> dict:
+    if not isinstance(value, dict):
+        raise SpecError(f"{where}: {key} must be a table, got {type(value).__name__}")
+    return value
+
+
+def unknown(raw: dict, allowed: set[str], where: str, prefix: str) -> None:
+    for key in raw:
+        if key not in allowed:
+            raise SpecError(
+                f"{where}: unknown key {prefix}{key!r}; allowed: {', '.join(sorted(allowed))}"
+            )
+
+
+def parse_settings(raw: object, where: str) -> StudySettings:
+    raw = table(raw, where, "study")
+    hints = typing.get_type_hints(StudySettings)
+    unknown(raw, set(hints), where, "study.")
+    values = {}
+    for key, value in raw.items():
+        if key == "seeds":
+            ok = isinstance(value, list) and value and all(
+                isinstance(s, int) and not isinstance(s, bool) for s in value)
+            if not ok or len(set(value)) != len(value):
+                raise SpecError(f"{where}: study.seeds = {value!r}; must be a non-empty list "
+                                f"of distinct integers")
+            values[key] = tuple(value)
+            continue
+        hint = hints[key]
+        if typing.get_origin(hint) is typing.Literal:
+            if value not in typing.get_args(hint):
+                raise SpecError(f"{where}: study.{key} = {value!r}; must be one of "
+                                f"{', '.join(map(repr, typing.get_args(hint)))}")
+        elif not isinstance(value, int) or isinstance(value, bool):
+            raise SpecError(f"{where}: study.{key} = {value!r}; must be an integer")
+        values[key] = value
+    settings = StudySettings(**values)
+    if settings.trials < 1:
+        raise SpecError(f"{where}: study.trials = {settings.trials}; must be >= 1")
+    if settings.startup_trials < 0:
+        raise SpecError(f"{where}: study.startup_trials must be >= 0")
+    return settings
+
+
+def parse_variant(name: str, body: object, defaults: TrainConfig, where: str) -> Variant:
+    at = f"variants.{name}"
+    if not name.replace("_", "").isalnum():
+        raise SpecError(f"{where}: {at}: variant names are letters, digits and '_'")
+    body = table(body, where, at)
+    unknown(body, VARIANT_KEYS, where, f"{at}.")
+    changes = table(body.get("set", {}), where, f"{at}.set")
+    # Validates every key and type of the variant's changes against TrainConfig.
+    cfg = defaults.replace(f"{where}: {at}.set", **changes)
+    search = {}
+    hints = typing.get_type_hints(TrainConfig)
+    for key, spec in table(body.get("search", {}), where, f"{at}.search").items():
+        key_at = f"{at}.search.{key}"
+        if hints.get(key) not in (float, int):
+            numeric = sorted(k for k, h in hints.items() if h in (float, int))
+            raise SpecError(f"{where}: {key_at}: not a numeric config field; "
+                            f"searchable: {', '.join(numeric)}")
+        if key in changes:
+            raise SpecError(f"{where}: {key_at}: also fixed in {at}.set; choose one")
+        spec = table(spec, where, key_at)
+        unknown(spec, RANGE_KEYS, where, f"{key_at}.")
+        search[key] = parse_range(spec, hints[key] is int, where, key_at)
+        # Both ends must make a valid config (e.g. dropout < 1).
+        for end in (search[key].low, search[key].high):
+            cfg.replace(f"{where}: {key_at}", **{key: end})
+    if not search:
+        raise SpecError(f"{where}: {at}.search: empty; tune at least lr "
+                        f"(e.g. search.lr = {{ low = 1e-4, high = 1e-2, log = true }})")
+    return Variant(name, dict(changes), search, str(body.get("description", "")))
+
+
+def parse_range(spec: dict, integer: bool, where: str, at: str) -> SearchRange:
+    for end in ("low", "high"):
+        if end not in spec:
+            raise SpecError(f"{where}: {at}: missing {end!r}; write {{ low = L, high = H }}")
+        value = spec[end]
+        if isinstance(value, bool) or not isinstance(value, int | float) or (
+                integer and not isinstance(value, int)):
+            kind = "an integer" if integer else "a number"
+            raise SpecError(f"{where}: {at}.{end} = {value!r}; must be {kind}")
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise SpecError(f"{where}: {at}.log = {log!r}; must be true or false")
+    low, high = spec["low"], spec["high"]
+    if not low < high:
+        raise SpecError(f"{where}: {at}: low {low} must be below high {high}")
+    if log and low <= 0:
+        raise SpecError(f"{where}: {at}: log scale needs low > 0, got {low}")
+    return SearchRange(low, high, log, integer)
+
+
+def shrink(spec: StudySpec, **overrides: object) -> StudySpec:
+    """The same study at a toy size (tests): tiny data, 1 epoch, 1 trial, 1 seed."""
+    small = dict(epochs=1, train_size=256, val_size=200, train_eval_size=200, threads=1)
+    settings = dataclasses.replace(spec.settings, trials=1, seeds=(0,))
+    return dataclasses.replace(
+        spec, settings=settings, defaults=spec.defaults.replace("shrink", **small, **overrides)
+    )

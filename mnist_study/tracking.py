@@ -1,0 +1,134 @@
+"""MLflow bookkeeping: one experiment per study, a parent run per variant, a child run
+per trial and per final seed. Everything goes through MlflowClient with explicit run
+ids, so several worker processes can log into the same store without shared state.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import torch
+import torchvision
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from mnist_study.config import TrainConfig
+from mnist_study.data import checksums
+
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def prepare_store(tracking_uri: str, experiment: str, description: str = "") -> str:
+    """Create the database and the experiment once, before any worker starts.
+
+    Several processes creating a fresh SQLite store at once race on its tables.
+    """
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        root = Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts"
+        location = (root.resolve() / experiment).as_uri()
+    tags = {"mlflow.note.content": description} if description else None
+    return client.create_experiment(experiment, artifact_location=location, tags=tags)
+
+
+@functools.cache
+def git_commit() -> str:
+    try:
+        repo = Path(__file__).resolve().parents[1]
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=repo, capture_output=True, text=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def provenance(cfg: TrainConfig, device: str) -> dict[str, str]:
+    tags = {
+        "git_commit": git_commit(),
+        "torch_version": torch.__version__,
+        "torchvision_version": torchvision.__version__,
+        "optuna_version": optuna.__version__,
+        "mlflow_version": mlflow.__version__,
+        "device": device,
+        "precision": cfg.precision,
+        "threads": str(cfg.threads or torch.get_num_threads()),
+        "host": platform.node(),
+    }
+    tags |= {f"mnist_md5.{name}": md5 for name, md5 in checksums().items()}
+    return tags
+
+
+class Tracker:
+    def __init__(self, tracking_uri: str, experiment_id: str):
+        self.client = MlflowClient(tracking_uri)
+        self.experiment_id = experiment_id
+
+    def runs(self, filter_string: str):
+        return self.client.search_runs([self.experiment_id], filter_string, max_results=5000)
+
+    def parent_run(self, variant: str, description: str) -> str:
+        """The variant's parent run, created once (callers hold the claim lock)."""
+        found = self.runs(f"tags.role = 'variant' and tags.variant = '{variant}'")
+        if found:
+            return found[0].info.run_id
+        run = self.client.create_run(
+            self.experiment_id, run_name=variant,
+            tags={"role": "variant", "variant": variant, "mlflow.note.content": description},
+        )
+        return run.info.run_id
+
+    def child_run(self, parent_id: str, name: str, cfg: TrainConfig, tags: dict[str, str]) -> str:
+        run = self.client.create_run(
+            self.experiment_id, run_name=name, tags={PARENT_TAG: parent_id, **tags}
+        )
+        params = [Param(k, str(v)) for k, v in cfg.as_params().items()]
+        self.client.log_batch(run.info.run_id, params=params)
+        return run.info.run_id
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
+        )
+
+    def set_tags(self, run_id: str, tags: dict[str, object]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    def log_model(self, run_id: str, model: torch.nn.Module) -> None:
+        """The trained model in MLflow's pytorch format: mlflow.pytorch.load_model(uri).
+
+        Pickle format, not the pt2 default: torch.export costs seconds per model here
+        and needs an input example; the pickle needs mnist_study importable to load.
+        """
+        import mlflow.pytorch
+
+        # Its warning about pickles is the trade-off stated above, once per model.
+        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+        with mlflow.start_run(run_id=run_id, nested=True):
+            mlflow.pytorch.log_model(
+                model.cpu().float().eval(), name="model", serialization_format="pickle",
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "mnist-study"],
+            )
+
+    def kill_orphans(self, run_ids: list[str], reason: str) -> None:
+        for run_id in run_ids:
+            self.set_tags(run_id, {"optuna_state": "FAIL", "fail_reason": reason})
+            self.finish(run_id, "KILLED")
