@@ -8,8 +8,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA := data
 ARGS ?=
+WORKERS ?= 2
+TRACKING := sqlite:///mlruns/mlflow.db
+UI_PORT ?= 5000
 
-.PHONY: help install data train test lint bench clean
+.PHONY: help install data train test lint bench ablations quick report ui dashboard clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -40,6 +43,26 @@ lint: $(BIN)/.installed ## ruff: lint and formatting
 bench: data ## training speed: textbook loop vs ours, side by side; JSON in reports/
 	@mkdir -p reports
 	@$(BIN)/mnist-study --data-root $(DATA) bench --json reports/bench.json $(ARGS)
+
+ablations: data ## run the study in experiments/ablations.toml (~1 h; rerun to resume), then report
+	@$(BIN)/mnist-study --data-root $(DATA) run experiments/ablations.toml --workers $(WORKERS) $(ARGS)
+	@$(MAKE) --no-print-directory report
+
+quick: data ## the same variants on a small budget (minutes), then its report in reports/quick/
+	@$(BIN)/mnist-study --data-root $(DATA) run experiments/quick.toml --workers $(WORKERS) $(ARGS)
+	@$(BIN)/mnist-study report experiments/quick.toml
+
+report: $(BIN)/.installed ## rebuild reports/ablations/ and README's results section from MLflow
+	@$(BIN)/mnist-study report experiments/ablations.toml --readme README.md
+
+ui: $(BIN)/.installed ## MLflow UI on the study store, on 127.0.0.1 only
+	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (experiment per study; Ctrl-C to stop)"
+	@$(BIN)/mlflow ui --backend-store-uri $(TRACKING) --host 127.0.0.1 --port $(UI_PORT)
+
+dashboard: $(BIN)/.installed ## optuna-dashboard on the tuning studies, on 127.0.0.1 only
+	@test -x $(BIN)/optuna-dashboard || { echo "optuna-dashboard is not installed: $(BIN)/pip install optuna-dashboard"; exit 2; }
+	@echo "Optuna dashboard: http://127.0.0.1:8080"
+	@$(BIN)/optuna-dashboard mlruns/optuna.journal --host 127.0.0.1 --port 8080
 
 clean: ## remove generated reports and caches (keeps .venv, data and mlruns)
 	rm -rf reports .pytest_cache .ruff_cache

@@ -7,7 +7,6 @@ rounds so that a noisy neighbour hits them alike; the median round is reported.
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from mnist_study.config import TrainConfig
 from mnist_study.dataset import MEAN, STD, load_splits
 from mnist_study.model import SeedCNN, build_model, train_flops_per_image
+from mnist_study.tracking import cpu_model
 from mnist_study.train import make_optimizer, train_steps
 
 WARMUP_STEPS = 20
@@ -122,8 +122,7 @@ def run_bench(root: Path, steps: int, rounds: int, json_path: Path | None) -> di
             }
         )
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {cpu_model()}, "
-        f"{torch.get_num_threads()} threads",
+        "machine": f"{cpu_model()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
         "steps_at_batch_64": steps,
         "rounds": rounds,
@@ -136,16 +135,6 @@ def run_bench(root: Path, steps: int, rounds: int, json_path: Path | None) -> di
         json_path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {json_path}")
     return result
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def format_table(result: dict) -> str:

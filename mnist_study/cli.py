@@ -107,19 +107,48 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_storage_url(args.storage)
     if args.workers < 1:
         raise ConfigError(f"--workers {args.workers}: must be >= 1")
-    opts = RunOptions(tracking_uri=args.tracking_uri, storage=args.storage,
-                      data_root=str(args.data_root), workers=args.workers,
-                      threads=args.threads, quiet=args.quiet)
-    print(f"study {spec.name!r}: {len(spec.variants)} variants x ({spec.settings.trials} trials"
-          f" + {len(spec.settings.seeds)} seeds); MLflow {args.tracking_uri}, "
-          f"Optuna {args.storage}; {args.workers} worker(s)")
+    opts = RunOptions(
+        tracking_uri=args.tracking_uri,
+        storage=args.storage,
+        data_root=str(args.data_root),
+        workers=args.workers,
+        threads=args.threads,
+        quiet=args.quiet,
+    )
+    print(
+        f"study {spec.name!r}: {len(spec.variants)} variants x ({spec.settings.trials} trials"
+        f" + {len(spec.settings.seeds)} seeds); MLflow {args.tracking_uri}, "
+        f"Optuna {args.storage}; {args.workers} worker(s)"
+    )
     try:
         run_study(spec, opts)
     except KeyboardInterrupt:
-        print("interrupted: finished trials are kept; run the same command again to resume",
-              file=sys.stderr)
+        print(
+            "interrupted: finished trials are kept; run the same command again to resume",
+            file=sys.stderr,
+        )
         return 130
     print(f"study {spec.name!r} complete. Browse it: make ui")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from mnist_study.report import write_report
+    from mnist_study.spec import load_spec
+
+    study = str(args.study)
+    if study.endswith(".toml"):
+        study = load_spec(study).name
+    if MlflowClient(args.tracking_uri).get_experiment_by_name(study) is None:
+        raise ConfigError(
+            f"no study {study!r} in {args.tracking_uri}; run it first "
+            f"(mnist-study run SPEC) or pass --tracking-uri"
+        )
+    body = write_report(args.tracking_uri, study, args.out, args.readme)
+    print(body)
+    print(f"\nwrote {args.out / study}/" + (f" and updated {args.readme}" if args.readme else ""))
     return 0
 
 
@@ -140,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p)
     p.add_argument("--seeds", type=int, nargs="+", help="train once per seed, then mean ± sd")
     p.add_argument("--test", action="store_true", help="evaluate on the test set at the end")
+    p.add_argument(
+        "--mlflow", metavar="EXPERIMENT", help="also log each seed's run to this MLflow experiment"
+    )
+    p.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI),
+        help=f"MLflow store for --mlflow (default: {DEFAULT_TRACKING_URI})",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("bench", help="textbook loop vs our trainer, side by side")
@@ -149,17 +186,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("run", help="run a study spec: tune every variant, then final seeds")
     p.add_argument("spec", type=Path, help="experiment file, e.g. experiments/ablations.toml")
-    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI",
-                                                            DEFAULT_TRACKING_URI),
-                   help=f"MLflow store (default: $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI})")
-    p.add_argument("--storage", default=os.environ.get("OPTUNA_STORAGE", DEFAULT_STORAGE),
-                   help="Optuna storage: a journal file, sqlite:///PATH or postgresql://... "
-                        f"(default: $OPTUNA_STORAGE or {DEFAULT_STORAGE})")
-    p.add_argument("--workers", type=int, default=1,
-                   help="worker processes sharing the studies (CPU threads split among them)")
+    p.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI),
+        help=f"MLflow store (default: $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI})",
+    )
+    p.add_argument(
+        "--storage",
+        default=os.environ.get("OPTUNA_STORAGE", DEFAULT_STORAGE),
+        help="Optuna storage: a journal file, sqlite:///PATH or postgresql://... "
+        f"(default: $OPTUNA_STORAGE or {DEFAULT_STORAGE})",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes sharing the studies (CPU threads split among them)",
+    )
     p.add_argument("--threads", type=int, default=0, help="threads per worker (0: automatic)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines, only per run")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="results table, figures and checks of a study, from MLflow")
+    p.add_argument("study", help="experiment file or study name, e.g. experiments/ablations.toml")
+    p.add_argument(
+        "--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    )
+    p.add_argument("--out", type=Path, default=Path("reports"), help="reports folder")
+    p.add_argument("--readme", type=Path, help="replace this file's results section")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -57,16 +57,19 @@ def run_study(spec: StudySpec, opts: RunOptions) -> None:
     experiment_id = prepare_store(opts.tracking_uri, spec.name, spec.path.read_text())
     for variant in spec.variants:
         for name in study_names(spec, variant):
-            optuna.create_study(storage=storage, study_name=name, direction="maximize",
-                                load_if_exists=True)
+            optuna.create_study(
+                storage=storage, study_name=name, direction="maximize", load_if_exists=True
+            )
     if opts.workers == 1:
         Worker(spec, opts, experiment_id, 0).loop()
         return
     threads = opts.threads or max(1, (os.cpu_count() or 1) // opts.workers)
     opts = dataclasses.replace(opts, threads=threads)
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=worker_main, args=(spec, opts, experiment_id, i, os.getpid()))
-             for i in range(opts.workers)]
+    procs = [
+        ctx.Process(target=worker_main, args=(spec, opts, experiment_id, i, os.getpid()))
+        for i in range(opts.workers)
+    ]
     for p in procs:
         p.start()
     try:
@@ -86,8 +89,14 @@ def worker_main(spec, opts, experiment_id, index, parent_pid) -> None:
 
 
 class Worker:
-    def __init__(self, spec: StudySpec, opts: RunOptions, experiment_id: str, index: int,
-                 parent_pid: int | None = None):
+    def __init__(
+        self,
+        spec: StudySpec,
+        opts: RunOptions,
+        experiment_id: str,
+        index: int,
+        parent_pid: int | None = None,
+    ):
         self.spec, self.opts, self.index, self.parent_pid = spec, opts, index, parent_pid
         mlflow.set_tracking_uri(opts.tracking_uri)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -98,13 +107,18 @@ class Worker:
         for v in spec.variants:
             tune_name, final_name = study_names(spec, v)
             sampler = optuna.samplers.TPESampler(
-                seed=sampler_seed, n_startup_trials=spec.settings.startup_trials,
-                constant_liar=True)
-            pruner = (optuna.pruners.MedianPruner(n_startup_trials=spec.settings.startup_trials,
-                                                  n_warmup_steps=1)
-                      if spec.settings.pruner == "median" else optuna.pruners.NopPruner())
-            self.tune[v.name] = optuna.load_study(study_name=tune_name, storage=self.storage,
-                                                  sampler=sampler, pruner=pruner)
+                seed=sampler_seed, n_startup_trials=spec.settings.startup_trials, constant_liar=True
+            )
+            pruner = (
+                optuna.pruners.MedianPruner(
+                    n_startup_trials=spec.settings.startup_trials, n_warmup_steps=1
+                )
+                if spec.settings.pruner == "median"
+                else optuna.pruners.NopPruner()
+            )
+            self.tune[v.name] = optuna.load_study(
+                study_name=tune_name, storage=self.storage, sampler=sampler, pruner=pruner
+            )
             self.final[v.name] = optuna.load_study(study_name=final_name, storage=self.storage)
         self.started, self.done_at_start = time.time(), None
 
@@ -117,8 +131,13 @@ class Worker:
                 for study in (self.tune[v.name], self.final[v.name]):
                     dead = reap_dead_trials(study)
                     self.tracker.kill_orphans(
-                        [t.system_attrs["mlflow_run_id"] for t in dead
-                         if "mlflow_run_id" in t.system_attrs], "worker died")
+                        [
+                            t.system_attrs["mlflow_run_id"]
+                            for t in dead
+                            if "mlflow_run_id" in t.system_attrs
+                        ],
+                        "worker died",
+                    )
                 tune = self.tune[v.name].get_trials(deepcopy=False)
                 if count(tune, TAKEN) < self.spec.settings.trials:
                     return self.start(self.tune[v.name], v, "tune")
@@ -162,7 +181,7 @@ class Worker:
         if role == "tune":
             params = {k: suggest(trial, k, r) for k, r in variant.search.items()}
             name = f"{variant.name}/trial-{trial.number}"
-            extra = {"trial": trial.number}
+            extra = {}
         else:
             best = best_trial(self.tune[variant.name])
             params = dict(best.params, seed=trial.user_attrs["seed"])
@@ -171,33 +190,44 @@ class Worker:
         cfg = self.spec.config_for(variant, params)
         if self.opts.threads:
             cfg = cfg.replace(threads=self.opts.threads)
-        tags = {"variant": variant.name, "role": role, "optuna_study": study.study_name,
-                "optuna_trial": trial.number, "optuna_state": "RUNNING", **extra,
-                **provenance(cfg, str(resolve_device(cfg)))}
+        tags = {
+            "variant": variant.name,
+            "role": role,
+            "optuna_study": study.study_name,
+            "optuna_trial": trial.number,
+            "optuna_state": "RUNNING",
+            "workers": self.opts.workers,
+            **extra,
+            **provenance(cfg, str(resolve_device(cfg))),
+        }
         run_id = self.tracker.child_run(parent, name, cfg, {k: str(v) for k, v in tags.items()})
         study._storage.set_trial_system_attr(trial._trial_id, "mlflow_run_id", run_id)
-        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in params.items())
+        shown = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+        )
         self.say(f"{self.progress()} {name}: {shown}", force=True)
 
         def on_epoch(epoch: int, m: dict[str, float]) -> None:
             self.tracker.log_metrics(run_id, m, step=epoch)
             mark_alive(study, trial._trial_id)
-            self.say(f"    epoch {epoch}/{cfg.epochs}  train acc {m['train_acc']:.4f} "
-                     f"loss {m['train_loss']:.4f} | val acc {m['val_acc']:.4f} "
-                     f"loss {m['val_loss']:.4f} | {m['epoch_seconds']:.1f}s")
+            self.say(
+                f"    epoch {epoch}/{cfg.epochs}  train acc {m['train_acc']:.4f} "
+                f"loss {m['train_loss']:.4f} | val acc {m['val_acc']:.4f} "
+                f"loss {m['val_loss']:.4f} | {m['epoch_seconds']:.1f}s"
+            )
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 raise Interrupted("parent process died")
             if role == "tune":
                 trial.report(m["val_acc"], epoch)
-                if trial.should_prune():
+                # At the last epoch the work is done: keep it as a complete trial.
+                if epoch < cfg.epochs and trial.should_prune():
                     raise optuna.TrialPruned(f"median pruner at epoch {epoch}")
 
         splits = load_splits(self.opts.data_root, cfg)
         try:
             result = train(cfg, splits, on_epoch)
         except (optuna.TrialPruned, Diverged) as exc:
-            reason = (f"diverged: {exc}" if isinstance(exc, Diverged) else str(exc))
+            reason = f"diverged: {exc}" if isinstance(exc, Diverged) else str(exc)
             trial.set_user_attr("prune_reason", reason)
             study.tell(trial, state=TrialState.PRUNED)
             self.tracker.set_tags(run_id, {"optuna_state": "PRUNED", "prune_reason": reason})
@@ -230,20 +260,33 @@ class Worker:
         if self.tracker.client.get_run(parent).info.status == "FINISHED":
             return
         best = best_trial(self.tune[variant.name])
-        finals = [t for t in self.final[variant.name].get_trials(deepcopy=False)
-                  if t.state == TrialState.COMPLETE]
+        finals = [
+            t
+            for t in self.final[variant.name].get_trials(deepcopy=False)
+            if t.state == TrialState.COMPLETE
+        ]
         accs = [t.user_attrs["test_acc"] for t in finals]
-        tags = {"best_trial": best.number if best else "none (no trial completed)",
-                "final_seeds": ",".join(str(t.user_attrs["seed"]) for t in finals)}
+        tags = {
+            "best_trial": best.number if best else "none (no trial completed)",
+            "final_seeds": ",".join(str(t.user_attrs["seed"]) for t in finals),
+        }
         self.tracker.set_tags(parent, tags)
         if best is not None:
-            self.tracker.client.log_batch(parent, params=[
-                mlflow.entities.Param(f"best_{k}", str(v)) for k, v in best.params.items()])
+            self.tracker.client.log_batch(
+                parent,
+                params=[mlflow.entities.Param(f"best_{k}", str(v)) for k, v in best.params.items()],
+            )
         if accs:
-            self.tracker.log_metrics(parent, {
-                "test_acc_mean": statistics.mean(accs),
-                "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                "n_final": len(accs), "best_val_acc": best.value}, step=0)
+            self.tracker.log_metrics(
+                parent,
+                {
+                    "test_acc_mean": statistics.mean(accs),
+                    "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                    "n_final": len(accs),
+                    "best_val_acc": best.value,
+                },
+                step=0,
+            )
         self.tracker.finish(parent)
         self.say(f"{variant.name}: done; test acc {fmt_accs(accs)}", force=True)
 
@@ -251,9 +294,11 @@ class Worker:
     def progress(self) -> str:
         s = self.spec.settings
         total = len(self.spec.variants) * (s.trials + len(s.seeds))
-        done = sum(count(self.tune[v.name].get_trials(deepcopy=False), DONE)
-                   + count(self.final[v.name].get_trials(deepcopy=False), DONE)
-                   for v in self.spec.variants)
+        done = sum(
+            count(self.tune[v.name].get_trials(deepcopy=False), DONE)
+            + count(self.final[v.name].get_trials(deepcopy=False), DONE)
+            for v in self.spec.variants
+        )
         if self.done_at_start is None:
             self.done_at_start = done
         elapsed = time.time() - self.started
@@ -293,4 +338,3 @@ def fmt_accs(accs: list[float]) -> str:
         return "no final run completed"
     sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
     return f"{statistics.mean(accs):.4f} ± {sd:.4f} (n={len(accs)})"
-

@@ -1,17 +1,17 @@
 """Study specs: TOML files in experiments/, validated completely before anything runs.
 
-    [study]                  # how the study is run (all keys optional)
-    trials = 8               # Optuna trials per variant, the same for every variant
-    seeds = [0, 1, 2]        # final runs per variant; only these see the test set
-    sampler_seed = 0
-    pruner = "median"        # or "none"
+[study]                  # how the study is run (all keys optional)
+trials = 8               # Optuna trials per variant, the same for every variant
+seeds = [0, 1, 2]        # final runs per variant; only these see the test set
+sampler_seed = 0
+pruner = "median"        # or "none"
 
-    [defaults]               # TrainConfig fields for every run of this study
-    epochs = 5
+[defaults]               # TrainConfig fields for every run of this study
+epochs = 5
 
-    [variants.dropout]       # one table per variant
-    set = { }                # the scientific change: TrainConfig fields
-    search.lr = { low = 1e-4, high = 1e-2, log = true }  # nuisance hyperparameters
+[variants.dropout]       # one table per variant
+set = { }                # the scientific change: TrainConfig fields
+search.lr = { low = 1e-4, high = 1e-2, log = true }  # nuisance hyperparameters
 """
 
 from __future__ import annotations
@@ -70,8 +70,9 @@ class StudySpec:
     variants: tuple[Variant, ...] = field(default_factory=tuple)
 
     def config_for(self, variant: Variant, params: dict[str, object]) -> TrainConfig:
-        return self.defaults.replace(f"{self.path}: variants.{variant.name}",
-                                     **variant.changes, **params)
+        return self.defaults.replace(
+            f"{self.path}: variants.{variant.name}", **variant.changes, **params
+        )
 
 
 TOP_KEYS = {"name", "description", "study", "defaults", "variants"}
@@ -84,8 +85,12 @@ def load_spec(path: Path | str) -> StudySpec:
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: no such experiment file (see experiments/ for examples)")
+    return parse_spec(path.read_text(), path)
+
+
+def parse_spec(text: str, path: Path) -> StudySpec:
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         # Also catches a variant declared twice ("Cannot declare ... twice").
         raise SpecError(f"{path}: not valid TOML: {exc}") from None
@@ -116,7 +121,7 @@ def unknown(raw: dict, allowed: set[str], where: str, prefix: str) -> None:
     for key in raw:
         if key not in allowed:
             raise SpecError(
-                f"{where}: unknown key {prefix}{key!r}; allowed: {', '.join(sorted(allowed))}"
+                f"{where}: unknown key '{prefix}{key}'; allowed: {', '.join(sorted(allowed))}"
             )
 
 
@@ -127,18 +132,25 @@ def parse_settings(raw: object, where: str) -> StudySettings:
     values = {}
     for key, value in raw.items():
         if key == "seeds":
-            ok = isinstance(value, list) and value and all(
-                isinstance(s, int) and not isinstance(s, bool) for s in value)
+            ok = (
+                isinstance(value, list)
+                and value
+                and all(isinstance(s, int) and not isinstance(s, bool) for s in value)
+            )
             if not ok or len(set(value)) != len(value):
-                raise SpecError(f"{where}: study.seeds = {value!r}; must be a non-empty list "
-                                f"of distinct integers")
+                raise SpecError(
+                    f"{where}: study.seeds = {value!r}; must be a non-empty list "
+                    f"of distinct integers"
+                )
             values[key] = tuple(value)
             continue
         hint = hints[key]
         if typing.get_origin(hint) is typing.Literal:
             if value not in typing.get_args(hint):
-                raise SpecError(f"{where}: study.{key} = {value!r}; must be one of "
-                                f"{', '.join(map(repr, typing.get_args(hint)))}")
+                raise SpecError(
+                    f"{where}: study.{key} = {value!r}; must be one of "
+                    f"{', '.join(map(repr, typing.get_args(hint)))}"
+                )
         elif not isinstance(value, int) or isinstance(value, bool):
             raise SpecError(f"{where}: study.{key} = {value!r}; must be an integer")
         values[key] = value
@@ -165,8 +177,9 @@ def parse_variant(name: str, body: object, defaults: TrainConfig, where: str) ->
         key_at = f"{at}.search.{key}"
         if hints.get(key) not in (float, int):
             numeric = sorted(k for k, h in hints.items() if h in (float, int))
-            raise SpecError(f"{where}: {key_at}: not a numeric config field; "
-                            f"searchable: {', '.join(numeric)}")
+            raise SpecError(
+                f"{where}: {key_at}: not a numeric config field; searchable: {', '.join(numeric)}"
+            )
         if key in changes:
             raise SpecError(f"{where}: {key_at}: also fixed in {at}.set; choose one")
         spec = table(spec, where, key_at)
@@ -176,8 +189,10 @@ def parse_variant(name: str, body: object, defaults: TrainConfig, where: str) ->
         for end in (search[key].low, search[key].high):
             cfg.replace(f"{where}: {key_at}", **{key: end})
     if not search:
-        raise SpecError(f"{where}: {at}.search: empty; tune at least lr "
-                        f"(e.g. search.lr = {{ low = 1e-4, high = 1e-2, log = true }})")
+        raise SpecError(
+            f"{where}: {at}.search: empty; tune at least lr "
+            f"(e.g. search.lr = {{ low = 1e-4, high = 1e-2, log = true }})"
+        )
     return Variant(name, dict(changes), search, str(body.get("description", "")))
 
 
@@ -186,8 +201,11 @@ def parse_range(spec: dict, integer: bool, where: str, at: str) -> SearchRange:
         if end not in spec:
             raise SpecError(f"{where}: {at}: missing {end!r}; write {{ low = L, high = H }}")
         value = spec[end]
-        if isinstance(value, bool) or not isinstance(value, int | float) or (
-                integer and not isinstance(value, int)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or (integer and not isinstance(value, int))
+        ):
             kind = "an integer" if integer else "a number"
             raise SpecError(f"{where}: {at}.{end} = {value!r}; must be {kind}")
     log = spec.get("log", False)

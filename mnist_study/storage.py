@@ -34,8 +34,10 @@ def is_remote(url: str) -> bool:
 
 def check_storage_url(url: str) -> None:
     if is_remote(url) and not url.startswith(("postgresql", "sqlite:///")):
-        raise ConfigError(f"--storage {url}: must be a journal file path, sqlite:///PATH "
-                          f"(one machine) or postgresql://USER@HOST/DB (several)")
+        raise ConfigError(
+            f"--storage {url}: must be a journal file path, sqlite:///PATH "
+            f"(one machine) or postgresql://USER@HOST/DB (several)"
+        )
 
 
 def local_path(url: str) -> str:
@@ -109,8 +111,10 @@ def reap_dead_trials(study: optuna.Study) -> list[FrozenTrial]:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if worker_is_dead(trial):
             storage = study._storage
-            reason = (f"worker died (pid {trial.system_attrs.get('pid')} on "
-                      f"{trial.system_attrs.get('host')})")
+            reason = (
+                f"worker died (pid {trial.system_attrs.get('pid')} on "
+                f"{trial.system_attrs.get('host')})"
+            )
             storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
             storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
             reaped.append(trial)

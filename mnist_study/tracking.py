@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import platform
 import subprocess
 import time
@@ -36,10 +37,12 @@ def prepare_store(tracking_uri: str, experiment: str, description: str = "") -> 
     found = client.get_experiment_by_name(experiment)
     if found is not None:
         return found.experiment_id
-    location = None
+    location = None  # a tracking server (http) decides where artifacts go
     if tracking_uri.startswith("sqlite:///"):
         root = Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts"
         location = (root.resolve() / experiment).as_uri()
+    elif not tracking_uri.startswith(("http://", "https://")):  # a database: local folder
+        location = (Path("mlruns/artifacts").resolve() / experiment).as_uri()
     tags = {"mlflow.note.content": description} if description else None
     return client.create_experiment(experiment, artifact_location=location, tags=tags)
 
@@ -48,10 +51,15 @@ def prepare_store(tracking_uri: str, experiment: str, description: str = "") -> 
 def git_commit() -> str:
     try:
         repo = Path(__file__).resolve().parents[1]
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=repo, capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -68,9 +76,20 @@ def provenance(cfg: TrainConfig, device: str) -> dict[str, str]:
         "precision": cfg.precision,
         "threads": str(cfg.threads or torch.get_num_threads()),
         "host": platform.node(),
+        "cpu": cpu_model(),
     }
     tags |= {f"mnist_md5.{name}": md5 for name, md5 in checksums().items()}
     return tags
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
 class Tracker:
@@ -87,15 +106,18 @@ class Tracker:
         if found:
             return found[0].info.run_id
         run = self.client.create_run(
-            self.experiment_id, run_name=variant,
+            self.experiment_id,
+            run_name=variant,
             tags={"role": "variant", "variant": variant, "mlflow.note.content": description},
         )
         return run.info.run_id
 
     def child_run(self, parent_id: str, name: str, cfg: TrainConfig, tags: dict[str, str]) -> str:
-        run = self.client.create_run(
-            self.experiment_id, run_name=name, tags={PARENT_TAG: parent_id, **tags}
-        )
+        return self.create_run(name, cfg, {PARENT_TAG: parent_id, **tags})
+
+    def create_run(self, name: str, cfg: TrainConfig, tags: dict[str, str]) -> str:
+        """A run with the full resolved configuration as params."""
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         params = [Param(k, str(v)) for k, v in cfg.as_params().items()]
         self.client.log_batch(run.info.run_id, params=params)
         return run.info.run_id
@@ -124,7 +146,9 @@ class Tracker:
         logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
         with mlflow.start_run(run_id=run_id, nested=True):
             mlflow.pytorch.log_model(
-                model.cpu().float().eval(), name="model", serialization_format="pickle",
+                model.cpu().float().eval(),
+                name="model",
+                serialization_format="pickle",
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "mnist-study"],
             )
 

@@ -25,3 +25,16 @@ def small_splits(mnist_root):
     from mnist_study.dataset import load_splits
 
     return load_splits(mnist_root, TrainConfig(train_size=1000, val_size=500, train_eval_size=500))
+
+
+@pytest.fixture(scope="session")
+def smoke_study(tmp_path_factory, mnist_root):
+    """experiments/smoke.toml run once, in-process, into real stores in a tmp dir."""
+    from mnist_study.runner import RunOptions, run_study
+    from mnist_study.spec import load_spec
+
+    tmp = tmp_path_factory.mktemp("smoke")
+    tracking, storage = f"sqlite:///{tmp}/mlflow.db", str(tmp / "optuna.journal")
+    spec = load_spec(REPO / "experiments" / "smoke.toml")
+    run_study(spec, RunOptions(tracking, storage, str(mnist_root)))
+    return spec, tracking, storage

@@ -1,0 +1,142 @@
+"""The report's figures (matplotlib, headless), sized to be read at README width."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display on CI or servers
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+TITLES = {
+    "train_loss": "train loss (clean pass)",
+    "val_loss": "validation loss",
+    "train_acc": "train accuracy (clean pass)",
+    "val_acc": "validation accuracy",
+}
+
+
+def colors(variants: list[str]) -> dict[str, tuple]:
+    cmap = plt.get_cmap("tab10")
+    return {v: cmap(i % 10) for i, v in enumerate(variants)}
+
+
+def curves_figure(curves: pd.DataFrame, variants: list[str], path: Path) -> None:
+    """2x2 panels, every variant on shared axes: mean over seeds, band = min..max."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
+    palette = colors(variants)
+    for ax, metric in zip(axes.flat, TITLES, strict=True):
+        for v in variants:
+            mine = curves[(curves.variant == v) & (curves.metric == metric)]
+            if mine.empty:
+                continue
+            g = mine.groupby("epoch").value
+            mean, lo, hi = g.mean(), g.min(), g.max()
+            ax.plot(mean.index, mean.values, marker="o", ms=3, label=v, color=palette[v])
+            ax.fill_between(mean.index, lo.values, hi.values, alpha=0.15, color=palette[v])
+        ax.set_title(TITLES[metric])
+        ax.set_ylabel("accuracy" if metric.endswith("acc") else "cross-entropy")
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4) or 1, frameon=False)
+    fig.suptitle("Final runs per variant: mean over seeds, band = min–max")
+    fig.tight_layout(rect=(0, 0.08, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def test_figure(table: pd.DataFrame, per_seed: dict[str, list[float]], path: Path) -> None:
+    """Test accuracy per variant: mean with 95% CI, and each seed as a dot."""
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(table) + 1.5))
+    palette = colors(list(table.variant))
+    for i, r in enumerate(table.itertuples()):
+        if math.isnan(r.test_acc_mean):
+            continue
+        err = 0 if math.isnan(r.test_acc_ci95) else r.test_acc_ci95 * 100
+        ax.errorbar(
+            r.test_acc_mean * 100, i, xerr=err, fmt="o", capsize=4, color=palette[r.variant]
+        )
+        ax.scatter(
+            [a * 100 for a in per_seed.get(r.variant, [])],
+            [i] * len(per_seed.get(r.variant, [])),
+            s=12,
+            color="grey",
+            alpha=0.6,
+            zorder=3,
+        )
+    base = table.loc[table.variant == "baseline", "test_acc_mean"]
+    if len(base) and not math.isnan(base.iat[0]):
+        ax.axvline(base.iat[0] * 100, color="grey", ls="--", lw=1, label="baseline mean")
+        ax.legend(loc="lower right", frameon=False)
+    ax.set_yticks(range(len(table)), list(table.variant))
+    ax.invert_yaxis()
+    ax.set_xlabel("test accuracy (%)")
+    ax.set_title("Test accuracy: mean ± 95% CI over final seeds (dots: seeds)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def gap_figure(table: pd.DataFrame, path: Path) -> None:
+    """Train − validation accuracy gap per variant, at the last and best-val epoch."""
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(table) + 1.5))
+    y = range(len(table))
+    ax.barh([i - 0.2 for i in y], table.acc_gap_last * 100, height=0.4, label="last epoch")
+    ax.barh(
+        [i + 0.2 for i in y], table.acc_gap_best * 100, height=0.4, label="best-validation epoch"
+    )
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(list(y), list(table.variant))
+    ax.invert_yaxis()
+    ax.set_xlabel("train − validation accuracy (percentage points)")
+    ax.set_title("Generalization gap (mean over final seeds)")
+    ax.legend(frameon=False, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def tuning_figure(runs: pd.DataFrame, variants: list[str], path: Path) -> None:
+    """Optuna's optimization history per variant, from the tuning runs in MLflow."""
+    cols = 4
+    rows = max(1, math.ceil(len(variants) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(11, 2.6 * rows + 0.6), squeeze=False)
+    tune = runs[runs["tags.role"] == "tune"] if not runs.empty else runs
+    for ax, v in zip(axes.flat, variants, strict=False):
+        mine = tune[tune["tags.variant"] == v].copy() if not tune.empty else tune
+        ax.set_title(v)
+        ax.set_xlabel("trial")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if mine.empty:
+            continue
+        mine["trial"] = mine["tags.optuna_trial"].astype(int)
+        mine = mine.sort_values("trial")
+        for state, marker in (("COMPLETE", "o"), ("PRUNED", "x")):
+            part = mine[mine["tags.optuna_state"] == state]
+            ax.scatter(
+                part.trial, part["metrics.val_acc"] * 100, marker=marker, s=18, label=state.lower()
+            )
+        done = mine[mine["tags.optuna_state"] == "COMPLETE"]
+        if not done.empty:
+            best = (done["metrics.val_acc"] * 100).cummax()
+            ax.step(done.trial, best, where="post", color="black", lw=1, label="best so far")
+    for ax in axes.flat[len(variants) :]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("val acc (%)")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False)
+    fig.suptitle("Tuning history per variant (validation accuracy at the last epoch reached)")
+    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,47 @@
+"""Reading back what a study left in MLflow and Optuna, for assertions."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import optuna
+from mlflow.tracking import MlflowClient
+
+from mnist_study.spec import StudySpec
+from mnist_study.storage import open_storage
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mnist_study", "--data-root", str(REPO / "data"), *args],
+        capture_output=True,
+        text=True,
+        cwd=kwargs.pop("cwd", REPO),
+        **kwargs,
+    )
+
+
+def stores(tmp_path: Path) -> tuple[str, str]:
+    return f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "optuna.journal")
+
+
+def runs(tracking_uri: str, experiment: str):
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id], max_results=5000)
+
+
+def trial_states(storage: str, spec: StudySpec) -> dict[str, Counter]:
+    """Per Optuna study name: Counter of trial state names."""
+    opened = open_storage(storage)
+    out = {}
+    for v in spec.variants:
+        for name in (f"{spec.name}.{v.name}", f"{spec.name}.{v.name}.final"):
+            study = optuna.load_study(study_name=name, storage=opened)
+            out[name] = Counter(t.state.name for t in study.get_trials(deepcopy=False))
+    return out

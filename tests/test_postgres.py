@@ -1,0 +1,94 @@
+"""Two workers on a real PostgreSQL server (loopback), as on several machines.
+
+Skipped, with the reason, where no PostgreSQL server can be started here.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+
+import pytest
+from helpers import REPO, cli, runs, trial_states
+
+from mnist_study.spec import load_spec
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    pytest.importorskip("psycopg", reason="psycopg missing (pip install -e '.[postgres]')")
+    found = shutil.which("initdb") or next(
+        iter(glob.glob("/usr/lib/postgresql/*/bin/initdb")), None
+    )
+    if found is None:
+        pytest.skip("PostgreSQL server not installed (Debian: apt-get install postgresql)")
+    bindir = os.path.dirname(os.path.realpath(found))
+    # initdb refuses to run as root: run the server as the 'postgres' user when root.
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    base = tempfile.mkdtemp(prefix="pg-", dir="/tmp")
+    os.chmod(base, 0o777)
+    data, port = os.path.join(base, "data"), free_port()
+
+    def run(*cmd):
+        return subprocess.run([*as_user, *cmd], capture_output=True, text=True)
+
+    init = run(f"{bindir}/initdb", "-D", data, "-A", "trust", "-U", "study", "--no-sync")
+    if init.returncode != 0:
+        shutil.rmtree(base, ignore_errors=True)
+        pytest.skip(f"initdb failed: {init.stderr.strip()[-300:]}")
+    start = run(
+        f"{bindir}/pg_ctl",
+        "-D",
+        data,
+        "-w",
+        "-l",
+        os.path.join(base, "log"),
+        "-o",
+        f"-c listen_addresses=127.0.0.1 -p {port} -k {base} -c fsync=off",
+        "start",
+    )
+    if start.returncode != 0:
+        shutil.rmtree(base, ignore_errors=True)
+        pytest.skip(f"PostgreSQL did not start: {start.stderr.strip()[-300:]}")
+    for db in ("optuna", "mlflow"):
+        run(f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "study", db)
+    yield f"postgresql://study@127.0.0.1:{port}"
+    run(f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "stop")
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_two_workers_on_postgresql(postgres_url, tmp_path):
+    smoke = REPO / "experiments" / "smoke.toml"
+    tracking, storage = f"{postgres_url}/mlflow", f"{postgres_url}/optuna"
+    done = cli(
+        "run",
+        str(smoke),
+        "--tracking-uri",
+        tracking,
+        "--storage",
+        storage,
+        "--workers",
+        "2",
+        "--quiet",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    spec = load_spec(smoke)
+    states = trial_states(storage, spec)
+    for v in spec.variants:
+        assert sum(states[f"smoke.{v.name}"].values()) == spec.settings.trials
+        assert states[f"smoke.{v.name}.final"] == {"COMPLETE": len(spec.settings.seeds)}
+    _, found = runs(tracking, "smoke")
+    roles = [r.data.tags["role"] for r in found]
+    assert roles.count("tune") == len(spec.variants) * spec.settings.trials
+    assert roles.count("final") == len(spec.variants) * len(spec.settings.seeds)

@@ -1,0 +1,103 @@
+"""The report, checked against MLflow itself: rows, n, means, intervals, p-values,
+figures, the README section (replaced in place, idempotent), partial studies."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+from helpers import runs
+from scipy import stats
+
+from mnist_study.report import MARK_END, MARK_START, collect, summarize, write_report
+from mnist_study.tracking import prepare_store
+
+README = f"# Title\n\nintro\n\n{MARK_START}\nold results\n{MARK_END}\n\n## After\n"
+
+
+@pytest.fixture(scope="module")
+def smoke_report(smoke_study, tmp_path_factory):
+    spec, tracking, _ = smoke_study
+    out = tmp_path_factory.mktemp("report")
+    readme = out / "README.md"
+    readme.write_text(README)
+    body = write_report(tracking, spec.name, out / "reports", readme)
+    return spec, tracking, out, readme, body
+
+
+def test_one_row_per_variant_with_values_recomputed_from_runs(smoke_report):
+    spec, tracking, *_ = smoke_report
+    table = summarize(collect(tracking, spec.name))
+    assert list(table.variant) == [v.name for v in spec.variants]
+    _, found = runs(tracking, spec.name)
+    accs = {
+        v.name: [
+            r.data.metrics["test_acc"]
+            for r in found
+            if r.data.tags.get("variant") == v.name and r.data.tags["role"] == "final"
+        ]
+        for v in spec.variants
+    }
+    for row in table.itertuples():
+        values = accs[row.variant]
+        assert row.n == len(spec.settings.seeds) == len(values)
+        assert row.test_acc_mean == pytest.approx(statistics.mean(values))
+        half = (
+            stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+        )
+        assert row.test_acc_ci95 == pytest.approx(half)
+        if row.variant != "baseline":
+            assert 0 <= row.p_welch <= 1
+            expected = stats.ttest_ind(values, accs["baseline"], equal_var=False).pvalue
+            assert row.p_welch == pytest.approx(expected, nan_ok=True)
+            assert row.diff_vs_baseline == pytest.approx(
+                statistics.mean(values) - statistics.mean(accs["baseline"])
+            )
+        assert row.trials_complete + row.trials_pruned == spec.settings.trials
+        assert row.best_val_epoch in range(1, spec.defaults.epochs + 1)
+        assert row.acc_gap_last == pytest.approx(row.train_acc_last - row.val_acc_last)
+
+
+def test_files_and_figures_written_and_logged(smoke_report):
+    spec, tracking, out, _, body = smoke_report
+    folder = out / "reports" / spec.name
+    for name in (
+        "results.md",
+        "results.csv",
+        "curves.png",
+        "test_acc.png",
+        "gap.png",
+        "tuning.png",
+    ):
+        assert (folder / name).stat().st_size > 1000 or name.endswith((".md", ".csv"))
+    assert len((folder / "results.csv").read_text().splitlines()) == len(spec.variants) + 1
+    client, found = runs(tracking, spec.name)
+    parent = next(r for r in found if r.data.tags["role"] == "variant")
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert logged == {
+        "report/curves.png",
+        "report/test_acc.png",
+        "report/gap.png",
+        "report/tuning.png",
+    }
+    assert "| baseline |" in body and "Shrink the train−val accuracy gap" in body
+
+
+def test_readme_section_replaced_in_place_and_idempotent(smoke_report):
+    spec, tracking, out, readme, body = smoke_report
+    text = readme.read_text()
+    assert text.startswith("# Title\n\nintro\n\n" + MARK_START)
+    assert text.endswith(MARK_END + "\n\n## After\n") and "old results" not in text
+    assert body in text
+    assert (out / "docs" / "figures" / spec.name / "curves.png").exists()
+    assert f"](docs/figures/{spec.name}/curves.png)" in text
+    write_report(tracking, spec.name, out / "reports", readme)
+    assert readme.read_text() == text
+
+
+def test_empty_study_says_what_is_missing(tmp_path):
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    prepare_store(tracking, "empty")
+    body = write_report(tracking, "empty", tmp_path / "reports")
+    assert "no runs" in body

@@ -1,0 +1,257 @@
+"""The study runner end to end, against real MLflow (SQLite) and Optuna (journal) stores
+in tmp dirs: what lands where, resuming, a SIGKILLed worker, NaN trials, 2 workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from helpers import REPO, cli, runs, stores, trial_states
+
+from mnist_study.report import write_report
+from mnist_study.runner import RunOptions, run_study
+from mnist_study.spec import load_spec, shrink
+from mnist_study.storage import open_storage
+
+SMOKE = REPO / "experiments" / "smoke.toml"
+
+
+def test_every_variant_has_its_trials_and_final_seeds(smoke_study):
+    spec, tracking, storage = smoke_study
+    _, found = runs(tracking, spec.name)
+    trials, seeds = spec.settings.trials, len(spec.settings.seeds)
+    for v in spec.variants:
+        mine = [r for r in found if r.data.tags.get("variant") == v.name]
+        roles = [r.data.tags["role"] for r in mine]
+        assert roles.count("tune") == trials and roles.count("final") == seeds
+        assert roles.count("variant") == 1
+    states = trial_states(storage, spec)
+    for v in spec.variants:
+        tune = states[f"smoke.{v.name}"]
+        assert tune["COMPLETE"] + tune["PRUNED"] == trials and not tune["FAIL"]
+        assert states[f"smoke.{v.name}.final"] == {"COMPLETE": seeds}
+
+
+def test_children_hang_off_parents_with_curves_tags_and_test_only_on_finals(smoke_study):
+    spec, tracking, _ = smoke_study
+    client, found = runs(tracking, spec.name)
+    parents = {r.info.run_id: r for r in found if r.data.tags["role"] == "variant"}
+    epochs = spec.defaults.epochs
+    for run in found:
+        tags = run.data.tags
+        if tags["role"] == "variant":
+            assert run.info.status == "FINISHED"
+            continue
+        parent = parents[tags["mlflow.parentRunId"]]
+        assert parent.data.tags["variant"] == tags["variant"]
+        assert run.info.run_name.startswith(tags["variant"] + "/")
+        for key in (
+            "git_commit",
+            "torch_version",
+            "torchvision_version",
+            "optuna_version",
+            "mlflow_version",
+            "device",
+            "precision",
+            "threads",
+            "optuna_state",
+            "mnist_md5.t10k-images-idx3-ubyte",
+        ):
+            assert tags[key], key
+        assert run.data.params["epochs"] == str(epochs)
+        history = client.get_metric_history(run.info.run_id, "val_acc")
+        steps = [m.step for m in history]
+        assert steps == list(range(1, len(steps) + 1))
+        if tags["optuna_state"] == "COMPLETE":
+            assert len(steps) == epochs and run.info.status == "FINISHED"
+        else:
+            assert tags["optuna_state"] == "PRUNED" and tags["prune_reason"]
+        assert ("test_acc" in run.data.metrics) == (tags["role"] == "final")
+
+
+def test_parent_holds_best_params_and_test_mean(smoke_study):
+    spec, tracking, _ = smoke_study
+    _, found = runs(tracking, spec.name)
+    for v in spec.variants:
+        parent = next(
+            r for r in found if r.data.tags == r.data.tags | {"role": "variant", "variant": v.name}
+        )
+        finals = [
+            r
+            for r in found
+            if r.data.tags.get("variant") == v.name and r.data.tags["role"] == "final"
+        ]
+        accs = [r.data.metrics["test_acc"] for r in finals]
+        assert parent.data.metrics["test_acc_mean"] == pytest.approx(sum(accs) / len(accs))
+        assert parent.data.metrics["n_final"] == len(spec.settings.seeds)
+        assert {f"best_{k}" for k in v.search} <= set(parent.data.params)
+        # Final runs train the tuned hyperparameters.
+        for run in finals:
+            assert run.data.params["lr"] == parent.data.params["best_lr"]
+
+
+def test_final_runs_log_a_loadable_model(smoke_study, small_splits):
+    import mlflow.pytorch
+
+    spec, tracking, _ = smoke_study
+    _, found = runs(tracking, spec.name)
+    final = next(r for r in found if r.data.tags["role"] == "final")
+    mlflow.set_tracking_uri(tracking)
+    model = mlflow.pytorch.load_model(f"runs:/{final.info.run_id}/model")
+    assert model(small_splits.val_x[:4]).shape == (4, 10)
+
+
+def test_running_again_redoes_nothing(smoke_study, mnist_root):
+    spec, tracking, storage = smoke_study
+    before = len(runs(tracking, spec.name)[1])
+    run_study(spec, RunOptions(tracking, storage, str(mnist_root)))
+    assert len(runs(tracking, spec.name)[1]) == before
+
+
+def test_every_experiment_file_runs_shrunk(tmp_path, mnist_root):
+    for name in ("ablations", "quick"):
+        spec = shrink(load_spec(REPO / "experiments" / f"{name}.toml"))
+        tracking, storage = stores(tmp_path / name)
+        run_study(spec, RunOptions(tracking, storage, str(mnist_root), log_models=False))
+        states = trial_states(storage, spec)
+        assert all(s["COMPLETE"] + s["PRUNED"] == 1 for s in states.values())
+
+
+def test_nan_trials_are_pruned_with_reason_and_the_study_goes_on(tmp_path, mnist_root):
+    path = tmp_path / "nan.toml"
+    path.write_text("""
+[study]
+trials = 2
+seeds = [0]
+[defaults]
+epochs = 1
+train_size = 300
+val_size = 200
+train_eval_size = 200
+[variants.absurd]
+set = { optimizer = "sgd" }
+search.lr = { low = 1e10, high = 1e12, log = true }
+[variants.sane]
+search.lr = { low = 1e-3, high = 2e-3 }
+""")
+    tracking, storage = stores(tmp_path)
+    spec = load_spec(path)
+    run_study(spec, RunOptions(tracking, storage, str(mnist_root), log_models=False))
+    states = trial_states(storage, spec)
+    assert states["nan.absurd"] == {"PRUNED": 2}
+    assert states["nan.sane"]["COMPLETE"] >= 1 and states["nan.sane.final"] == {"COMPLETE": 1}
+    _, found = runs(tracking, "nan")
+    absurd = [
+        r for r in found if r.data.tags.get("variant") == "absurd" and r.data.tags["role"] == "tune"
+    ]
+    assert all(r.info.status == "FAILED" for r in absurd)
+    assert all(r.data.tags["prune_reason"].startswith("diverged: loss became") for r in absurd)
+
+
+KILL_SPEC = """
+[study]
+trials = 2
+seeds = [0]
+[defaults]
+epochs = 4
+train_size = 3000
+val_size = 500
+train_eval_size = 500
+[variants.first]
+search.lr = { low = 1e-3, high = 2e-3 }
+[variants.second]
+set = { batchnorm = true }
+search.lr = { low = 1e-3, high = 2e-3 }
+"""
+
+
+def test_sigkill_mid_trial_then_resume(tmp_path):
+    path = tmp_path / "kill.toml"
+    path.write_text(KILL_SPEC)
+    tracking, storage = stores(tmp_path)
+    args = ["run", str(path), "--tracking-uri", tracking, "--storage", storage, "--quiet"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnist_study", "--data-root", str(REPO / "data"), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=REPO,
+    )
+    # Wait until a trial is mid-way: RUNNING with at least one epoch reported.
+    deadline = time.time() + 120
+    killed_trial = None
+    while killed_trial is None and time.time() < deadline:
+        time.sleep(0.2)
+        if not os.path.exists(storage):
+            continue
+        try:
+            study = optuna.load_study(study_name="kill.first", storage=open_storage(storage))
+        except KeyError:
+            continue
+        for t in study.get_trials(deepcopy=False):
+            if t.state.name == "RUNNING" and t.intermediate_values and t.number == 1:
+                killed_trial = t.number
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert killed_trial is not None, "no trial reached mid-training in time"
+    # The report of the interrupted study says what is missing.
+    body = write_report(tracking, "kill", tmp_path / "reports")
+    assert "first: tuning incomplete (1 of 2 trials)" in body
+    assert "second: not started" in body
+
+    done = cli(*args)
+    assert done.returncode == 0, done.stderr
+    spec = load_spec(path)
+    states = trial_states(storage, spec)
+    assert states["kill.first"]["FAIL"] == 1
+    assert states["kill.first"]["COMPLETE"] + states["kill.first"]["PRUNED"] == 2
+    assert states["kill.second"]["COMPLETE"] + states["kill.second"]["PRUNED"] == 2
+    assert states["kill.first.final"] == states["kill.second.final"] == {"COMPLETE": 1}
+    study = optuna.load_study(study_name="kill.first", storage=open_storage(storage))
+    failed = next(t for t in study.trials if t.state.name == "FAIL")
+    assert failed.number == killed_trial and "worker died" in failed.user_attrs["fail_reason"]
+    _, found = runs(tracking, "kill")
+    by_trial = {
+        (r.data.tags["variant"], r.data.tags.get("optuna_trial")): r
+        for r in found
+        if r.data.tags["role"] == "tune"
+    }
+    dead = by_trial[("first", str(killed_trial))]
+    assert dead.info.status == "KILLED" and dead.data.tags["optuna_state"] == "FAIL"
+    children = [r for r in found if r.data.tags["role"] != "variant"]
+    assert not [r for r in children if r.info.status == "RUNNING"]
+    assert len([r for r in children if r.data.tags["role"] == "tune"]) == 2 + 2 + 1
+
+
+def test_two_workers_share_the_budget_exactly(tmp_path):
+    tracking, storage = stores(tmp_path)
+    done = cli(
+        "run",
+        str(SMOKE),
+        "--tracking-uri",
+        tracking,
+        "--storage",
+        storage,
+        "--workers",
+        "2",
+        "--quiet",
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "locked" not in done.stderr
+    spec = load_spec(SMOKE)
+    states = trial_states(storage, spec)
+    for v in spec.variants:
+        assert sum(states[f"smoke.{v.name}"].values()) == spec.settings.trials
+        assert states[f"smoke.{v.name}.final"] == {"COMPLETE": len(spec.settings.seeds)}
+    _, found = runs(tracking, "smoke")
+    roles = [r.data.tags["role"] for r in found]
+    assert roles.count("tune") == len(spec.variants) * spec.settings.trials
+    assert roles.count("final") == len(spec.variants) * len(spec.settings.seeds)
+    assert roles.count("variant") == len(spec.variants)
+    assert "[w0 " in done.stdout and "[w1 " in done.stdout  # both workers took units
+    threads = {r.data.tags["threads"] for r in found if r.data.tags["role"] != "variant"}
+    assert threads == {str(max(1, (os.cpu_count() or 1) // 2))}

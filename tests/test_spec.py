@@ -1,0 +1,116 @@
+"""Experiment files: every shipped file loads; every kind of mistake is refused early."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import REPO, cli
+
+from mnist_study.config import ConfigError
+from mnist_study.spec import SpecError, load_spec
+
+EXPERIMENTS = sorted((REPO / "experiments").glob("*.toml"))
+STUDY_VARIANTS = [
+    "baseline",
+    "batchnorm",
+    "dropout",
+    "weight_decay",
+    "sgd_momentum",
+    "augmentation",
+    "deeper",
+    "combined",
+]
+
+GOOD = """
+[study]
+trials = 2
+[variants.baseline]
+search.lr = { low = 1e-4, high = 1e-2, log = true }
+"""
+
+
+def test_shipped_files_load_and_say_how_to_run(tmp_path):
+    assert {p.stem for p in EXPERIMENTS} >= {"ablations", "quick", "smoke"}
+    for path in EXPERIMENTS:
+        spec = load_spec(path)
+        assert [v.name for v in spec.variants] == STUDY_VARIANTS
+        head = path.read_text().splitlines()[:6]
+        assert head[0].startswith("#") and any("Run:" in line for line in head)
+        for v in spec.variants:
+            assert "lr" in v.search and v.description
+
+
+def test_variant_states_only_its_change():
+    spec = load_spec(REPO / "experiments" / "ablations.toml")
+    by_name = {v.name: v for v in spec.variants}
+    assert by_name["baseline"].changes == {}
+    assert by_name["batchnorm"].changes == {"batchnorm": True}
+    assert set(by_name["dropout"].search) == {"lr", "dropout"}
+    cfg = spec.config_for(by_name["sgd_momentum"], {"lr": 0.05, "momentum": 0.9})
+    assert (cfg.optimizer, cfg.nesterov, cfg.lr, cfg.epochs) == ("sgd", True, 0.05, 5)
+
+
+BAD = {
+    "unknown top key": ("[stuudy]\ntrials = 2\n", "unknown key 'stuudy'"),
+    "unknown study key": (GOOD.replace("trials = 2", "trails = 2"), "unknown key 'study.trails'"),
+    "zero trials": (GOOD.replace("trials = 2", "trials = 0"), "study.trials = 0; must be >= 1"),
+    "wrong type": (GOOD.replace("trials = 2", 'trials = "2"'), "study.trials = '2'"),
+    "unknown switch": (GOOD + "set = { batchnrom = true }\n", "unknown key 'batchnrom'"),
+    "switch type": (GOOD + "set = { batchnorm = 1 }\n", "batchnorm = 1 is int; must be bool"),
+    "inverted range": (
+        GOOD.replace("low = 1e-4, high = 1e-2", "low = 1e-2, high = 1e-4"),
+        "low 0.01 must be below high 0.0001",
+    ),
+    "empty range": (GOOD.replace("high = 1e-2", "high = 1e-4"), "must be below high"),
+    "log of zero": (GOOD.replace("low = 1e-4", "low = 0"), "log scale needs low > 0"),
+    "not searchable": (
+        GOOD + "search.optimizer = { low = 0, high = 1 }\n",
+        "search.optimizer: not a numeric config field",
+    ),
+    "range outside config": (
+        GOOD + "search.dropout = { low = 0.5, high = 1.5 }\n",
+        "dropout = 1.5; must be in [0, 1)",
+    ),
+    "duplicate variant": (GOOD + GOOD.split("[study]\ntrials = 2\n")[1], "not valid TOML"),
+    "no variants": ("[study]\ntrials = 2\n", "variants: none defined"),
+    "empty search": ("[variants.baseline]\nset = { batchnorm = true }\n", "search: empty"),
+    "bad seeds": (GOOD.replace("trials = 2", "trials = 2\nseeds = [1, 1]"), "study.seeds"),
+    "bad pruner": (
+        GOOD.replace("trials = 2", 'trials = 2\npruner = "hyperband"'),
+        "study.pruner = 'hyperband'; must be one of 'median', 'none'",
+    ),
+    "bad default": ("[defaults]\nepochs = 0\n" + GOOD, "defaults: epochs = 0; must be > 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_file_is_refused_naming_file_and_key(tmp_path, case):
+    text, expected = BAD[case]
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:  # SpecError, or ConfigError from TrainConfig
+        load_spec(path)
+    assert str(path) in str(err.value) and expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_cli_refuses_bad_file_with_exit_2_and_writes_nothing(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text(BAD["inverted range"][0])
+    done = cli(
+        "run",
+        str(path),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/m/mlflow.db",
+        "--storage",
+        str(tmp_path / "o" / "optuna.journal"),
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and f"error: {path}" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.toml"]
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(SpecError, match="no such experiment file"):
+        load_spec(Path(tmp_path / "nope.toml"))
