@@ -34,13 +34,13 @@ train: data ## train one configuration, e.g. make train ARGS="--batchnorm --epoc
 	@$(BIN)/mnist-study --data-root $(DATA) train $(ARGS)
 
 test: data ## run the tests (fast, CPU; real MNIST and stores in tmp dirs)
-	@$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+	@$(BIN)/python -m pytest -q $(ARGS)
 
 lint: $(BIN)/.installed ## ruff: lint and formatting
 	@$(BIN)/ruff check .
 	@$(BIN)/ruff format --check .
 
-bench: data ## training speed: textbook loop vs ours, side by side; JSON in reports/
+bench: data ## training speed, textbook loop vs ours side by side (+ ARGS="--study-workers experiments/quick.toml")
 	@mkdir -p reports
 	@$(BIN)/mnist-study --data-root $(DATA) bench --json reports/bench.json $(ARGS)
 

@@ -54,32 +54,16 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mnist_study.dataset import load_splits
-    from mnist_study.train import evaluate_test, train
 
     base = config_from_args(args)
     seeds = args.seeds if args.seeds else [base.seed]
     splits = load_splits(args.data_root, base)
-    finals = []
-    for seed in seeds:
-        cfg = base.replace(seed=seed)
-        print(
-            f"seed {seed}: {len(splits.train_x):,} train / {len(splits.val_x):,} val images, "
-            f"{cfg.epochs} epochs, batch {cfg.batch_size}, {cfg.precision}"
-        )
+    tracker = None
+    if args.mlflow:
+        from mnist_study.tracking import Tracker, prepare_store
 
-        def report(epoch: int, m: dict[str, float]) -> None:
-            print(
-                f"  epoch {epoch:>2}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}"
-                f" | val loss {m['val_loss']:.4f} acc {m['val_acc']:.4f}"
-                f" | {m['epoch_seconds']:.1f}s"
-            )
-
-        result = train(cfg, splits, on_epoch=report)
-        final = dict(result.history[-1])
-        if args.test:
-            final |= evaluate_test(result.model, splits, cfg)
-            print(f"  test loss {final['test_loss']:.4f} acc {final['test_acc']:.4f}")
-        finals.append(final)
+        tracker = Tracker(args.tracking_uri, prepare_store(args.tracking_uri, args.mlflow))
+    finals = [train_seed(base.replace(seed=seed), splits, args.test, tracker) for seed in seeds]
     if len(seeds) > 1:
         keys = ["train_acc", "val_acc"] + (["test_acc"] if args.test else [])
         summary = ", ".join(
@@ -91,10 +75,52 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_seed(cfg: TrainConfig, splits, test: bool, tracker) -> dict[str, float]:
+    """One run of `train`: a line per epoch, optionally mirrored to an MLflow run."""
+    from mnist_study.train import evaluate_test, resolve_device, train
+
+    print(
+        f"seed {cfg.seed}: {len(splits.train_x):,} train / {len(splits.val_x):,} val images, "
+        f"{cfg.epochs} epochs, batch {cfg.batch_size}, {cfg.precision}"
+    )
+    run_id = None
+    if tracker is not None:
+        from mnist_study.tracking import provenance
+
+        tags = {"role": "train", **provenance(cfg, str(resolve_device(cfg)))}
+        run_id = tracker.create_run(f"train/seed-{cfg.seed}", cfg, tags)
+
+    def report(epoch: int, m: dict[str, float]) -> None:
+        print(
+            f"  epoch {epoch:>2}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}"
+            f" | val loss {m['val_loss']:.4f} acc {m['val_acc']:.4f}"
+            f" | {m['epoch_seconds']:.1f}s"
+        )
+        if run_id is not None:
+            tracker.log_metrics(run_id, m, step=epoch)
+
+    try:
+        result = train(cfg, splits, on_epoch=report)
+        final = dict(result.history[-1])
+        if test:
+            metrics = evaluate_test(result.model, splits, cfg)
+            final |= metrics
+            print(f"  test loss {final['test_loss']:.4f} acc {final['test_acc']:.4f}")
+            if run_id is not None:
+                tracker.log_metrics(run_id, metrics, step=cfg.epochs)
+    except BaseException as exc:
+        if run_id is not None:
+            tracker.finish(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    if run_id is not None:
+        tracker.finish(run_id)
+    return final
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from mnist_study.bench import run_bench
 
-    run_bench(args.data_root, args.steps, args.rounds, args.json)
+    run_bench(args.data_root, args.steps, args.rounds, args.json, args.study_workers)
     return 0
 
 
@@ -135,7 +161,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
-    from mnist_study.report import write_report
+    from mnist_study.publish import write_report
     from mnist_study.spec import load_spec
 
     study = str(args.study)
@@ -183,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=300, help="steps at batch 64 per measurement")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median kept)")
     p.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    p.add_argument(
+        "--study-workers",
+        type=Path,
+        metavar="SPEC",
+        help="also time this whole study with 1 and then 2 workers (minutes)",
+    )
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("run", help="run a study spec: tune every variant, then final seeds")
     p.add_argument("spec", type=Path, help="experiment file, e.g. experiments/ablations.toml")

@@ -9,7 +9,6 @@ tuning playbook's sanity checks.
 from __future__ import annotations
 
 import math
-import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,6 @@ from scipy import stats
 from mnist_study.spec import SpecError, StudySpec, parse_spec
 
 CURVES = ("train_loss", "val_loss", "train_acc", "val_acc", "epoch_seconds")
-MARK_START, MARK_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 @dataclass
@@ -248,149 +246,3 @@ def verdict(table: pd.DataFrame) -> str:
     if worse:
         parts.append("lower it: " + ", ".join(worse))
     return "; ".join(parts) + "."
-
-
-def pct(x: float, digits: int = 2) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}%}"
-
-
-def markdown_table(table: pd.DataFrame) -> str:
-    head = (
-        "| variant | change | tuned | test acc (95% CI) | n | Δ test vs baseline (p) "
-        "| train acc | val acc | acc gap last / best | loss gap last / best | best epoch "
-        "| trials C/P/F | s/run |"
-    )
-    lines = [head, "|" + "---|" * 13]
-    for r in table.itertuples():
-        ci = "" if math.isnan(r.test_acc_ci95) else f" ± {r.test_acc_ci95 * 100:.2f}"
-        test = "–" if math.isnan(r.test_acc_mean) else f"{r.test_acc_mean:.2%}{ci}"
-        diff = (
-            ""
-            if math.isnan(r.diff_vs_baseline) or r.variant == "baseline"
-            else (f"{r.diff_vs_baseline * 100:+.2f} (p={r.p_welch:.2g})")
-        )
-        loss = (
-            "–" if math.isnan(r.loss_gap_last) else f"{r.loss_gap_last:.4f} / {r.loss_gap_best:.4f}"
-        )
-        secs = "–" if math.isnan(r.train_s_per_run) else f"{r.train_s_per_run:.0f}"
-        lines.append(
-            f"| {r.variant} | {r.change} | {r.tuned or '–'} | {test} | {r.n} | {diff or '–'} "
-            f"| {pct(r.train_acc_last)} | {pct(r.val_acc_last)} "
-            f"| {pct(r.acc_gap_last)} / {pct(r.acc_gap_best)} | {loss} "
-            f"| {r.best_val_epoch or '–'} | {r.trials_complete}/{r.trials_pruned}/"
-            f"{r.trials_failed} | {secs} |"
-        )
-    return "\n".join(lines)
-
-
-def provenance_line(data: StudyData) -> str:
-    runs = data.runs
-    if runs.empty:
-        return f"Study `{data.name}`: no runs yet."
-    children = runs[runs["tags.role"].isin(["tune", "final"])]
-    start, end = children.start_time.min(), children.end_time.max()
-    commit = children["tags.git_commit"].mode().iat[0][:12]
-    cpu = children["tags.cpu"].mode().iat[0] if "tags.cpu" in children else "?"
-    workers = children["tags.workers"].mode().iat[0] if "tags.workers" in children else "?"
-    budget = ""
-    if data.spec:
-        s, d = data.spec.settings, data.spec.defaults
-        budget = (
-            f"{s.trials} trials + {len(s.seeds)} seeds {list(s.seeds)} per variant, "
-            f"{d.epochs} epochs, batch {d.batch_size}, {d.train_size:,} train images, "
-            f"{d.precision}; "
-        )
-    wall = (end - start).total_seconds() / 60 if pd.notna(end) else math.nan
-    return (
-        f"Study `{data.name}` ({budget}{len(children)} runs), commit `{commit}`, "
-        f"{cpu}, {workers} worker(s); runs from {start:%Y-%m-%d %H:%M} to "
-        f"{end:%H:%M} UTC ({wall:.0f} min wall time)."
-    )
-
-
-def replace_section(readme: Path, body: str) -> bool:
-    """Swap the text between the results markers; True if the file changed."""
-    text = readme.read_text()
-    pattern = re.compile(re.escape(MARK_START) + ".*?" + re.escape(MARK_END), re.S)
-    if not pattern.search(text):
-        raise SpecError(f"{readme}: no {MARK_START} ... {MARK_END} markers to replace")
-    new = pattern.sub(lambda _: f"{MARK_START}\n{body.strip()}\n{MARK_END}", text)
-    if new != text:
-        readme.write_text(new)
-    return new != text
-
-
-SEED_LINE = (
-    "For reference, the seed write-up (one run, untuned, 5 epochs): train ~99.7%, "
-    "validation ~99.1%, test ~98.9%."
-)
-
-
-def write_report(tracking_uri: str, study: str, out_root: Path, readme: Path | None = None) -> str:
-    """Write reports/<study>/ (results.md, results.csv, figures), log the figures on the
-    variant parent runs, and (with `readme`) replace its results section. Returns the
-    Markdown section."""
-    from mnist_study import figures
-
-    data = collect(tracking_uri, study)
-    out = out_root / study
-    out.mkdir(parents=True, exist_ok=True)
-    table = summarize(data) if data.variants else pd.DataFrame()
-    found = checks(data, table) if not table.empty else list(data.problems)
-    lines = [provenance_line(data), ""]
-    pngs = {}
-    if not table.empty:
-        table.drop(columns=["tuned_params"]).to_csv(out / "results.csv", index=False)
-        per_seed = {v: test_accs(data.runs, v) for v in data.variants}
-        pngs = {
-            "curves": out / "curves.png",
-            "test_acc": out / "test_acc.png",
-            "gap": out / "gap.png",
-            "tuning": out / "tuning.png",
-        }
-        figures.curves_figure(data.curves, data.variants, pngs["curves"])
-        figures.test_figure(table, per_seed, pngs["test_acc"])
-        figures.gap_figure(table, pngs["gap"])
-        figures.tuning_figure(data.runs, data.variants, pngs["tuning"])
-        lines += [
-            markdown_table(table),
-            "",
-            verdict(table),
-            "",
-            SEED_LINE,
-            "",
-            "Test accuracy: mean ± 95% t-interval over final seeds; p: Welch's t-test "
-            "against the baseline's seeds. Gaps: train − validation accuracy and "
-            "validation − train loss, at the last and at the best-validation epoch. "
-            "Trials C/P/F: complete / pruned / failed. s/run: training time of one "
-            "final run.",
-        ]
-        log_figures(tracking_uri, data, list(pngs.values()))
-    lines += ["", "**Checks**: " + ("none raised." if not found else "")]
-    lines += [f"- {c}" for c in found]
-    body = "\n".join(lines)
-    figure_dir = out
-    if readme is not None and pngs:
-        # The README's figures are its evidence: they live beside it, in docs/.
-        figure_dir = readme.parent / "docs" / "figures" / study
-        figure_dir.mkdir(parents=True, exist_ok=True)
-        for png in pngs.values():
-            target = figure_dir / png.name
-            if not target.exists() or target.read_bytes() != png.read_bytes():
-                target.write_bytes(png.read_bytes())
-    if pngs:
-        base = readme.parent if readme is not None else out
-        rel = {k: (figure_dir / p.name).relative_to(base) for k, p in pngs.items()}
-        body += "\n\n" + "\n\n".join(f"![{k}]({rel[k].as_posix()})" for k in pngs)
-    (out / "results.md").write_text(f"# Study `{study}`\n\n{body}\n")
-    if readme is not None:
-        replace_section(readme, body)
-    return body
-
-
-def log_figures(tracking_uri: str, data: StudyData, paths: list[Path]) -> None:
-    client = MlflowClient(tracking_uri)
-    parents = data.runs[data.runs["tags.role"] == "variant"]
-    for run_id in parents.run_id:
-        for path in paths:
-            client.log_artifact(run_id, str(path), "report")

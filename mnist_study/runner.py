@@ -12,6 +12,7 @@ import dataclasses
 import multiprocessing
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -85,7 +86,10 @@ def run_study(spec: StudySpec, opts: RunOptions) -> None:
 
 
 def worker_main(spec, opts, experiment_id, index, parent_pid) -> None:
-    Worker(spec, opts, experiment_id, index, parent_pid).loop()
+    try:
+        Worker(spec, opts, experiment_id, index, parent_pid).loop()
+    except KeyboardInterrupt:  # its trial is already recorded; no traceback
+        sys.exit(130)
 
 
 class Worker:

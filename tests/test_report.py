@@ -10,7 +10,8 @@ import pytest
 from helpers import runs
 from scipy import stats
 
-from mnist_study.report import MARK_END, MARK_START, collect, summarize, write_report
+from mnist_study.publish import MARK_END, MARK_START, write_report
+from mnist_study.report import collect, summarize
 from mnist_study.tracking import prepare_store
 
 README = f"# Title\n\nintro\n\n{MARK_START}\nold results\n{MARK_END}\n\n## After\n"

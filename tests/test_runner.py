@@ -13,7 +13,7 @@ import optuna
 import pytest
 from helpers import REPO, cli, runs, stores, trial_states
 
-from mnist_study.report import write_report
+from mnist_study.publish import write_report
 from mnist_study.runner import RunOptions, run_study
 from mnist_study.spec import load_spec, shrink
 from mnist_study.storage import open_storage
@@ -170,7 +170,8 @@ search.lr = { low = 1e-3, high = 2e-3 }
 """
 
 
-def test_sigkill_mid_trial_then_resume(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_interrupted_mid_trial_then_resumed(tmp_path, sig):
     path = tmp_path / "kill.toml"
     path.write_text(KILL_SPEC)
     tracking, storage = stores(tmp_path)
@@ -195,13 +196,14 @@ def test_sigkill_mid_trial_then_resume(tmp_path):
         for t in study.get_trials(deepcopy=False):
             if t.state.name == "RUNNING" and t.intermediate_values and t.number == 1:
                 killed_trial = t.number
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    code = proc.wait()
     assert killed_trial is not None, "no trial reached mid-training in time"
+    assert code == (130 if sig == signal.SIGINT else -signal.SIGKILL)
     # The report of the interrupted study says what is missing.
     body = write_report(tracking, "kill", tmp_path / "reports")
     assert "first: tuning incomplete (1 of 2 trials)" in body
-    assert "second: not started" in body
+    assert "second: not started" in body and "Traceback" not in body
 
     done = cli(*args)
     assert done.returncode == 0, done.stderr
@@ -213,7 +215,8 @@ def test_sigkill_mid_trial_then_resume(tmp_path):
     assert states["kill.first.final"] == states["kill.second.final"] == {"COMPLETE": 1}
     study = optuna.load_study(study_name="kill.first", storage=open_storage(storage))
     failed = next(t for t in study.trials if t.state.name == "FAIL")
-    assert failed.number == killed_trial and "worker died" in failed.user_attrs["fail_reason"]
+    reason = "interrupted" if sig == signal.SIGINT else "worker died"
+    assert failed.number == killed_trial and reason in failed.user_attrs["fail_reason"]
     _, found = runs(tracking, "kill")
     by_trial = {
         (r.data.tags["variant"], r.data.tags.get("optuna_trial")): r

@@ -59,3 +59,36 @@ def test_baseline_learns_end_to_end(small_splits):
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     test = evaluate_test(result.model, small_splits, SMALL)
     assert test["test_acc"] > 0.85 and len(small_splits.test_y) == 10_000
+
+
+def test_train_command_logs_each_seed_to_mlflow(tmp_path):
+    from helpers import cli, runs
+
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    done = cli(
+        "train",
+        "--train-size",
+        "300",
+        "--val-size",
+        "200",
+        "--train-eval-size",
+        "200",
+        "--epochs",
+        "2",
+        "--seeds",
+        "0",
+        "1",
+        "--test",
+        "--mlflow",
+        "solo",
+        "--tracking-uri",
+        tracking,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("  epoch ") == 4 and "2 seeds (mean ± sd)" in done.stdout
+    client, found = runs(tracking, "solo")
+    assert sorted(r.info.run_name for r in found) == ["train/seed-0", "train/seed-1"]
+    for run in found:
+        assert run.info.status == "FINISHED" and run.data.params["seed"] in ("0", "1")
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2]
+        assert 0 < run.data.metrics["test_acc"] <= 1
