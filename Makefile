@@ -57,7 +57,7 @@ report: $(BIN)/.installed ## rebuild reports/ablations/ and README's results sec
 
 ui: $(BIN)/.installed ## MLflow UI on the study store, on 127.0.0.1 only
 	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (experiment per study; Ctrl-C to stop)"
-	@$(BIN)/mlflow ui --backend-store-uri $(TRACKING) --host 127.0.0.1 --port $(UI_PORT)
+	@$(BIN)/mlflow ui --backend-store-uri $(TRACKING) --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
 dashboard: $(BIN)/.installed ## optuna-dashboard on the tuning studies, on 127.0.0.1 only
 	@test -x $(BIN)/optuna-dashboard || { echo "optuna-dashboard is not installed: $(BIN)/pip install optuna-dashboard"; exit 2; }

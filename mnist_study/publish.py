@@ -29,7 +29,7 @@ def pct(x: float, digits: int = 2) -> str:
 
 def markdown_table(table: pd.DataFrame) -> str:
     head = (
-        "| variant | change | tuned | test acc (95% CI) | n | Δ test vs baseline (p) "
+        "| variant | change | tuned | test acc (95% CI) | n | Δ test, points (p) "
         "| train acc | val acc | acc gap last / best | loss gap last / best | best epoch "
         "| trials C/P/F | s/run |"
     )
