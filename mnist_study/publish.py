@@ -77,7 +77,9 @@ def provenance_line(data: StudyData) -> str:
     return (
         f"Study `{data.name}` ({budget}{len(children)} runs), commit `{commit}`, "
         f"{cpu}, {workers} worker(s); runs from {start:%Y-%m-%d %H:%M} to "
-        f"{end:%H:%M} UTC ({wall:.0f} min wall time)."
+        f"{end:%H:%M} UTC ({wall:.0f} min wall time). Command: `mnist-study run "
+        f"experiments/{data.name}.toml --workers {workers}`, then `mnist-study report "
+        f"{data.name}`."
     )
 
 
