@@ -45,3 +45,18 @@ def trial_states(storage: str, spec: StudySpec) -> dict[str, Counter]:
             study = optuna.load_study(study_name=name, storage=opened)
             out[name] = Counter(t.state.name for t in study.get_trials(deepcopy=False))
     return out
+
+
+def assert_budget_met_exactly(tracking_uri: str, storage: str, spec: StudySpec) -> list:
+    """Every variant: exactly `trials` tuning trials and one final run per seed, in both
+    Optuna and MLflow (no duplicated or lost work). Returns the MLflow runs."""
+    states = trial_states(storage, spec)
+    for v in spec.variants:
+        assert sum(states[f"{spec.name}.{v.name}"].values()) == spec.settings.trials
+        assert states[f"{spec.name}.{v.name}.final"] == {"COMPLETE": len(spec.settings.seeds)}
+    _, found = runs(tracking_uri, spec.name)
+    roles = [r.data.tags["role"] for r in found]
+    assert roles.count("tune") == len(spec.variants) * spec.settings.trials
+    assert roles.count("final") == len(spec.variants) * len(spec.settings.seeds)
+    assert roles.count("variant") == len(spec.variants)
+    return found

@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 
 import pytest
-from helpers import REPO, cli, runs, trial_states
+from helpers import REPO, assert_budget_met_exactly, cli
 
 from mnist_study.spec import load_spec
 
@@ -83,12 +83,4 @@ def test_two_workers_on_postgresql(postgres_url, tmp_path):
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    spec = load_spec(smoke)
-    states = trial_states(storage, spec)
-    for v in spec.variants:
-        assert sum(states[f"smoke.{v.name}"].values()) == spec.settings.trials
-        assert states[f"smoke.{v.name}.final"] == {"COMPLETE": len(spec.settings.seeds)}
-    _, found = runs(tracking, "smoke")
-    roles = [r.data.tags["role"] for r in found]
-    assert roles.count("tune") == len(spec.variants) * spec.settings.trials
-    assert roles.count("final") == len(spec.variants) * len(spec.settings.seeds)
+    assert_budget_met_exactly(tracking, storage, load_spec(smoke))

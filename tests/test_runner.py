@@ -11,7 +11,7 @@ import time
 
 import optuna
 import pytest
-from helpers import REPO, cli, runs, stores, trial_states
+from helpers import REPO, assert_budget_met_exactly, cli, runs, stores, trial_states
 
 from mnist_study.publish import write_report
 from mnist_study.runner import RunOptions, run_study
@@ -245,16 +245,7 @@ def test_two_workers_share_the_budget_exactly(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "locked" not in done.stderr
-    spec = load_spec(SMOKE)
-    states = trial_states(storage, spec)
-    for v in spec.variants:
-        assert sum(states[f"smoke.{v.name}"].values()) == spec.settings.trials
-        assert states[f"smoke.{v.name}.final"] == {"COMPLETE": len(spec.settings.seeds)}
-    _, found = runs(tracking, "smoke")
-    roles = [r.data.tags["role"] for r in found]
-    assert roles.count("tune") == len(spec.variants) * spec.settings.trials
-    assert roles.count("final") == len(spec.variants) * len(spec.settings.seeds)
-    assert roles.count("variant") == len(spec.variants)
+    found = assert_budget_met_exactly(tracking, storage, load_spec(SMOKE))
     assert "[w0 " in done.stdout and "[w1 " in done.stdout  # both workers took units
     threads = {r.data.tags["threads"] for r in found if r.data.tags["role"] != "variant"}
     assert threads == {str(max(1, (os.cpu_count() or 1) // 2))}
