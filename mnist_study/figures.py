@@ -111,11 +111,13 @@ def tuning_figure(runs: pd.DataFrame, variants: list[str], path: Path) -> None:
     rows = max(1, math.ceil(len(variants) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(11, 2.6 * rows + 0.6), squeeze=False)
     tune = runs[runs["tags.role"] == "tune"] if not runs.empty else runs
+    last = int(tune["tags.optuna_trial"].astype(int).max()) if not tune.empty else 1
     for ax, v in zip(axes.flat, variants, strict=False):
         mine = tune[tune["tags.variant"] == v].copy() if not tune.empty else tune
         ax.set_title(v)
         ax.set_xlabel("trial")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(-0.5, last + 0.5)  # the same trial axis for every variant
         ax.grid(alpha=0.3)
         if mine.empty:
             continue

@@ -40,17 +40,18 @@ def markdown_table(table: pd.DataFrame) -> str:
         diff = (
             ""
             if math.isnan(r.diff_vs_baseline) or r.variant == "baseline"
-            else (f"{r.diff_vs_baseline * 100:+.2f} (p={r.p_welch:.2g})")
+            else f"{r.diff_vs_baseline * 100:+.2f} (p={r.p_welch:.2g}, Holm {r.p_holm:.2g})"
         )
         loss = (
             "–" if math.isnan(r.loss_gap_last) else f"{r.loss_gap_last:.4f} / {r.loss_gap_best:.4f}"
         )
         secs = "–" if math.isnan(r.train_s_per_run) else f"{r.train_s_per_run:.0f}"
+        epoch = "–" if pd.isna(r.best_val_epoch) else f"{r.best_val_epoch:.0f}"
         lines.append(
             f"| {r.variant} | {r.change} | {r.tuned or '–'} | {test} | {r.n} | {diff or '–'} "
             f"| {pct(r.train_acc_last)} | {pct(r.val_acc_last)} "
             f"| {pct(r.acc_gap_last)} / {pct(r.acc_gap_best)} | {loss} "
-            f"| {r.best_val_epoch or '–'} | {r.trials_complete}/{r.trials_pruned}/"
+            f"| {epoch} | {r.trials_complete}/{r.trials_pruned}/"
             f"{r.trials_failed} | {secs} |"
         )
     return "\n".join(lines)
@@ -73,14 +74,33 @@ def provenance_line(data: StudyData) -> str:
             f"{d.epochs} epochs, batch {d.batch_size}, {d.train_size:,} train images, "
             f"{d.precision}; "
         )
-    wall = (end - start).total_seconds() / 60 if pd.notna(end) else math.nan
+    span = (end - start).total_seconds() / 60 if pd.notna(end) else math.nan
+    busy = busy_minutes(children.start_time, children.end_time)
+    wall = f"{busy:.0f} min wall time"
+    if span - busy > 1:
+        wall += f" with runs in progress, {span:.0f} min including pauses between resumes"
     return (
         f"Study `{data.name}` ({budget}{len(children)} runs), commit `{commit}`, "
         f"{cpu}, {workers} worker(s); runs from {start:%Y-%m-%d %H:%M} to "
-        f"{end:%H:%M} UTC ({wall:.0f} min wall time). Command: `mnist-study run "
+        f"{end:%H:%M} UTC ({wall}). Command: `mnist-study run "
         f"experiments/{data.name}.toml --workers {workers}`, then `mnist-study report "
         f"{data.name}`."
     )
+
+
+def busy_minutes(starts: pd.Series, ends: pd.Series) -> float:
+    """Minutes during which at least one run was in progress: the study's wall time
+    without the gaps of an interrupted study waiting to be resumed."""
+    total, reach = 0.0, None
+    done = ends.notna()  # runs still in progress have no end yet
+    for start, end in sorted(zip(starts[done], ends[done], strict=True)):
+        if reach is None or start > reach:
+            total += (end - start).total_seconds()
+            reach = end
+        elif end > reach:
+            total += (end - reach).total_seconds()
+            reach = end
+    return total / 60
 
 
 def replace_section(readme: Path, body: str) -> bool:
@@ -135,8 +155,9 @@ def write_report(tracking_uri: str, study: str, out_root: Path, readme: Path | N
             SEED_LINE,
             "",
             "Test accuracy: mean ± 95% t-interval over final seeds; p: Welch's t-test "
-            "against the baseline's seeds. Gaps: train − validation accuracy and "
-            "validation − train loss, at the last and at the best-validation epoch. "
+            "against the baseline's seeds, and Holm-adjusted over all variants. "
+            "Gaps: train − validation accuracy and validation − train loss, at the last "
+            "and at the best-validation epoch. "
             "Trials C/P/F: complete / pruned / failed. s/run: training time of one "
             "final run.",
         ]

@@ -6,12 +6,13 @@ from __future__ import annotations
 import math
 import statistics
 
+import pandas as pd
 import pytest
 from helpers import runs
 from scipy import stats
 
-from mnist_study.publish import MARK_END, MARK_START, write_report
-from mnist_study.report import collect, summarize
+from mnist_study.publish import MARK_END, MARK_START, busy_minutes, write_report
+from mnist_study.report import collect, holm, summarize
 from mnist_study.tracking import prepare_store
 
 README = f"# Title\n\nintro\n\n{MARK_START}\nold results\n{MARK_END}\n\n## After\n"
@@ -49,7 +50,7 @@ def test_one_row_per_variant_with_values_recomputed_from_runs(smoke_report):
         )
         assert row.test_acc_ci95 == pytest.approx(half)
         if row.variant != "baseline":
-            assert 0 <= row.p_welch <= 1
+            assert 0 <= row.p_welch <= row.p_holm <= 1
             expected = stats.ttest_ind(values, accs["baseline"], equal_var=False).pvalue
             assert row.p_welch == pytest.approx(expected, nan_ok=True)
             assert row.diff_vs_baseline == pytest.approx(
@@ -102,3 +103,17 @@ def test_empty_study_says_what_is_missing(tmp_path):
     prepare_store(tracking, "empty")
     body = write_report(tracking, "empty", tmp_path / "reports")
     assert "no runs" in body
+
+
+def test_wall_time_leaves_out_pauses_between_resumes():
+    t = pd.Timestamp("2026-01-01 10:00")
+    minutes = [(0, 10), (5, 20), (60, 70), (90, None)]  # overlap, a pause, one unfinished
+    starts = pd.Series([t + pd.Timedelta(minutes=a) for a, _ in minutes])
+    ends = pd.Series([t + pd.Timedelta(minutes=b) if b else pd.NaT for _, b in minutes])
+    assert busy_minutes(starts, ends) == pytest.approx(30)
+
+
+def test_holm_adjusts_for_several_comparisons():
+    adjusted = holm(pd.Series([0.01, 0.04, math.nan, 0.03]))
+    assert adjusted.tolist()[:2] == pytest.approx([0.03, 0.06])
+    assert math.isnan(adjusted[2]) and adjusted[3] == pytest.approx(0.06)
