@@ -44,7 +44,7 @@ bench: data ## training speed, textbook loop vs ours side by side (+ ARGS="--stu
 	@mkdir -p reports
 	@$(BIN)/mnist-study --data-root $(DATA) bench --json reports/bench.json $(ARGS)
 
-ablations: data ## run the study in experiments/ablations.toml (~1 h; rerun to resume), then report
+ablations: data ## run the study in experiments/ablations.toml (~80 min; rerun to resume), then report
 	@$(BIN)/mnist-study --data-root $(DATA) run experiments/ablations.toml --workers $(WORKERS) $(ARGS)
 	@$(MAKE) --no-print-directory report
 

@@ -1,12 +1,15 @@
 """Side-by-side training throughput: the textbook PyTorch loop against our trainer.
 
-All setups run in one process on the same data and machine, interleaved over several
-rounds so that a noisy neighbour hits them alike; the median round is reported.
+All setups run on the same data and machine, interleaved over several rounds so that a
+noisy neighbour hits them alike; the median round is reported. The textbook loop runs
+in a fresh child process so that our trainer's heap setting (`keep_freed_memory`) does
+not reach it: it runs as a user's script would.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import statistics
 import subprocess
 import sys
@@ -21,15 +24,16 @@ from mnist_study.config import TrainConfig
 from mnist_study.dataset import MEAN, STD, load_splits
 from mnist_study.model import SeedCNN, build_model, train_flops_per_image
 from mnist_study.tracking import cpu_model
-from mnist_study.train import make_optimizer, train_steps
+from mnist_study.train import keep_freed_memory, make_optimizer, train_steps
 
 WARMUP_STEPS = 20
 
 
-def textbook_images_per_second(root: Path, steps: int) -> float:
+def textbook_images_per_second(root: Path, steps: int, threads: int) -> float:
     """torchvision MNIST + DataLoader(64, shuffle) + ToTensor/Normalize, NCHW fp32, Adam."""
     from torchvision import datasets, transforms
 
+    torch.set_num_threads(threads)
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))])
     loader = torch.utils.data.DataLoader(
         datasets.MNIST(root, train=True, download=False, transform=tf),
@@ -67,6 +71,7 @@ def textbook_images_per_second(root: Path, steps: int) -> float:
 
 
 def ours_images_per_second(splits, cfg: TrainConfig, steps: int) -> float:
+    keep_freed_memory()
     torch.manual_seed(0)
     model = build_model(cfg).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)
@@ -129,14 +134,19 @@ def run_bench(
     textbook = "textbook loop, fp32, batch 64"
     samples: dict[str, list[float]] = {textbook: []} | {name: [] for name, _, _ in SETUPS}
     peak = 0.0
-    for r in range(1, rounds + 1):
-        samples[textbook].append(textbook_images_per_second(root, steps))
-        for name, precision, batch in SETUPS:
-            cfg = TrainConfig(precision=precision, batch_size=batch)
-            # Same number of images per setup, so each gets a comparable slice of time.
-            samples[name].append(ours_images_per_second(splits, cfg, steps * 64 // batch))
-        peak = max(peak, matmul_gflops())
-        print(f"round {r}/{rounds}: " + ", ".join(f"{v[-1]:,.0f}" for v in samples.values()))
+    spawn = multiprocessing.get_context("spawn")
+    with spawn.Pool(1) as child:
+        for r in range(1, rounds + 1):
+            samples[textbook].append(
+                child.apply(textbook_images_per_second, (root, steps, torch.get_num_threads()))
+            )
+            for name, precision, batch in SETUPS:
+                cfg = TrainConfig(precision=precision, batch_size=batch)
+                # Same number of images per setup, so each gets a comparable slice of time.
+                samples[name].append(ours_images_per_second(splits, cfg, steps * 64 // batch))
+            peak = max(peak, matmul_gflops())
+            values = ", ".join(f"{v[-1]:,.0f}" for v in samples.values())
+            print(f"round {r}/{rounds}: {values}")
     flops = train_flops_per_image(SeedCNN())
     rows = []
     for name, values in samples.items():

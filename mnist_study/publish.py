@@ -63,7 +63,12 @@ def provenance_line(data: StudyData) -> str:
         return f"Study `{data.name}`: no runs yet."
     children = runs[runs["tags.role"].isin(["tune", "final"])]
     start, end = children.start_time.min(), children.end_time.max()
-    commit = children["tags.git_commit"].mode().iat[0][:12]
+    commits = children["tags.git_commit"].value_counts()
+    commit = (
+        f"commit `{commits.index[0][:12]}`"
+        if len(commits) == 1
+        else "commits " + ", ".join(f"`{c[:12]}` ({n} runs)" for c, n in commits.items())
+    )
     cpu = children["tags.cpu"].mode().iat[0] if "tags.cpu" in children else "?"
     workers = children["tags.workers"].mode().iat[0] if "tags.workers" in children else "?"
     budget = ""
@@ -80,7 +85,7 @@ def provenance_line(data: StudyData) -> str:
     if span - busy > 1:
         wall += f" with runs in progress, {span:.0f} min including pauses between resumes"
     return (
-        f"Study `{data.name}` ({budget}{len(children)} runs), commit `{commit}`, "
+        f"Study `{data.name}` ({budget}{len(children)} runs), {commit}, "
         f"{cpu}, {workers} worker(s); runs from {start:%Y-%m-%d %H:%M} to "
         f"{end:%H:%M} UTC ({wall}). Command: `mnist-study run "
         f"experiments/{data.name}.toml --workers {workers}`, then `mnist-study report "

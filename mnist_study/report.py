@@ -149,7 +149,9 @@ def summarize(data: StudyData) -> pd.DataFrame:
             {
                 "variant": variant,
                 "change": description(data, variant),
-                "tuned": ", ".join(f"{k}={v:.3g}" for k, v in tuned.items()),
+                "tuned": ", ".join(
+                    f"{k}={tuned[k]:.3g}" for k in sorted(tuned, key=lambda k: (k != "lr", k))
+                ),
                 "test_acc_mean": mean,
                 "test_acc_ci95": half,
                 "n": len(accs),

@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import signal
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -44,6 +46,21 @@ class RunOptions:
 
 class Interrupted(KeyboardInterrupt):
     """The worker's parent process is gone (killed): stop like on Ctrl-C."""
+
+
+_ctrl_c_seen = threading.Event()
+
+
+def on_ctrl_c(signum, frame) -> None:
+    """Raise at once, and remember: Python drops an exception raised while a destructor
+    runs, so the worker also checks the flag after every epoch and between units."""
+    _ctrl_c_seen.set()
+    raise KeyboardInterrupt
+
+
+def stop_if_ctrl_c() -> None:
+    if _ctrl_c_seen.is_set():
+        raise KeyboardInterrupt
 
 
 def study_names(spec: StudySpec, variant: Variant) -> tuple[str, str]:
@@ -102,6 +119,8 @@ class Worker:
         parent_pid: int | None = None,
     ):
         self.spec, self.opts, self.index, self.parent_pid = spec, opts, index, parent_pid
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, on_ctrl_c)
         mlflow.set_tracking_uri(opts.tracking_uri)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.tracker = Tracker(opts.tracking_uri, experiment_id)
@@ -171,6 +190,7 @@ class Worker:
 
     def loop(self) -> None:
         while True:
+            stop_if_ctrl_c()
             unit = self.claim()
             if unit is None:
                 break
@@ -219,6 +239,7 @@ class Worker:
                 f"loss {m['train_loss']:.4f} | val acc {m['val_acc']:.4f} "
                 f"loss {m['val_loss']:.4f} | {m['epoch_seconds']:.1f}s"
             )
+            stop_if_ctrl_c()
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 raise Interrupted("parent process died")
             if role == "tune":

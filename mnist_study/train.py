@@ -8,6 +8,8 @@ the model runs channels_last, optionally under bf16 autocast.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -24,6 +26,22 @@ from mnist_study.model import build_model
 
 # Larger eval batches thrash the cache (conv1 activations of 2048 images are 200 MB).
 EVAL_BATCH = 256
+
+
+@functools.cache
+def keep_freed_memory() -> None:
+    """Keep freed activation buffers in the process heap (glibc only).
+
+    By default glibc hands multi-megabyte blocks back to the OS when freed, so every step
+    page-faults its activations in again: zero-filling max-pool gradients alone took 10%
+    of a step here. Keeping them makes training ~10% faster on this CPU.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        return
+    mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: heap, not mmap, up to glibc's 32 MB cap
+    mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: do not shrink the heap after each step
 
 
 class Diverged(ArithmeticError):
@@ -139,6 +157,8 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg)
+    if device.type == "cpu":
+        keep_freed_memory()
     splits = splits.to(device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(device=device, memory_format=torch.channels_last)
