@@ -23,9 +23,9 @@ import optuna
 from optuna.trial import TrialState
 
 from mnist_study.dataset import load_splits
-from mnist_study.spec import StudySpec, Variant
+from mnist_study.spec import StudySpec, Variant, refuse_changed_study
 from mnist_study.storage import claim_lock, mark_alive, open_storage, reap_dead_trials, worker_id
-from mnist_study.tracking import Tracker, prepare_store, provenance
+from mnist_study.tracking import Tracker, prepare_store, provenance, recorded_spec
 from mnist_study.train import Diverged, evaluate_test, resolve_device, train
 
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -70,6 +70,8 @@ def study_names(spec: StudySpec, variant: Variant) -> tuple[str, str]:
 def run_study(spec: StudySpec, opts: RunOptions) -> None:
     """Validate inputs, create the stores, then run the workers until the study is done."""
     load_splits(opts.data_root, spec.defaults)  # refuses missing or corrupt data first
+    recorded = recorded_spec(opts.tracking_uri, spec.name)
+    refuse_changed_study(spec, recorded, opts.tracking_uri)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(opts.storage)
     experiment_id = prepare_store(opts.tracking_uri, spec.name, spec.path.read_text())

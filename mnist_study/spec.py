@@ -226,3 +226,39 @@ def shrink(spec: StudySpec, **overrides: object) -> StudySpec:
     return dataclasses.replace(
         spec, settings=settings, defaults=spec.defaults.replace("shrink", **small, **overrides)
     )
+
+
+def refuse_changed_study(spec: StudySpec, recorded_text: str | None, where: str) -> None:
+    """A study resumed under the same name must be the study that was started: a changed
+    budget or search space would mix trials of two designs in one table."""
+    if not recorded_text:
+        return
+    try:
+        old = parse_spec(recorded_text, spec.path)
+    except SpecError:
+        return  # written by an older version of this tool: nothing to compare against
+    changed = [
+        label
+        for label, a, b in (
+            ("[study]", old.settings, spec.settings),
+            ("[defaults]", old.defaults, spec.defaults),
+        )
+        if a != b
+    ]
+    old_variants = {v.name: v for v in old.variants}
+    changed += [  # a new description only rewords the report: not a change of design
+        f"variants.{v.name}"
+        for v in spec.variants
+        if v.name in old_variants
+        and dataclasses.replace(old_variants[v.name], description="")
+        != dataclasses.replace(v, description="")
+    ]
+    added = [v.name for v in spec.variants if v.name not in old_variants]
+    removed = sorted(set(old_variants) - {v.name for v in spec.variants})
+    changed += [f"added variants.{n}" for n in added] + [f"removed variants.{n}" for n in removed]
+    if changed:
+        raise SpecError(
+            f"{spec.path}: changed since study {spec.name!r} started in {where} "
+            f"({', '.join(changed)}); restore the file to resume it, or set a new "
+            f'name = "..." at its top to start a new study'
+        )

@@ -47,6 +47,15 @@ def prepare_store(tracking_uri: str, experiment: str, description: str = "") -> 
     return client.create_experiment(experiment, artifact_location=location, tags=tags)
 
 
+def recorded_spec(tracking_uri: str, experiment: str) -> str | None:
+    """The study file text saved on the experiment when the study started, if any."""
+    database = tracking_uri.removeprefix("sqlite:///")
+    if tracking_uri.startswith("sqlite:///") and not Path(database).exists():
+        return None  # nothing recorded; do not create the database just to look
+    found = MlflowClient(tracking_uri).get_experiment_by_name(experiment)
+    return found.tags.get("mlflow.note.content") if found else None
+
+
 @functools.cache
 def git_commit() -> str:
     try:

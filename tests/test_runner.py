@@ -153,6 +153,28 @@ search.lr = { low = 1e-3, high = 2e-3 }
     assert all(r.data.tags["prune_reason"].startswith("diverged: loss became") for r in absurd)
 
 
+def test_resuming_with_a_changed_study_file_is_refused(smoke_study, tmp_path):
+    spec, tracking, storage = smoke_study
+    original = spec.path.read_text()
+    before = len(runs(tracking, spec.name)[1])
+    args = ["--tracking-uri", tracking, "--storage", storage, "--quiet"]
+    changed = tmp_path / "changed" / "smoke.toml"
+    changed.parent.mkdir()
+    changed.write_text(original.replace("trials = 2", "trials = 3", 1))
+    done = cli("run", str(changed), *args)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"mnist-study: error: {changed}: changed since study 'smoke'")
+    assert "([study])" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert len(runs(tracking, spec.name)[1]) == before
+    # Reworded comments and descriptions are the same design: it resumes (nothing to do).
+    reworded = tmp_path / "smoke.toml"
+    text = original.replace('description = "', 'description = "reworded ', 2)  # study, baseline
+    reworded.write_text("# reworded\n" + text)
+    done = cli("run", str(reworded), *args)
+    assert done.returncode == 0, done.stderr
+    assert len(runs(tracking, spec.name)[1]) == before
+
+
 KILL_SPEC = """
 [study]
 trials = 2
