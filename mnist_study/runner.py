@@ -121,8 +121,6 @@ class Worker:
         parent_pid: int | None = None,
     ):
         self.spec, self.opts, self.index, self.parent_pid = spec, opts, index, parent_pid
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, on_ctrl_c)
         mlflow.set_tracking_uri(opts.tracking_uri)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.tracker = Tracker(opts.tracking_uri, experiment_id)
@@ -191,15 +189,22 @@ class Worker:
         return study, variant, role, trial, parent
 
     def loop(self) -> None:
-        while True:
-            stop_if_ctrl_c()
-            unit = self.claim()
-            if unit is None:
-                break
-            if unit == "wait":  # others still tune a variant whose finals come next
-                time.sleep(2)
-                continue
-            self.run_unit(*unit)
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, on_ctrl_c) if main else None
+        _ctrl_c_seen.clear()
+        try:
+            while True:
+                stop_if_ctrl_c()
+                unit = self.claim()
+                if unit is None:
+                    break
+                if unit == "wait":  # others still tune a variant whose finals come next
+                    time.sleep(2)
+                    continue
+                self.run_unit(*unit)
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
         self.say(f"worker {self.index}: nothing left to do", force=True)
 
     # --- running a unit ----------------------------------------------------------
