@@ -172,9 +172,14 @@ def cmd_report(args: argparse.Namespace) -> int:
             f"no study {study!r} in {args.tracking_uri}; run it first "
             f"(mnist-study run SPEC) or pass --tracking-uri"
         )
+    before = args.readme.read_text() if args.readme else None
     body = write_report(args.tracking_uri, study, args.out, args.readme)
     print(body)
-    print(f"\nwrote {args.out / study}/" + (f" and updated {args.readme}" if args.readme else ""))
+    readme = ""
+    if args.readme:
+        same = args.readme.read_text() == before
+        readme = f"; {args.readme} " + ("already up to date" if same else "updated")
+    print(f"\nwrote {args.out / study}/{readme}")
     return 0
 
 
