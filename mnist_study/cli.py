@@ -37,6 +37,14 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             )
 
 
+def add_tracking_uri(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI),
+        help=f"{what} (default: $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI})",
+    )
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     changes = {k: getattr(args, k) for k in typing.get_type_hints(TrainConfig)}
     return TrainConfig().replace(
@@ -203,11 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mlflow", metavar="EXPERIMENT", help="also log each seed's run to this MLflow experiment"
     )
-    p.add_argument(
-        "--tracking-uri",
-        default=os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI),
-        help=f"MLflow store for --mlflow (default: {DEFAULT_TRACKING_URI})",
-    )
+    add_tracking_uri(p, "MLflow store for --mlflow")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("bench", help="textbook loop vs our trainer, side by side")
@@ -223,11 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("run", help="run a study spec: tune every variant, then final seeds")
     p.add_argument("spec", type=Path, help="experiment file, e.g. experiments/ablations.toml")
-    p.add_argument(
-        "--tracking-uri",
-        default=os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI),
-        help=f"MLflow store (default: $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI})",
-    )
+    add_tracking_uri(p, "MLflow store")
     p.add_argument(
         "--storage",
         default=os.environ.get("OPTUNA_STORAGE", DEFAULT_STORAGE),
@@ -246,9 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="results table, figures and checks of a study, from MLflow")
     p.add_argument("study", help="experiment file or study name, e.g. experiments/ablations.toml")
-    p.add_argument(
-        "--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
-    )
+    add_tracking_uri(p, "MLflow store to read")
     p.add_argument("--out", type=Path, default=Path("reports"), help="reports folder")
     p.add_argument("--readme", type=Path, help="replace this file's results section")
     p.set_defaults(func=cmd_report)

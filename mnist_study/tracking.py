@@ -26,21 +26,27 @@ from mnist_study.data import checksums
 PARENT_TAG = "mlflow.parentRunId"
 
 
+def sqlite_file(tracking_uri: str) -> Path | None:
+    """The database file of a sqlite:/// store; None for servers and other databases."""
+    prefix = "sqlite:///"
+    return Path(tracking_uri.removeprefix(prefix)) if tracking_uri.startswith(prefix) else None
+
+
 def prepare_store(tracking_uri: str, experiment: str, description: str = "") -> str:
     """Create the database and the experiment once, before any worker starts.
 
     Several processes creating a fresh SQLite store at once race on its tables.
     """
-    if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    database = sqlite_file(tracking_uri)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is not None:
         return found.experiment_id
     location = None  # a tracking server (http) decides where artifacts go
-    if tracking_uri.startswith("sqlite:///"):
-        root = Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts"
-        location = (root.resolve() / experiment).as_uri()
+    if database is not None:
+        location = ((database.parent / "artifacts").resolve() / experiment).as_uri()
     elif not tracking_uri.startswith(("http://", "https://")):  # a database: local folder
         location = (Path("mlruns/artifacts").resolve() / experiment).as_uri()
     tags = {"mlflow.note.content": description} if description else None
@@ -49,8 +55,8 @@ def prepare_store(tracking_uri: str, experiment: str, description: str = "") -> 
 
 def recorded_spec(tracking_uri: str, experiment: str) -> str | None:
     """The study file text saved on the experiment when the study started, if any."""
-    database = tracking_uri.removeprefix("sqlite:///")
-    if tracking_uri.startswith("sqlite:///") and not Path(database).exists():
+    database = sqlite_file(tracking_uri)
+    if database is not None and not database.exists():
         return None  # nothing recorded; do not create the database just to look
     found = MlflowClient(tracking_uri).get_experiment_by_name(experiment)
     return found.tags.get("mlflow.note.content") if found else None

@@ -60,3 +60,21 @@ def assert_budget_met_exactly(tracking_uri: str, storage: str, spec: StudySpec) 
     assert roles.count("final") == len(spec.variants) * len(spec.settings.seeds)
     assert roles.count("variant") == len(spec.variants)
     return found
+
+
+def run_two_workers(spec: Path, tracking_uri: str, storage: str, **kwargs):
+    """`mnist-study run SPEC --workers 2` into the given stores; it must succeed."""
+    done = cli(
+        "run",
+        str(spec),
+        "--tracking-uri",
+        tracking_uri,
+        "--storage",
+        storage,
+        "--workers",
+        "2",
+        "--quiet",
+        **kwargs,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done

@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 
 import pytest
-from helpers import REPO, assert_budget_met_exactly, cli
+from helpers import REPO, assert_budget_met_exactly, run_two_workers
 
 from mnist_study.spec import load_spec
 
@@ -70,17 +70,5 @@ def postgres_url():
 def test_two_workers_on_postgresql(postgres_url, tmp_path):
     smoke = REPO / "experiments" / "smoke.toml"
     tracking, storage = f"{postgres_url}/mlflow", f"{postgres_url}/optuna"
-    done = cli(
-        "run",
-        str(smoke),
-        "--tracking-uri",
-        tracking,
-        "--storage",
-        storage,
-        "--workers",
-        "2",
-        "--quiet",
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_two_workers(smoke, tracking, storage, cwd=tmp_path)
     assert_budget_met_exactly(tracking, storage, load_spec(smoke))

@@ -11,7 +11,15 @@ import time
 
 import optuna
 import pytest
-from helpers import REPO, assert_budget_met_exactly, cli, runs, stores, trial_states
+from helpers import (
+    REPO,
+    assert_budget_met_exactly,
+    cli,
+    run_two_workers,
+    runs,
+    stores,
+    trial_states,
+)
 
 from mnist_study.publish import write_report
 from mnist_study.runner import RunOptions, run_study
@@ -254,18 +262,7 @@ def test_interrupted_mid_trial_then_resumed(tmp_path, sig):
 
 def test_two_workers_share_the_budget_exactly(tmp_path):
     tracking, storage = stores(tmp_path)
-    done = cli(
-        "run",
-        str(SMOKE),
-        "--tracking-uri",
-        tracking,
-        "--storage",
-        storage,
-        "--workers",
-        "2",
-        "--quiet",
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = run_two_workers(SMOKE, tracking, storage)
     assert "locked" not in done.stderr
     found = assert_budget_met_exactly(tracking, storage, load_spec(SMOKE))
     assert "[w0 " in done.stdout and "[w1 " in done.stdout  # both workers took units
