@@ -45,6 +45,14 @@ def add_tracking_uri(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def add_storage(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--storage",
+        default=os.environ.get("OPTUNA_STORAGE", DEFAULT_STORAGE),
+        help=f"{what} (default: $OPTUNA_STORAGE or {DEFAULT_STORAGE})",
+    )
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     changes = {k: getattr(args, k) for k in typing.get_type_hints(TrainConfig)}
     return TrainConfig().replace(
@@ -62,14 +70,19 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mnist_study.dataset import load_splits
+    from mnist_study.train import check_device
 
     base = config_from_args(args)
+    check_device(base, "command line")
     seeds = args.seeds if args.seeds else [base.seed]
+    for seed in seeds:
+        base.replace("--seeds", seed=seed)
     splits = load_splits(args.data_root, base)
     tracker = None
     if args.mlflow:
-        from mnist_study.tracking import Tracker, prepare_store
+        from mnist_study.tracking import Tracker, check_tracking_uri, prepare_store
 
+        check_tracking_uri(args.tracking_uri)
         tracker = Tracker(args.tracking_uri, prepare_store(args.tracking_uri, args.mlflow))
     finals = [train_seed(base.replace(seed=seed), splits, args.test, tracker) for seed in seeds]
     if len(seeds) > 1:
@@ -85,6 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def train_seed(cfg: TrainConfig, splits, test: bool, tracker) -> dict[str, float]:
     """One run of `train`: a line per epoch, optionally mirrored to an MLflow run."""
+    from mnist_study.outcome import Outcome
     from mnist_study.train import evaluate_test, resolve_device, train
 
     print(
@@ -118,10 +132,11 @@ def train_seed(cfg: TrainConfig, splits, test: bool, tracker) -> dict[str, float
                 tracker.log_metrics(run_id, metrics, step=cfg.epochs)
     except BaseException as exc:
         if run_id is not None:
-            tracker.finish(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            outcome = Outcome.of(exc)
+            tracker.end(run_id, outcome, outcome.reason(exc))
         raise
     if run_id is not None:
-        tracker.finish(run_id)
+        tracker.end(run_id, Outcome.COMPLETE)
     return final
 
 
@@ -133,35 +148,44 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mnist_study.runner import RunOptions, run_study
+    from mnist_study.runner import RunOptions, StudyIncomplete, run_study
     from mnist_study.spec import load_spec
     from mnist_study.storage import check_storage_url
+    from mnist_study.workers import cap_workers
 
     spec = load_spec(args.spec)
     check_storage_url(args.storage)
     if args.workers < 1:
         raise ConfigError(f"--workers {args.workers}: must be >= 1")
+    if not 0 <= args.threads <= 1024:
+        raise ConfigError(f"--threads {args.threads}: must be in [0, 1024] (0: automatic)")
+    workers = cap_workers(args.workers)
     opts = RunOptions(
         tracking_uri=args.tracking_uri,
         storage=args.storage,
         data_root=str(args.data_root),
-        workers=args.workers,
+        workers=workers,
         threads=args.threads,
         quiet=args.quiet,
     )
     print(
         f"study {spec.name!r}: {len(spec.variants)} variants x ({spec.settings.trials} trials"
         f" + {len(spec.settings.seeds)} seeds); MLflow {args.tracking_uri}, "
-        f"Optuna {args.storage}; {args.workers} worker(s)"
+        f"Optuna {args.storage}; {workers} worker(s)",
+        flush=True,
     )
     try:
         run_study(spec, opts)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(
-            "interrupted: finished trials are kept; run the same command again to resume",
+            f"interrupted ({exc or 'SIGINT'}): finished trials are kept, the one in progress "
+            f"is marked FAIL; run the same command again to resume",
             file=sys.stderr,
         )
-        return 130
+        return 143 if "SIGTERM" in str(exc) else 130
+    except StudyIncomplete as exc:
+        print(f"mnist-study: {exc}", file=sys.stderr)
+        return 1
     print(f"study {spec.name!r} complete. Browse it: make ui")
     return 0
 
@@ -171,17 +195,19 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from mnist_study.publish import write_report
     from mnist_study.spec import load_spec
+    from mnist_study.tracking import check_tracking_uri
 
     study = str(args.study)
     if study.endswith(".toml"):
         study = load_spec(study).name
+    check_tracking_uri(args.tracking_uri, must_exist=True)
     if MlflowClient(args.tracking_uri).get_experiment_by_name(study) is None:
         raise ConfigError(
             f"no study {study!r} in {args.tracking_uri}; run it first "
             f"(mnist-study run SPEC) or pass --tracking-uri"
         )
     before = args.readme.read_text() if args.readme else None
-    body = write_report(args.tracking_uri, study, args.out, args.readme)
+    body = write_report(args.tracking_uri, study, args.out, args.readme, args.storage)
     print(body)
     readme = ""
     if args.readme:
@@ -228,12 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a study spec: tune every variant, then final seeds")
     p.add_argument("spec", type=Path, help="experiment file, e.g. experiments/ablations.toml")
     add_tracking_uri(p, "MLflow store")
-    p.add_argument(
-        "--storage",
-        default=os.environ.get("OPTUNA_STORAGE", DEFAULT_STORAGE),
-        help="Optuna storage: a journal file, sqlite:///PATH or postgresql://... "
-        f"(default: $OPTUNA_STORAGE or {DEFAULT_STORAGE})",
-    )
+    add_storage(p, "Optuna storage: a journal file, sqlite:///PATH or postgresql://...")
     p.add_argument(
         "--workers",
         type=int,
@@ -247,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="results table, figures and checks of a study, from MLflow")
     p.add_argument("study", help="experiment file or study name, e.g. experiments/ablations.toml")
     add_tracking_uri(p, "MLflow store to read")
+    add_storage(p, "Optuna storage to check the runs against (read only; skipped if absent)")
     p.add_argument("--out", type=Path, default=Path("reports"), help="reports folder")
     p.add_argument("--readme", type=Path, help="replace this file's results section")
     p.set_defaults(func=cmd_report)

@@ -7,8 +7,33 @@ fields it changes; `TrainConfig.replace` refuses unknown keys and wrong types.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
+
+MNIST_TRAIN_IMAGES = 60_000
+SEED_MAX = 2**32 - 1  # numpy's limit; torch's is wider
+
+# (low, high, low excluded, high excluded) of every numeric field: bounds that make
+# sense for MNIST on one machine, so that a typo cannot run forever or train nothing.
+RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "dropout": (0.0, 1.0, False, True),
+    "convs_per_block": (1, 8, False, False),
+    "lr": (0.0, 10.0, True, False),
+    "weight_decay": (0.0, 10.0, False, False),
+    "momentum": (0.0, 1.0, False, True),
+    "rotate_deg": (0.0, 180.0, False, False),
+    "shift": (0.0, 0.5, False, False),
+    "zoom": (0.0, 0.9, False, False),
+    "train_size": (10, MNIST_TRAIN_IMAGES - 10, False, False),
+    "val_size": (10, MNIST_TRAIN_IMAGES - 10, False, False),
+    "train_eval_size": (10, MNIST_TRAIN_IMAGES, False, False),
+    "split_seed": (0, SEED_MAX, False, False),
+    "epochs": (1, 1000, False, False),
+    "batch_size": (1, 8192, False, False),
+    "seed": (0, SEED_MAX, False, False),
+    "threads": (0, 1024, False, False),
+}
 
 
 class ConfigError(ValueError):
@@ -85,26 +110,23 @@ class TrainConfig:
         return cfg
 
     def validate(self, source: str = "config") -> None:
-        def bad(key: str, allowed: str) -> ConfigError:
-            return ConfigError(f"{source}: {key} = {getattr(self, key)!r}; must be {allowed}")
-
-        if not 0.0 <= self.dropout < 1.0:
-            raise bad("dropout", "in [0, 1)")
-        if self.convs_per_block < 1:
-            raise bad("convs_per_block", ">= 1")
-        for key in ("lr", "epochs", "batch_size", "train_size", "val_size", "train_eval_size"):
-            if getattr(self, key) <= 0:
-                raise bad(key, "> 0")
-        if self.weight_decay < 0:
-            raise bad("weight_decay", ">= 0")
-        if not 0.0 <= self.momentum < 1.0:
-            raise bad("momentum", "in [0, 1)")
-        if self.val_size + self.train_size > 60_000:
-            raise bad("train_size", f"<= {60_000 - self.val_size} (60,000 minus val_size)")
+        """Every numeric field within RANGES and finite; names the first bad one."""
+        for key, (low, high, low_open, high_open) in RANGES.items():
+            value = getattr(self, key)
+            below = value <= low if low_open else value < low
+            above = value >= high if high_open else value > high
+            if not math.isfinite(value) or below or above:
+                interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+                raise ConfigError(f"{source}: {key} = {value!r}; must be in {interval}")
+        if self.val_size + self.train_size > MNIST_TRAIN_IMAGES:
+            raise ConfigError(
+                f"{source}: train_size = {self.train_size}; must be <= "
+                f"{MNIST_TRAIN_IMAGES - self.val_size} (60,000 minus val_size {self.val_size})"
+            )
         if self.device not in ("auto", "cpu", "cuda"):
-            raise bad("device", "'auto', 'cpu' or 'cuda'")
-        if self.threads < 0:
-            raise bad("threads", ">= 0")
+            raise ConfigError(
+                f"{source}: device = {self.device!r}; must be 'auto', 'cpu' or 'cuda'"
+            )
 
     def as_params(self) -> dict[str, object]:
         return dataclasses.asdict(self)

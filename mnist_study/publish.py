@@ -126,13 +126,19 @@ SEED_LINE = (
 )
 
 
-def write_report(tracking_uri: str, study: str, out_root: Path, readme: Path | None = None) -> str:
+def write_report(
+    tracking_uri: str,
+    study: str,
+    out_root: Path,
+    readme: Path | None = None,
+    storage: str | None = None,
+) -> str:
     """Write reports/<study>/ (results.md, results.csv, figures), log the figures on the
     variant parent runs, and (with `readme`) replace its results section. Returns the
     Markdown section."""
     from mnist_study import figures
 
-    data = collect(tracking_uri, study)
+    data = collect(tracking_uri, study, storage)
     out = out_root / study
     out.mkdir(parents=True, exist_ok=True)
     table = summarize(data) if data.variants else pd.DataFrame()

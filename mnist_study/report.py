@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
+import optuna
 import pandas as pd
 from mlflow.tracking import MlflowClient
 from scipy import stats
@@ -33,7 +34,7 @@ class StudyData:
     problems: list[str] = field(default_factory=list)
 
 
-def collect(tracking_uri: str, study: str) -> StudyData:
+def collect(tracking_uri: str, study: str, storage: str | None = None) -> StudyData:
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(study)
     if exp is None:
@@ -63,6 +64,8 @@ def collect(tracking_uri: str, study: str) -> StudyData:
         runs.at[i, "end_time"] = (
             pd.Timestamp(last, unit="ms", tz="UTC") if last else runs.at[i, "start_time"]
         )
+    runs, found = counted_runs(runs, spec, trial_run_ids(storage, spec))
+    problems += found
     finals = runs[runs["tags.role"] == "final"]
     rows = []
     for _, run in finals.iterrows():
@@ -73,6 +76,73 @@ def collect(tracking_uri: str, study: str) -> StudyData:
     seen = list(dict.fromkeys(runs["tags.variant"].dropna()))
     variants = [v.name for v in spec.variants] if spec else seen
     return StudyData(study, spec, runs, curves, variants, problems)
+
+
+def trial_run_ids(storage: str | None, spec: StudySpec | None) -> set[str] | str:
+    """The MLflow run ids Optuna's record links to trials, or why they cannot be had.
+    Reads only: a missing storage is not created."""
+    from mnist_study.records import optuna_side
+    from mnist_study.storage import is_remote, storage_exists
+
+    if storage is None or spec is None:
+        return "no Optuna storage given: runs not cross-checked against trials"
+    if not storage_exists(storage):
+        return f"Optuna storage {storage} not found: runs not cross-checked against trials"
+    if is_remote(storage):
+        opened = optuna.storages.RDBStorage(storage)
+    else:
+        opened = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage))
+    side = optuna_side(opened, spec)
+    if side.trials == 0:
+        return f"Optuna storage {storage} holds no trials of this study: runs not cross-checked"
+    return set(side.run_ids)
+
+
+def counted_runs(
+    runs: pd.DataFrame, spec: StudySpec | None, linked: set[str] | str
+) -> tuple[pd.DataFrame, list[str]]:
+    """The runs the report may count: those Optuna links to a trial (when its record is
+    readable), one per tuning trial, and one per final seed of the spec. Every run left
+    out is named in the checks, so duplicates can never narrow an interval unseen."""
+    problems = [linked] if isinstance(linked, str) else []
+    children = runs["tags.role"].isin(["tune", "final"])
+    if not isinstance(linked, str):
+        orphans = children & ~runs.run_id.isin(linked)
+        if orphans.any():
+            problems.append(
+                f"{int(orphans.sum())} MLflow run(s) match no Optuna trial (orphans of a lost "
+                f"or replaced storage): not counted"
+            )
+        runs = runs[~orphans]
+    runs = runs.sort_values("start_time")
+    keep = pd.Series(True, index=runs.index)
+    finished_finals = (runs["tags.role"] == "final") & (runs.status == "FINISHED")
+    for variant, mine in runs[finished_finals].groupby("tags.variant"):
+        seeds = mine["tags.seed"].astype(int)
+        if spec is not None:
+            extra = ~seeds.isin(spec.settings.seeds)
+            if extra.any():
+                problems.append(
+                    f"{variant}: final runs of seeds {sorted(set(seeds[extra]))} not in the "
+                    f"spec (extras): not counted"
+                )
+                keep[mine.index[extra]] = False
+        repeated = seeds.duplicated()
+        if repeated.any():
+            problems.append(
+                f"{variant}: {int(repeated.sum())} duplicate final run(s) of seeds "
+                f"{sorted(set(seeds[repeated]))}: only the first of each counted"
+            )
+            keep[mine.index[repeated]] = False
+    tune = runs[runs["tags.role"] == "tune"]
+    repeated = tune.duplicated(["tags.variant", "tags.optuna_trial"])
+    if repeated.any():
+        problems.append(
+            f"{int(repeated.sum())} tuning run(s) repeat a trial number of their variant "
+            f"(duplicates): only the first of each counted"
+        )
+        keep[tune.index[repeated]] = False
+    return runs[keep].sort_index(), problems
 
 
 def interval(values: list[float]) -> tuple[float, float]:

@@ -2,14 +2,15 @@
 
 Work comes in units: a tuning trial, or a final run (one seed). Workers claim units
 under a lock, in variant order, so one worker finishes a variant before the next and
-several workers share the budget exactly. Each unit is tracked twice: as an Optuna
-trial (the source of truth for what is done) and as an MLflow child run (curves, tags).
+several workers (or several commands) share the budget exactly. Each unit is tracked
+twice: as an Optuna trial (the record of what is done) and as an MLflow child run (its
+mirror: curves, tags, model). Nothing is claimed before both stores are checked.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
+import enum
 import os
 import signal
 import statistics
@@ -22,11 +23,20 @@ import mlflow
 import optuna
 from optuna.trial import TrialState
 
+from mnist_study import storage as st
 from mnist_study.dataset import load_splits
+from mnist_study.outcome import Interrupted, Outcome
+from mnist_study.records import check_stores_agree
 from mnist_study.spec import StudySpec, Variant, refuse_changed_study
-from mnist_study.storage import claim_lock, mark_alive, open_storage, reap_dead_trials, worker_id
-from mnist_study.tracking import Tracker, prepare_store, provenance, recorded_spec
-from mnist_study.train import Diverged, evaluate_test, resolve_device, train
+from mnist_study.tracking import (
+    Tracker,
+    check_tracking_uri,
+    prepare_store,
+    provenance,
+    recorded_spec,
+)
+from mnist_study.train import check_device, evaluate_test, resolve_device, train
+from mnist_study.workers import run_workers
 
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 TAKEN = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
@@ -44,64 +54,89 @@ class RunOptions:
     log_models: bool = True
 
 
-class Interrupted(KeyboardInterrupt):
-    """The worker's parent process is gone (killed): stop like on Ctrl-C."""
+class StudyIncomplete(RuntimeError):
+    """Workers stopped (died) before the budget was spent; the message says how to resume."""
 
 
-_ctrl_c_seen = threading.Event()
+@dataclass(frozen=True)
+class Unit:
+    """One claimed piece of work: a tuning trial, or the final run of one seed."""
+
+    study: optuna.Study
+    variant: Variant
+    role: str  # "tune" or "final"
+    trial: optuna.Trial
+    seed: int | None = None
 
 
-def on_ctrl_c(signum, frame) -> None:
-    """Raise at once, and remember: Python drops an exception raised while a destructor
-    runs, so the worker also checks the flag after every epoch and between units."""
-    _ctrl_c_seen.set()
-    raise KeyboardInterrupt
+class Idle(enum.Enum):
+    WAIT = "others still run units that the next one depends on"
+    DONE = "nothing left to do"
 
 
-def stop_if_ctrl_c() -> None:
-    if _ctrl_c_seen.is_set():
-        raise KeyboardInterrupt
+_stop_signal = threading.Event()
+
+
+def on_stop_signal(signum, frame) -> None:
+    """Ctrl-C or SIGTERM: raise at once, and remember: Python drops an exception raised
+    while a destructor runs, so the worker also checks the flag after every epoch."""
+    _stop_signal.set()
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def stop_if_signalled() -> None:
+    if _stop_signal.is_set():
+        raise Interrupted("signal")
 
 
 def study_names(spec: StudySpec, variant: Variant) -> tuple[str, str]:
     return f"{spec.name}.{variant.name}", f"{spec.name}.{variant.name}.final"
 
 
-def run_study(spec: StudySpec, opts: RunOptions) -> None:
-    """Validate inputs, create the stores, then run the workers until the study is done."""
+def preflight(spec: StudySpec, opts: RunOptions) -> None:
+    """Everything that can be refused is refused here, before either store is written."""
     load_splits(opts.data_root, spec.defaults)  # refuses missing or corrupt data first
-    recorded = recorded_spec(opts.tracking_uri, spec.name)
-    refuse_changed_study(spec, recorded, opts.tracking_uri)
+    check_device(spec.defaults, f"{spec.path}: defaults")
+    for v in spec.variants:
+        check_device(spec.config_for(v, {}), f"{spec.path}: variants.{v.name}")
+    check_tracking_uri(opts.tracking_uri)
+    refuse_changed_study(spec, recorded_spec(opts.tracking_uri, spec.name), opts.tracking_uri)
+
+
+def run_study(spec: StudySpec, opts: RunOptions) -> None:
+    """Check inputs and stores, create the studies, then run the workers until done."""
+    preflight(spec, opts)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_storage(opts.storage)
-    experiment_id = prepare_store(opts.tracking_uri, spec.name, spec.path.read_text())
-    for variant in spec.variants:
-        for name in study_names(spec, variant):
-            optuna.create_study(
-                storage=storage, study_name=name, direction="maximize", load_if_exists=True
-            )
+    storage = st.open_storage(opts.storage)
+    # Under the claim lock: a second command started at once waits, then sees the first's
+    # studies as existing ones (and never races MLflow's table creation).
+    with st.claim_lock(opts.storage):
+        check_stores_agree(spec, opts.tracking_uri, opts.storage, storage)
+        experiment_id = prepare_store(opts.tracking_uri, spec.name, spec.path.read_text())
+        for variant in spec.variants:
+            for name in study_names(spec, variant):
+                optuna.create_study(
+                    storage=storage, study_name=name, direction="maximize", load_if_exists=True
+                )
     if opts.workers == 1:
         Worker(spec, opts, experiment_id, 0).loop()
         return
     threads = opts.threads or max(1, (os.cpu_count() or 1) // opts.workers)
     opts = dataclasses.replace(opts, threads=threads)
-    ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(target=worker_main, args=(spec, opts, experiment_id, i, os.getpid()))
-        for i in range(opts.workers)
-    ]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join()
-    except KeyboardInterrupt:
-        for p in procs:  # they got the same Ctrl-C; let them record their trials
-            p.join()
-        raise
-    failed = [i for i, p in enumerate(procs) if p.exitcode != 0]
-    if failed:
-        raise RuntimeError(f"worker(s) {failed} exited with an error (see above)")
+    deaths = run_workers(
+        worker_main,
+        (spec, opts, experiment_id),
+        opts.workers,
+        lambda: reap(spec, opts, experiment_id),
+    )
+    done, total = progress_counts(spec, st.open_storage(opts.storage))
+    for index, how in deaths:
+        print(f"worker {index} {how}; its unit was marked FAIL and redone by others", flush=True)
+    if done < total:
+        raise StudyIncomplete(
+            f"study {spec.name!r} incomplete ({done} of {total} units done) after "
+            f"{len(deaths)} worker(s) died; run the same command again to resume"
+        )
 
 
 def worker_main(spec, opts, experiment_id, index, parent_pid) -> None:
@@ -109,6 +144,42 @@ def worker_main(spec, opts, experiment_id, index, parent_pid) -> None:
         Worker(spec, opts, experiment_id, index, parent_pid).loop()
     except KeyboardInterrupt:  # its trial is already recorded; no traceback
         sys.exit(130)
+
+
+def reap(spec: StudySpec, opts: RunOptions, experiment_id: str) -> None:
+    """Mark trials of dead workers FAIL and their runs KILLED (any process may do it)."""
+    storage = st.open_storage(opts.storage)
+    tracker = Tracker(opts.tracking_uri, experiment_id)
+    with st.claim_lock(opts.storage):
+        reap_studies(
+            [
+                optuna.load_study(study_name=n, storage=storage)
+                for v in spec.variants
+                for n in study_names(spec, v)
+            ],
+            tracker,
+        )
+
+
+def reap_studies(studies: list[optuna.Study], tracker: Tracker) -> None:
+    for study in studies:
+        for t in st.reap_dead_trials(study):
+            if "mlflow_run_id" in t.system_attrs:
+                tracker.end(t.system_attrs["mlflow_run_id"], Outcome.WORKER_DIED, "worker died")
+
+
+def progress_counts(spec: StudySpec, storage) -> tuple[int, int]:
+    """(units done, units in the budget), counted in Optuna's record."""
+    s = spec.settings
+    done = 0
+    for v in spec.variants:
+        tune, final = study_names(spec, v)
+        done += min(
+            s.trials, count(optuna.load_study(study_name=tune, storage=storage).trials, DONE)
+        )
+        finals = optuna.load_study(study_name=final, storage=storage).trials
+        done += len({t.user_attrs.get("seed") for t in finals if t.state in DONE} & set(s.seeds))
+    return done, len(spec.variants) * (s.trials + len(s.seeds))
 
 
 class Worker:
@@ -124,106 +195,114 @@ class Worker:
         mlflow.set_tracking_uri(opts.tracking_uri)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.tracker = Tracker(opts.tracking_uri, experiment_id)
-        self.storage = open_storage(opts.storage)
-        sampler_seed = spec.settings.sampler_seed + index  # same seed => same proposals
-        self.tune, self.final = {}, {}
-        for v in spec.variants:
-            tune_name, final_name = study_names(spec, v)
-            sampler = optuna.samplers.TPESampler(
-                seed=sampler_seed, n_startup_trials=spec.settings.startup_trials, constant_liar=True
+        self.storage = st.open_storage(opts.storage)
+        names = {v.name: study_names(spec, v) for v in spec.variants}
+        self.final = {
+            v: optuna.load_study(study_name=final, storage=self.storage)
+            for v, (_, final) in names.items()
+        }
+        # Unique per process across commands and resumes, so that no two processes
+        # propose the same points; the first process of a study gets the spec's seed.
+        with st.claim_lock(opts.storage):
+            self.sampler_seed = spec.settings.sampler_seed + st.take_process_number(
+                self.final[spec.variants[0].name]
             )
-            pruner = (
-                optuna.pruners.MedianPruner(
+        self.tune = {
+            v: optuna.load_study(
+                study_name=tune,
+                storage=self.storage,
+                sampler=optuna.samplers.TPESampler(
+                    seed=self.sampler_seed,
+                    n_startup_trials=spec.settings.startup_trials,
+                    constant_liar=True,
+                ),
+                pruner=optuna.pruners.MedianPruner(
                     n_startup_trials=spec.settings.startup_trials, n_warmup_steps=1
                 )
                 if spec.settings.pruner == "median"
-                else optuna.pruners.NopPruner()
+                else optuna.pruners.NopPruner(),
             )
-            self.tune[v.name] = optuna.load_study(
-                study_name=tune_name, storage=self.storage, sampler=sampler, pruner=pruner
-            )
-            self.final[v.name] = optuna.load_study(study_name=final_name, storage=self.storage)
+            for v, (tune, _) in names.items()
+        }
+        self.finished: set[str] = set()  # variants whose parent run is closed
         self.started, self.done_at_start = time.time(), None
 
     # --- claiming work -----------------------------------------------------------
-    def claim(self):
-        """Under the lock: reap dead trials, then the next unit, 'wait', or None (all done)."""
-        with claim_lock(self.opts.storage):
-            busy = False
-            for v in self.spec.variants:
-                for study in (self.tune[v.name], self.final[v.name]):
-                    dead = reap_dead_trials(study)
-                    self.tracker.kill_orphans(
-                        [
-                            t.system_attrs["mlflow_run_id"]
-                            for t in dead
-                            if "mlflow_run_id" in t.system_attrs
-                        ],
-                        "worker died",
-                    )
-                tune = self.tune[v.name].get_trials(deepcopy=False)
-                if count(tune, TAKEN) < self.spec.settings.trials:
-                    return self.start(self.tune[v.name], v, "tune")
-                if count(tune, (TrialState.RUNNING,)):
-                    busy = True
-                    continue
-                finals = self.final[v.name].get_trials(deepcopy=False)
-                taken = {t.user_attrs.get("seed") for t in finals if t.state in TAKEN}
-                free = [s for s in self.spec.settings.seeds if s not in taken]
-                if free and best_trial(self.tune[v.name]) is not None:
-                    return self.start(self.final[v.name], v, "final", seed=free[0])
-                if count(finals, (TrialState.RUNNING,)):
-                    busy = True
-                    continue
-                self.finish_variant(v)
-            return "wait" if busy else None
+    def claim(self) -> Unit | Idle:
+        """The next unit, claimed as an Optuna trial of this process; or WAIT, or DONE.
+        Call under claim_lock, after reaping dead workers' trials."""
+        waiting = False
+        for v in self.spec.variants:
+            tune = self.tune[v.name].get_trials(deepcopy=False)
+            if count(tune, TAKEN) < self.spec.settings.trials:
+                trial = st.claim_trial(self.tune[v.name], {"sampler_seed": self.sampler_seed})
+                return Unit(self.tune[v.name], v, "tune", trial)
+            if count(tune, (TrialState.RUNNING,)):
+                waiting = True
+                continue
+            finals = self.final[v.name].get_trials(deepcopy=False)
+            taken = {t.user_attrs.get("seed") for t in finals if t.state in TAKEN}
+            free = [s for s in self.spec.settings.seeds if s not in taken]
+            if free and best_trial(self.tune[v.name]) is not None:
+                trial = st.claim_trial(self.final[v.name], {})
+                trial.set_user_attr("seed", free[0])
+                return Unit(self.final[v.name], v, "final", trial, free[0])
+            if count(finals, (TrialState.RUNNING,)):
+                waiting = True
+        return Idle.WAIT if waiting else Idle.DONE
 
-    def start(self, study: optuna.Study, variant: Variant, role: str, seed: int | None = None):
-        trial = study.ask()
-        for key, value in worker_id().items():
-            study._storage.set_trial_system_attr(trial._trial_id, key, value)
-        mark_alive(study, trial._trial_id)
-        if seed is not None:
-            trial.set_user_attr("seed", seed)
-        parent = self.tracker.parent_run(variant.name, variant.description)
-        return study, variant, role, trial, parent
+    def next_unit(self) -> Unit | Idle:
+        with st.claim_lock(self.opts.storage):
+            studies = [
+                s for v in self.spec.variants for s in (self.tune[v.name], self.final[v.name])
+            ]
+            reap_studies(studies, self.tracker)
+            for v in self.spec.variants:
+                if v.name not in self.finished and self.variant_done(v):
+                    self.finish_variant(v)
+                    self.finished.add(v.name)
+            return self.claim()
 
     def loop(self) -> None:
         main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, on_ctrl_c) if main else None
-        _ctrl_c_seen.clear()
+        previous = {}
+        if main:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, on_stop_signal)
+        _stop_signal.clear()
         try:
             while True:
-                stop_if_ctrl_c()
-                unit = self.claim()
-                if unit is None:
+                stop_if_signalled()
+                unit = self.next_unit()
+                if unit is Idle.DONE:
                     break
-                if unit == "wait":  # others still tune a variant whose finals come next
+                if unit is Idle.WAIT:  # others still tune a variant whose finals come next
                     time.sleep(2)
                     continue
-                self.run_unit(*unit)
+                self.run_unit(unit)
         finally:
-            if main:
-                signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         self.say(f"worker {self.index}: nothing left to do", force=True)
 
     # --- running a unit ----------------------------------------------------------
-    def run_unit(self, study: optuna.Study, variant: Variant, role: str, trial, parent: str):
-        if role == "tune":
+    def run_unit(self, unit: Unit) -> None:
+        study, variant, trial = unit.study, unit.variant, unit.trial
+        if unit.role == "tune":
             params = {k: suggest(trial, k, r) for k, r in variant.search.items()}
             name = f"{variant.name}/trial-{trial.number}"
-            extra = {}
+            extra = {"sampler_seed": self.sampler_seed}
         else:
             best = best_trial(self.tune[variant.name])
-            params = dict(best.params, seed=trial.user_attrs["seed"])
-            name = f"{variant.name}/seed-{params['seed']}"
-            extra = {"seed": params["seed"], "tuned_by_trial": best.number}
+            params = dict(best.params, seed=unit.seed)
+            name = f"{variant.name}/seed-{unit.seed}"
+            extra = {"seed": unit.seed, "tuned_by_trial": best.number}
         cfg = self.spec.config_for(variant, params)
         if self.opts.threads:
             cfg = cfg.replace(threads=self.opts.threads)
         tags = {
             "variant": variant.name,
-            "role": role,
+            "role": unit.role,
             "optuna_study": study.study_name,
             "optuna_trial": trial.number,
             "optuna_state": "RUNNING",
@@ -231,8 +310,9 @@ class Worker:
             **extra,
             **provenance(cfg, str(resolve_device(cfg))),
         }
+        parent = self.tracker.parent_run(variant.name, variant.description)
         run_id = self.tracker.child_run(parent, name, cfg, {k: str(v) for k, v in tags.items()})
-        study._storage.set_trial_system_attr(trial._trial_id, "mlflow_run_id", run_id)
+        st.set_trial_system_attrs(study, st.trial_id(trial), {"mlflow_run_id": run_id})
         shown = ", ".join(
             f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
         )
@@ -240,51 +320,52 @@ class Worker:
 
         def on_epoch(epoch: int, m: dict[str, float]) -> None:
             self.tracker.log_metrics(run_id, m, step=epoch)
-            mark_alive(study, trial._trial_id)
+            st.mark_alive(study, trial)
             self.say(
                 f"    epoch {epoch}/{cfg.epochs}  train acc {m['train_acc']:.4f} "
                 f"loss {m['train_loss']:.4f} | val acc {m['val_acc']:.4f} "
                 f"loss {m['val_loss']:.4f} | {m['epoch_seconds']:.1f}s"
             )
-            stop_if_ctrl_c()
+            stop_if_signalled()
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 raise Interrupted("parent process died")
-            if role == "tune":
+            if unit.role == "tune":
                 trial.report(m["val_acc"], epoch)
                 # At the last epoch the work is done: keep it as a complete trial.
                 if epoch < cfg.epochs and trial.should_prune():
                     raise optuna.TrialPruned(f"median pruner at epoch {epoch}")
 
-        splits = load_splits(self.opts.data_root, cfg)
         try:
+            splits = load_splits(self.opts.data_root, cfg)
             result = train(cfg, splits, on_epoch)
-        except (optuna.TrialPruned, Diverged) as exc:
-            reason = f"diverged: {exc}" if isinstance(exc, Diverged) else str(exc)
-            trial.set_user_attr("prune_reason", reason)
-            study.tell(trial, state=TrialState.PRUNED)
-            self.tracker.set_tags(run_id, {"optuna_state": "PRUNED", "prune_reason": reason})
-            self.tracker.finish(run_id, "FAILED" if isinstance(exc, Diverged) else "FINISHED")
-            self.say(f"    pruned: {reason}", force=True)
-            return
-        except BaseException as exc:  # Ctrl-C, a killed parent, or a bug: record, re-raise
-            interrupted = isinstance(exc, KeyboardInterrupt)
-            reason = "interrupted" if interrupted else f"{type(exc).__name__}: {exc}"
-            trial.set_user_attr("fail_reason", reason)
-            study.tell(trial, state=TrialState.FAIL)
-            self.tracker.set_tags(run_id, {"optuna_state": "FAIL", "fail_reason": reason[:500]})
-            self.tracker.finish(run_id, "KILLED" if interrupted else "FAILED")
+            if unit.role == "final":
+                test = evaluate_test(result.model, splits, cfg)
+                self.tracker.log_metrics(run_id, test, step=cfg.epochs)
+                trial.set_user_attr("test_acc", test["test_acc"])
+                if self.opts.log_models:
+                    self.tracker.log_model(run_id, result.model)
+                self.say(f"    test acc {test['test_acc']:.4f}", force=True)
+        except BaseException as exc:  # pruned, diverged, Ctrl-C, a killed parent, a bug
+            outcome = Outcome.of(exc)
+            reason = outcome.reason(exc)
+            key = "prune_reason" if outcome.trial_state == TrialState.PRUNED else "fail_reason"
+            trial.set_user_attr(key, reason)
+            study.tell(trial, state=outcome.trial_state)
+            self.tracker.end(run_id, outcome, reason)
+            if outcome.trial_state == TrialState.PRUNED:
+                self.say(f"    pruned: {reason}", force=True)
+                return
             raise
-        last = result.history[-1]
-        if role == "final":
-            test = evaluate_test(result.model, splits, cfg)
-            self.tracker.log_metrics(run_id, test, step=cfg.epochs)
-            trial.set_user_attr("test_acc", test["test_acc"])
-            if self.opts.log_models:
-                self.tracker.log_model(run_id, result.model)
-            self.say(f"    test acc {test['test_acc']:.4f}", force=True)
-        study.tell(trial, last["val_acc"])
-        self.tracker.set_tags(run_id, {"optuna_state": "COMPLETE"})
-        self.tracker.finish(run_id)
+        study.tell(trial, result.history[-1]["val_acc"])
+        self.tracker.end(run_id, Outcome.COMPLETE)
+
+    def variant_done(self, variant: Variant) -> bool:
+        s = self.spec.settings
+        tune = self.tune[variant.name].get_trials(deepcopy=False)
+        finals = self.final[variant.name].get_trials(deepcopy=False)
+        seeds = {t.user_attrs.get("seed") for t in finals if t.state == TrialState.COMPLETE}
+        no_best = best_trial(self.tune[variant.name]) is None
+        return count(tune, DONE) >= s.trials and (no_best or seeds >= set(s.seeds))
 
     def finish_variant(self, variant: Variant) -> None:
         """Record the variant's outcome on its parent run, once."""
@@ -324,13 +405,7 @@ class Worker:
 
     # --- progress ----------------------------------------------------------------
     def progress(self) -> str:
-        s = self.spec.settings
-        total = len(self.spec.variants) * (s.trials + len(s.seeds))
-        done = sum(
-            count(self.tune[v.name].get_trials(deepcopy=False), DONE)
-            + count(self.final[v.name].get_trials(deepcopy=False), DONE)
-            for v in self.spec.variants
-        )
+        done, total = progress_counts(self.spec, self.storage)
         if self.done_at_start is None:
             self.done_at_start = done
         elapsed = time.time() - self.started

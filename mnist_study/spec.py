@@ -17,12 +17,13 @@ search.lr = { low = 1e-4, high = 1e-2, log = true }  # nuisance hyperparameters
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mnist_study.config import ConfigError, TrainConfig
+from mnist_study.config import SEED_MAX, ConfigError, TrainConfig
 
 
 class SpecError(ConfigError):
@@ -75,6 +76,13 @@ class StudySpec:
         )
 
 
+SETTING_RANGES = {
+    "trials": (1, 10_000),
+    "startup_trials": (0, 10_000),
+    "sampler_seed": (0, SEED_MAX),
+}
+MAX_SEEDS = 1000
+
 TOP_KEYS = {"name", "description", "study", "defaults", "variants"}
 VARIANT_KEYS = {"description", "set", "search"}
 RANGE_KEYS = {"low", "high", "log"}
@@ -82,10 +90,26 @@ RANGE_KEYS = {"low", "high", "log"}
 
 def load_spec(path: Path | str) -> StudySpec:
     """Read and validate a study file; any problem raises SpecError (one line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: no such experiment file (see experiments/ for examples)")
-    return parse_spec(path.read_text(), path)
+    return parse_spec(read_spec_text(Path(path)), Path(path))
+
+
+def read_spec_text(path: Path) -> str:
+    if path.is_dir():
+        raise SpecError(f"{path}: is a folder; give an experiment file such as {path}/NAME.toml")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise SpecError(
+            f"{path}: no such experiment file (see experiments/ for examples)"
+        ) from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot be read ({exc.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(
+            f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8 TOML"
+        ) from None
 
 
 def parse_spec(text: str, path: Path) -> StudySpec:
@@ -94,6 +118,8 @@ def parse_spec(text: str, path: Path) -> StudySpec:
     except tomllib.TOMLDecodeError as exc:
         # Also catches a variant declared twice ("Cannot declare ... twice").
         raise SpecError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: nested too deeply to be a study spec") from None
     where = str(path)
     unknown(raw, TOP_KEYS, where, "")
     name = raw.get("name", path.stem)
@@ -155,10 +181,16 @@ def parse_settings(raw: object, where: str) -> StudySettings:
             raise SpecError(f"{where}: study.{key} = {value!r}; must be an integer")
         values[key] = value
     settings = StudySettings(**values)
-    if settings.trials < 1:
-        raise SpecError(f"{where}: study.trials = {settings.trials}; must be >= 1")
-    if settings.startup_trials < 0:
-        raise SpecError(f"{where}: study.startup_trials must be >= 0")
+    for key, (low, high) in SETTING_RANGES.items():
+        value = getattr(settings, key)
+        if not low <= value <= high:
+            raise SpecError(f"{where}: study.{key} = {value}; must be in [{low}, {high}]")
+    bad_seeds = [s for s in settings.seeds if not 0 <= s <= SEED_MAX]
+    if bad_seeds or len(settings.seeds) > MAX_SEEDS:
+        raise SpecError(
+            f"{where}: study.seeds = {list(settings.seeds)!r}; at most {MAX_SEEDS} seeds, "
+            f"each in [0, {SEED_MAX}]"
+        )
     return settings
 
 
@@ -212,6 +244,8 @@ def parse_range(spec: dict, integer: bool, where: str, at: str) -> SearchRange:
     if not isinstance(log, bool):
         raise SpecError(f"{where}: {at}.log = {log!r}; must be true or false")
     low, high = spec["low"], spec["high"]
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise SpecError(f"{where}: {at}: low {low} and high {high} must be finite numbers")
     if not low < high:
         raise SpecError(f"{where}: {at}: low {low} must be below high {high}")
     if log and low <= 0:

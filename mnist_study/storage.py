@@ -1,4 +1,5 @@
-"""Optuna storage shared by workers, a lock to claim work, and reaping of dead workers.
+"""Optuna storage shared by workers: opening it safely, a lock to claim work, reaping
+trials of dead workers. The only module that touches Optuna's private attributes.
 
 Local default: a JournalStorage file (Optuna's documented multi-process storage; SQLite
 under several writers fails with "database is locked"). Across machines: PostgreSQL.
@@ -11,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -19,13 +22,16 @@ from pathlib import Path
 
 import optuna
 from optuna.storages import JournalStorage, RDBStorage
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import FrozenTrial, TrialState
 
 from mnist_study.config import ConfigError
 
 # A worker on another host is presumed dead when its trial's heartbeat is this old.
 STALE_AFTER_S = 900
+# Study attribute counting the processes that opened a study: each takes the next
+# number as its sampler seed offset, so no two processes propose the same points.
+PROCESS_COUNTER = "processes_started"
 
 
 def is_remote(url: str) -> bool:
@@ -45,13 +51,86 @@ def local_path(url: str) -> str:
     return url.removeprefix("sqlite:///")
 
 
+def check_writable_folder(path: Path, what: str) -> None:
+    """Create `path`'s folder and prove it writable, before anything is written there."""
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f".write-test-{os.getpid()}", "w") as f:
+            f.write("ok")
+        os.unlink(f.name)
+    except OSError as exc:
+        raise ConfigError(
+            f"{what} {path}: its folder {folder} is not writable ({exc.strerror}); "
+            f"choose a writable place"
+        ) from None
+    if path.is_dir():
+        raise ConfigError(f"{what} {path}: is a folder; give a file path")
+
+
+def storage_exists(url: str) -> bool:
+    """Whether a local storage file is there (servers are assumed to exist)."""
+    return is_remote(url) and not url.startswith("sqlite:///") or Path(local_path(url)).exists()
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """'postgresql://...' or 'sqlite:///...' -> RDBStorage; a plain path -> journal file."""
+    """'postgresql://...' or 'sqlite:///...' -> RDBStorage; a plain path -> journal file.
+
+    A journal's torn last record (a crash mid-write) is cut off first: appending after it
+    would glue the next record to it and make the whole file unreadable.
+    """
     check_storage_url(url)
     if is_remote(url):
         return RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
-    Path(url).parent.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(Path(url), "--storage")
+    repair_torn_journal(Path(url))
     return JournalStorage(JournalFileBackend(url))
+
+
+def repair_torn_journal(path: Path) -> Path | None:
+    """Under the journal's own lock: if its last record is cut short, keep a backup of the
+    file and truncate the partial record; refuse a journal corrupt before its end.
+    Returns the backup's path if a repair was made."""
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    lock = JournalFileSymlinkLock(str(path))
+    lock.acquire()
+    try:
+        data = path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        for number, line in enumerate(data[:end].splitlines(), 1):
+            try:
+                json.loads(line)
+            except ValueError:
+                raise ConfigError(
+                    f"{path}: record {number} is corrupt (not JSON); restore the file "
+                    f"from a backup, or move it away and give the study a new name"
+                ) from None
+        if end == len(data):
+            return None
+        backup = path.with_name(f"{path.name}.torn-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.copy2(path, backup)
+        os.truncate(path, end)
+        print(
+            f"{path}: its last record was cut short by a crash ({len(data) - end} bytes); "
+            f"removed it (Optuna never read it), original kept as {backup}",
+            flush=True,
+        )
+        return backup
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on `path` (created if needed), released on exit or death."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -75,32 +154,63 @@ def claim_lock(url: str) -> Iterator[None]:
         engine.dispose()
         return
     # Not "<journal>.lock": JournalFileBackend uses that name for its own lock.
-    with open(local_path(url) + ".claim.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with file_lock(Path(local_path(url) + ".claim.lock")):
+        yield
+
+
+def take_process_number(study: optuna.Study) -> int:
+    """0 for the first process that opens `study`, 1 for the next... (under claim_lock)."""
+    storage = study._storage
+    study_id = study._study_id
+    number = int(storage.get_study_system_attrs(study_id).get(PROCESS_COUNTER, 0))
+    storage.set_study_system_attr(study_id, PROCESS_COUNTER, number + 1)
+    return number
 
 
 def worker_id() -> dict[str, object]:
     return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
-def mark_alive(study: optuna.Study, trial_id: int) -> None:
-    study._storage.set_trial_system_attr(trial_id, "heartbeat", time.time())
+def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
+    return trial._trial_id
+
+
+def set_trial_system_attrs(study: optuna.Study, trial_id_: int, attrs: dict) -> None:
+    for key, value in attrs.items():
+        study._storage.set_trial_system_attr(trial_id_, key, value)
+
+
+def claim_trial(study: optuna.Study, attrs: dict[str, object]) -> optuna.Trial:
+    """Ask `study` for a trial, recorded as this process's (host, pid, heartbeat)."""
+    trial = study.ask()
+    set_trial_system_attrs(study, trial_id(trial), worker_id() | attrs)
+    mark_alive(study, trial)
+    return trial
+
+
+def mark_alive(study: optuna.Study, trial: optuna.Trial) -> None:
+    set_trial_system_attrs(study, trial_id(trial), {"heartbeat": time.time()})
+
+
+def process_is_gone(pid: int) -> bool:
+    """No such process, or a zombie (dead, waiting for its parent to collect it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False  # no /proc (macOS): signal 0 is all we can tell
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
 
 
 def worker_is_dead(trial: FrozenTrial) -> bool:
     host, pid = trial.system_attrs.get("host"), trial.system_attrs.get("pid")
     if host == socket.gethostname() and isinstance(pid, int):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
+        return process_is_gone(pid)
     heartbeat = trial.system_attrs.get("heartbeat", trial.datetime_start.timestamp())
     return time.time() - heartbeat > STALE_AFTER_S
 
@@ -110,12 +220,16 @@ def reap_dead_trials(study: optuna.Study) -> list[FrozenTrial]:
     reaped = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if worker_is_dead(trial):
-            storage = study._storage
             reason = (
                 f"worker died (pid {trial.system_attrs.get('pid')} on "
                 f"{trial.system_attrs.get('host')})"
             )
-            storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
-            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            fail_trial(study, trial, reason)
             reaped.append(trial)
     return reaped
+
+
+def fail_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> None:
+    storage = study._storage
+    storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+    storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)

@@ -20,8 +20,10 @@ import torchvision
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from mnist_study.config import TrainConfig
+from mnist_study.config import ConfigError, TrainConfig
 from mnist_study.data import checksums
+from mnist_study.outcome import Outcome
+from mnist_study.storage import check_writable_folder, file_lock
 
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -32,14 +34,69 @@ def sqlite_file(tracking_uri: str) -> Path | None:
     return Path(tracking_uri.removeprefix(prefix)) if tracking_uri.startswith(prefix) else None
 
 
+SCHEMES = ("sqlite:///", "postgresql://", "postgresql+psycopg://", "http://", "https://")
+
+
+def check_tracking_uri(tracking_uri: str, must_exist: bool = False) -> None:
+    """Refuse an unsupported scheme, an unwritable folder for a new SQLite store (or, with
+    must_exist, a missing one: reading never creates a store), an unreachable server."""
+    if not tracking_uri.startswith(SCHEMES):
+        raise ConfigError(
+            f"--tracking-uri {tracking_uri}: unsupported; use sqlite:///PATH (one machine), "
+            f"http://HOST:PORT (an MLflow server) or postgresql://USER@HOST/DB"
+        )
+    database = sqlite_file(tracking_uri)
+    if database is not None:
+        if must_exist and not database.is_file():
+            raise ConfigError(
+                f"--tracking-uri {tracking_uri}: no MLflow store at {database}; "
+                f"run a study first or give the right path"
+            )
+        check_writable_folder(database, "--tracking-uri")
+    elif tracking_uri.startswith(("http://", "https://")):
+        check_server(tracking_uri)
+
+
+def check_server(tracking_uri: str) -> None:
+    """Fail in seconds, not minutes, on a server that does not answer: MLflow's own retry
+    settings (environment variables) are shortened for this one request."""
+    quick = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+    }
+    saved = {k: os.environ.get(k) for k in quick}
+    os.environ.update(quick)
+    try:
+        MlflowClient(tracking_uri).search_experiments(max_results=1)
+    except Exception as exc:
+        raise ConfigError(
+            f"--tracking-uri {tracking_uri}: the MLflow server does not answer "
+            f"({type(exc).__name__}); start it (mlflow server ...) or check the address"
+        ) from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def prepare_store(tracking_uri: str, experiment: str, description: str = "") -> str:
     """Create the database and the experiment once, before any worker starts.
 
-    Several processes creating a fresh SQLite store at once race on its tables.
+    Several processes creating a fresh SQLite store at once race on its tables (two
+    commands started together): they take turns under a lock beside the database.
     """
     database = sqlite_file(tracking_uri)
-    if database is not None:
-        database.parent.mkdir(parents=True, exist_ok=True)
+    if database is None:
+        return create_experiment(tracking_uri, experiment, description)
+    with file_lock(database.with_name(database.name + ".create.lock")):
+        return create_experiment(tracking_uri, experiment, description)
+
+
+def create_experiment(tracking_uri: str, experiment: str, description: str) -> str:
+    database = sqlite_file(tracking_uri)
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is not None:
@@ -167,7 +224,11 @@ class Tracker:
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "mnist-study"],
             )
 
-    def kill_orphans(self, run_ids: list[str], reason: str) -> None:
-        for run_id in run_ids:
-            self.set_tags(run_id, {"optuna_state": "FAIL", "fail_reason": reason})
-            self.finish(run_id, "KILLED")
+    def end(self, run_id: str, outcome: Outcome, reason: str = "") -> None:
+        """Close a run as `outcome`, with the Optuna state it mirrors."""
+        tags = {"optuna_state": outcome.trial_state.name}
+        if reason:
+            key = "prune_reason" if outcome.trial_state.name == "PRUNED" else "fail_reason"
+            tags[key] = reason[:500]
+        self.set_tags(run_id, tags)
+        self.finish(run_id, outcome.run_status)

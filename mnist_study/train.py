@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnist_study.augment import random_affine
-from mnist_study.config import TrainConfig
+from mnist_study.config import ConfigError, TrainConfig
 from mnist_study.dataset import Splits
 from mnist_study.model import build_model
 
@@ -50,6 +50,13 @@ class Diverged(ArithmeticError):
     def __init__(self, epoch: int, step: int, loss: float):
         super().__init__(f"loss became {loss} at epoch {epoch}, step {step}")
         self.epoch, self.step, self.loss = epoch, step, loss
+
+
+def check_device(cfg: TrainConfig, source: str) -> None:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"{source}: device = 'cuda' but torch finds no CUDA GPU here; use 'auto' or 'cpu'"
+        )
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:

@@ -1,0 +1,86 @@
+"""A study's two records must agree. Optuna's storage says what is done; MLflow mirrors
+it (curves, tags, models). If one is lost or replaced, running on would redo the whole
+study beside the old runs, and a report would count every seed twice: refuse instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import optuna
+from mlflow.tracking import MlflowClient
+
+from mnist_study.config import ConfigError
+from mnist_study.spec import StudySpec
+
+
+class StoresDisagree(ConfigError):
+    """The MLflow store and the Optuna storage describe different histories."""
+
+
+def study_names(spec: StudySpec) -> list[str]:
+    """The Optuna studies of a spec: per variant, its tuning and its final seeds."""
+    return [
+        n for v in spec.variants for n in (f"{spec.name}.{v.name}", f"{spec.name}.{v.name}.final")
+    ]
+
+
+@dataclass
+class OptunaSide:
+    trials: int
+    """Trials of this spec's studies, in any state."""
+    run_ids: dict[str, str]
+    """MLflow run id -> 'study#trial' for every trial that has one."""
+
+
+def optuna_side(storage: optuna.storages.BaseStorage, spec: StudySpec) -> OptunaSide:
+    existing = set(optuna.get_all_study_names(storage))
+    trials, run_ids = 0, {}
+    for name in study_names(spec):
+        if name not in existing:
+            continue
+        for t in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False):
+            trials += 1
+            if "mlflow_run_id" in t.system_attrs:
+                run_ids[t.system_attrs["mlflow_run_id"]] = f"{name}#{t.number}"
+    return OptunaSide(trials, run_ids)
+
+
+def mlflow_children(tracking_uri: str, experiment: str) -> dict[str, str] | None:
+    """run id -> status of the study's tuning and final runs; None without an experiment."""
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    found = client.search_runs([exp.experiment_id], "tags.role != 'variant'", max_results=50_000)
+    return {r.info.run_id: r.info.status for r in found if r.data.tags["role"] in ("tune", "final")}
+
+
+def check_stores_agree(
+    spec: StudySpec, tracking_uri: str, storage_url: str, storage: optuna.storages.BaseStorage
+) -> None:
+    """Raise StoresDisagree (one line: which store, what to do) unless both records hold
+    the same study, or neither holds it yet."""
+    side = optuna_side(storage, spec)
+    runs = mlflow_children(tracking_uri, spec.name) or {}
+    fresh = f'or set a new name = "..." at the top of {spec.path} to start a new study'
+    if runs and side.trials == 0:
+        raise StoresDisagree(
+            f"MLflow ({tracking_uri}) holds {len(runs)} runs of study {spec.name!r} but the "
+            f"Optuna storage {storage_url} has none of its trials (deleted or replaced?); "
+            f"restore {storage_url} to resume, {fresh} (running on would duplicate every run)"
+        )
+    missing = [r for r in side.run_ids if r not in runs]
+    if missing:
+        raise StoresDisagree(
+            f"the Optuna storage {storage_url} holds {side.trials} trials of study "
+            f"{spec.name!r} but {len(missing)} of their MLflow runs are not in {tracking_uri} "
+            f"(deleted or replaced?); restore the MLflow store to resume, {fresh}"
+        )
+    unknown = [r for r, status in runs.items() if status == "FINISHED" and r not in side.run_ids]
+    if unknown:
+        raise StoresDisagree(
+            f"MLflow ({tracking_uri}) holds {len(unknown)} finished runs of study "
+            f"{spec.name!r} that match no trial in the Optuna storage {storage_url} (an older "
+            f"or another copy of it?); restore the matching storage, {fresh}"
+        )

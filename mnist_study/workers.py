@@ -1,0 +1,106 @@
+"""Worker processes of one study command: how many the machine holds, starting them, and
+noticing at once when one dies (out of memory, kill -9) so that its trial is redone."""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from mnist_study.outcome import Interrupted
+
+# Resident memory of one worker training the seed CNN on full MNIST (torch, the data in
+# memory, MLflow and Optuna clients), measured here with ps, rounded up.
+WORKER_MEMORY_BYTES = 1_500_000_000
+
+
+def available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def worker_cap() -> tuple[int, str]:
+    """(most workers this machine holds, why): one per core, and the memory they need."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cap, why = max(1, cores or 1), f"{cores} cores"
+    memory = available_memory()
+    if memory is not None and memory // WORKER_MEMORY_BYTES < cap:
+        cap = max(1, memory // WORKER_MEMORY_BYTES)
+        why = f"{memory / 2**30:.1f} GiB of free memory at ~{WORKER_MEMORY_BYTES / 2**30:.1f} each"
+    return cap, why
+
+
+def cap_workers(requested: int) -> int:
+    cap, why = worker_cap()
+    if requested > cap:
+        print(f"--workers {requested}: this machine holds {cap} ({why}); using {cap}", flush=True)
+        return cap
+    return requested
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code} (traceback above)"
+
+
+def run_workers(
+    target: Callable, args: tuple, n: int, reap: Callable[[], None]
+) -> list[tuple[int, str]]:
+    """Run target(*args, index, parent_pid) in n spawned processes until all have ended.
+
+    Waits on every process's sentinel, so a death is seen at once, whichever worker it
+    is; the dead process is collected (no zombie) and `reap()` marks its trial FAIL so
+    that the others redo it. SIGTERM is passed on to the workers, which stop as on
+    Ctrl-C. Returns (index, how) for each worker that died; raises Interrupted if the
+    command was stopped by a signal.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    alive = {
+        i: ctx.Process(target=target, args=(*args, i, os.getpid()), name=f"worker-{i}")
+        for i in range(n)
+    }
+    stopped: list[str] = []
+
+    def on_term(signum, frame) -> None:
+        stopped.append(signal.Signals(signum).name)
+        for p in alive.values():
+            if p.is_alive():
+                p.terminate()  # SIGTERM: the worker records its trial and exits
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    for p in alive.values():
+        p.start()
+    deaths = []
+    try:
+        while alive:
+            try:
+                ready = multiprocessing.connection.wait([p.sentinel for p in alive.values()])
+            except KeyboardInterrupt:  # Ctrl-C reached the workers too: let them record
+                stopped.append("SIGINT")
+                continue
+            for i, p in list(alive.items()):
+                if p.sentinel not in ready:
+                    continue
+                p.join()
+                del alive[i]
+                if p.exitcode in (0, 130):
+                    continue
+                if p.exitcode == -signal.SIGTERM and stopped:
+                    continue
+                deaths.append((i, describe_exit(p.exitcode)))
+                print(f"worker {i} {describe_exit(p.exitcode)}", flush=True)
+                reap()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if stopped:
+        raise Interrupted(stopped[0])
+    return deaths
