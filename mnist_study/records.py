@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from mnist_study.config import ConfigError
 from mnist_study.spec import StudySpec
+from mnist_study.tracking import sqlite_file
 
 
 class StoresDisagree(ConfigError):
@@ -48,6 +49,9 @@ def optuna_side(storage: optuna.storages.BaseStorage, spec: StudySpec) -> Optuna
 
 def mlflow_children(tracking_uri: str, experiment: str) -> dict[str, str] | None:
     """run id -> status of the study's tuning and final runs; None without an experiment."""
+    database = sqlite_file(tracking_uri)
+    if database is not None and not database.exists():
+        return None  # do not create the database just to look
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:

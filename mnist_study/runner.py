@@ -235,7 +235,9 @@ class Worker:
         for v in self.spec.variants:
             tune = self.tune[v.name].get_trials(deepcopy=False)
             if count(tune, TAKEN) < self.spec.settings.trials:
-                trial = st.claim_trial(self.tune[v.name], {"sampler_seed": self.sampler_seed})
+                trial = st.claim_trial(
+                    self.tune[v.name], {"sampler_seed": self.sampler_seed, "worker": self.index}
+                )
                 return Unit(self.tune[v.name], v, "tune", trial)
             if count(tune, (TrialState.RUNNING,)):
                 waiting = True
@@ -244,7 +246,7 @@ class Worker:
             taken = {t.user_attrs.get("seed") for t in finals if t.state in TAKEN}
             free = [s for s in self.spec.settings.seeds if s not in taken]
             if free and best_trial(self.tune[v.name]) is not None:
-                trial = st.claim_trial(self.final[v.name], {})
+                trial = st.claim_trial(self.final[v.name], {"worker": self.index})
                 trial.set_user_attr("seed", free[0])
                 return Unit(self.final[v.name], v, "final", trial, free[0])
             if count(finals, (TrialState.RUNNING,)):

@@ -181,7 +181,7 @@ def set_trial_system_attrs(study: optuna.Study, trial_id_: int, attrs: dict) -> 
 
 
 def claim_trial(study: optuna.Study, attrs: dict[str, object]) -> optuna.Trial:
-    """Ask `study` for a trial, recorded as this process's (host, pid, heartbeat)."""
+    """Ask `study` for a trial, recorded as this process's (host, pid, heartbeat, attrs)."""
     trial = study.ask()
     set_trial_system_attrs(study, trial_id(trial), worker_id() | attrs)
     mark_alive(study, trial)

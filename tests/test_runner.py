@@ -142,8 +142,8 @@ train_size = 300
 val_size = 200
 train_eval_size = 200
 [variants.absurd]
-set = { optimizer = "sgd" }
-search.lr = { low = 1e10, high = 1e12, log = true }
+set = { optimizer = "sgd", epochs = 3 }
+search.lr = { low = 8, high = 10 }
 [variants.sane]
 search.lr = { low = 1e-3, high = 2e-3 }
 """)

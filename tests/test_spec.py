@@ -54,7 +54,10 @@ def test_variant_states_only_its_change():
 BAD = {
     "unknown top key": ("[stuudy]\ntrials = 2\n", "unknown key 'stuudy'"),
     "unknown study key": (GOOD.replace("trials = 2", "trails = 2"), "unknown key 'study.trails'"),
-    "zero trials": (GOOD.replace("trials = 2", "trials = 0"), "study.trials = 0; must be >= 1"),
+    "zero trials": (
+        GOOD.replace("trials = 2", "trials = 0"),
+        "study.trials = 0; must be in [1, 10000]",
+    ),
     "wrong type": (GOOD.replace("trials = 2", 'trials = "2"'), "study.trials = '2'"),
     "unknown switch": (GOOD + "set = { batchnrom = true }\n", "unknown key 'batchnrom'"),
     "switch type": (GOOD + "set = { batchnorm = 1 }\n", "batchnorm = 1 is int; must be bool"),
@@ -80,7 +83,35 @@ BAD = {
         GOOD.replace("trials = 2", 'trials = 2\npruner = "hyperband"'),
         "study.pruner = 'hyperband'; must be one of 'median', 'none'",
     ),
-    "bad default": ("[defaults]\nepochs = 0\n" + GOOD, "defaults: epochs = 0; must be > 0"),
+    "bad default": (
+        "[defaults]\nepochs = 0\n" + GOOD,
+        "defaults: epochs = 0; must be in [1, 1000]",
+    ),
+    "nan in set": (GOOD + "set = { dropout = nan }\n", "dropout = nan; must be in [0, 1)"),
+    "inf bound": (
+        GOOD + "search.dropout = { low = 0.1, high = inf }\n",
+        "low 0.1 and high inf must be finite",
+    ),
+    "huge lr range": (
+        GOOD.replace("high = 1e-2", "high = 1e308"),
+        "lr = 1e+308; must be in (0, 10]",
+    ),
+    "unbounded epochs": (
+        GOOD + "search.epochs = { low = 1, high = 100000 }\n",
+        "epochs = 100000; must be in [1, 1000]",
+    ),
+    "negative rotation": (
+        GOOD + "set = { augment = true, rotate_deg = -5.0 }\n",
+        "rotate_deg = -5.0; must be in [0, 180]",
+    ),
+    "nan shift": (GOOD + "set = { shift = nan }\n", "shift = nan"),
+    "zoom too big": (GOOD + "set = { zoom = 3.0 }\n", "zoom = 3.0; must be in [0, 0.9]"),
+    "bad sampler seed": (
+        GOOD.replace("trials = 2", "trials = 2\nsampler_seed = -1"),
+        "study.sampler_seed = -1; must be in [0, 4294967295]",
+    ),
+    "seed too big": (GOOD.replace("trials = 2", "trials = 2\nseeds = [1, 2e10]"), "study.seeds"),
+    "deep nesting": ("x = " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
 }
 
 
@@ -109,6 +140,24 @@ def test_cli_refuses_bad_file_with_exit_2_and_writes_nothing(tmp_path):
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and f"error: {path}" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.toml"]
+
+
+def test_unreadable_files_are_refused_in_one_line(tmp_path):
+    binary = tmp_path / "latin1.toml"
+    binary.write_bytes(GOOD.encode() + "# café\n".encode("latin-1"))
+    with pytest.raises(SpecError, match=r"not UTF-8 text \(byte \d+\); save it as UTF-8"):
+        load_spec(binary)
+    with pytest.raises(SpecError, match="is a folder"):
+        load_spec(tmp_path)
+
+
+def test_every_numeric_config_field_has_a_range():
+    import typing
+
+    from mnist_study.config import RANGES, TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    assert set(RANGES) == {k for k, h in hints.items() if h in (int, float)}
 
 
 def test_missing_file(tmp_path):

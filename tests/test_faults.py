@@ -1,0 +1,345 @@
+"""Faults a study must survive or refuse: a lost or torn store, dead workers, two commands
+at once, signals, unreachable servers. Real stores in tmp dirs, tiny real-MNIST specs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from helpers import REPO, assert_budget_met_exactly, cli, runs, stores, trial_states
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+
+from mnist_study.publish import write_report
+from mnist_study.report import collect, summarize
+from mnist_study.runner import RunOptions, run_study
+from mnist_study.spec import load_spec
+from mnist_study.storage import open_storage, process_is_gone
+from mnist_study.workers import cap_workers, worker_cap
+
+TINY = """
+[study]
+trials = 2
+seeds = [0, 1]
+startup_trials = 1
+[defaults]
+epochs = 1
+train_size = 300
+val_size = 200
+train_eval_size = 200
+[variants.baseline]
+search.lr = { low = 1e-3, high = 3e-3, log = true }
+[variants.batchnorm]
+set = { batchnorm = true }
+search.lr = { low = 1e-3, high = 3e-3, log = true }
+"""
+
+# One variant, trials long enough (seconds) to be killed mid-way.
+SLOW = """
+[study]
+trials = 4
+seeds = [0]
+startup_trials = 1
+[defaults]
+epochs = 3
+train_size = 2000
+val_size = 200
+train_eval_size = 200
+[variants.baseline]
+search.lr = { low = 1e-3, high = 3e-3, log = true }
+"""
+
+
+def one_line_error(done: subprocess.CompletedProcess, *needles: str) -> None:
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.startswith("mnist-study: error: ") and done.stderr.count("\n") == 1
+    for needle in needles:
+        assert needle in done.stderr, done.stderr
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, mnist_root) -> Path:
+    """A finished tiny study: spec and both stores in one folder (copy it to change it)."""
+    root = tmp_path_factory.mktemp("finished")
+    (root / "tiny.toml").write_text(TINY)
+    done = cli(*run_args(root / "tiny.toml", *stores(root)))  # its own process, now gone
+    assert done.returncode == 0, done.stderr[-2000:]
+    return root
+
+
+def copy_of(finished: Path, tmp_path: Path) -> tuple[Path, str, str]:
+    root = tmp_path / "copy"
+    shutil.copytree(finished, root)
+    tracking, storage = stores(root)
+    return root / "tiny.toml", tracking, storage
+
+
+def run_args(spec: Path, tracking: str, storage: str, *more: str) -> list[str]:
+    return ["run", str(spec), "--tracking-uri", tracking, "--storage", storage, "--quiet", *more]
+
+
+def test_lost_optuna_storage_is_refused_not_rerun(finished, tmp_path):
+    spec, tracking, storage = copy_of(finished, tmp_path)
+    before = len(runs(tracking, "tiny")[1])
+    os.remove(storage)
+    done = cli(*run_args(spec, tracking, storage))
+    one_line_error(done, "Optuna storage", storage, "none of its trials", "restore", "new name")
+    assert len(runs(tracking, "tiny")[1]) == before
+
+
+def test_lost_mlflow_store_is_refused(finished, tmp_path):
+    spec, tracking, storage = copy_of(finished, tmp_path)
+    database = Path(tracking.removeprefix("sqlite:///"))
+    database.unlink()
+    for _ in range(2):  # the second attempt must not find a half-made store
+        done = cli(*run_args(spec, tracking, storage))
+        one_line_error(done, "MLflow runs are not in", "restore the MLflow store")
+        assert not database.exists()
+
+
+def test_replaced_optuna_storage_is_refused(finished, tmp_path, mnist_root):
+    """Another run's journal in place of this one's: the finished runs match no trial."""
+    spec, tracking, storage = copy_of(finished, tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "tiny.toml").write_text(TINY.replace("trials = 2", "trials = 1"))
+    other_tracking, other_storage = stores(other)
+    run_study(
+        load_spec(other / "tiny.toml"),
+        RunOptions(other_tracking, other_storage, str(mnist_root), log_models=False),
+    )
+    shutil.copy(other_storage, storage)
+    done = cli(*run_args(spec, tracking, storage))
+    one_line_error(done, "not in")
+
+
+def test_torn_journal_is_repaired_with_a_backup_and_resumes(finished, tmp_path):
+    spec, tracking, storage = copy_of(finished, tmp_path)
+    journal = Path(storage)
+    # Undo the last finished unit the way a crash mid-write leaves it: half a record.
+    lines = journal.read_bytes().splitlines(keepends=True)
+    last_tell = max(i for i, line in enumerate(lines) if b'"state":1' in line)
+    journal.write_bytes(b"".join(lines[:last_tell]) + lines[last_tell][:25])
+    done = cli(*run_args(spec, tracking, storage))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "last record was cut short" in done.stdout
+    backups = list(journal.parent.glob("optuna.journal.torn-*"))
+    assert len(backups) == 1 and backups[0].read_bytes().endswith(lines[last_tell][:25])
+    # The study is whole again and readable by any Optuna client.
+    assert journal.read_bytes().endswith(b"\n")
+    states = trial_states(storage, load_spec(spec))
+    assert all(s["COMPLETE"] + s["PRUNED"] == 2 for s in states.values())
+    assert sum(s["FAIL"] for s in states.values()) == 1  # the unit whose end was torn off
+
+
+def test_journal_corrupt_before_its_end_is_refused(finished, tmp_path):
+    spec, tracking, storage = copy_of(finished, tmp_path)
+    journal = Path(storage)
+    lines = journal.read_bytes().splitlines(keepends=True)
+    lines[3] = lines[3][:10] + lines[4]  # a torn record glued to the next one
+    journal.write_bytes(b"".join(lines))
+    one_line_error(cli(*run_args(spec, tracking, storage)), "record 4 is corrupt", storage)
+
+
+def wait_for_running_trial(storage: str, study: str, worker: int | None, timeout: float = 120):
+    """A RUNNING trial of `worker` (any if None) with its MLflow run started."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        time.sleep(0.3)
+        try:  # read only, as any Optuna client would
+            journal = JournalStorage(JournalFileBackend(storage))
+            trials = optuna.load_study(study_name=study, storage=journal).trials
+        except (KeyError, ValueError):
+            continue
+        for t in trials:
+            mine = worker is None or t.system_attrs.get("worker") == worker
+            if t.state.name == "RUNNING" and "mlflow_run_id" in t.system_attrs and mine:
+                return t
+    raise AssertionError(f"no trial of worker {worker} reached mid-training in time")
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_a_killed_worker_is_reaped_and_the_others_finish(tmp_path, index):
+    path = tmp_path / "slow.toml"
+    path.write_text(SLOW)
+    tracking, storage = stores(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnist_study", "--data-root", str(REPO / "data")]
+        + run_args(path, tracking, storage, "--workers", "2"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    victim = wait_for_running_trial(storage, "slow.baseline", index)
+    os.kill(victim.system_attrs["pid"], signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert f"worker {index} was killed by SIGKILL" in out
+    spec = load_spec(path)
+    states = trial_states(storage, spec)
+    assert states["slow.baseline"]["FAIL"] == 1
+    study = optuna.load_study(study_name="slow.baseline", storage=open_storage(storage))
+    dead = next(t for t in study.trials if t.state.name == "FAIL")
+    assert dead.number == victim.number and "worker died" in dead.user_attrs["fail_reason"]
+    client, found = runs(tracking, "slow")
+    run = client.get_run(dead.system_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["optuna_state"] == "FAIL"
+    # The other worker spent the whole budget.
+    assert states["slow.baseline"]["COMPLETE"] + states["slow.baseline"]["PRUNED"] == 4
+    assert states["slow.baseline.final"] == {"COMPLETE": 1}
+
+
+def test_sigterm_stops_like_ctrl_c_and_says_how_to_resume(tmp_path):
+    path = tmp_path / "slow.toml"
+    path.write_text(SLOW)
+    tracking, storage = stores(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnist_study", "--data-root", str(REPO / "data")]
+        + run_args(path, tracking, storage),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    victim = wait_for_running_trial(storage, "slow.baseline", None)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert "run the same command again to resume" in err and "Traceback" not in err
+    study = optuna.load_study(study_name="slow.baseline", storage=open_storage(storage))
+    trial = study.trials[victim.number]
+    assert trial.state.name == "FAIL" and trial.user_attrs["fail_reason"] == "interrupted"
+    client, _ = runs(tracking, "slow")
+    assert client.get_run(trial.system_attrs["mlflow_run_id"]).info.status == "KILLED"
+
+
+def test_two_commands_on_fresh_stores_share_the_budget_with_distinct_proposals(tmp_path):
+    path = tmp_path / "pair.toml"
+    path.write_text(TINY.replace("trials = 2", "trials = 4"))
+    tracking, storage = stores(tmp_path)
+    command = [sys.executable, "-m", "mnist_study", "--data-root", str(REPO / "data")]
+    procs = [
+        subprocess.Popen(
+            command + run_args(path, tracking, storage),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        for _ in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    spec = load_spec(path)
+    assert_budget_met_exactly(tracking, storage, spec)
+    opened = open_storage(storage)
+    seeds = set()
+    for v in spec.variants:
+        trials = optuna.load_study(study_name=f"pair.{v.name}", storage=opened).trials
+        points = [t.params["lr"] for t in trials]
+        assert len(set(points)) == len(points)  # never the same point twice
+        seeds |= {t.system_attrs["sampler_seed"] for t in trials}
+    assert len(seeds) == 2  # one per command, both recorded
+
+
+def test_report_counts_one_run_per_seed_and_names_what_it_left_out(finished, tmp_path):
+    _, tracking, storage = copy_of(finished, tmp_path)
+    client, found = runs(tracking, "tiny")
+    final = next(r for r in found if r.data.tags["role"] == "final")
+    tags = {k: v for k, v in final.data.tags.items() if k != "mlflow.runName"}
+    for copied in (tags, {**tags, "seed": "7"}):  # a duplicate, an extra seed
+        copy = client.create_run(final.info.experiment_id, run_name="copy", tags=copied)
+        client.log_metric(copy.info.run_id, "test_acc", 0.5)
+        client.set_terminated(copy.info.run_id)
+    alone = summarize(collect(tracking, "tiny"))
+    assert list(alone.n) == [2, 2]
+    body = write_report(tracking, "tiny", tmp_path / "reports")
+    assert "duplicate final run(s) of seeds [" in body and "seeds [7] not in the spec" in body
+    crossed = write_report(tracking, "tiny", tmp_path / "reports", storage=storage)
+    assert "2 MLflow run(s) match no Optuna trial" in crossed
+    assert list(summarize(collect(tracking, "tiny", storage)).n) == [2, 2]
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_tracking_server_fails_fast(tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY)
+    uri = f"http://127.0.0.1:{closed_port()}"
+    started = time.time()
+    done = cli(*run_args(tmp_path / "tiny.toml", uri, str(tmp_path / "o.journal")))
+    assert time.time() - started < 30
+    one_line_error(done, uri, "does not answer")
+    assert not (tmp_path / "o.journal").exists()
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--tracking-uri", "ftp://host/x"], "unsupported"),
+        (["--tracking-uri", "sqlite:///{tmp}/file/mlflow.db"], "not writable"),
+        (["--storage", "{tmp}/file/optuna.journal"], "not writable"),
+        (["--threads", "-1"], "--threads -1"),
+        (["--workers", "0"], "--workers 0"),
+    ],
+    ids=["scheme", "tracking-folder", "storage-folder", "threads", "workers"],
+)
+def test_bad_command_line_is_refused_before_any_write(tmp_path, args, needle):
+    (tmp_path / "tiny.toml").write_text(TINY)
+    (tmp_path / "file").write_text("a file where a folder should be")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    defaults = ["--tracking-uri", f"sqlite:///{tmp_path}/m/mlflow.db"]
+    defaults += ["--storage", str(tmp_path / "o" / "optuna.journal")]
+    done = cli("run", str(tmp_path / "tiny.toml"), *defaults, *args)
+    one_line_error(done, needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "tiny.toml"]
+
+
+def test_cuda_without_a_gpu_is_refused_before_any_write(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    (tmp_path / "gpu.toml").write_text(TINY.replace("[defaults]", '[defaults]\ndevice = "cuda"'))
+    done = cli(*run_args(tmp_path / "gpu.toml", *stores(tmp_path / "s")))
+    one_line_error(done, "device = 'cuda'", "no CUDA GPU")
+    assert not (tmp_path / "s").exists()
+
+
+def test_report_never_creates_a_store(tmp_path):
+    done = cli("report", "tiny", "--tracking-uri", f"sqlite:///{tmp_path}/typo/mlflow.db")
+    one_line_error(done, "no MLflow store at")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_zombie_worker_counts_as_dead():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 30
+    while Path(f"/proc/{child.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert process_is_gone(child.pid)  # exited, not yet collected by its parent
+    child.wait()
+    assert process_is_gone(child.pid) and not process_is_gone(os.getpid())
+
+
+def test_workers_are_capped_to_what_the_machine_holds(capsys):
+    cap, why = worker_cap()
+    assert 1 <= cap <= (os.cpu_count() or 1)
+    assert cap_workers(10_000) == cap
+    line = capsys.readouterr().out
+    assert line.startswith(f"--workers 10000: this machine holds {cap} ({why})")
+    assert cap_workers(1) == 1
