@@ -12,7 +12,7 @@ WORKERS ?= 2
 TRACKING := sqlite:///mlruns/mlflow.db
 UI_PORT ?= 5000
 
-.PHONY: help install data train test lint bench ablations quick report ui dashboard clean
+.PHONY: help install data train test test-slow lint bench ablations quick report ui dashboard clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,8 +33,11 @@ data: $(BIN)/.installed ## fetch and verify MNIST into data/MNIST/raw
 train: data ## train one configuration, e.g. make train ARGS="--batchnorm --epochs 3"
 	@$(BIN)/mnist-study --data-root $(DATA) train $(ARGS)
 
-test: data ## run the tests (fast, CPU; real MNIST and stores in tmp dirs)
-	@$(BIN)/python -m pytest -q $(ARGS)
+test: data ## run the tests (CPU, ~5 min; real MNIST and stores in tmp dirs), slow ones apart
+	@$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+test-slow: data ## the slow tests: killed workers, concurrent commands, PostgreSQL (~6 min)
+	@$(BIN)/python -m pytest -q -m slow $(ARGS)
 
 lint: $(BIN)/.installed ## ruff: lint and formatting
 	@$(BIN)/ruff check .

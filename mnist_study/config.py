@@ -116,7 +116,8 @@ class TrainConfig:
             below = value <= low if low_open else value < low
             above = value >= high if high_open else value > high
             if not math.isfinite(value) or below or above:
-                interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+                ends = ", ".join(str(e) if isinstance(e, int) else f"{e:g}" for e in (low, high))
+                interval = f"{'(' if low_open else '['}{ends}{')' if high_open else ']'}"
                 raise ConfigError(f"{source}: {key} = {value!r}; must be in {interval}")
         if self.val_size + self.train_size > MNIST_TRAIN_IMAGES:
             raise ConfigError(

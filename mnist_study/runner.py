@@ -27,7 +27,7 @@ from mnist_study import storage as st
 from mnist_study.dataset import load_splits
 from mnist_study.outcome import Interrupted, Outcome
 from mnist_study.records import check_stores_agree
-from mnist_study.spec import StudySpec, Variant, refuse_changed_study
+from mnist_study.spec import StudySpec, Variant, read_spec_text, refuse_changed_study
 from mnist_study.tracking import (
     Tracker,
     check_tracking_uri,
@@ -100,6 +100,7 @@ def preflight(spec: StudySpec, opts: RunOptions) -> None:
     for v in spec.variants:
         check_device(spec.config_for(v, {}), f"{spec.path}: variants.{v.name}")
     check_tracking_uri(opts.tracking_uri)
+    st.check_storage_location(opts.storage)
     refuse_changed_study(spec, recorded_spec(opts.tracking_uri, spec.name), opts.tracking_uri)
 
 
@@ -112,7 +113,7 @@ def run_study(spec: StudySpec, opts: RunOptions) -> None:
     # studies as existing ones (and never races MLflow's table creation).
     with st.claim_lock(opts.storage):
         check_stores_agree(spec, opts.tracking_uri, opts.storage, storage)
-        experiment_id = prepare_store(opts.tracking_uri, spec.name, spec.path.read_text())
+        experiment_id = prepare_store(opts.tracking_uri, spec.name, read_spec_text(spec.path))
         for variant in spec.variants:
             for name in study_names(spec, variant):
                 optuna.create_study(

@@ -105,7 +105,7 @@ def read_spec_text(path: Path) -> str:
     except OSError as exc:
         raise SpecError(f"{path}: cannot be read ({exc.strerror})") from None
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # an editor's byte-order mark is harmless
     except UnicodeDecodeError as exc:
         raise SpecError(
             f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8 TOML"

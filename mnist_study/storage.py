@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,20 +53,30 @@ def local_path(url: str) -> str:
 
 
 def check_writable_folder(path: Path, what: str) -> None:
-    """Create `path`'s folder and prove it writable, before anything is written there."""
-    folder = path.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / f".write-test-{os.getpid()}", "w") as f:
-            f.write("ok")
-        os.unlink(f.name)
-    except OSError as exc:
-        raise ConfigError(
-            f"{what} {path}: its folder {folder} is not writable ({exc.strerror}); "
-            f"choose a writable place"
-        ) from None
+    """Refuse a store path whose folder cannot be made or written, writing nothing: the
+    nearest existing folder above it gets a probe file, removed at once."""
     if path.is_dir():
         raise ConfigError(f"{what} {path}: is a folder; give a file path")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "not a directory")
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(
+            f"{what} {path}: cannot write there ({existing}: {exc.strerror}); "
+            f"choose a writable place"
+        ) from None
+
+
+def check_storage_location(url: str) -> None:
+    check_storage_url(url)
+    if not is_remote(url) or url.startswith("sqlite:///"):
+        check_writable_folder(Path(local_path(url)), "--storage")
 
 
 def storage_exists(url: str) -> bool:
@@ -79,10 +90,10 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     A journal's torn last record (a crash mid-write) is cut off first: appending after it
     would glue the next record to it and make the whole file unreadable.
     """
-    check_storage_url(url)
+    check_storage_location(url)
     if is_remote(url):
         return RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
-    check_writable_folder(Path(url), "--storage")
+    Path(url).parent.mkdir(parents=True, exist_ok=True)
     repair_torn_journal(Path(url))
     return JournalStorage(JournalFileBackend(url))
 

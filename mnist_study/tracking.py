@@ -53,6 +53,13 @@ def check_tracking_uri(tracking_uri: str, must_exist: bool = False) -> None:
                 f"run a study first or give the right path"
             )
         check_writable_folder(database, "--tracking-uri")
+        if database.is_file() and database.stat().st_size:
+            with open(database, "rb") as f:
+                if f.read(16) != b"SQLite format 3\x00":
+                    raise ConfigError(
+                        f"--tracking-uri {tracking_uri}: {database} is not an SQLite "
+                        f"database; restore the MLflow store or give another path"
+                    )
     elif tracking_uri.startswith(("http://", "https://")):
         check_server(tracking_uri)
 

@@ -166,6 +166,7 @@ def wait_for_running_trial(storage: str, study: str, worker: int | None, timeout
     raise AssertionError(f"no trial of worker {worker} reached mid-training in time")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", [0, 1])
 def test_a_killed_worker_is_reaped_and_the_others_finish(tmp_path, index):
     path = tmp_path / "slow.toml"
@@ -222,6 +223,7 @@ def test_sigterm_stops_like_ctrl_c_and_says_how_to_resume(tmp_path):
     assert client.get_run(trial.system_attrs["mlflow_run_id"]).info.status == "KILLED"
 
 
+@pytest.mark.slow
 def test_two_commands_on_fresh_stores_share_the_budget_with_distinct_proposals(tmp_path):
     path = tmp_path / "pair.toml"
     path.write_text(TINY.replace("trials = 2", "trials = 4"))
@@ -290,12 +292,13 @@ def test_unreachable_tracking_server_fails_fast(tmp_path):
     "args, needle",
     [
         (["--tracking-uri", "ftp://host/x"], "unsupported"),
-        (["--tracking-uri", "sqlite:///{tmp}/file/mlflow.db"], "not writable"),
-        (["--storage", "{tmp}/file/optuna.journal"], "not writable"),
+        (["--tracking-uri", "sqlite:///{tmp}/file/mlflow.db"], "cannot write there"),
+        (["--storage", "{tmp}/file/optuna.journal"], "cannot write there"),
+        (["--storage", "{tmp}"], "is a folder"),
         (["--threads", "-1"], "--threads -1"),
         (["--workers", "0"], "--workers 0"),
     ],
-    ids=["scheme", "tracking-folder", "storage-folder", "threads", "workers"],
+    ids=["scheme", "tracking-folder", "storage-folder", "storage-is-folder", "threads", "workers"],
 )
 def test_bad_command_line_is_refused_before_any_write(tmp_path, args, needle):
     (tmp_path / "tiny.toml").write_text(TINY)

@@ -67,6 +67,7 @@ def postgres_url():
     shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_two_workers_on_postgresql(postgres_url, tmp_path):
     smoke = REPO / "experiments" / "smoke.toml"
     tracking, storage = f"{postgres_url}/mlflow", f"{postgres_url}/optuna"

@@ -121,6 +121,7 @@ def test_running_again_redoes_nothing(smoke_study, mnist_root):
     assert len(runs(tracking, spec.name)[1]) == before
 
 
+@pytest.mark.slow
 def test_every_experiment_file_runs_shrunk(tmp_path, mnist_root):
     for name in ("ablations", "quick"):
         spec = shrink(load_spec(REPO / "experiments" / f"{name}.toml"))
@@ -142,7 +143,7 @@ train_size = 300
 val_size = 200
 train_eval_size = 200
 [variants.absurd]
-set = { optimizer = "sgd", epochs = 3 }
+set = { optimizer = "sgd", weight_decay = 10.0 }
 search.lr = { low = 8, high = 10 }
 [variants.sane]
 search.lr = { low = 1e-3, high = 2e-3 }
@@ -200,6 +201,7 @@ search.lr = { low = 1e-3, high = 2e-3 }
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
 def test_interrupted_mid_trial_then_resumed(tmp_path, sig):
     path = tmp_path / "kill.toml"
@@ -260,6 +262,7 @@ def test_interrupted_mid_trial_then_resumed(tmp_path, sig):
     assert len([r for r in children if r.data.tags["role"] == "tune"]) == 2 + 2 + 1
 
 
+@pytest.mark.slow
 def test_two_workers_share_the_budget_exactly(tmp_path):
     tracking, storage = stores(tmp_path)
     done = run_two_workers(SMOKE, tracking, storage)
