@@ -226,6 +226,7 @@ class Worker:
             for v, (tune, _) in names.items()
         }
         self.finished: set[str] = set()  # variants whose parent run is closed
+        self.parents: dict[str, str] = {}  # variant -> its MLflow parent run
         self.started, self.done_at_start = time.time(), None
 
     # --- claiming work -----------------------------------------------------------
@@ -264,7 +265,13 @@ class Worker:
                 if v.name not in self.finished and self.variant_done(v):
                     self.finish_variant(v)
                     self.finished.add(v.name)
-            return self.claim()
+            unit = self.claim()
+            if isinstance(unit, Unit) and unit.variant.name not in self.parents:
+                # Under the lock, or two processes may both create a variant's parent run.
+                self.parents[unit.variant.name] = self.tracker.parent_run(
+                    unit.variant.name, unit.variant.description
+                )
+            return unit
 
     def loop(self) -> None:
         main = threading.current_thread() is threading.main_thread()
@@ -313,8 +320,9 @@ class Worker:
             **extra,
             **provenance(cfg, str(resolve_device(cfg))),
         }
-        parent = self.tracker.parent_run(variant.name, variant.description)
-        run_id = self.tracker.child_run(parent, name, cfg, {k: str(v) for k, v in tags.items()})
+        run_id = self.tracker.child_run(
+            self.parents[variant.name], name, cfg, {k: str(v) for k, v in tags.items()}
+        )
         st.set_trial_system_attrs(study, st.trial_id(trial), {"mlflow_run_id": run_id})
         shown = ", ".join(
             f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
