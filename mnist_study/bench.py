@@ -24,7 +24,7 @@ from mnist_study.config import TrainConfig
 from mnist_study.dataset import MEAN, STD, load_splits
 from mnist_study.model import SeedCNN, build_model, train_flops_per_image
 from mnist_study.tracking import cpu_model
-from mnist_study.train import keep_freed_memory, make_optimizer, train_steps
+from mnist_study.train import batch_order, keep_freed_memory, make_optimizer, train_steps
 
 WARMUP_STEPS = 20
 
@@ -77,9 +77,10 @@ def ours_images_per_second(splits, cfg: TrainConfig, steps: int) -> float:
     optimizer = make_optimizer(cfg, model)
     order = torch.Generator().manual_seed(0)
     x, y = splits.train_x, splits.train_y
-    train_steps(model, optimizer, x, y, cfg, order, None, max_steps=WARMUP_STEPS)
+    batches = batch_order(len(x), cfg.batch_size, order, x.device)
+    train_steps(model, optimizer, x, y, cfg, batches, None, WARMUP_STEPS)
     started = time.perf_counter()
-    train_steps(model, optimizer, x, y, cfg, order, None, max_steps=steps)
+    train_steps(model, optimizer, x, y, cfg, batches, None, steps)
     return steps * cfg.batch_size / (time.perf_counter() - started)
 
 

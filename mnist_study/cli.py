@@ -99,11 +99,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def train_seed(cfg: TrainConfig, splits, test: bool, tracker) -> dict[str, float]:
     """One run of `train`: a line per epoch, optionally mirrored to an MLflow run."""
     from mnist_study.outcome import Outcome
-    from mnist_study.train import evaluate_test, resolve_device, train
+    from mnist_study.train import by_steps, evaluate_test, last_point, resolve_device, train
 
     print(
         f"seed {cfg.seed}: {len(splits.train_x):,} train / {len(splits.val_x):,} val images, "
-        f"{cfg.epochs} epochs, batch {cfg.batch_size}, {cfg.precision}"
+        + (f"{cfg.steps} steps" if cfg.steps else f"{cfg.epochs} epochs")
+        + f", batch {cfg.batch_size}, {cfg.precision}"
     )
     run_id = None
     if tracker is not None:
@@ -112,14 +113,16 @@ def train_seed(cfg: TrainConfig, splits, test: bool, tracker) -> dict[str, float
         tags = {"role": "train", **provenance(cfg, str(resolve_device(cfg)))}
         run_id = tracker.create_run(f"train/seed-{cfg.seed}", cfg, tags)
 
-    def report(epoch: int, m: dict[str, float]) -> None:
+    label = "step" if by_steps(cfg) else "epoch"
+
+    def report(point: int, m: dict[str, float]) -> None:
         print(
-            f"  epoch {epoch:>2}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}"
+            f"  {label} {point:>2}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}"
             f" | val loss {m['val_loss']:.4f} acc {m['val_acc']:.4f}"
             f" | {m['epoch_seconds']:.1f}s"
         )
         if run_id is not None:
-            tracker.log_metrics(run_id, m, step=epoch)
+            tracker.log_metrics(run_id, m, step=point)
 
     try:
         result = train(cfg, splits, on_epoch=report)
@@ -129,7 +132,7 @@ def train_seed(cfg: TrainConfig, splits, test: bool, tracker) -> dict[str, float
             final |= metrics
             print(f"  test loss {final['test_loss']:.4f} acc {final['test_acc']:.4f}")
             if run_id is not None:
-                tracker.log_metrics(run_id, metrics, step=cfg.epochs)
+                tracker.log_metrics(run_id, metrics, step=last_point(cfg, len(splits.train_x)))
     except BaseException as exc:
         if run_id is not None:
             outcome = Outcome.of(exc)

@@ -30,6 +30,8 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "train_eval_size": (10, MNIST_TRAIN_IMAGES, False, False),
     "split_seed": (0, SEED_MAX, False, False),
     "epochs": (1, 1000, False, False),
+    "steps": (0, 1_000_000, False, False),
+    "evals": (0, 1000, False, False),
     "batch_size": (1, 8192, False, False),
     "seed": (0, SEED_MAX, False, False),
     "threads": (0, 1024, False, False),
@@ -84,7 +86,12 @@ class TrainConfig:
 
     # --- training ---
     epochs: int = 5
-    """Passes over the training split."""
+    """Passes over the training split (unless `steps` is set)."""
+    steps: int = 0
+    """Optimizer steps to train for, whatever the training-set size (0: use `epochs`)."""
+    evals: int = 0
+    """Evaluations spread evenly over training, each an MLflow step indexed by optimizer
+    step (0: one per epoch, indexed by epoch)."""
     batch_size: int = 64
     """Images per optimizer step."""
     seed: int = 0

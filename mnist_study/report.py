@@ -19,7 +19,8 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-from mnist_study.spec import SpecError, StudySpec, parse_spec
+from mnist_study.spec import SpecError, StudySpec, spec_from_record
+from mnist_study.tracking import SPEC_TAG
 
 CURVES = ("train_loss", "val_loss", "train_acc", "val_acc", "epoch_seconds")
 
@@ -47,10 +48,10 @@ def collect(tracking_uri: str, study: str, storage: str | None = None) -> StudyD
             [f"no MLflow experiment named {study!r} in {tracking_uri}"],
         )
     spec, problems = None, []
-    note = exp.tags.get("mlflow.note.content", "")
+    note = exp.tags.get(SPEC_TAG) or exp.tags.get("mlflow.note.content", "")
     try:
-        spec = parse_spec(note, Path(f"{study}.toml"))
-    except SpecError as exc:
+        spec = spec_from_record(note, Path(f"{study}.toml"))
+    except (SpecError, ValueError) as exc:
         problems.append(f"study spec not readable from the experiment ({exc})")
     mlflow.set_tracking_uri(tracking_uri)
     runs = mlflow.search_runs([exp.experiment_id], max_results=50_000)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import os
 import signal
 import statistics
@@ -35,7 +36,14 @@ from mnist_study.tracking import (
     provenance,
     recorded_spec,
 )
-from mnist_study.train import check_device, evaluate_test, resolve_device, train
+from mnist_study.train import (
+    by_steps,
+    check_device,
+    evaluate_test,
+    last_point,
+    resolve_device,
+    train,
+)
 from mnist_study.workers import run_workers
 
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -113,7 +121,12 @@ def run_study(spec: StudySpec, opts: RunOptions) -> None:
     # studies as existing ones (and never races MLflow's table creation).
     with st.claim_lock(opts.storage):
         check_stores_agree(spec, opts.tracking_uri, opts.storage, storage)
-        experiment_id = prepare_store(opts.tracking_uri, spec.name, read_spec_text(spec.path))
+        experiment_id = prepare_store(
+            opts.tracking_uri,
+            spec.name,
+            read_spec_text(spec.path),
+            json.dumps(spec.resolved, separators=(",", ":")),
+        )
         for variant in spec.variants:
             for name in study_names(spec, variant):
                 optuna.create_study(
@@ -329,11 +342,14 @@ class Worker:
         )
         self.say(f"{self.progress()} {name}: {shown}", force=True)
 
-        def on_epoch(epoch: int, m: dict[str, float]) -> None:
-            self.tracker.log_metrics(run_id, m, step=epoch)
+        unit_name = "step" if by_steps(cfg) else "epoch"
+        last = 0  # the last evaluation point, known once the data is loaded
+
+        def on_epoch(point: int, m: dict[str, float]) -> None:
+            self.tracker.log_metrics(run_id, m, step=point)
             st.mark_alive(study, trial)
             self.say(
-                f"    epoch {epoch}/{cfg.epochs}  train acc {m['train_acc']:.4f} "
+                f"    {unit_name} {point}/{last}  train acc {m['train_acc']:.4f} "
                 f"loss {m['train_loss']:.4f} | val acc {m['val_acc']:.4f} "
                 f"loss {m['val_loss']:.4f} | {m['epoch_seconds']:.1f}s"
             )
@@ -341,17 +357,18 @@ class Worker:
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 raise Interrupted("parent process died")
             if unit.role == "tune":
-                trial.report(m["val_acc"], epoch)
-                # At the last epoch the work is done: keep it as a complete trial.
-                if epoch < cfg.epochs and trial.should_prune():
-                    raise optuna.TrialPruned(f"median pruner at epoch {epoch}")
+                trial.report(m["val_acc"], point)
+                # At the last point the work is done: keep it as a complete trial.
+                if point < last and trial.should_prune():
+                    raise optuna.TrialPruned(f"median pruner at {unit_name} {point}")
 
         try:
             splits = load_splits(self.opts.data_root, cfg)
+            last = last_point(cfg, len(splits.train_x))
             result = train(cfg, splits, on_epoch)
             if unit.role == "final":
                 test = evaluate_test(result.model, splits, cfg)
-                self.tracker.log_metrics(run_id, test, step=cfg.epochs)
+                self.tracker.log_metrics(run_id, test, step=last)
                 trial.set_user_attr("test_acc", test["test_acc"])
                 if self.opts.log_models:
                     self.tracker.log_model(run_id, result.model)

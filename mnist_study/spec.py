@@ -1,5 +1,7 @@
 """Study specs: TOML files in experiments/, validated completely before anything runs.
 
+base = "ablations.toml"  # optional: start from that file (beside this one); this file
+                         # then states only what it changes, key by key
 [study]                  # how the study is run (all keys optional)
 trials = 8               # Optuna trials per variant, the same for every variant
 seeds = [0, 1, 2]        # final runs per variant; only these see the test set
@@ -17,6 +19,7 @@ search.lr = { low = 1e-4, high = 1e-2, log = true }  # nuisance hyperparameters
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 import typing
@@ -69,6 +72,8 @@ class StudySpec:
     settings: StudySettings
     defaults: TrainConfig
     variants: tuple[Variant, ...] = field(default_factory=tuple)
+    resolved: dict = field(default_factory=dict, compare=False)
+    """The spec with its base merged in: what MLflow records, what a resume compares."""
 
     def config_for(self, variant: Variant, params: dict[str, object]) -> TrainConfig:
         return self.defaults.replace(
@@ -83,13 +88,13 @@ SETTING_RANGES = {
 }
 MAX_SEEDS = 1000
 
-TOP_KEYS = {"name", "description", "study", "defaults", "variants"}
+TOP_KEYS = {"name", "description", "study", "defaults", "variants"}  # and "base", resolved
 VARIANT_KEYS = {"description", "set", "search"}
 RANGE_KEYS = {"low", "high", "log"}
 
 
 def load_spec(path: Path | str) -> StudySpec:
-    """Read and validate a study file; any problem raises SpecError (one line)."""
+    """Read and validate a study file (and its base); any problem raises SpecError."""
     return parse_spec(read_spec_text(Path(path)), Path(path))
 
 
@@ -113,13 +118,58 @@ def read_spec_text(path: Path) -> str:
 
 
 def parse_spec(text: str, path: Path) -> StudySpec:
+    """A spec from its TOML text; a `base` is read relative to `path`'s folder."""
+    return parse_raw(resolve_base(parse_toml(text, path), path, (path.resolve(),)), path)
+
+
+def spec_from_record(text: str, path: Path) -> StudySpec:
+    """The spec a study recorded when it started: resolved JSON (or, from older
+    versions of this tool, the file's TOML text)."""
+    if text.lstrip().startswith("{"):
+        return parse_raw(json.loads(text), path)
+    return parse_spec(text, path)
+
+
+def parse_toml(text: str, path: Path) -> dict:
     try:
-        raw = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         # Also catches a variant declared twice ("Cannot declare ... twice").
         raise SpecError(f"{path}: not valid TOML: {exc}") from None
     except RecursionError:
         raise SpecError(f"{path}: nested too deeply to be a study spec") from None
+
+
+def resolve_base(raw: dict, path: Path, chain: tuple[Path, ...]) -> dict:
+    """`raw` merged onto its base file, recursively. The base's `name` is not inherited:
+    a derived spec is a study of its own (its file name, unless it sets `name`)."""
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base:
+        raise SpecError(f"{path}: base = {base!r}; must be the file name of another spec")
+    base_path = path.parent / base
+    if base_path.resolve() in chain:
+        raise SpecError(f"{path}: base = {base!r} leads back to itself")
+    inherited = resolve_base(
+        parse_toml(read_spec_text(base_path), base_path), base_path, (*chain, base_path.resolve())
+    )
+    inherited.pop("name", None)
+    return merge(inherited, raw)
+
+
+def merge(base: dict, changes: dict) -> dict:
+    """Tables merge key by key; any other value in `changes` replaces the base's."""
+    out = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_raw(raw: dict, path: Path) -> StudySpec:
     where = str(path)
     unknown(raw, TOP_KEYS, where, "")
     name = raw.get("name", path.stem)
@@ -134,7 +184,7 @@ def parse_spec(text: str, path: Path) -> StudySpec:
     variants = tuple(
         parse_variant(vname, body, defaults, where) for vname, body in variants_table.items()
     )
-    return StudySpec(name, path, settings, defaults, variants)
+    return StudySpec(name, path, settings, defaults, variants, raw | {"name": name})
 
 
 def table(value: object, where: str, key: str) -> dict:
@@ -268,8 +318,8 @@ def refuse_changed_study(spec: StudySpec, recorded_text: str | None, where: str)
     if not recorded_text:
         return
     try:
-        old = parse_spec(recorded_text, spec.path)
-    except SpecError:
+        old = spec_from_record(recorded_text, spec.path)
+    except (SpecError, ValueError):
         return  # written by an older version of this tool: nothing to compare against
     changed = [
         label

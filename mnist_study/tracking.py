@@ -89,7 +89,12 @@ def check_server(tracking_uri: str) -> None:
                 os.environ[key] = value
 
 
-def prepare_store(tracking_uri: str, experiment: str, description: str = "") -> str:
+SPEC_TAG = "mnist_study.spec"  # the resolved spec (JSON) a study started with
+
+
+def prepare_store(
+    tracking_uri: str, experiment: str, description: str = "", spec_json: str = ""
+) -> str:
     """Create the database and the experiment once, before any worker starts.
 
     Several processes creating a fresh SQLite store at once race on its tables (two
@@ -97,12 +102,12 @@ def prepare_store(tracking_uri: str, experiment: str, description: str = "") -> 
     """
     database = sqlite_file(tracking_uri)
     if database is None:
-        return create_experiment(tracking_uri, experiment, description)
+        return create_experiment(tracking_uri, experiment, description, spec_json)
     with file_lock(database.with_name(database.name + ".create.lock")):
-        return create_experiment(tracking_uri, experiment, description)
+        return create_experiment(tracking_uri, experiment, description, spec_json)
 
 
-def create_experiment(tracking_uri: str, experiment: str, description: str) -> str:
+def create_experiment(tracking_uri: str, experiment: str, description: str, spec_json: str) -> str:
     database = sqlite_file(tracking_uri)
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
@@ -113,17 +118,22 @@ def create_experiment(tracking_uri: str, experiment: str, description: str) -> s
         location = ((database.parent / "artifacts").resolve() / experiment).as_uri()
     elif not tracking_uri.startswith(("http://", "https://")):  # a database: local folder
         location = (Path("mlruns/artifacts").resolve() / experiment).as_uri()
-    tags = {"mlflow.note.content": description} if description else None
+    tags = {"mlflow.note.content": description} if description else {}
+    if spec_json:
+        tags[SPEC_TAG] = spec_json
     return client.create_experiment(experiment, artifact_location=location, tags=tags)
 
 
 def recorded_spec(tracking_uri: str, experiment: str) -> str | None:
-    """The study file text saved on the experiment when the study started, if any."""
+    """The spec saved on the experiment when the study started (resolved JSON, or the
+    file's text from older versions), if any."""
     database = sqlite_file(tracking_uri)
     if database is not None and not database.exists():
         return None  # nothing recorded; do not create the database just to look
     found = MlflowClient(tracking_uri).get_experiment_by_name(experiment)
-    return found.tags.get("mlflow.note.content") if found else None
+    if found is None:
+        return None
+    return found.tags.get(SPEC_TAG) or found.tags.get("mlflow.note.content")
 
 
 @functools.cache

@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -93,26 +94,34 @@ def prepare_batch(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+def batch_order(
+    n: int, batch_size: int, order: torch.Generator, device: torch.device
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(pass number, batch indices) without end: a fresh seeded permutation per pass, the
+    last batch of a pass possibly smaller."""
+    for pass_number in itertools.count(1):
+        perm = torch.randperm(n, generator=order).to(device)
+        for start in range(0, n, batch_size):
+            yield pass_number, perm[start : start + batch_size]
+
+
 def train_steps(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     x: torch.Tensor,
     y: torch.Tensor,
     cfg: TrainConfig,
-    order: torch.Generator,
+    batches: Iterator[tuple[int, torch.Tensor]],
     augment_rng: torch.Generator | None,
-    epoch: int = 1,
-    max_steps: int | None = None,
+    steps: int,
+    first_step: int = 1,
 ) -> float:
-    """One pass over (x, y) in a random order; returns the mean training loss."""
+    """`steps` optimizer steps on the next batches of `batches`; the mean training loss."""
     model.train()
     device = x.device
-    perm = torch.randperm(len(x), generator=order).to(device)
     total, seen = 0.0, 0
-    for step, start in enumerate(range(0, len(x), cfg.batch_size), 1):
-        if max_steps is not None and step > max_steps:
-            break
-        idx = perm[start : start + cfg.batch_size]
+    for step in range(first_step, first_step + steps):
+        pass_number, idx = next(batches)
         xb, yb = x[idx], y[idx]
         if augment_rng is not None:
             xb = random_affine(xb, augment_rng, cfg.rotate_deg, cfg.shift, cfg.zoom)
@@ -120,13 +129,38 @@ def train_steps(
             loss = F.cross_entropy(model(prepare_batch(xb)), yb)
         value = loss.item()
         if not math.isfinite(value):
-            raise Diverged(epoch, step, value)
+            raise Diverged(pass_number, step, value)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         total += value * len(idx)
         seen += len(idx)
     return total / seen
+
+
+def evaluation_points(cfg: TrainConfig, n_train: int) -> list[int]:
+    """The optimizer steps after which a run is evaluated (the last one ends training).
+
+    By default one per epoch. With `steps`, training lasts that many steps whatever the
+    training-set size, and `evals` spreads the evaluations evenly over them, so that a
+    500-image run (8 steps an epoch) still has a curve.
+    """
+    per_epoch = math.ceil(n_train / cfg.batch_size)
+    total = cfg.steps or cfg.epochs * per_epoch
+    if cfg.evals:
+        return sorted({max(1, round(total * i / cfg.evals)) for i in range(1, cfg.evals + 1)})
+    return sorted({min(total, per_epoch * e) for e in range(1, math.ceil(total / per_epoch) + 1)})
+
+
+def by_steps(cfg: TrainConfig) -> bool:
+    """Whether a run's curve is indexed by optimizer step (else by epoch)."""
+    return bool(cfg.steps or cfg.evals)
+
+
+def last_point(cfg: TrainConfig, n_train: int) -> int:
+    """The index (MLflow step) of a run's last evaluation, where its test metrics go."""
+    points = evaluation_points(cfg, n_train)
+    return points[-1] if by_steps(cfg) else len(points)
 
 
 @torch.no_grad()
@@ -154,11 +188,13 @@ def train(
     splits: Splits,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
-    """Train `cfg` for cfg.epochs; call on_epoch(epoch, metrics) after each epoch.
+    """Train `cfg`; call on_epoch(point, metrics) at each evaluation point: the epoch
+    number, or with `steps`/`evals` the optimizer step (see evaluation_points).
 
-    Metrics per epoch: train_loss/train_acc (clean eval-mode pass over a fixed training
+    Metrics per point: train_loss/train_acc (clean eval-mode pass over a fixed training
     subset, so dropout and augmentation do not hide the gap), train_loss_running (mean
-    optimizer loss), val_loss, val_acc, lr, epoch_seconds (the training pass alone).
+    optimizer loss), val_loss, val_acc, lr, epoch_seconds (training since the previous
+    point, evaluation left out), optimizer_steps (so far).
     Raises Diverged if the loss stops being finite. The test set is not touched.
     """
     if cfg.threads:
@@ -173,12 +209,23 @@ def train(
     order = torch.Generator().manual_seed(cfg.seed)
     augment_rng = torch.Generator().manual_seed(cfg.seed + 1) if cfg.augment else None
     result = TrainResult(model)
-    for epoch in range(1, cfg.epochs + 1):
+    batches = batch_order(len(splits.train_x), cfg.batch_size, order, device)
+    done = 0
+    for number, point in enumerate(evaluation_points(cfg, len(splits.train_x)), 1):
         started = time.perf_counter()
         running = train_steps(
-            model, optimizer, splits.train_x, splits.train_y, cfg, order, augment_rng, epoch
+            model,
+            optimizer,
+            splits.train_x,
+            splits.train_y,
+            cfg,
+            batches,
+            augment_rng,
+            point - done,
+            done + 1,
         )
         seconds = time.perf_counter() - started
+        done = point
         train_loss, train_acc = evaluate(model, splits.train_eval_x, splits.train_eval_y, cfg)
         val_loss, val_acc = evaluate(model, splits.val_x, splits.val_y, cfg)
         metrics = {
@@ -189,10 +236,11 @@ def train(
             "val_acc": val_acc,
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_seconds": seconds,
+            "optimizer_steps": point,
         }
         result.history.append(metrics)
         if on_epoch is not None:
-            on_epoch(epoch, metrics)
+            on_epoch(point if by_steps(cfg) else number, metrics)
     return result
 
 

@@ -164,7 +164,8 @@ search.lr = { low = 1e-3, high = 2e-3 }
 
 def test_resuming_with_a_changed_study_file_is_refused(smoke_study, tmp_path):
     spec, tracking, storage = smoke_study
-    original = spec.path.read_text()
+    base = REPO / "experiments" / "ablations.toml"
+    original = spec.path.read_text().replace('"ablations.toml"', f'"{base}"')  # moved away
     before = len(runs(tracking, spec.name)[1])
     args = ["--tracking-uri", tracking, "--storage", storage, "--quiet"]
     changed = tmp_path / "changed" / "smoke.toml"
@@ -177,8 +178,8 @@ def test_resuming_with_a_changed_study_file_is_refused(smoke_study, tmp_path):
     assert len(runs(tracking, spec.name)[1]) == before
     # Reworded comments and descriptions are the same design: it resumes (nothing to do).
     reworded = tmp_path / "smoke.toml"
-    text = original.replace('description = "', 'description = "reworded ', 2)  # study, baseline
-    reworded.write_text("# reworded\n" + text)
+    text = original + '[variants.baseline]\ndescription = "reworded"\n'
+    reworded.write_text('# reworded\ndescription = "reworded"\n' + text)
     done = cli("run", str(reworded), *args)
     assert done.returncode == 0, done.stderr
     assert len(runs(tracking, spec.name)[1]) == before

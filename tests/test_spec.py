@@ -160,6 +160,59 @@ def test_every_numeric_config_field_has_a_range():
     assert set(RANGES) == {k for k, h in hints.items() if h in (int, float)}
 
 
+def test_a_derived_spec_states_only_its_overrides(tmp_path):
+    ablations = load_spec(REPO / "experiments" / "ablations.toml")
+    quick = load_spec(REPO / "experiments" / "quick.toml")
+    assert quick.name == "quick"  # the base's name is never inherited
+    assert quick.variants == ablations.variants
+    assert (quick.settings.trials, quick.settings.seeds) == (4, (0, 1))
+    assert (quick.defaults.epochs, quick.defaults.train_size) == (2, 10_000)
+    assert quick.defaults.batch_size == ablations.defaults.batch_size
+    assert quick.resolved["variants"] == ablations.resolved["variants"]
+    (tmp_path / "base.toml").write_text(GOOD + 'description = "base"\n')
+    child = tmp_path / "child.toml"
+    # A table merges key by key: a variant's range changes, its description stays.
+    child.write_text('base = "base.toml"\n[variants.baseline.search.lr]\nhigh = 3e-2\n')
+    (baseline,) = load_spec(child).variants
+    assert (baseline.search["lr"].low, baseline.search["lr"].high) == (1e-4, 3e-2)
+    assert baseline.description == "base"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('base = "base.toml"\n[study]\ntrails = 3\n', "unknown key 'study.trails'"),
+        ('base = "base.toml"\n[defaults]\nepoch = 3\n', "unknown key 'epoch'"),
+        ('base = "nope.toml"\n', "nope.toml: no such experiment file"),
+        ('base = "child.toml"\n', "leads back to itself"),
+        ("base = 3\n", "base = 3; must be the file name of another spec"),
+    ],
+    ids=["study key", "defaults key", "missing base", "cycle", "not a name"],
+)
+def test_bad_derived_spec_is_refused(tmp_path, text, expected):
+    (tmp_path / "base.toml").write_text(GOOD)
+    child = tmp_path / "child.toml"
+    child.write_text(text)
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(")) as err:
+        load_spec(child)
+    assert "\n" not in str(err.value)
+
+
+def test_a_change_in_the_base_is_a_changed_study(tmp_path):
+    import json
+
+    from mnist_study.spec import refuse_changed_study
+
+    (tmp_path / "base.toml").write_text(GOOD)
+    child = tmp_path / "child.toml"
+    child.write_text('base = "base.toml"\n[study]\nseeds = [0]\n')
+    recorded = json.dumps(load_spec(child).resolved)
+    refuse_changed_study(load_spec(child), recorded, "store")  # unchanged: resumes
+    (tmp_path / "base.toml").write_text(GOOD.replace("high = 1e-2", "high = 2e-2"))
+    with pytest.raises(SpecError, match=r"changed since study 'child' started in store \(variants"):
+        refuse_changed_study(load_spec(child), recorded, "store")
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(SpecError, match="no such experiment file"):
         load_spec(Path(tmp_path / "nope.toml"))

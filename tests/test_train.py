@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from mnist_study.config import TrainConfig
-from mnist_study.train import Diverged, evaluate_test, train
+from mnist_study.train import Diverged, evaluate_test, evaluation_points, train
 
 SMALL = TrainConfig(train_size=1000, val_size=500, train_eval_size=500, epochs=2, threads=1)
 KEYS = {
@@ -18,6 +18,7 @@ KEYS = {
     "val_acc",
     "lr",
     "epoch_seconds",
+    "optimizer_steps",
 }
 
 
@@ -92,3 +93,27 @@ def test_train_command_logs_each_seed_to_mlflow(tmp_path):
         assert run.info.status == "FINISHED" and run.data.params["seed"] in ("0", "1")
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2]
         assert 0 < run.data.metrics["test_acc"] <= 1
+
+
+def test_evaluation_points_by_epoch_or_spread_over_steps():
+    cfg = TrainConfig(train_size=1000, batch_size=64, epochs=3)  # 16 steps an epoch
+    assert evaluation_points(cfg, 1000) == [16, 32, 48]
+    assert evaluation_points(cfg.replace(steps=50, evals=10), 1000) == list(range(5, 51, 5))
+    assert evaluation_points(cfg.replace(steps=40), 1000) == [16, 32, 40]
+    # 300 images are 5 steps an epoch: 10 points still, whatever the size.
+    assert len(evaluation_points(cfg.replace(steps=30, evals=10), 300)) == 10
+
+
+def test_steps_train_exactly_like_epochs_and_log_at_each_point(small_splits):
+    per_epoch = -(-len(small_splits.train_x) // SMALL.batch_size)
+    by_epoch = train(SMALL, small_splits)
+    seen = []
+    by_step = train(
+        SMALL.replace(steps=2 * per_epoch, evals=2),
+        small_splits,
+        on_epoch=lambda point, m: seen.append(point),
+    )
+    assert seen == [per_epoch, 2 * per_epoch]
+    assert without_time(by_step.history) == without_time(by_epoch.history)
+    for a, b in zip(by_epoch.model.parameters(), by_step.model.parameters(), strict=True):
+        assert a.equal(b)
