@@ -151,10 +151,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from mnist_study.processes import cap_workers
     from mnist_study.runner import RunOptions, StudyIncomplete, run_study
     from mnist_study.spec import load_spec
     from mnist_study.storage import check_storage_url
-    from mnist_study.workers import cap_workers
 
     spec = load_spec(args.spec)
     check_storage_url(args.storage)

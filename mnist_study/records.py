@@ -11,7 +11,7 @@ import optuna
 from mlflow.tracking import MlflowClient
 
 from mnist_study.config import ConfigError
-from mnist_study.spec import StudySpec
+from mnist_study.spec import StudySpec, Variant
 from mnist_study.tracking import sqlite_file
 
 
@@ -19,11 +19,9 @@ class StoresDisagree(ConfigError):
     """The MLflow store and the Optuna storage describe different histories."""
 
 
-def study_names(spec: StudySpec) -> list[str]:
-    """The Optuna studies of a spec: per variant, its tuning and its final seeds."""
-    return [
-        n for v in spec.variants for n in (f"{spec.name}.{v.name}", f"{spec.name}.{v.name}.final")
-    ]
+def study_names(spec: StudySpec, variant: Variant) -> tuple[str, str]:
+    """A variant's Optuna studies: its tuning, and its final seeds."""
+    return f"{spec.name}.{variant.name}", f"{spec.name}.{variant.name}.final"
 
 
 @dataclass
@@ -37,7 +35,7 @@ class OptunaSide:
 def optuna_side(storage: optuna.storages.BaseStorage, spec: StudySpec) -> OptunaSide:
     existing = set(optuna.get_all_study_names(storage))
     trials, run_ids = 0, {}
-    for name in study_names(spec):
+    for name in (n for v in spec.variants for n in study_names(spec, v)):
         if name not in existing:
             continue
         for t in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False):

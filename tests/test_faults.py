@@ -18,12 +18,12 @@ from helpers import REPO, assert_budget_met_exactly, cli, runs, stores, trial_st
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
+from mnist_study.processes import cap_workers, worker_cap
 from mnist_study.publish import write_report
 from mnist_study.report import collect, summarize
 from mnist_study.runner import RunOptions, run_study
 from mnist_study.spec import load_spec
 from mnist_study.storage import open_storage, process_is_gone
-from mnist_study.workers import cap_workers, worker_cap
 
 TINY = """
 [study]
