@@ -136,10 +136,10 @@ def train_seed(cfg: TrainConfig, splits, test: bool, tracker) -> dict[str, float
     except BaseException as exc:
         if run_id is not None:
             outcome = Outcome.of(exc)
-            tracker.end(run_id, outcome, outcome.reason(exc))
+            tracker.end(run_id, outcome, outcome.reason(exc), trial=False)
         raise
     if run_id is not None:
-        tracker.end(run_id, Outcome.COMPLETE)
+        tracker.end(run_id, Outcome.COMPLETE, trial=False)
     return final
 
 

@@ -241,9 +241,11 @@ class Tracker:
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "mnist-study"],
             )
 
-    def end(self, run_id: str, outcome: Outcome, reason: str = "") -> None:
-        """Close a run as `outcome`, with the Optuna state it mirrors."""
-        tags = {"optuna_state": outcome.trial_state.name}
+    def end(self, run_id: str, outcome: Outcome, reason: str = "", trial: bool = True) -> None:
+        """Close a run as `outcome`; a trial's run also gets the Optuna state it mirrors."""
+        tags = {"outcome": outcome.value[0]}
+        if trial:
+            tags["optuna_state"] = outcome.trial_state.name
         if reason:
             key = "prune_reason" if outcome.trial_state.name == "PRUNED" else "fail_reason"
             tags[key] = reason[:500]

@@ -1,5 +1,5 @@
 """One worker: claims units of work (a tuning trial, or the final run of one seed) under
-a lock, in cell order, and runs them. Each unit is tracked twice: as an Optuna trial (the
+a lock, in variant order, and runs them. Each unit is tracked twice: as an Optuna trial (the
 record of what is done) and as an MLflow child run (its mirror: curves, tags, model).
 """
 
@@ -62,7 +62,7 @@ _stop_signal = threading.Event()
 
 def on_stop_signal(signum, frame) -> None:
     """Ctrl-C or SIGTERM: raise at once, and remember: Python drops an exception raised
-    while a destructor runs, so the worker also checks the flag after every epoch."""
+    while a destructor runs, so the worker also checks the flag at every evaluation."""
     _stop_signal.set()
     raise Interrupted(signal.Signals(signum).name)
 

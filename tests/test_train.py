@@ -91,6 +91,7 @@ def test_train_command_logs_each_seed_to_mlflow(tmp_path):
     assert sorted(r.info.run_name for r in found) == ["train/seed-0", "train/seed-1"]
     for run in found:
         assert run.info.status == "FINISHED" and run.data.params["seed"] in ("0", "1")
+        assert run.data.tags["outcome"] == "complete" and "optuna_state" not in run.data.tags
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2]
         assert 0 < run.data.metrics["test_acc"] <= 1
 
