@@ -29,7 +29,7 @@ def pct(x: float, digits: int = 2) -> str:
 
 def markdown_table(table: pd.DataFrame) -> str:
     head = (
-        "| variant | change | tuned | test acc (95% CI) | n | Δ test, points (p) "
+        "| variant | change | tuned | test acc (95% CI) | n | Δ test, points ± resolution (p) "
         "| train acc | val acc | acc gap last / best | loss gap last / best | best epoch "
         "| trials C/P/F | s/run |"
     )
@@ -40,7 +40,8 @@ def markdown_table(table: pd.DataFrame) -> str:
         diff = (
             ""
             if math.isnan(r.diff_vs_baseline) or r.variant == "baseline"
-            else f"{r.diff_vs_baseline * 100:+.2f} (p={r.p_welch:.2g}, Holm {r.p_holm:.2g})"
+            else f"{r.diff_vs_baseline * 100:+.2f} ± {r.diff_ci95 * 100:.2f} "
+            f"(p={r.p_welch:.2g}, Holm {r.p_holm:.2g})"
         )
         loss = (
             "–" if math.isnan(r.loss_gap_last) else f"{r.loss_gap_last:.4f} / {r.loss_gap_best:.4f}"
@@ -165,8 +166,11 @@ def write_report(
             "",
             SEED_LINE,
             "",
-            "Test accuracy: mean ± 95% t-interval over final seeds; p: Welch's t-test "
-            "against the baseline's seeds, and Holm-adjusted over all variants. "
+            "Test accuracy: mean ± 95% t-interval over final seeds. Δ test: difference "
+            "from the baseline ± the half-width of its 95% Welch interval, the resolution "
+            "of the comparison: an effect smaller than it cannot be told from zero with "
+            "these seeds. p: Welch's t-test against the baseline's seeds, and "
+            "Holm-adjusted over all variants. "
             "Gaps: train − validation accuracy and validation − train loss, at the last "
             "and at the best-validation epoch. "
             "Trials C/P/F: complete / pruned / failed. s/run: training time of one "

@@ -163,6 +163,18 @@ def welch_p(a: list[float], b: list[float]) -> float:
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
+def welch_half_width(a: list[float], b: list[float]) -> float:
+    """Half-width of the 95% Welch interval of mean(a) - mean(b): the resolution of the
+    comparison. A difference inside it cannot be told from zero with these seeds."""
+    if len(a) < 2 or len(b) < 2:
+        return math.nan
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    if va + vb == 0:
+        return 0.0
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    return float(stats.t.ppf(0.975, df) * math.sqrt(va + vb))
+
+
 def holm(ps: pd.Series) -> pd.Series:
     """Holm-Bonferroni adjusted p-values (NaNs left out): comparing every variant to the
     baseline is several tests at once, and one of them passing p<0.05 by luck is likely."""
@@ -228,6 +240,9 @@ def summarize(data: StudyData) -> pd.DataFrame:
                 "n": len(accs),
                 "diff_vs_baseline": mean - statistics.mean(base_accs)
                 if base_accs and accs
+                else math.nan,
+                "diff_ci95": welch_half_width(accs, base_accs)
+                if variant != "baseline"
                 else math.nan,
                 "p_welch": welch_p(accs, base_accs) if variant != "baseline" else math.nan,
                 "train_acc_last": avg(last.get("train_acc")),

@@ -53,6 +53,9 @@ def test_one_row_per_variant_with_values_recomputed_from_runs(smoke_report):
             assert 0 <= row.p_welch <= row.p_holm <= 1
             expected = stats.ttest_ind(values, accs["baseline"], equal_var=False).pvalue
             assert row.p_welch == pytest.approx(expected, nan_ok=True)
+            interval = stats.ttest_ind(values, accs["baseline"], equal_var=False)
+            low, high = interval.confidence_interval(0.95)
+            assert row.diff_ci95 == pytest.approx((high - low) / 2)
             assert row.diff_vs_baseline == pytest.approx(
                 statistics.mean(values) - statistics.mean(accs["baseline"])
             )
