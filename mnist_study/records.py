@@ -59,11 +59,14 @@ def mlflow_children(tracking_uri: str, experiment: str) -> dict[str, str] | None
 
 
 def check_stores_agree(
-    spec: StudySpec, tracking_uri: str, storage_url: str, storage: optuna.storages.BaseStorage
+    spec: StudySpec,
+    tracking_uri: str,
+    storage_url: str,
+    storage: optuna.storages.BaseStorage | None,
 ) -> None:
     """Raise StoresDisagree (one line: which store, what to do) unless both records hold
-    the same study, or neither holds it yet."""
-    side = optuna_side(storage, spec)
+    the same study, or neither holds it yet. `storage` None: the storage file is missing."""
+    side = optuna_side(storage, spec) if storage is not None else OptunaSide(0, {})
     runs = mlflow_children(tracking_uri, spec.name) or {}
     fresh = f'or set a new name = "..." at the top of {spec.path} to start a new study'
     if runs and side.trials == 0:

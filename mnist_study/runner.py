@@ -45,6 +45,8 @@ def run_study(spec: StudySpec, opts: RunOptions) -> None:
     """Check inputs and stores, create the studies, then run the workers until done."""
     preflight(spec, opts)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if not st.storage_exists(opts.storage):  # refuse before creating an empty one
+        check_stores_agree(spec, opts.tracking_uri, opts.storage, None)
     storage = st.open_storage(opts.storage)
     # Under the claim lock: a second command started at once waits, then sees the first's
     # studies as existing ones (and never races MLflow's table creation).

@@ -93,6 +93,7 @@ def test_lost_optuna_storage_is_refused_not_rerun(finished, tmp_path):
     done = cli(*run_args(spec, tracking, storage))
     one_line_error(done, "Optuna storage", storage, "none of its trials", "restore", "new name")
     assert len(runs(tracking, "tiny")[1]) == before
+    assert not Path(storage).exists()  # the refusal creates no empty storage
 
 
 def test_lost_mlflow_store_is_refused(finished, tmp_path):
