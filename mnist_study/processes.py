@@ -96,8 +96,9 @@ def run_workers(
                     continue
                 if p.exitcode == -signal.SIGTERM and stopped:
                     continue
-                deaths.append((i, describe_exit(p.exitcode)))
-                print(f"worker {i} {describe_exit(p.exitcode)}", flush=True)
+                how = describe_exit(p.exitcode)
+                deaths.append((i, how))
+                print(f"worker {i} {how}", flush=True)
                 reap()
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from mnist_study.config import ConfigError
 from mnist_study.spec import StudySpec, Variant
-from mnist_study.tracking import sqlite_file
+from mnist_study.tracking import find_experiment
 
 
 class StoresDisagree(ConfigError):
@@ -47,14 +47,12 @@ def optuna_side(storage: optuna.storages.BaseStorage, spec: StudySpec) -> Optuna
 
 def mlflow_children(tracking_uri: str, experiment: str) -> dict[str, str] | None:
     """run id -> status of the study's tuning and final runs; None without an experiment."""
-    database = sqlite_file(tracking_uri)
-    if database is not None and not database.exists():
-        return None  # do not create the database just to look
-    client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
+    exp = find_experiment(tracking_uri, experiment)
     if exp is None:
         return None
-    found = client.search_runs([exp.experiment_id], "tags.role != 'variant'", max_results=50_000)
+    found = MlflowClient(tracking_uri).search_runs(
+        [exp.experiment_id], "tags.role != 'variant'", max_results=50_000
+    )
     return {r.info.run_id: r.info.status for r in found if r.data.tags["role"] in ("tune", "final")}
 
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
-import optuna
 import pandas as pd
 from mlflow.tracking import MlflowClient
 from scipy import stats
@@ -83,17 +82,13 @@ def trial_run_ids(storage: str | None, spec: StudySpec | None) -> set[str] | str
     """The MLflow run ids Optuna's record links to trials, or why they cannot be had.
     Reads only: a missing storage is not created."""
     from mnist_study.records import optuna_side
-    from mnist_study.storage import is_remote, storage_exists
+    from mnist_study.storage import connect, storage_exists
 
     if storage is None or spec is None:
         return "no Optuna storage given: runs not cross-checked against trials"
     if not storage_exists(storage):
         return f"Optuna storage {storage} not found: runs not cross-checked against trials"
-    if is_remote(storage):
-        opened = optuna.storages.RDBStorage(storage)
-    else:
-        opened = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage))
-    side = optuna_side(opened, spec)
+    side = optuna_side(connect(storage), spec)
     if side.trials == 0:
         return f"Optuna storage {storage} holds no trials of this study: runs not cross-checked"
     return set(side.run_ids)

@@ -91,10 +91,18 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     would glue the next record to it and make the whole file unreadable.
     """
     check_storage_location(url)
+    if not is_remote(url):
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        repair_torn_journal(Path(url))
+    return connect(url)
+
+
+def connect(url: str) -> optuna.storages.BaseStorage:
+    """The storage at `url` as it is: no checks, no repair (readers; Optuna ignores a
+    torn last record when reading). A missing journal file would be created: callers
+    that must not write check storage_exists first."""
     if is_remote(url):
         return RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
-    Path(url).parent.mkdir(parents=True, exist_ok=True)
-    repair_torn_journal(Path(url))
     return JournalStorage(JournalFileBackend(url))
 
 

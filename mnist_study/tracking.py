@@ -124,13 +124,19 @@ def create_experiment(tracking_uri: str, experiment: str, description: str, spec
     return client.create_experiment(experiment, artifact_location=location, tags=tags)
 
 
+def find_experiment(tracking_uri: str, experiment: str):
+    """The experiment, or None; a SQLite store that does not exist yet is not created
+    just to look."""
+    database = sqlite_file(tracking_uri)
+    if database is not None and not database.exists():
+        return None
+    return MlflowClient(tracking_uri).get_experiment_by_name(experiment)
+
+
 def recorded_spec(tracking_uri: str, experiment: str) -> str | None:
     """The spec saved on the experiment when the study started (resolved JSON, or the
     file's text from older versions), if any."""
-    database = sqlite_file(tracking_uri)
-    if database is not None and not database.exists():
-        return None  # nothing recorded; do not create the database just to look
-    found = MlflowClient(tracking_uri).get_experiment_by_name(experiment)
+    found = find_experiment(tracking_uri, experiment)
     if found is None:
         return None
     return found.tags.get(SPEC_TAG) or found.tags.get("mlflow.note.content")

@@ -15,15 +15,13 @@ from pathlib import Path
 import optuna
 import pytest
 from helpers import REPO, assert_budget_met_exactly, cli, runs, stores, trial_states
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 
 from mnist_study.processes import cap_workers, worker_cap
 from mnist_study.publish import write_report
 from mnist_study.report import collect, summarize
 from mnist_study.runner import RunOptions, run_study
 from mnist_study.spec import load_spec
-from mnist_study.storage import open_storage, process_is_gone
+from mnist_study.storage import connect, open_storage, process_is_gone
 
 TINY = """
 [study]
@@ -156,8 +154,7 @@ def wait_for_running_trial(storage: str, study: str, worker: int | None, timeout
     while time.time() < deadline:
         time.sleep(0.3)
         try:  # read only, as any Optuna client would
-            journal = JournalStorage(JournalFileBackend(storage))
-            trials = optuna.load_study(study_name=study, storage=journal).trials
+            trials = optuna.load_study(study_name=study, storage=connect(storage)).trials
         except (KeyError, ValueError):
             continue
         for t in trials:
