@@ -12,7 +12,7 @@ WORKERS ?= 2
 TRACKING := sqlite:///mlruns/mlflow.db
 UI_PORT ?= 5000
 
-.PHONY: help install data train test test-slow lint bench ablations quick report ui dashboard clean
+.PHONY: help install data train test test-slow lint bench ablations scarcity quick report ui dashboard clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -50,6 +50,10 @@ bench: data ## training speed, textbook loop vs ours side by side (+ ARGS="--stu
 ablations: data ## run the study in experiments/ablations.toml (~80 min; rerun to resume), then report
 	@$(BIN)/mnist-study --data-root $(DATA) run experiments/ablations.toml --workers $(WORKERS) $(ARGS)
 	@$(MAKE) --no-print-directory report
+
+scarcity: data ## the variants at 300 to 10,000 training images (~2 h on 2 cores; rerun to resume), then report
+	@$(BIN)/mnist-study --data-root $(DATA) run experiments/scarcity.toml --workers $(WORKERS) $(ARGS)
+	@$(BIN)/mnist-study report experiments/scarcity.toml --readme README.md
 
 quick: data ## the same variants on a small budget (minutes), then its report in reports/quick/
 	@$(BIN)/mnist-study --data-root $(DATA) run experiments/quick.toml --workers $(WORKERS) $(ARGS)

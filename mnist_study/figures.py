@@ -25,8 +25,11 @@ def colors(variants: list[str]) -> dict[str, tuple]:
     return {v: cmap(i % 10) for i, v in enumerate(variants)}
 
 
-def curves_figure(curves: pd.DataFrame, variants: list[str], path: Path) -> None:
-    """2x2 panels, every variant on shared axes: mean over seeds, band = min..max."""
+def curves_figure(
+    curves: pd.DataFrame, variants: list[str], path: Path, x: str = "epoch", title: str = ""
+) -> None:
+    """2x2 panels, every variant on shared axes: mean over seeds, band = min..max.
+    `x` names what the curves' steps count (epochs, or optimizer steps)."""
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
     palette = colors(variants)
     for ax, metric in zip(axes.flat, TITLES, strict=True):
@@ -42,11 +45,11 @@ def curves_figure(curves: pd.DataFrame, variants: list[str], path: Path) -> None
         ax.set_ylabel("accuracy" if metric.endswith("acc") else "cross-entropy")
         ax.grid(alpha=0.3)
     for ax in axes[1]:
-        ax.set_xlabel("epoch")
+        ax.set_xlabel(x)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4) or 1, frameon=False)
-    fig.suptitle("Final runs per variant: mean over seeds, band = min–max")
+    fig.suptitle(title or "Final runs per variant: mean over seeds, band = min–max")
     fig.tight_layout(rect=(0, 0.08, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -141,4 +144,36 @@ def tuning_figure(runs: pd.DataFrame, variants: list[str], path: Path) -> None:
     fig.suptitle("Tuning history per variant (validation accuracy at the last epoch reached)")
     fig.tight_layout(rect=(0, 0.06, 1, 0.96))
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def learning_curve_figure(tables: dict[int, pd.DataFrame], path: Path) -> None:
+    """Across training-set sizes (log axis), one line per variant: test accuracy (mean,
+    95% CI over seeds) and the train − validation accuracy gap at the last point."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
+    sizes = sorted(tables)
+    variants = list(dict.fromkeys(v for t in tables.values() for v in t.variant))
+    palette = colors(variants)
+    for i, v in enumerate(variants):
+        rows = [tables[n].set_index("variant").loc[v] for n in sizes]
+        # A small horizontal offset per variant keeps the error bars apart.
+        xs = [n * 1.025 ** (i - len(variants) / 2) for n in sizes]
+        acc = [r.test_acc_mean * 100 for r in rows]
+        err = [0 if math.isnan(r.test_acc_ci95) else r.test_acc_ci95 * 100 for r in rows]
+        left.errorbar(xs, acc, yerr=err, marker="o", ms=4, capsize=3, label=v, color=palette[v])
+        right.plot(xs, [r.acc_gap_last * 100 for r in rows], marker="o", ms=4, color=palette[v])
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.set_xticks(sizes, [f"{n:,}" for n in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("training images")
+        ax.grid(alpha=0.3)
+    left.set_ylabel("test accuracy (%)")
+    left.set_title("Test accuracy: mean ± 95% CI over final seeds")
+    right.axhline(0, color="black", lw=0.8)
+    right.set_ylabel("train − validation accuracy (points)")
+    right.set_title("Generalization gap at the last evaluation")
+    fig.legend(*left.get_legend_handles_labels(), loc="lower center", ncol=4, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(path, dpi=110)
     plt.close(fig)

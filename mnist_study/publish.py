@@ -20,17 +20,21 @@ from mnist_study.report import (
 )
 from mnist_study.spec import SpecError
 
-MARK_START, MARK_END = "<!-- results:start -->", "<!-- results:end -->"
+
+def markers(study: str) -> tuple[str, str]:
+    """The README comments that enclose a study's section (one pair per study)."""
+    return f"<!-- results:{study}:start -->", f"<!-- results:{study}:end -->"
 
 
 def pct(x: float, digits: int = 2) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}%}"
 
 
-def markdown_table(table: pd.DataFrame) -> str:
+def markdown_table(table: pd.DataFrame, point: str = "epoch") -> str:
+    """`point`: what the best-validation column counts (epoch, or optimizer step)."""
     head = (
         "| variant | change | tuned | test acc (95% CI) | n | Δ test, points ± resolution (p) "
-        "| train acc | val acc | acc gap last / best | loss gap last / best | best epoch "
+        f"| train acc | val acc | acc gap last / best | loss gap last / best | best {point} "
         "| trials C/P/F | s/run |"
     )
     lines = [head, "|" + "---|" * 13]
@@ -75,10 +79,16 @@ def provenance_line(data: StudyData) -> str:
     budget = ""
     if data.spec:
         s, d = data.spec.settings, data.spec.defaults
+        length = f"{d.steps} optimizer steps" if d.steps else f"{d.epochs} epochs"
+        sizes = (
+            f"{', '.join(f'{n:,}' for n in s.train_sizes)} train images (one cell each)"
+            if s.train_sizes
+            else f"{d.train_size:,} train images"
+        )
         budget = (
-            f"{s.trials} trials + {len(s.seeds)} seeds {list(s.seeds)} per variant, "
-            f"{d.epochs} epochs, batch {d.batch_size}, {d.train_size:,} train images, "
-            f"{d.precision}; "
+            f"{s.trials} trials + {len(s.seeds)} seeds {list(s.seeds)} per "
+            f"{'cell' if s.train_sizes else 'variant'}, {length}, batch {d.batch_size}, "
+            f"{sizes}, {d.val_size:,} validation images, {d.precision}; "
         )
     span = (end - start).total_seconds() / 60 if pd.notna(end) else math.nan
     busy = busy_minutes(children.start_time, children.end_time)
@@ -109,13 +119,14 @@ def busy_minutes(starts: pd.Series, ends: pd.Series) -> float:
     return total / 60
 
 
-def replace_section(readme: Path, body: str) -> bool:
-    """Swap the text between the results markers; True if the file changed."""
+def replace_section(readme: Path, body: str, study: str) -> bool:
+    """Swap the text between the study's markers; True if the file changed."""
     text = readme.read_text()
-    pattern = re.compile(re.escape(MARK_START) + ".*?" + re.escape(MARK_END), re.S)
+    start, end = markers(study)
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     if not pattern.search(text):
-        raise SpecError(f"{readme}: no {MARK_START} ... {MARK_END} markers to replace")
-    new = pattern.sub(lambda _: f"{MARK_START}\n{body.strip()}\n{MARK_END}", text)
+        raise SpecError(f"{readme}: no {start} ... {end} markers to replace")
+    new = pattern.sub(lambda _: f"{start}\n{body.strip()}\n{end}", text)
     if new != text:
         readme.write_text(new)
     return new != text
@@ -134,48 +145,21 @@ def write_report(
     readme: Path | None = None,
     storage: str | None = None,
 ) -> str:
-    """Write reports/<study>/ (results.md, results.csv, figures), log the figures on the
-    variant parent runs, and (with `readme`) replace its results section. Returns the
-    Markdown section."""
-    from mnist_study import figures
-
+    """Write reports/<study>/ (results.md, CSV, figures), log the figures on the parent
+    runs, and (with `readme`) replace the study's section in it. Returns the section."""
     data = collect(tracking_uri, study, storage)
     out = out_root / study
     out.mkdir(parents=True, exist_ok=True)
-    table = summarize(data) if data.variants else pd.DataFrame()
-    found = checks(data, table) if not table.empty else list(data.problems)
-    lines = [provenance_line(data), ""]
-    pngs = {}
-    if not table.empty:
-        table.drop(columns=["tuned_params"]).to_csv(out / "results.csv", index=False)
-        per_seed = {v: test_accs(data.runs, v) for v in data.variants}
-        pngs = {
-            "curves": out / "curves.png",
-            "test_acc": out / "test_acc.png",
-            "gap": out / "gap.png",
-            "tuning": out / "tuning.png",
-        }
-        figures.curves_figure(data.curves, data.variants, pngs["curves"])
-        figures.test_figure(table, per_seed, pngs["test_acc"])
-        figures.gap_figure(table, pngs["gap"])
-        figures.tuning_figure(data.runs, data.variants, pngs["tuning"])
-        lines += [
-            markdown_table(table),
-            "",
-            verdict(table),
-            "",
-            SEED_LINE,
-            "",
-            "Test accuracy: mean ± 95% t-interval over final seeds. Δ test: difference "
-            "from the baseline ± the half-width of its 95% Welch interval, the resolution "
-            "of the comparison: an effect smaller than it cannot be told from zero with "
-            "these seeds. p: Welch's t-test against the baseline's seeds, and "
-            "Holm-adjusted over all variants. "
-            "Gaps: train − validation accuracy and validation − train loss, at the last "
-            "and at the best-validation epoch. "
-            "Trials C/P/F: complete / pruned / failed. s/run: training time of one "
-            "final run.",
-        ]
+    lines, pngs, found = [provenance_line(data), ""], {}, list(data.problems)
+    if data.variants and data.spec is not None and data.spec.settings.train_sizes:
+        from mnist_study.sweep import sweep_section
+
+        body, pngs, found = sweep_section(data, out)
+        lines += body
+    elif data.variants:
+        body, pngs, found = ablation_section(data, out)
+        lines += body
+    if pngs:
         log_figures(tracking_uri, data, list(pngs.values()))
     lines += ["", "**Checks**: " + ("none raised." if not found else "")]
     lines += [f"- {c}" for c in found]
@@ -195,8 +179,42 @@ def write_report(
         body += "\n\n" + "\n\n".join(f"![{k}]({rel[k].as_posix()})" for k in pngs)
     (out / "results.md").write_text(f"# Study `{study}`\n\n{body}\n")
     if readme is not None:
-        replace_section(readme, body)
+        replace_section(readme, body, study)
     return body
+
+
+def ablation_section(data: StudyData, out: Path) -> tuple[list[str], dict[str, Path], list[str]]:
+    """One table of all variants, its verdict and figures: (lines, figures, checks)."""
+    from mnist_study import figures
+
+    table = summarize(data)
+    table.drop(columns=["tuned_params"]).to_csv(out / "results.csv", index=False)
+    per_seed = {v: test_accs(data.runs, v) for v in data.variants}
+    pngs = {
+        "curves": out / "curves.png",
+        "test_acc": out / "test_acc.png",
+        "gap": out / "gap.png",
+        "tuning": out / "tuning.png",
+    }
+    figures.curves_figure(data.curves, data.variants, pngs["curves"])
+    figures.test_figure(table, per_seed, pngs["test_acc"])
+    figures.gap_figure(table, pngs["gap"])
+    figures.tuning_figure(data.runs, data.variants, pngs["tuning"])
+    lines = [markdown_table(table), "", verdict(table), "", SEED_LINE, "", TABLE_LEGEND]
+    return lines, pngs, checks(data, table)
+
+
+TABLE_LEGEND = (
+    "Test accuracy: mean ± 95% t-interval over final seeds. Δ test: difference "
+    "from the baseline ± the half-width of its 95% Welch interval, the resolution "
+    "of the comparison: an effect smaller than it cannot be told from zero with "
+    "these seeds. p: Welch's t-test against the baseline's seeds, and "
+    "Holm-adjusted over all variants. "
+    "Gaps: train − validation accuracy and validation − train loss, at the last "
+    "and at the best-validation point. "
+    "Trials C/P/F: complete / pruned / failed. s/run: training time of one "
+    "final run."
+)
 
 
 def log_figures(tracking_uri: str, data: StudyData, paths: list[Path]) -> None:

@@ -20,8 +20,8 @@ class StoresDisagree(ConfigError):
 
 
 def study_names(spec: StudySpec, variant: Variant) -> tuple[str, str]:
-    """A variant's Optuna studies: its tuning, and its final seeds."""
-    return f"{spec.name}.{variant.name}", f"{spec.name}.{variant.name}.final"
+    """A cell's Optuna studies: its tuning, and its final seeds."""
+    return f"{spec.name}.{variant.key}", f"{spec.name}.{variant.key}.final"
 
 
 @dataclass
@@ -35,7 +35,7 @@ class OptunaSide:
 def optuna_side(storage: optuna.storages.BaseStorage, spec: StudySpec) -> OptunaSide:
     existing = set(optuna.get_all_study_names(storage))
     trials, run_ids = 0, {}
-    for name in (n for v in spec.variants for n in study_names(spec, v)):
+    for name in (n for v in spec.cells for n in study_names(spec, v)):
         if name not in existing:
             continue
         for t in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False):

@@ -64,6 +64,10 @@ def collect(tracking_uri: str, study: str, storage: str | None = None) -> StudyD
         runs.at[i, "end_time"] = (
             pd.Timestamp(last, unit="ms", tz="UTC") if last else runs.at[i, "start_time"]
         )
+    runs["cell"] = column(runs, "tags.cell").fillna(runs["tags.variant"])
+    # A sweep's runs are told apart by size; params cover children from before the tag.
+    size = column(runs, "tags.train_size").fillna(column(runs, "params.train_size"))
+    runs["train_size"] = pd.to_numeric(size, errors="coerce")
     runs, found = counted_runs(runs, spec, trial_run_ids(storage, spec))
     problems += found
     finals = runs[runs["tags.role"] == "final"]
@@ -71,11 +75,27 @@ def collect(tracking_uri: str, study: str, storage: str | None = None) -> StudyD
     for _, run in finals.iterrows():
         for metric in CURVES:
             for m in client.get_metric_history(run.run_id, metric):
-                rows.append((run["tags.variant"], int(run["tags.seed"]), m.step, metric, m.value))
-    curves = pd.DataFrame(rows, columns=["variant", "seed", "epoch", "metric", "value"])
+                rows.append(
+                    (
+                        run["tags.variant"],
+                        run["train_size"],
+                        int(run["tags.seed"]),
+                        m.step,
+                        metric,
+                        m.value,
+                    )
+                )
+    curves = pd.DataFrame(
+        rows, columns=["variant", "train_size", "seed", "epoch", "metric", "value"]
+    )
     seen = list(dict.fromkeys(runs["tags.variant"].dropna()))
     variants = [v.name for v in spec.variants] if spec else seen
     return StudyData(study, spec, runs, curves, variants, problems)
+
+
+def column(runs: pd.DataFrame, name: str) -> pd.Series:
+    """A tag or param column; all missing when no run has it."""
+    return runs[name] if name in runs else pd.Series(None, index=runs.index, dtype=object)
 
 
 def trial_run_ids(storage: str | None, spec: StudySpec | None) -> set[str] | str:
@@ -113,28 +133,28 @@ def counted_runs(
     runs = runs.sort_values("start_time")
     keep = pd.Series(True, index=runs.index)
     finished_finals = (runs["tags.role"] == "final") & (runs.status == "FINISHED")
-    for variant, mine in runs[finished_finals].groupby("tags.variant"):
+    for cell, mine in runs[finished_finals].groupby("cell"):
         seeds = mine["tags.seed"].astype(int)
         if spec is not None:
             extra = ~seeds.isin(spec.settings.seeds)
             if extra.any():
                 problems.append(
-                    f"{variant}: final runs of seeds {sorted(set(seeds[extra]))} not in the "
+                    f"{cell}: final runs of seeds {sorted(set(seeds[extra]))} not in the "
                     f"spec (extras): not counted"
                 )
                 keep[mine.index[extra]] = False
         repeated = seeds.duplicated()
         if repeated.any():
             problems.append(
-                f"{variant}: {int(repeated.sum())} duplicate final run(s) of seeds "
+                f"{cell}: {int(repeated.sum())} duplicate final run(s) of seeds "
                 f"{sorted(set(seeds[repeated]))}: only the first of each counted"
             )
             keep[mine.index[repeated]] = False
     tune = runs[runs["tags.role"] == "tune"]
-    repeated = tune.duplicated(["tags.variant", "tags.optuna_trial"])
+    repeated = tune.duplicated(["cell", "tags.optuna_trial"])
     if repeated.any():
         problems.append(
-            f"{int(repeated.sum())} tuning run(s) repeat a trial number of their variant "
+            f"{int(repeated.sum())} tuning run(s) repeat a trial number of their cell "
             f"(duplicates): only the first of each counted"
         )
         keep[tune.index[repeated]] = False

@@ -58,8 +58,8 @@ def run_study(spec: StudySpec, opts: RunOptions) -> None:
             read_spec_text(spec.path),
             json.dumps(spec.resolved, separators=(",", ":")),
         )
-        for variant in spec.variants:
-            for name in study_names(spec, variant):
+        for cell in spec.cells:
+            for name in study_names(spec, cell):
                 optuna.create_study(
                     storage=storage, study_name=name, direction="maximize", load_if_exists=True
                 )
@@ -99,7 +99,7 @@ def reap(spec: StudySpec, opts: RunOptions, experiment_id: str) -> None:
         reap_studies(
             [
                 optuna.load_study(study_name=n, storage=storage)
-                for v in spec.variants
+                for v in spec.cells
                 for n in study_names(spec, v)
             ],
             tracker,

@@ -3,10 +3,12 @@
 base = "ablations.toml"  # optional: start from that file (beside this one); this file
                          # then states only what it changes, key by key
 [study]                  # how the study is run (all keys optional)
-trials = 8               # Optuna trials per variant, the same for every variant
-seeds = [0, 1, 2]        # final runs per variant; only these see the test set
+trials = 8               # Optuna trials per cell, the same for every cell
+seeds = [0, 1, 2]        # final runs per cell; only these see the test set
 sampler_seed = 0
 pruner = "median"        # or "none"
+train_sizes = [300, 3000]  # optional sweep: every variant at each size is a cell of its
+                           # own (own tuning, own seeds); without it, one cell per variant
 
 [defaults]               # TrainConfig fields for every run of this study
 epochs = 5
@@ -49,6 +51,13 @@ class Variant:
     search: dict[str, SearchRange]
     """Nuisance hyperparameters Optuna tunes for this variant."""
     description: str = ""
+    train_size: int | None = None
+    """In a sweep, the training-set size of this cell (None: no sweep)."""
+
+    @property
+    def key(self) -> str:
+        """The cell's name in both stores: `dropout`, or `dropout.n300` in a sweep."""
+        return self.name if self.train_size is None else f"{self.name}.n{self.train_size}"
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,9 @@ class StudySettings:
     startup_trials: int = 4
     """Random trials before TPE models the space; also the pruner's startup."""
     pruner: typing.Literal["median", "none"] = "median"
-    """Median pruning on validation accuracy, within a variant's own study only."""
+    """Median pruning on validation accuracy, within a cell's own study only."""
+    train_sizes: tuple[int, ...] = ()
+    """Training-set sizes to sweep: each (variant, size) is tuned and run on its own."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,18 @@ class StudySpec:
     variants: tuple[Variant, ...] = field(default_factory=tuple)
     resolved: dict = field(default_factory=dict, compare=False)
     """The spec with its base merged in: what MLflow records, what a resume compares."""
+
+    @property
+    def cells(self) -> tuple[Variant, ...]:
+        """The units of tuning: each variant, or in a sweep each (size, variant), the
+        smallest size first (its comparisons are the ones the sweep is for)."""
+        if not self.settings.train_sizes:
+            return self.variants
+        return tuple(
+            dataclasses.replace(v, changes={**v.changes, "train_size": n}, train_size=n)
+            for n in self.settings.train_sizes
+            for v in self.variants
+        )
 
     def config_for(self, variant: Variant, params: dict[str, object]) -> TrainConfig:
         return self.defaults.replace(
@@ -87,6 +110,7 @@ SETTING_RANGES = {
     "sampler_seed": (0, SEED_MAX),
 }
 MAX_SEEDS = 1000
+MAX_SIZES = 20
 
 TOP_KEYS = {"name", "description", "study", "defaults", "variants"}  # and "base", resolved
 VARIANT_KEYS = {"description", "set", "search"}
@@ -184,7 +208,26 @@ def parse_raw(raw: dict, path: Path) -> StudySpec:
     variants = tuple(
         parse_variant(vname, body, defaults, where) for vname, body in variants_table.items()
     )
+    check_sweep(settings, defaults, variants, where)
     return StudySpec(name, path, settings, defaults, variants, raw | {"name": name})
+
+
+def check_sweep(
+    settings: StudySettings, defaults: TrainConfig, variants: tuple[Variant, ...], where: str
+) -> None:
+    """Each size must make a valid run, and no variant may fix or tune the swept size."""
+    if not settings.train_sizes:
+        return
+    if len(settings.train_sizes) > MAX_SIZES:
+        raise SpecError(f"{where}: study.train_sizes: at most {MAX_SIZES} sizes")
+    for v in variants:
+        if "train_size" in v.changes or "train_size" in v.search:
+            raise SpecError(
+                f"{where}: variants.{v.name}: sets train_size, which study.train_sizes "
+                f"sweeps; remove it from the variant"
+            )
+        for n in settings.train_sizes:
+            defaults.replace(f"{where}: study.train_sizes", **v.changes, train_size=n)
 
 
 def table(value: object, where: str, key: str) -> dict:
@@ -207,7 +250,7 @@ def parse_settings(raw: object, where: str) -> StudySettings:
     unknown(raw, set(hints), where, "study.")
     values = {}
     for key, value in raw.items():
-        if key == "seeds":
+        if key in ("seeds", "train_sizes"):
             ok = (
                 isinstance(value, list)
                 and value
@@ -215,10 +258,10 @@ def parse_settings(raw: object, where: str) -> StudySettings:
             )
             if not ok or len(set(value)) != len(value):
                 raise SpecError(
-                    f"{where}: study.seeds = {value!r}; must be a non-empty list "
+                    f"{where}: study.{key} = {value!r}; must be a non-empty list "
                     f"of distinct integers"
                 )
-            values[key] = tuple(value)
+            values[key] = tuple(sorted(value)) if key == "train_sizes" else tuple(value)
             continue
         hint = hints[key]
         if typing.get_origin(hint) is typing.Literal:

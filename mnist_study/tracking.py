@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from mnist_study.config import ConfigError, TrainConfig
 from mnist_study.data import checksums
 from mnist_study.outcome import Outcome
+from mnist_study.spec import Variant
 from mnist_study.storage import check_writable_folder, file_lock
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -195,17 +196,17 @@ class Tracker:
     def runs(self, filter_string: str):
         return self.client.search_runs([self.experiment_id], filter_string, max_results=5000)
 
-    def parent_run(self, variant: str, description: str) -> str:
-        """The variant's parent run, created once (callers hold the claim lock)."""
-        found = self.runs(f"tags.role = 'variant' and tags.variant = '{variant}'")
+    def parent_run(self, cell: Variant) -> str:
+        """The cell's parent run, created once (callers hold the claim lock)."""
+        query = f"tags.role = 'variant' and tags.variant = '{cell.name}'"
+        tags = {"role": "variant", "variant": cell.name, "mlflow.note.content": cell.description}
+        if cell.train_size is not None:
+            query += f" and tags.train_size = '{cell.train_size}'"
+            tags |= {"cell": cell.key, "train_size": str(cell.train_size)}
+        found = self.runs(query)
         if found:
             return found[0].info.run_id
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=variant,
-            tags={"role": "variant", "variant": variant, "mlflow.note.content": description},
-        )
-        return run.info.run_id
+        return self.client.create_run(self.experiment_id, run_name=cell.key, tags=tags).info.run_id
 
     def child_run(self, parent_id: str, name: str, cfg: TrainConfig, tags: dict[str, str]) -> str:
         return self.create_run(name, cfg, {PARENT_TAG: parent_id, **tags})

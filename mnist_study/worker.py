@@ -1,5 +1,5 @@
 """One worker: claims units of work (a tuning trial, or the final run of one seed) under
-a lock, in variant order, and runs them. Each unit is tracked twice: as an Optuna trial (the
+a lock, in cell order, and runs them. Each unit is tracked twice: as an Optuna trial (the
 record of what is done) and as an MLflow child run (its mirror: curves, tags, model).
 """
 
@@ -46,7 +46,7 @@ class Unit:
     """One claimed piece of work: a tuning trial, or the final run of one seed."""
 
     study: optuna.Study
-    variant: Variant
+    variant: Variant  # its cell: the variant, at one size in a sweep
     role: str  # "tune" or "final"
     trial: optuna.Trial
     seed: int | None = None
@@ -83,14 +83,14 @@ def progress_counts(spec: StudySpec, storage) -> tuple[int, int]:
     """(units done, units in the budget), counted in Optuna's record."""
     s = spec.settings
     done = 0
-    for v in spec.variants:
+    for v in spec.cells:
         tune, final = study_names(spec, v)
         done += min(
             s.trials, count(optuna.load_study(study_name=tune, storage=storage).trials, DONE)
         )
         finals = optuna.load_study(study_name=final, storage=storage).trials
         done += len({t.user_attrs.get("seed") for t in finals if t.state in DONE} & set(s.seeds))
-    return done, len(spec.variants) * (s.trials + len(s.seeds))
+    return done, len(spec.cells) * (s.trials + len(s.seeds))
 
 
 class Worker:
@@ -107,7 +107,7 @@ class Worker:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.tracker = Tracker(opts.tracking_uri, experiment_id)
         self.storage = st.open_storage(opts.storage)
-        names = {v.name: study_names(spec, v) for v in spec.variants}
+        names = {v.key: study_names(spec, v) for v in spec.cells}
         self.final = {
             v: optuna.load_study(study_name=final, storage=self.storage)
             for v, (_, final) in names.items()
@@ -116,7 +116,7 @@ class Worker:
         # propose the same points; the first process of a study gets the spec's seed.
         with st.claim_lock(opts.storage):
             self.sampler_seed = spec.settings.sampler_seed + st.take_process_number(
-                self.final[spec.variants[0].name]
+                self.final[spec.cells[0].key]
             )
         self.tune = {
             v: optuna.load_study(
@@ -135,8 +135,8 @@ class Worker:
             )
             for v, (tune, _) in names.items()
         }
-        self.finished: set[str] = set()  # variants whose parent run is closed
-        self.parents: dict[str, str] = {}  # variant -> its MLflow parent run
+        self.finished: set[str] = set()  # cells whose parent run is closed
+        self.parents: dict[str, str] = {}  # cell -> its MLflow parent run
         self.started, self.done_at_start = time.time(), None
 
     # --- claiming work -----------------------------------------------------------
@@ -144,43 +144,39 @@ class Worker:
         """The next unit, claimed as an Optuna trial of this process; or WAIT, or DONE.
         Call under claim_lock, after reaping dead workers' trials."""
         waiting = False
-        for v in self.spec.variants:
-            tune = self.tune[v.name].get_trials(deepcopy=False)
+        for v in self.spec.cells:
+            tune = self.tune[v.key].get_trials(deepcopy=False)
             if count(tune, TAKEN) < self.spec.settings.trials:
                 trial = st.claim_trial(
-                    self.tune[v.name], {"sampler_seed": self.sampler_seed, "worker": self.index}
+                    self.tune[v.key], {"sampler_seed": self.sampler_seed, "worker": self.index}
                 )
-                return Unit(self.tune[v.name], v, "tune", trial)
+                return Unit(self.tune[v.key], v, "tune", trial)
             if count(tune, (TrialState.RUNNING,)):
                 waiting = True
                 continue
-            finals = self.final[v.name].get_trials(deepcopy=False)
+            finals = self.final[v.key].get_trials(deepcopy=False)
             taken = {t.user_attrs.get("seed") for t in finals if t.state in TAKEN}
             free = [s for s in self.spec.settings.seeds if s not in taken]
-            if free and best_trial(self.tune[v.name]) is not None:
-                trial = st.claim_trial(self.final[v.name], {"worker": self.index})
+            if free and best_trial(self.tune[v.key]) is not None:
+                trial = st.claim_trial(self.final[v.key], {"worker": self.index})
                 trial.set_user_attr("seed", free[0])
-                return Unit(self.final[v.name], v, "final", trial, free[0])
+                return Unit(self.final[v.key], v, "final", trial, free[0])
             if count(finals, (TrialState.RUNNING,)):
                 waiting = True
         return Idle.WAIT if waiting else Idle.DONE
 
     def next_unit(self) -> Unit | Idle:
         with st.claim_lock(self.opts.storage):
-            studies = [
-                s for v in self.spec.variants for s in (self.tune[v.name], self.final[v.name])
-            ]
+            studies = [s for v in self.spec.cells for s in (self.tune[v.key], self.final[v.key])]
             reap_studies(studies, self.tracker)
-            for v in self.spec.variants:
-                if v.name not in self.finished and self.variant_done(v):
-                    self.finish_variant(v)
-                    self.finished.add(v.name)
+            for v in self.spec.cells:
+                if v.key not in self.finished and self.cell_done(v):
+                    self.finish_cell(v)
+                    self.finished.add(v.key)
             unit = self.claim()
-            if isinstance(unit, Unit) and unit.variant.name not in self.parents:
+            if isinstance(unit, Unit) and unit.variant.key not in self.parents:
                 # Under the lock, or two processes may both create a variant's parent run.
-                self.parents[unit.variant.name] = self.tracker.parent_run(
-                    unit.variant.name, unit.variant.description
-                )
+                self.parents[unit.variant.key] = self.tracker.parent_run(unit.variant)
             return unit
 
     def loop(self) -> None:
@@ -210,18 +206,20 @@ class Worker:
         study, variant, trial = unit.study, unit.variant, unit.trial
         if unit.role == "tune":
             params = {k: suggest(trial, k, r) for k, r in variant.search.items()}
-            name = f"{variant.name}/trial-{trial.number}"
+            name = f"{variant.key}/trial-{trial.number}"
             extra = {"sampler_seed": self.sampler_seed}
         else:
-            best = best_trial(self.tune[variant.name])
+            best = best_trial(self.tune[variant.key])
             params = dict(best.params, seed=unit.seed)
-            name = f"{variant.name}/seed-{unit.seed}"
+            name = f"{variant.key}/seed-{unit.seed}"
             extra = {"seed": unit.seed, "tuned_by_trial": best.number}
         cfg = self.spec.config_for(variant, params)
         if self.opts.threads:
             cfg = cfg.replace(threads=self.opts.threads)
         tags = {
             "variant": variant.name,
+            "cell": variant.key,
+            "train_size": cfg.train_size,
             "role": unit.role,
             "optuna_study": study.study_name,
             "optuna_trial": trial.number,
@@ -231,7 +229,7 @@ class Worker:
             **provenance(cfg, str(resolve_device(cfg))),
         }
         run_id = self.tracker.child_run(
-            self.parents[variant.name], name, cfg, {k: str(v) for k, v in tags.items()}
+            self.parents[variant.key], name, cfg, {k: str(v) for k, v in tags.items()}
         )
         st.set_trial_system_attrs(study, st.trial_id(trial), {"mlflow_run_id": run_id})
         shown = ", ".join(
@@ -284,23 +282,23 @@ class Worker:
         study.tell(trial, result.history[-1]["val_acc"])
         self.tracker.end(run_id, Outcome.COMPLETE)
 
-    def variant_done(self, variant: Variant) -> bool:
+    def cell_done(self, variant: Variant) -> bool:
         s = self.spec.settings
-        tune = self.tune[variant.name].get_trials(deepcopy=False)
-        finals = self.final[variant.name].get_trials(deepcopy=False)
+        tune = self.tune[variant.key].get_trials(deepcopy=False)
+        finals = self.final[variant.key].get_trials(deepcopy=False)
         seeds = {t.user_attrs.get("seed") for t in finals if t.state == TrialState.COMPLETE}
-        no_best = best_trial(self.tune[variant.name]) is None
+        no_best = best_trial(self.tune[variant.key]) is None
         return count(tune, DONE) >= s.trials and (no_best or seeds >= set(s.seeds))
 
-    def finish_variant(self, variant: Variant) -> None:
-        """Record the variant's outcome on its parent run, once."""
-        parent = self.tracker.parent_run(variant.name, variant.description)
+    def finish_cell(self, variant: Variant) -> None:
+        """Record the cell's outcome on its parent run, once."""
+        parent = self.tracker.parent_run(variant)
         if self.tracker.client.get_run(parent).info.status == "FINISHED":
             return
-        best = best_trial(self.tune[variant.name])
+        best = best_trial(self.tune[variant.key])
         finals = [
             t
-            for t in self.final[variant.name].get_trials(deepcopy=False)
+            for t in self.final[variant.key].get_trials(deepcopy=False)
             if t.state == TrialState.COMPLETE
         ]
         accs = [t.user_attrs["test_acc"] for t in finals]
@@ -326,7 +324,7 @@ class Worker:
                 step=0,
             )
         self.tracker.finish(parent)
-        self.say(f"{variant.name}: done; test acc {fmt_accs(accs)}", force=True)
+        self.say(f"{variant.key}: done; test acc {fmt_accs(accs)}", force=True)
 
     # --- progress ----------------------------------------------------------------
     def progress(self) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 import optuna
 from mlflow.tracking import MlflowClient
 
+from mnist_study.records import study_names
 from mnist_study.spec import StudySpec
 from mnist_study.storage import open_storage
 
@@ -40,25 +41,26 @@ def trial_states(storage: str, spec: StudySpec) -> dict[str, Counter]:
     """Per Optuna study name: Counter of trial state names."""
     opened = open_storage(storage)
     out = {}
-    for v in spec.variants:
-        for name in (f"{spec.name}.{v.name}", f"{spec.name}.{v.name}.final"):
+    for cell in spec.cells:
+        for name in study_names(spec, cell):
             study = optuna.load_study(study_name=name, storage=opened)
             out[name] = Counter(t.state.name for t in study.get_trials(deepcopy=False))
     return out
 
 
 def assert_budget_met_exactly(tracking_uri: str, storage: str, spec: StudySpec) -> list:
-    """Every variant: exactly `trials` tuning trials and one final run per seed, in both
+    """Every cell: exactly `trials` tuning trials and one final run per seed, in both
     Optuna and MLflow (no duplicated or lost work). Returns the MLflow runs."""
     states = trial_states(storage, spec)
-    for v in spec.variants:
-        assert sum(states[f"{spec.name}.{v.name}"].values()) == spec.settings.trials
-        assert states[f"{spec.name}.{v.name}.final"] == {"COMPLETE": len(spec.settings.seeds)}
+    for cell in spec.cells:
+        tune, final = study_names(spec, cell)
+        assert sum(states[tune].values()) == spec.settings.trials
+        assert states[final] == {"COMPLETE": len(spec.settings.seeds)}
     _, found = runs(tracking_uri, spec.name)
     roles = [r.data.tags["role"] for r in found]
-    assert roles.count("tune") == len(spec.variants) * spec.settings.trials
-    assert roles.count("final") == len(spec.variants) * len(spec.settings.seeds)
-    assert roles.count("variant") == len(spec.variants)
+    assert roles.count("tune") == len(spec.cells) * spec.settings.trials
+    assert roles.count("final") == len(spec.cells) * len(spec.settings.seeds)
+    assert roles.count("variant") == len(spec.cells)
     return found
 
 

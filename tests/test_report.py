@@ -11,10 +11,11 @@ import pytest
 from helpers import runs
 from scipy import stats
 
-from mnist_study.publish import MARK_END, MARK_START, busy_minutes, write_report
+from mnist_study.publish import busy_minutes, markers, write_report
 from mnist_study.report import collect, holm, summarize
 from mnist_study.tracking import prepare_store
 
+MARK_START, MARK_END = markers("smoke")
 README = f"# Title\n\nintro\n\n{MARK_START}\nold results\n{MARK_END}\n\n## After\n"
 
 

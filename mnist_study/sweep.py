@@ -1,0 +1,121 @@
+"""The report of a training-set-size sweep: the ablation table at each size, learning
+curves across sizes, whether the baseline overfits, and per size which effects the
+seeds resolve and how small the rest must be."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from mnist_study import figures
+from mnist_study.publish import TABLE_LEGEND, markdown_table
+from mnist_study.report import StudyData, checks, summarize, verdict
+
+ALPHA = 0.01
+"""Holm-adjusted p below which a comparison counts as resolved (stricter than the
+ablation table's 0.05: the sweep makes a claim per size, several sizes at once)."""
+
+
+def at_size(data: StudyData, n: int) -> StudyData:
+    """The study's runs and curves at one training-set size (problems stay global)."""
+    return dataclasses.replace(
+        data,
+        runs=data.runs[data.runs.train_size == n],
+        curves=data.curves[data.curves.train_size == n],
+        problems=[],
+    )
+
+
+def val_loss_turn(curves: pd.DataFrame, variant: str = "baseline") -> tuple[int, float, float]:
+    """(point of the lowest mean validation loss, that loss, the loss at the last point)."""
+    mine = curves[(curves.variant == variant) & (curves.metric == "val_loss")]
+    if mine.empty:
+        return 0, math.nan, math.nan
+    mean = mine.groupby("epoch").value.mean().sort_index()
+    return int(mean.idxmin()), float(mean.min()), float(mean.iloc[-1])
+
+
+def overfit_line(curves: pd.DataFrame) -> str:
+    step, low, last = val_loss_turn(curves)
+    if math.isnan(low):
+        return "Baseline validation loss: no final runs yet."
+    if last > low:
+        return (
+            f"Baseline validation loss: lowest {low:.3f} at step {step}, {last:.3f} at the "
+            f"end (+{last / low - 1:.0%}): it turned up, the net overfits at this size."
+        )
+    return f"Baseline validation loss: still falling at the end ({last:.3f}): no overfitting."
+
+
+def resolution_verdict(table: pd.DataFrame, alpha: float = ALPHA) -> str:
+    """Each variant against the baseline: resolved (Holm p < alpha, the 95% interval of
+    the difference excludes 0) or, if not, the largest effect the interval allows."""
+    rest = table[(table.variant != "baseline") & table.diff_vs_baseline.notna()]
+    if rest.empty:
+        return "Resolution: no comparisons yet."
+
+    def shown(r) -> str:
+        return f"{r.variant} {r.diff_vs_baseline * 100:+.2f} ± {r.diff_ci95 * 100:.2f}"
+
+    resolved = (rest.p_holm < alpha) & (rest.diff_vs_baseline.abs() > rest.diff_ci95)
+    up = [shown(r) for r in rest[resolved & (rest.diff_vs_baseline > 0)].itertuples()]
+    down = [shown(r) for r in rest[resolved & (rest.diff_vs_baseline < 0)].itertuples()]
+    bounds = [
+        f"{r.variant} < {(abs(r.diff_vs_baseline) + r.diff_ci95) * 100:.2f}"
+        for r in rest[~resolved].itertuples()
+    ]
+    parts = [
+        f"Resolved (Holm p<{alpha:g}), points of test accuracy: raise it: "
+        + (", ".join(up) or "none"),
+        "lower it: " + (", ".join(down) or "none"),
+    ]
+    if bounds:
+        parts.append(
+            "not resolved, so any effect is below (|Δ| + resolution, points): " + ", ".join(bounds)
+        )
+    return "; ".join(parts) + "."
+
+
+def sweep_section(data: StudyData, out: Path) -> tuple[list[str], dict[str, Path], list[str]]:
+    """A table per size with its verdicts, the learning-curve figure, curves at every
+    size: (lines, figures, checks)."""
+    sizes = data.spec.settings.train_sizes
+    tables, found, lines = {}, list(data.problems), []
+    pngs = {"learning_curve": out / "learning_curve.png"}
+    for n in sizes:
+        part = at_size(data, n)
+        table = summarize(part)
+        tables[n] = table
+        found += [f"n={n}: {c}" for c in checks(part, table)]
+        _, low, last = val_loss_turn(part.curves)
+        if n == sizes[0] and not last > low:
+            found.append(f"n={n}: the baseline's validation loss did not turn up; train longer")
+        pngs[f"curves_n{n}"] = out / f"curves_n{n}.png"
+        figures.curves_figure(
+            part.curves,
+            data.variants,
+            pngs[f"curves_n{n}"],
+            x="optimizer step" if data.spec.defaults.steps else "epoch",
+            title=f"{n:,} training images: final runs, mean over seeds, band = min–max",
+        )
+        lines += [
+            f"#### {n:,} training images",
+            "",
+            markdown_table(table, "step" if data.spec.defaults.steps else "epoch"),
+            "",
+            overfit_line(part.curves),
+            "",
+            resolution_verdict(table),
+            "",
+            verdict(table),
+            "",
+        ]
+    pd.concat(
+        [t.drop(columns=["tuned_params"]).assign(train_size=n) for n, t in tables.items()]
+    ).to_csv(out / "results.csv", index=False)
+    figures.learning_curve_figure(tables, pngs["learning_curve"])
+    lines.append(TABLE_LEGEND)
+    return lines, pngs, found
