@@ -171,9 +171,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         threads=args.threads,
         quiet=args.quiet,
     )
+    sizes = spec.settings.train_sizes
+    cells = f" x {len(sizes)} training-set sizes" if sizes else ""
     print(
-        f"study {spec.name!r}: {len(spec.variants)} variants x ({spec.settings.trials} trials"
-        f" + {len(spec.settings.seeds)} seeds); MLflow {args.tracking_uri}, "
+        f"study {spec.name!r}: {len(spec.variants)} variants{cells} x ({spec.settings.trials} "
+        f"trials + {len(spec.settings.seeds)} seeds); MLflow {args.tracking_uri}, "
         f"Optuna {args.storage}; {workers} worker(s)",
         flush=True,
     )
