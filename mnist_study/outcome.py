@@ -1,9 +1,12 @@
-"""How a run ended, and what that means in each store: the one mapping the runner and
-`mnist-study train --mlflow` share."""
+"""How a run ends, and what that means in each store: the one mapping the runner and
+`mnist-study train --mlflow` share; and the signals that end one early."""
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import signal
+import threading
 
 import optuna
 from optuna.trial import TrialState
@@ -50,3 +53,34 @@ class Outcome(enum.Enum):
         if self is Outcome.PRUNED:
             return str(exc)
         return f"{type(exc).__name__}: {exc}"
+
+
+_stop_signal = threading.Event()
+
+
+def on_stop_signal(signum, frame) -> None:
+    """Ctrl-C or SIGTERM: raise at once, and remember: Python drops an exception raised
+    while a destructor runs, so the worker also checks the flag at every evaluation."""
+    _stop_signal.set()
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def stop_if_signalled() -> None:
+    if _stop_signal.is_set():
+        raise Interrupted("signal")
+
+
+@contextlib.contextmanager
+def stopping_on_signals():
+    """Within the block, Ctrl-C and SIGTERM raise Interrupted (in the main thread; other
+    threads cannot take signals, and run until the unit ends)."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, on_stop_signal)
+    _stop_signal.clear()
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

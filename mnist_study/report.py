@@ -16,8 +16,8 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
-from scipy import stats
 
+from mnist_study.significance import holm, interval, welch_half_width, welch_p
 from mnist_study.spec import SpecError, StudySpec, spec_from_record
 from mnist_study.tracking import SPEC_TAG
 
@@ -159,46 +159,6 @@ def counted_runs(
         )
         keep[tune.index[repeated]] = False
     return runs[keep].sort_index(), problems
-
-
-def interval(values: list[float]) -> tuple[float, float]:
-    """(mean, half-width of the 95% t-interval); half-width NaN below 2 values."""
-    mean = statistics.mean(values)
-    if len(values) < 2:
-        return mean, math.nan
-    sem = statistics.stdev(values) / math.sqrt(len(values))
-    return mean, stats.t.ppf(0.975, len(values) - 1) * sem
-
-
-def welch_p(a: list[float], b: list[float]) -> float:
-    if len(a) < 2 or len(b) < 2:
-        return math.nan
-    if statistics.pvariance(a) == 0 and statistics.pvariance(b) == 0:
-        return 1.0 if statistics.mean(a) == statistics.mean(b) else 0.0
-    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-
-
-def welch_half_width(a: list[float], b: list[float]) -> float:
-    """Half-width of the 95% Welch interval of mean(a) - mean(b): the resolution of the
-    comparison. A difference inside it cannot be told from zero with these seeds."""
-    if len(a) < 2 or len(b) < 2:
-        return math.nan
-    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-    if va + vb == 0:
-        return 0.0
-    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    return float(stats.t.ppf(0.975, df) * math.sqrt(va + vb))
-
-
-def holm(ps: pd.Series) -> pd.Series:
-    """Holm-Bonferroni adjusted p-values (NaNs left out): comparing every variant to the
-    baseline is several tests at once, and one of them passing p<0.05 by luck is likely."""
-    valid = ps.dropna().sort_values()
-    m, running, out = len(valid), 0.0, pd.Series(math.nan, index=ps.index)
-    for rank, (idx, p) in enumerate(valid.items()):
-        running = max(running, min(1.0, (m - rank) * p))
-        out[idx] = running
-    return out
 
 
 def per_seed_gaps(curves: pd.DataFrame, variant: str, epoch: int | None) -> dict[str, list]:

@@ -18,7 +18,8 @@ from mnist_study import storage as st
 from mnist_study.dataset import load_splits
 from mnist_study.processes import run_workers
 from mnist_study.records import check_stores_agree, study_names
-from mnist_study.spec import StudySpec, read_spec_text, refuse_changed_study
+from mnist_study.spec import StudySpec, refuse_changed_study
+from mnist_study.spec_file import read_spec_text
 from mnist_study.tracking import Tracker, check_tracking_uri, prepare_store, recorded_spec
 from mnist_study.train import check_device
 from mnist_study.worker import RunOptions, Worker, progress_counts, reap_studies

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import enum
 import os
-import signal
 import statistics
-import threading
 import time
 from dataclasses import dataclass
 
@@ -19,7 +17,7 @@ from optuna.trial import TrialState
 
 from mnist_study import storage as st
 from mnist_study.dataset import load_splits
-from mnist_study.outcome import Interrupted, Outcome
+from mnist_study.outcome import Interrupted, Outcome, stop_if_signalled, stopping_on_signals
 from mnist_study.records import study_names
 from mnist_study.spec import StudySpec, Variant
 from mnist_study.tracking import Tracker, provenance
@@ -55,21 +53,6 @@ class Unit:
 class Idle(enum.Enum):
     WAIT = "others still run units that the next one depends on"
     DONE = "nothing left to do"
-
-
-_stop_signal = threading.Event()
-
-
-def on_stop_signal(signum, frame) -> None:
-    """Ctrl-C or SIGTERM: raise at once, and remember: Python drops an exception raised
-    while a destructor runs, so the worker also checks the flag at every evaluation."""
-    _stop_signal.set()
-    raise Interrupted(signal.Signals(signum).name)
-
-
-def stop_if_signalled() -> None:
-    if _stop_signal.is_set():
-        raise Interrupted("signal")
 
 
 def reap_studies(studies: list[optuna.Study], tracker: Tracker) -> None:
@@ -180,25 +163,16 @@ class Worker:
             return unit
 
     def loop(self) -> None:
-        main = threading.current_thread() is threading.main_thread()
-        previous = {}
-        if main:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, on_stop_signal)
-        _stop_signal.clear()
-        try:
+        with stopping_on_signals():
             while True:
                 stop_if_signalled()
                 unit = self.next_unit()
                 if unit is Idle.DONE:
                     break
-                if unit is Idle.WAIT:  # others still tune a variant whose finals come next
+                if unit is Idle.WAIT:  # others still tune a cell whose finals come next
                     time.sleep(2)
                     continue
                 self.run_unit(unit)
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
         self.say(f"worker {self.index}: nothing left to do", force=True)
 
     # --- running a unit ----------------------------------------------------------

@@ -12,7 +12,8 @@ from helpers import runs
 from scipy import stats
 
 from mnist_study.publish import busy_minutes, markers, write_report
-from mnist_study.report import collect, holm, summarize
+from mnist_study.report import collect, summarize
+from mnist_study.significance import holm
 from mnist_study.tracking import prepare_store
 
 MARK_START, MARK_END = markers("smoke")
