@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from mnist_study.config import TrainConfig
 from mnist_study.dataset import MEAN, STD, load_splits
 from mnist_study.model import SeedCNN, build_model, train_flops_per_image
+from mnist_study.step import Stepper
 from mnist_study.tracking import cpu_model
-from mnist_study.train import batch_order, keep_freed_memory, make_optimizer, train_steps
+from mnist_study.train import batch_order, keep_freed_memory, make_optimizer
 
 WARMUP_STEPS = 20
 
@@ -78,9 +79,10 @@ def ours_images_per_second(splits, cfg: TrainConfig, steps: int) -> float:
     order = torch.Generator().manual_seed(0)
     x, y = splits.train_x, splits.train_y
     batches = batch_order(len(x), cfg.batch_size, order, x.device)
-    train_steps(model, optimizer, x, y, cfg, batches, None, WARMUP_STEPS)
+    stepper = Stepper(model, optimizer, x, y, cfg, graph=False)
+    stepper.steps(batches, None, WARMUP_STEPS)
     started = time.perf_counter()
-    train_steps(model, optimizer, x, y, cfg, batches, None, steps)
+    stepper.steps(batches, None, steps)
     return steps * cfg.batch_size / (time.perf_counter() - started)
 
 

@@ -100,6 +100,9 @@ class TrainConfig:
     """fp32, or bf16 autocast (CPUs with AMX, CUDA); fp32 is the measured default."""
     device: str = "auto"
     """'auto' (CUDA when present), 'cpu' or 'cuda'."""
+    cuda_graph: bool = True
+    """On CUDA, capture the training step as a CUDA graph and replay it (no effect on
+    a CPU); false runs it eagerly."""
     threads: int = 0
     """CPU threads for torch (0 = torch's default: one per core)."""
 

@@ -35,7 +35,7 @@ class Outcome(enum.Enum):
 
     @classmethod
     def of(cls, exc: BaseException) -> Outcome:
-        from mnist_study.train import Diverged
+        from mnist_study.step import Diverged
 
         if isinstance(exc, Diverged):
             return cls.DIVERGED

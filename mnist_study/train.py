@@ -7,7 +7,6 @@ the model runs channels_last, optionally under bf16 autocast.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import itertools
@@ -20,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_study.augment import random_affine
 from mnist_study.config import ConfigError, TrainConfig
 from mnist_study.dataset import Splits
 from mnist_study.model import build_model
+from mnist_study.step import Stepper, autocast
 
-# Larger eval batches thrash the cache (conv1 activations of 2048 images are 200 MB).
-EVAL_BATCH = 256
+# Larger eval batches thrash a CPU's cache (conv1 activations of 2048 images are
+# 200 MB); a GPU wants them as large as memory allows.
+EVAL_BATCH = {"cpu": 256, "cuda": 8192}
 
 
 @functools.cache
@@ -45,14 +45,6 @@ def keep_freed_memory() -> None:
     mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: do not shrink the heap after each step
 
 
-class Diverged(ArithmeticError):
-    """The training loss became NaN or infinite; training stopped there."""
-
-    def __init__(self, epoch: int, step: int, loss: float):
-        super().__init__(f"loss became {loss} at epoch {epoch}, step {step}")
-        self.epoch, self.step, self.loss = epoch, step, loss
-
-
 def check_device(cfg: TrainConfig, source: str) -> None:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
@@ -66,19 +58,20 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def autocast(cfg: TrainConfig, device: torch.device):
-    if cfg.precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(
+    cfg: TrainConfig, model: nn.Module, capturable: bool = False
+) -> torch.optim.Optimizer:
+    """`capturable`: Adam keeps its step count on the device, as a CUDA graph needs."""
     if cfg.optimizer == "adam":
         # AdamW: with weight_decay=0 it is exactly Adam; with decay, the decay is not
         # rescaled by Adam's preconditioner (plain L2 in Adam barely regularizes).
         # fused: one kernel for all parameters instead of ~10 small ops each.
         return torch.optim.AdamW(
-            model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True
+            model.parameters(),
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            fused=True,
+            capturable=capturable,
         )
     return torch.optim.SGD(
         model.parameters(),
@@ -103,39 +96,6 @@ def batch_order(
         perm = torch.randperm(n, generator=order).to(device)
         for start in range(0, n, batch_size):
             yield pass_number, perm[start : start + batch_size]
-
-
-def train_steps(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    cfg: TrainConfig,
-    batches: Iterator[tuple[int, torch.Tensor]],
-    augment_rng: torch.Generator | None,
-    steps: int,
-    first_step: int = 1,
-) -> float:
-    """`steps` optimizer steps on the next batches of `batches`; the mean training loss."""
-    model.train()
-    device = x.device
-    total, seen = 0.0, 0
-    for step in range(first_step, first_step + steps):
-        pass_number, idx = next(batches)
-        xb, yb = x[idx], y[idx]
-        if augment_rng is not None:
-            xb = random_affine(xb, augment_rng, cfg.rotate_deg, cfg.shift, cfg.zoom)
-        with autocast(cfg, device):
-            loss = F.cross_entropy(model(prepare_batch(xb)), yb)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise Diverged(pass_number, step, value)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += value * len(idx)
-        seen += len(idx)
-    return total / seen
 
 
 def evaluation_points(cfg: TrainConfig, n_train: int) -> list[int]:
@@ -167,14 +127,15 @@ def last_point(cfg: TrainConfig, n_train: int) -> int:
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig):
     """(mean loss, accuracy) in eval mode, without augmentation."""
     model.eval()
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(x), EVAL_BATCH):
-        xb, yb = x[start : start + EVAL_BATCH], y[start : start + EVAL_BATCH]
+    batch = EVAL_BATCH.get(x.device.type, 256)
+    loss_sum, correct = x.new_zeros((), dtype=torch.float64), x.new_zeros((), dtype=torch.long)
+    for start in range(0, len(x), batch):
+        xb, yb = x[start : start + batch], y[start : start + batch]
         with autocast(cfg, x.device):
             logits = model(prepare_batch(xb)).float()
-        loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
-        correct += (logits.argmax(1) == yb).sum().item()
-    return loss_sum / len(x), correct / len(x)
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum")
+        correct += (logits.argmax(1) == yb).sum()
+    return loss_sum.item() / len(x), correct.item() / len(x)  # one sync per pass
 
 
 @dataclass
@@ -205,25 +166,17 @@ def train(
     splits = splits.to(device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(device=device, memory_format=torch.channels_last)
-    optimizer = make_optimizer(cfg, model)
+    graph = cfg.cuda_graph and device.type == "cuda"
+    optimizer = make_optimizer(cfg, model, capturable=graph)
     order = torch.Generator().manual_seed(cfg.seed)
     augment_rng = torch.Generator().manual_seed(cfg.seed + 1) if cfg.augment else None
     result = TrainResult(model)
     batches = batch_order(len(splits.train_x), cfg.batch_size, order, device)
+    stepper = Stepper(model, optimizer, splits.train_x, splits.train_y, cfg, graph)
     done = 0
     for number, point in enumerate(evaluation_points(cfg, len(splits.train_x)), 1):
         started = time.perf_counter()
-        running = train_steps(
-            model,
-            optimizer,
-            splits.train_x,
-            splits.train_y,
-            cfg,
-            batches,
-            augment_rng,
-            point - done,
-            done + 1,
-        )
+        running = stepper.steps(batches, augment_rng, point - done)  # ends in a sync
         seconds = time.perf_counter() - started
         done = point
         train_loss, train_acc = evaluate(model, splits.train_eval_x, splits.train_eval_y, cfg)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mnist_study.augment import random_affine
+from mnist_study.augment import apply_affine, draw_affine
 from mnist_study.config import TrainConfig
 from mnist_study.model import SeedCNN, build_model, count_parameters
 
@@ -94,6 +94,10 @@ def test_optimizer_switches():
     sgd = make_optimizer(TrainConfig(optimizer="sgd", lr=0.05, momentum=0.8, nesterov=True), model)
     assert type(sgd) is torch.optim.SGD
     assert (sgd.defaults["momentum"], sgd.defaults["nesterov"]) == (0.8, True)
+
+
+def random_affine(x, generator, rotate_deg=10.0, shift=0.1, zoom=0.1):
+    return apply_affine(x, draw_affine(len(x), generator, rotate_deg, shift, zoom))
 
 
 def test_augmentation_keeps_shape_and_differs_per_image():
