@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA := data
 ARGS ?=
-WORKERS ?= 2
+WORKERS ?= auto
 TRACKING := sqlite:///mlruns/mlflow.db
 UI_PORT ?= 5000
 

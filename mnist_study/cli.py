@@ -37,6 +37,18 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             )
 
 
+def parse_workers(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ConfigError(f"--workers {value}: must be 'auto' or a whole number >= 1")
+    return number
+
+
 def add_tracking_uri(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "--tracking-uri",
@@ -151,18 +163,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mnist_study.processes import cap_workers
+    from mnist_study.processes import auto_workers, cap_workers
     from mnist_study.runner import RunOptions, StudyIncomplete, run_study
     from mnist_study.spec import load_spec
     from mnist_study.storage import check_storage_url
+    from mnist_study.train import resolve_device
 
     spec = load_spec(args.spec)
     check_storage_url(args.storage)
-    if args.workers < 1:
-        raise ConfigError(f"--workers {args.workers}: must be >= 1")
     if not 0 <= args.threads <= 1024:
         raise ConfigError(f"--threads {args.threads}: must be in [0, 1024] (0: automatic)")
-    workers = cap_workers(args.workers)
+    requested = parse_workers(args.workers)
+    if requested == "auto":
+        cuda = resolve_device(spec.defaults).type == "cuda"
+        workers, why = auto_workers(cuda)
+        print(f"--workers auto: {workers} ({why})", flush=True)
+    else:
+        workers = cap_workers(requested)
     opts = RunOptions(
         tracking_uri=args.tracking_uri,
         storage=args.storage,
@@ -262,9 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_storage(p, "Optuna storage: a journal file, sqlite:///PATH or postgresql://...")
     p.add_argument(
         "--workers",
-        type=int,
-        default=1,
-        help="worker processes sharing the studies (CPU threads split among them)",
+        default="1",
+        help="worker processes sharing the studies (CPU threads split among them), or "
+        "'auto': one per core on a CPU, enough to keep a GPU busy on CUDA",
     )
     p.add_argument("--threads", type=int, default=0, help="threads per worker (0: automatic)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines, only per run")

@@ -16,7 +16,7 @@ import optuna
 import pytest
 from helpers import REPO, assert_budget_met_exactly, cli, runs, stores, trial_states
 
-from mnist_study.processes import cap_workers, worker_cap
+from mnist_study.processes import GPU_WORKERS, auto_workers, cap_workers, worker_cap
 from mnist_study.publish import write_report
 from mnist_study.report import collect, summarize
 from mnist_study.runner import RunOptions, run_study
@@ -295,8 +295,17 @@ def test_unreachable_tracking_server_fails_fast(tmp_path):
         (["--storage", "{tmp}"], "is a folder"),
         (["--threads", "-1"], "--threads -1"),
         (["--workers", "0"], "--workers 0"),
+        (["--workers", "many"], "--workers many: must be 'auto' or"),
     ],
-    ids=["scheme", "tracking-folder", "storage-folder", "storage-is-folder", "threads", "workers"],
+    ids=[
+        "scheme",
+        "tracking-folder",
+        "storage-folder",
+        "storage-is-folder",
+        "threads",
+        "workers",
+        "workers-word",
+    ],
 )
 def test_bad_command_line_is_refused_before_any_write(tmp_path, args, needle):
     (tmp_path / "tiny.toml").write_text(TINY)
@@ -335,6 +344,14 @@ def test_a_zombie_worker_counts_as_dead():
     assert process_is_gone(child.pid)  # exited, not yet collected by its parent
     child.wait()
     assert process_is_gone(child.pid) and not process_is_gone(os.getpid())
+
+
+def test_workers_auto_is_within_the_machine():
+    cap, _ = worker_cap()
+    on_cpu, why = auto_workers(cuda=False)
+    assert on_cpu == cap and "per core" in why
+    on_gpu, _ = auto_workers(cuda=True)
+    assert 1 <= on_gpu <= min(cap, GPU_WORKERS)
 
 
 def test_workers_are_capped_to_what_the_machine_holds(capsys):
