@@ -30,8 +30,9 @@ from mnist_study.train import batch_order, keep_freed_memory, make_optimizer
 WARMUP_STEPS = 20
 
 
-def textbook_images_per_second(root: Path, steps: int, threads: int) -> float:
-    """torchvision MNIST + DataLoader(64, shuffle) + ToTensor/Normalize, NCHW fp32, Adam."""
+def textbook_images_per_second(root: Path, steps: int, threads: int, device: str) -> float:
+    """torchvision MNIST + DataLoader(64, shuffle) + ToTensor/Normalize, NCHW fp32, Adam;
+    on a GPU each batch is moved there, as the tutorials do."""
     from torchvision import datasets, transforms
 
     torch.set_num_threads(threads)
@@ -55,32 +56,44 @@ def textbook_images_per_second(root: Path, steps: int, threads: int) -> float:
         torch.nn.ReLU(),
         torch.nn.Linear(128, 10),
     )
+    model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
     started, images = 0.0, 0
     for step, (x, y) in enumerate(loader):
         if step == WARMUP_STEPS:
+            sync(device)
             started, images = time.perf_counter(), 0
         if step == WARMUP_STEPS + steps:
             break
+        x, y = x.to(device), y.to(device)
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         images += len(x)
+    sync(device)
     return images / (time.perf_counter() - started)
 
 
-def ours_images_per_second(splits, cfg: TrainConfig, steps: int) -> float:
-    keep_freed_memory()
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def ours_images_per_second(splits, cfg: TrainConfig, steps: int, graph: bool = False) -> float:
+    """Our trainer's step (steps end in a sync, so the time is the device's too)."""
+    device = splits.train_x.device
+    if device.type == "cpu":
+        keep_freed_memory()
     torch.manual_seed(0)
-    model = build_model(cfg).to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(cfg, model)
+    model = build_model(cfg).to(device=device, memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg, model, capturable=graph)
     order = torch.Generator().manual_seed(0)
     x, y = splits.train_x, splits.train_y
-    batches = batch_order(len(x), cfg.batch_size, order, x.device)
-    stepper = Stepper(model, optimizer, x, y, cfg, graph=False)
-    stepper.steps(batches, None, WARMUP_STEPS)
+    batches = batch_order(len(x), cfg.batch_size, order, device)
+    stepper = Stepper(model, optimizer, x, y, cfg, graph=graph)
+    stepper.steps(batches, None, WARMUP_STEPS)  # includes a graph's capture
     started = time.perf_counter()
     stepper.steps(batches, None, steps)
     return steps * cfg.batch_size / (time.perf_counter() - started)
@@ -98,12 +111,21 @@ def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
     return best
 
 
-SETUPS = [
-    ("ours fp32, batch 64", "fp32", 64),
-    ("ours bf16, batch 64", "bf16", 64),
-    ("ours fp32, batch 256", "fp32", 256),
-    ("ours bf16, batch 256", "bf16", 256),
-]
+# (name, precision, batch, CUDA graph) per device type.
+SETUPS = {
+    "cpu": [
+        ("ours fp32, batch 64", "fp32", 64, False),
+        ("ours bf16, batch 64", "bf16", 64, False),
+        ("ours fp32, batch 256", "fp32", 256, False),
+        ("ours bf16, batch 256", "bf16", 256, False),
+    ],
+    "cuda": [
+        ("ours eager fp32, batch 64", "fp32", 64, False),
+        ("ours graph fp32, batch 64", "fp32", 64, True),
+        ("ours eager bf16, batch 64", "bf16", 64, False),
+        ("ours graph bf16, batch 64", "bf16", 64, True),
+    ],
+}
 
 
 def study_wall_seconds(spec: Path, root: Path, workers: int) -> float:
@@ -133,28 +155,36 @@ def study_wall_seconds(spec: Path, root: Path, workers: int) -> float:
 def run_bench(
     root: Path, steps: int, rounds: int, json_path: Path | None, study: Path | None = None
 ) -> dict:
-    splits = load_splits(root, TrainConfig())
+    """Every setup of this machine's device (a CUDA GPU if present, else the CPU)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    splits = load_splits(root, TrainConfig()).to(torch.device(device))
     textbook = "textbook loop, fp32, batch 64"
-    samples: dict[str, list[float]] = {textbook: []} | {name: [] for name, _, _ in SETUPS}
+    setups = SETUPS[device]
+    samples: dict[str, list[float]] = {textbook: []} | {s[0]: [] for s in setups}
     peak = 0.0
     spawn = multiprocessing.get_context("spawn")
     with spawn.Pool(1) as child:
         for r in range(1, rounds + 1):
             samples[textbook].append(
-                child.apply(textbook_images_per_second, (root, steps, torch.get_num_threads()))
+                child.apply(
+                    textbook_images_per_second, (root, steps, torch.get_num_threads(), device)
+                )
             )
-            for name, precision, batch in SETUPS:
+            for name, precision, batch, graph in setups:
                 cfg = TrainConfig(precision=precision, batch_size=batch)
                 # Same number of images per setup, so each gets a comparable slice of time.
-                samples[name].append(ours_images_per_second(splits, cfg, steps * 64 // batch))
-            peak = max(peak, matmul_gflops())
+                samples[name].append(
+                    ours_images_per_second(splits, cfg, steps * 64 // batch, graph)
+                )
+            if device == "cpu":
+                peak = max(peak, matmul_gflops())
             values = ", ".join(f"{v[-1]:,.0f}" for v in samples.values())
             print(f"round {r}/{rounds}: {values}")
     flops = train_flops_per_image(SeedCNN())
     rows = []
     for name, values in samples.items():
         ips = statistics.median(values)
-        share = ips * flops / 1e9 / peak if "fp32" in name else None
+        share = ips * flops / 1e9 / peak if "fp32" in name and peak else None
         # Ratio within each round (measured side by side), then the median over rounds.
         ratio = statistics.median(v / t for v, t in zip(values, samples[textbook], strict=True))
         rows.append(
@@ -165,8 +195,11 @@ def run_bench(
                 "fp32_peak_share": None if share is None else round(share, 3),
             }
         )
+    machine = f"{cpu_model()}, {torch.get_num_threads()} threads"
+    if device == "cuda":
+        machine = f"{torch.cuda.get_device_name()} (host: {machine})"
     result = {
-        "machine": f"{cpu_model()}, {torch.get_num_threads()} threads",
+        "machine": machine,
         "torch": torch.__version__,
         "steps_at_batch_64": steps,
         "rounds": rounds,
@@ -195,7 +228,9 @@ def format_table(result: dict) -> str:
         f"Machine: {result['machine']}; torch {result['torch']}; median of "
         f"{result['rounds']} rounds of {result['steps_at_batch_64'] * 64:,} images each.",
         f"fp32 peak = best 2048^2 fp32 matmul in this run: {result['fp32_matmul_gflops']} "
-        f"GFLOP/s; training = {result['train_mflop_per_image']} MFLOP/image.",
+        f"GFLOP/s; training = {result['train_mflop_per_image']} MFLOP/image."
+        if result["fp32_matmul_gflops"]
+        else f"Training = {result['train_mflop_per_image']} MFLOP/image.",
         "",
         "Speed-up: the ratio to the textbook loop within each round, median over rounds.",
         "",
