@@ -63,7 +63,8 @@ report: $(BIN)/.installed ## rebuild reports/ablations/ and README's results sec
 	@$(BIN)/mnist-study report experiments/ablations.toml --readme README.md
 
 ui: $(BIN)/.installed ## MLflow UI on the study store, on 127.0.0.1 only
-	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (experiment per study; Ctrl-C to stop)"
+	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (Ctrl-C to stop); one experiment per study:"
+	@$(BIN)/mnist-study studies --tracking-uri $(TRACKING) --ui http://127.0.0.1:$(UI_PORT) || true
 	@$(BIN)/mlflow ui --backend-store-uri $(TRACKING) --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
 dashboard: $(BIN)/.installed ## optuna-dashboard on the tuning studies, on 127.0.0.1 only

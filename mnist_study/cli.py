@@ -122,8 +122,8 @@ def train_seed(cfg: TrainConfig, splits, test: bool, tracker) -> dict[str, float
     if tracker is not None:
         from mnist_study.tracking import provenance
 
-        tags = {"role": "train", **provenance(cfg, str(resolve_device(cfg)))}
-        run_id = tracker.create_run(f"train/seed-{cfg.seed}", cfg, tags)
+        tags = {"role": "train", **provenance(cfg, str(resolve_device(cfg)), "mnist-study train")}
+        run_id = tracker.create_run(f"train/seed-{cfg.seed}", cfg, tags, test)
 
     label = "step" if by_steps(cfg) else "epoch"
 
@@ -212,6 +212,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_studies(args: argparse.Namespace) -> int:
+    """Each study in the store with its address in the MLflow UI."""
+    from mlflow.tracking import MlflowClient
+
+    from mnist_study.tracking import check_tracking_uri
+
+    check_tracking_uri(args.tracking_uri, must_exist=True)
+    found = MlflowClient(args.tracking_uri).search_experiments(filter_string="name != 'Default'")
+    for exp in found:
+        print(f"  {exp.name:<12} {args.ui.rstrip('/')}/#/experiments/{exp.experiment_id}")
+    if not found:
+        print("  no studies yet: make quick, or make ablations")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
@@ -294,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("reports"), help="reports folder")
     p.add_argument("--readme", type=Path, help="replace this file's results section")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("studies", help="the studies in an MLflow store, with their UI addresses")
+    add_tracking_uri(p, "MLflow store to read")
+    p.add_argument("--ui", default="http://127.0.0.1:5000", help="the MLflow UI's address")
+    p.set_defaults(func=cmd_studies)
     return parser
 
 

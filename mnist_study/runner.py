@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 
 import optuna
 
@@ -19,7 +20,6 @@ from mnist_study.dataset import load_splits
 from mnist_study.processes import run_workers
 from mnist_study.records import check_stores_agree, study_names
 from mnist_study.spec import StudySpec, refuse_changed_study
-from mnist_study.spec_file import read_spec_text
 from mnist_study.tracking import Tracker, check_tracking_uri, prepare_store, recorded_spec
 from mnist_study.train import check_device
 from mnist_study.worker import RunOptions, Worker, progress_counts, reap_studies
@@ -42,6 +42,24 @@ def preflight(spec: StudySpec, opts: RunOptions) -> None:
     refuse_changed_study(spec, recorded_spec(opts.tracking_uri, spec.name), opts.tracking_uri)
 
 
+OBJECTIVE = "validation accuracy at the last evaluation"
+
+
+def experiment_description(spec: StudySpec) -> str:
+    """What the MLflow UI shows atop the study: its question, budget and how to run it."""
+    s, d = spec.settings, spec.defaults
+    sizes = s.train_sizes or (d.train_size,)
+    length = f"{d.steps} optimizer steps" if d.steps else f"{d.epochs} epochs"
+    return (
+        f"{spec.resolved.get('description', '')}\n\n"
+        f"{len(spec.variants)} variants at {', '.join(f'{n:,}' for n in sizes)} training "
+        f"images; each cell tuned by Optuna ({s.trials} trials), then {len(s.seeds)} seeds "
+        f"on the test set; {length}, batch {d.batch_size}.\n\n"
+        f"Spec: `{spec.path}`. Run: `mnist-study run {spec.path} --workers auto`; "
+        f"report: `mnist-study report {spec.path}`."
+    ).strip()
+
+
 def run_study(spec: StudySpec, opts: RunOptions) -> None:
     """Check inputs and stores, create the studies, then run the workers until done."""
     preflight(spec, opts)
@@ -56,14 +74,18 @@ def run_study(spec: StudySpec, opts: RunOptions) -> None:
         experiment_id = prepare_store(
             opts.tracking_uri,
             spec.name,
-            read_spec_text(spec.path),
+            experiment_description(spec),
             json.dumps(spec.resolved, separators=(",", ":")),
         )
         for cell in spec.cells:
             for name in study_names(spec, cell):
-                optuna.create_study(
+                study = optuna.create_study(
                     storage=storage, study_name=name, direction="maximize", load_if_exists=True
                 )
+                if not study.metric_names:
+                    with warnings.catch_warnings():  # "experimental" since Optuna 3.2
+                        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                        study.set_metric_names([OBJECTIVE])
     if opts.workers == 1:
         Worker(spec, opts, experiment_id, 0).loop()
         return

@@ -6,6 +6,7 @@ ids, so several worker processes can log into the same store without shared stat
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import platform
@@ -17,7 +18,7 @@ import mlflow
 import optuna
 import torch
 import torchvision
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from mnist_study.config import ConfigError, TrainConfig
@@ -27,6 +28,12 @@ from mnist_study.spec import Variant
 from mnist_study.storage import check_writable_folder, file_lock
 
 PARENT_TAG = "mlflow.parentRunId"
+# The MLflow 3 UI opens an experiment by its kind: training runs, not GenAI traces.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# Where the MNIST files come from; ours are byte-identical (their MD5s are checked).
+MNIST_ORIGIN = "http://yann.lecun.com/exdb/mnist/"
+TRAIN_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
+TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 def sqlite_file(tracking_uri: str) -> Path | None:
@@ -119,7 +126,9 @@ def create_experiment(tracking_uri: str, experiment: str, description: str, spec
         location = ((database.parent / "artifacts").resolve() / experiment).as_uri()
     elif not tracking_uri.startswith(("http://", "https://")):  # a database: local folder
         location = (Path("mlruns/artifacts").resolve() / experiment).as_uri()
-    tags = {"mlflow.note.content": description} if description else {}
+    tags = dict(EXPERIMENT_KIND)
+    if description:
+        tags["mlflow.note.content"] = description
     if spec_json:
         tags[SPEC_TAG] = spec_json
     return client.create_experiment(experiment, artifact_location=location, tags=tags)
@@ -161,9 +170,15 @@ def git_commit() -> str:
         return "unknown"
 
 
-def provenance(cfg: TrainConfig, device: str) -> dict[str, str]:
+def provenance(cfg: TrainConfig, device: str, source: str) -> dict[str, str]:
+    """Tags saying what made a run: MLflow's own source tags (shown by its UI), the dirty
+    flag beside them in git_commit, versions, device, and the data's checksums."""
+    commit = git_commit()
     tags = {
-        "git_commit": git_commit(),
+        "mlflow.source.name": source,
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.git.commit": commit.removesuffix("-dirty"),
+        "git_commit": commit,
         "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,
         "optuna_version": optuna.__version__,
@@ -176,6 +191,32 @@ def provenance(cfg: TrainConfig, device: str) -> dict[str, str]:
     }
     tags |= {f"mnist_md5.{name}": md5 for name, md5 in checksums().items()}
     return tags
+
+
+def mnist_inputs(cfg: TrainConfig, test: bool) -> list[DatasetInput]:
+    """MNIST as MLflow datasets, one per context (train, validation, and test on final
+    runs), each with a digest of the files' MD5s and the split that cut it."""
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    md5 = checksums()
+    split = f"val_size={cfg.val_size},split_seed={cfg.split_seed}"
+
+    def dataset(context: str, name: str, files: tuple[str, ...], cut: str) -> DatasetInput:
+        digest = hashlib.sha256(",".join([*(md5[f] for f in files), cut]).encode())
+        meta = MetaDataset(HTTPDatasetSource(MNIST_ORIGIN), name, digest.hexdigest()[:20])
+        return DatasetInput(meta._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)])
+
+    out = [
+        dataset(
+            "train", f"mnist-train-{cfg.train_size}", TRAIN_FILES, f"{split},n={cfg.train_size}"
+        ),
+        dataset("validation", f"mnist-validation-{cfg.val_size}", TRAIN_FILES, split),
+    ]
+    if test:
+        out.append(dataset("test", "mnist-test-10000", TEST_FILES, "test"))
+    return out
 
 
 def cpu_model() -> str:
@@ -208,14 +249,18 @@ class Tracker:
             return found[0].info.run_id
         return self.client.create_run(self.experiment_id, run_name=cell.key, tags=tags).info.run_id
 
-    def child_run(self, parent_id: str, name: str, cfg: TrainConfig, tags: dict[str, str]) -> str:
-        return self.create_run(name, cfg, {PARENT_TAG: parent_id, **tags})
+    def child_run(
+        self, parent_id: str, name: str, cfg: TrainConfig, tags: dict[str, str], test: bool
+    ) -> str:
+        return self.create_run(name, cfg, {PARENT_TAG: parent_id, **tags}, test)
 
-    def create_run(self, name: str, cfg: TrainConfig, tags: dict[str, str]) -> str:
-        """A run with the full resolved configuration as params."""
+    def create_run(self, name: str, cfg: TrainConfig, tags: dict[str, str], test: bool) -> str:
+        """A run with the full resolved configuration as params and the data it reads as
+        inputs (`test`: the test set too)."""
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         params = [Param(k, str(v)) for k, v in cfg.as_params().items()]
         self.client.log_batch(run.info.run_id, params=params)
+        self.client.log_inputs(run.info.run_id, datasets=mnist_inputs(cfg, test))
         return run.info.run_id
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:

@@ -200,10 +200,14 @@ class Worker:
             "optuna_state": "RUNNING",
             "workers": self.opts.workers,
             **extra,
-            **provenance(cfg, str(resolve_device(cfg))),
+            **provenance(cfg, str(resolve_device(cfg)), f"mnist-study run {self.spec.path}"),
         }
         run_id = self.tracker.child_run(
-            self.parents[variant.key], name, cfg, {k: str(v) for k, v in tags.items()}
+            self.parents[variant.key],
+            name,
+            cfg,
+            {k: str(v) for k, v in tags.items()},
+            test=unit.role == "final",
         )
         st.set_trial_system_attrs(study, st.trial_id(trial), {"mlflow_run_id": run_id})
         shown = ", ".join(

@@ -3,6 +3,7 @@ in tmp dirs: what lands where, resuming, a SIGKILLed worker, NaN trials, 2 worke
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,8 +21,10 @@ from helpers import (
     stores,
     trial_states,
 )
+from mlflow.tracking import MlflowClient
 
 from mnist_study.publish import write_report
+from mnist_study.records import study_names
 from mnist_study.runner import RunOptions, run_study
 from mnist_study.spec import load_spec, shrink
 from mnist_study.storage import open_storage
@@ -272,3 +275,42 @@ def test_two_workers_share_the_budget_exactly(tmp_path):
     assert "[w0 " in done.stdout and "[w1 " in done.stdout  # both workers took units
     threads = {r.data.tags["threads"] for r in found if r.data.tags["role"] != "variant"}
     assert threads == {str(max(1, (os.cpu_count() or 1) // 2))}
+
+
+def test_the_experiment_opens_as_model_training_with_a_readable_description(smoke_study):
+    spec, tracking, _ = smoke_study
+    exp = MlflowClient(tracking).get_experiment_by_name(spec.name)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    note = exp.tags["mlflow.note.content"]
+    assert not note.lstrip().startswith("#") and "[study]" not in note  # no raw TOML
+    assert f"mnist-study run {spec.path}" in note and "2 trials" in note
+    assert load_spec(spec.path).resolved == json.loads(exp.tags["mnist_study.spec"])
+
+
+def test_runs_carry_their_data_and_source_the_mlflow_way(smoke_study):
+    spec, tracking, _ = smoke_study
+    client, found = runs(tracking, spec.name)
+    for run in found:
+        tags = run.data.tags
+        if tags["role"] == "variant":
+            continue
+        assert tags["mlflow.source.git.commit"] == tags["git_commit"].removesuffix("-dirty")
+        assert tags["mlflow.source.name"] == f"mnist-study run {spec.path}"
+        inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
+        contexts = {
+            next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset
+            for i in inputs
+        }
+        expected = {"train", "validation"} | ({"test"} if tags["role"] == "final" else set())
+        assert set(contexts) == expected
+        assert contexts["train"].name == f"mnist-train-{spec.defaults.train_size}"
+        assert len({d.digest for d in contexts.values()}) == len(contexts)
+
+
+def test_optuna_studies_name_their_objective(smoke_study):
+    spec, _, storage = smoke_study
+    opened = open_storage(storage)
+    for cell in spec.cells:
+        for name in study_names(spec, cell):
+            study = optuna.load_study(study_name=name, storage=opened)
+            assert study.metric_names == ["validation accuracy at the last evaluation"]
