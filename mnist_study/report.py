@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from mnist_study.significance import holm, interval, welch_half_width, welch_p
 from mnist_study.spec import SpecError, StudySpec, spec_from_record
-from mnist_study.tracking import SPEC_TAG
+from mnist_study.tracking import METRIC_NAMES, SPEC_TAG, metric_history
 
 CURVES = ("train_loss", "val_loss", "train_acc", "val_acc", "epoch_seconds")
 
@@ -59,11 +59,14 @@ def collect(tracking_uri: str, study: str, storage: str | None = None) -> StudyD
     # A run reaped after its worker died ends when it was reaped, perhaps long after; its
     # last logged epoch is when it really stopped (the study's wall time depends on it).
     for i in runs.index[runs.status == "KILLED"]:
-        history = client.get_metric_history(runs.at[i, "run_id"], "epoch_seconds")
+        history = metric_history(client, runs.at[i, "run_id"], "epoch_seconds")
         last = max((m.timestamp for m in history), default=None)
         runs.at[i, "end_time"] = (
             pd.Timestamp(last, unit="ms", tz="UTC") if last else runs.at[i, "start_time"]
         )
+    for short, name in METRIC_NAMES.items():  # short names, as older runs recorded them
+        both = column(runs, f"metrics.{name}").fillna(column(runs, f"metrics.{short}"))
+        runs[f"metrics.{short}"] = pd.to_numeric(both, errors="coerce")
     runs["cell"] = column(runs, "tags.cell").fillna(runs["tags.variant"])
     # A sweep's runs are told apart by size; params cover children from before the tag.
     size = column(runs, "tags.train_size").fillna(column(runs, "params.train_size"))
@@ -74,7 +77,7 @@ def collect(tracking_uri: str, study: str, storage: str | None = None) -> StudyD
     rows = []
     for _, run in finals.iterrows():
         for metric in CURVES:
-            for m in client.get_metric_history(run.run_id, metric):
+            for m in metric_history(client, run.run_id, metric):
                 rows.append(
                     (
                         run["tags.variant"],

@@ -30,6 +30,35 @@ from mnist_study.storage import check_writable_folder, file_lock
 PARENT_TAG = "mlflow.parentRunId"
 # The MLflow 3 UI opens an experiment by its kind: training runs, not GenAI traces.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# MLflow's UI groups a run's charts by the prefix before '/': accuracy and loss each
+# get a section with train, validation (and test) side by side. Code and history dicts
+# use the short names; these are the names in MLflow, written and read only through here.
+METRIC_NAMES = {
+    "train_acc": "accuracy/train",
+    "val_acc": "accuracy/validation",
+    "test_acc": "accuracy/test",
+    "train_loss": "loss/train",
+    "train_loss_running": "loss/train_running",
+    "val_loss": "loss/validation",
+    "test_loss": "loss/test",
+    "lr": "optimizer/lr",
+    "optimizer_steps": "optimizer/steps",
+    "epoch_seconds": "time/train_seconds",
+    "test_acc_mean": "final/test_acc_mean",
+    "test_acc_std": "final/test_acc_std",
+    "n_final": "final/seeds",
+    "best_val_acc": "final/best_val_acc",
+}
+
+
+def metric_history(client: MlflowClient, run_id: str, name: str) -> list[Metric]:
+    """A metric's history under its MLflow name, or the short name that runs recorded
+    before the names were grouped."""
+    return client.get_metric_history(run_id, METRIC_NAMES.get(name, name)) or (
+        client.get_metric_history(run_id, name) if name in METRIC_NAMES else []
+    )
+
+
 # Where the MNIST files come from; ours are byte-identical (their MD5s are checked).
 MNIST_ORIGIN = "http://yann.lecun.com/exdb/mnist/"
 TRAIN_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
@@ -266,7 +295,10 @@ class Tracker:
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         self.client.log_batch(
-            run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
+            run_id,
+            metrics=[
+                Metric(METRIC_NAMES.get(k, k), float(v), now, step) for k, v in metrics.items()
+            ],
         )
 
     def set_tags(self, run_id: str, tags: dict[str, object]) -> None:

@@ -259,7 +259,7 @@ def test_report_counts_one_run_per_seed_and_names_what_it_left_out(finished, tmp
     tags = {k: v for k, v in final.data.tags.items() if k != "mlflow.runName"}
     for copied in (tags, {**tags, "seed": "7"}):  # a duplicate, an extra seed
         copy = client.create_run(final.info.experiment_id, run_name="copy", tags=copied)
-        client.log_metric(copy.info.run_id, "test_acc", 0.5)
+        client.log_metric(copy.info.run_id, "accuracy/test", 0.5)
         client.set_terminated(copy.info.run_id)
     alone = summarize(collect(tracking, "tiny"))
     assert list(alone.n) == [2, 2]

@@ -37,7 +37,7 @@ def test_one_row_per_variant_with_values_recomputed_from_runs(smoke_report):
     _, found = runs(tracking, spec.name)
     accs = {
         v.name: [
-            r.data.metrics["test_acc"]
+            r.data.metrics["accuracy/test"]
             for r in found
             if r.data.tags.get("variant") == v.name and r.data.tags["role"] == "final"
         ]
@@ -122,3 +122,18 @@ def test_holm_adjusts_for_several_comparisons():
     adjusted = holm(pd.Series([0.01, 0.04, math.nan, 0.03]))
     assert adjusted.tolist()[:2] == pytest.approx([0.03, 0.06])
     assert math.isnan(adjusted[2]) and adjusted[3] == pytest.approx(0.06)
+
+
+def test_runs_recorded_under_the_short_metric_names_still_read(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from mnist_study.tracking import metric_history
+
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking)
+    old = client.create_run(prepare_store(tracking, "old")).info.run_id
+    client.log_metric(old, "val_acc", 0.9, step=1)
+    new = client.create_run(prepare_store(tracking, "old")).info.run_id
+    client.log_metric(new, "accuracy/validation", 0.8, step=1)
+    assert [m.value for m in metric_history(client, old, "val_acc")] == [0.9]
+    assert [m.value for m in metric_history(client, new, "val_acc")] == [0.8]

@@ -75,14 +75,14 @@ def test_children_hang_off_parents_with_curves_tags_and_test_only_on_finals(smok
         ):
             assert tags[key], key
         assert run.data.params["epochs"] == str(epochs)
-        history = client.get_metric_history(run.info.run_id, "val_acc")
+        history = client.get_metric_history(run.info.run_id, "accuracy/validation")
         steps = [m.step for m in history]
         assert steps == list(range(1, len(steps) + 1))
         if tags["optuna_state"] == "COMPLETE":
             assert len(steps) == epochs and run.info.status == "FINISHED"
         else:
             assert tags["optuna_state"] == "PRUNED" and tags["prune_reason"]
-        assert ("test_acc" in run.data.metrics) == (tags["role"] == "final")
+        assert ("accuracy/test" in run.data.metrics) == (tags["role"] == "final")
 
 
 def test_parent_holds_best_params_and_test_mean(smoke_study):
@@ -97,9 +97,9 @@ def test_parent_holds_best_params_and_test_mean(smoke_study):
             for r in found
             if r.data.tags.get("variant") == v.name and r.data.tags["role"] == "final"
         ]
-        accs = [r.data.metrics["test_acc"] for r in finals]
-        assert parent.data.metrics["test_acc_mean"] == pytest.approx(sum(accs) / len(accs))
-        assert parent.data.metrics["n_final"] == len(spec.settings.seeds)
+        accs = [r.data.metrics["accuracy/test"] for r in finals]
+        assert parent.data.metrics["final/test_acc_mean"] == pytest.approx(sum(accs) / len(accs))
+        assert parent.data.metrics["final/seeds"] == len(spec.settings.seeds)
         assert {f"best_{k}" for k in v.search} <= set(parent.data.params)
         # Final runs train the tuned hyperparameters.
         for run in finals:
@@ -301,6 +301,10 @@ def test_runs_carry_their_data_and_source_the_mlflow_way(smoke_study):
             next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset
             for i in inputs
         }
+        # Charts group by the prefix: each section holds train beside validation.
+        sections = {k.split("/")[0] for k in run.data.metrics}
+        assert {"accuracy", "loss"} <= sections and all("/" in k for k in run.data.metrics)
+        assert {"accuracy/train", "accuracy/validation"} <= set(run.data.metrics)
         expected = {"train", "validation"} | ({"test"} if tags["role"] == "final" else set())
         assert set(contexts) == expected
         assert contexts["train"].name == f"mnist-train-{spec.defaults.train_size}"

@@ -115,9 +115,9 @@ def test_every_run_has_ten_points_on_the_optimizer_step_axis(sweep):
     for run in found:
         if run.data.tags["role"] != "final":
             continue
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "accuracy/validation")]
         assert steps == [3 * k for k in range(1, 11)]
-        seen = client.get_metric_history(run.info.run_id, "optimizer_steps")
+        seen = client.get_metric_history(run.info.run_id, "optimizer/steps")
         assert [m.value for m in seen] == steps
 
 
@@ -130,7 +130,7 @@ def test_report_rows_per_variant_and_size_recomputed_from_mlflow(sweep):
         assert list(table.variant) == ["baseline", "dropout"]
         for row in table.itertuples():
             accs = [
-                r.data.metrics["test_acc"]
+                r.data.metrics["accuracy/test"]
                 for r in found
                 if r.data.tags["role"] == "final"
                 and r.data.tags["variant"] == row.variant

@@ -93,8 +93,10 @@ def test_train_command_logs_each_seed_to_mlflow(tmp_path):
     for run in found:
         assert run.info.status == "FINISHED" and run.data.params["seed"] in ("0", "1")
         assert run.data.tags["outcome"] == "complete" and "optuna_state" not in run.data.tags
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2]
-        assert 0 < run.data.metrics["test_acc"] <= 1
+        assert [
+            m.step for m in client.get_metric_history(run.info.run_id, "accuracy/validation")
+        ] == [1, 2]
+        assert 0 < run.data.metrics["accuracy/test"] <= 1
 
 
 def test_evaluation_points_by_epoch_or_spread_over_steps():
