@@ -65,8 +65,10 @@ def collect(tracking_uri: str, study: str, storage: str | None = None) -> StudyD
             pd.Timestamp(last, unit="ms", tz="UTC") if last else runs.at[i, "start_time"]
         )
     for short, name in METRIC_NAMES.items():  # short names, as older runs recorded them
-        both = column(runs, f"metrics.{name}").fillna(column(runs, f"metrics.{short}"))
-        runs[f"metrics.{short}"] = pd.to_numeric(both, errors="coerce")
+        new, old = (
+            pd.to_numeric(column(runs, f"metrics.{n}"), errors="coerce") for n in (name, short)
+        )
+        runs[f"metrics.{short}"] = new.fillna(old)
     runs["cell"] = column(runs, "tags.cell").fillna(runs["tags.variant"])
     # A sweep's runs are told apart by size; params cover children from before the tag.
     size = column(runs, "tags.train_size").fillna(column(runs, "params.train_size"))
