@@ -3,7 +3,10 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 .DEFAULT_GOAL := help
 
-PYTHON ?= python3.11
+# The first Python >= 3.11 on PATH, newest first; or PYTHON=/path/to/python.
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	2>/dev/null && { echo $$p; break; }; done)
 VENV := .venv
 BIN := $(VENV)/bin
 DATA := data
@@ -12,20 +15,30 @@ WORKERS ?= auto
 TRACKING := sqlite:///mlruns/mlflow.db
 UI_PORT ?= 5000
 
-.PHONY: help install data train test test-slow lint bench ablations scarcity quick report ui dashboard clean
+.PHONY: help install lock data train test test-slow lint bench ablations scarcity quick report ui dashboard clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-# The stamp makes installing idempotent: it is redone only when pyproject.toml changes.
-$(BIN)/.installed: pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@echo "installing into $(VENV) (first time: ~2 min, torch is large)"
+# The stamp makes installing idempotent: redone only when pyproject.toml or the lock change.
+$(BIN)/.installed: pyproject.toml requirements.lock
+	@test -x $(BIN)/python || { test -n "$(PYTHON)" || { echo "no Python >= 3.11 found \
+	(tried python3.13, python3.12, python3.11, python3); install one or set PYTHON=..."; \
+	exit 2; }; $(PYTHON) -m venv $(VENV); }
+	@echo "installing into $(VENV) with $$($(BIN)/python --version) (first time: ~3 min, torch is large)"
 	@# This machine's pip.conf names index folders that do not exist; hide that noise.
-	@$(BIN)/pip install --quiet -e '.[dev]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	@$(BIN)/pip install --quiet -c requirements.lock -e '.[dev]' 2>&1 \
+		| { grep -v 'is ignored: it is neither' || true; }
 	@touch $@
 
 install: $(BIN)/.installed ## create .venv and install the project with its dev tools
+
+lock: ## re-resolve the dependencies in a scratch venv and rewrite requirements.lock
+	@rm -rf .lock-venv && test -n "$(PYTHON)" && $(PYTHON) -m venv .lock-venv
+	@.lock-venv/bin/pip install --quiet -e '.[dev]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	@{ sed -n '1,2p' requirements.lock; .lock-venv/bin/pip freeze --exclude-editable; } > requirements.lock.new
+	@mv requirements.lock.new requirements.lock && rm -rf .lock-venv
+	@echo "requirements.lock rewritten; make install to use it, make test to check it"
 
 data: $(BIN)/.installed ## fetch and verify MNIST into data/MNIST/raw
 	@$(BIN)/mnist-study --data-root $(DATA) data
@@ -67,8 +80,8 @@ ui: $(BIN)/.installed ## MLflow UI on the study store, on 127.0.0.1 only
 	@$(BIN)/mnist-study studies --tracking-uri $(TRACKING) --ui http://127.0.0.1:$(UI_PORT) || true
 	@$(BIN)/mlflow ui --backend-store-uri $(TRACKING) --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
-dashboard: $(BIN)/.installed ## optuna-dashboard on the tuning studies, on 127.0.0.1 only
-	@test -x $(BIN)/optuna-dashboard || { echo "optuna-dashboard is not installed: $(BIN)/pip install optuna-dashboard"; exit 2; }
+dashboard: $(BIN)/.installed ## optuna-dashboard on the tuning studies, on 127.0.0.1 only (installs it once)
+	@test -x $(BIN)/optuna-dashboard || $(BIN)/pip install --quiet -c requirements.lock -e '.[dashboard]
 	@echo "Optuna dashboard: http://127.0.0.1:8080"
 	@$(BIN)/optuna-dashboard mlruns/optuna.journal --host 127.0.0.1 --port 8080
 
