@@ -1,0 +1,80 @@
+"""README's recipe for several machines, tested: a real `mlflow server` on 127.0.0.1
+(SQLite backend, artifacts proxied into tmp_path), a study with two workers logging to
+it over HTTP, and the report built from it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from helpers import assert_budget_met_exactly, run_two_workers
+
+from mnist_study.publish import write_report
+from mnist_study.spec import load_spec
+
+TINY = """
+[study]
+trials = 2
+seeds = [0, 1]
+startup_trials = 1
+[defaults]
+epochs = 1
+train_size = 300
+val_size = 200
+train_eval_size = 200
+[variants.baseline]
+search.lr = { low = 1e-3, high = 3e-3, log = true }
+[variants.batchnorm]
+set = { batchnorm = true }
+search.lr = { low = 1e-3, high = 3e-3, log = true }
+"""
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--workers", "1"]
+    cmd += ["--artifacts-destination", str(tmp_path / "artifacts")]
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 (closed below)
+    server = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    tail = (tmp_path / "server.log").read_text()[-500:]
+                    pytest.skip(f"mlflow server did not start here: {tail}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        log.close()
+
+
+@pytest.mark.slow
+def test_two_workers_log_a_study_to_an_mlflow_server_and_it_reports(tmp_path, mlflow_server):
+    spec_path = tmp_path / "tiny.toml"
+    spec_path.write_text(TINY)
+    storage = str(tmp_path / "optuna.journal")
+    run_two_workers(spec_path, mlflow_server, storage)
+    spec = load_spec(spec_path)
+    assert_budget_met_exactly(mlflow_server, storage, spec)
+    body = write_report(mlflow_server, "tiny", tmp_path / "reports", storage=storage)
+    assert "| baseline |" in body and "**Checks**: none raised." in body
+    # The final runs' models went through the server into its artifact root.
+    models = list((tmp_path / "artifacts").glob("*/models/*/artifacts/MLmodel"))
+    assert len(models) == 2 * len(spec.settings.seeds)
