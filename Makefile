@@ -15,7 +15,7 @@ WORKERS ?= auto
 TRACKING := sqlite:///mlruns/mlflow.db
 UI_PORT ?= 5000
 
-.PHONY: help install lock data train test test-slow lint bench ablations scarcity quick report ui dashboard clean
+.PHONY: help install lock data train test test-slow lint bench precision ablations scarcity quick report ui dashboard clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -59,6 +59,10 @@ lint: $(BIN)/.installed ## ruff: lint and formatting
 bench: data ## training speed, textbook loop vs ours side by side (+ ARGS="--study-workers experiments/quick.toml")
 	@mkdir -p reports
 	@$(BIN)/mnist-study --data-root $(DATA) bench --json reports/bench.json $(ARGS)
+
+precision: data ## bf16 against fp32 on this CPU: 10 seeds each, paired TOST at ±0.1 points (~20 min)
+	@mkdir -p reports
+	@$(BIN)/mnist-study --data-root $(DATA) precision --json reports/precision.json $(ARGS)
 
 ablations: data ## run the study in experiments/ablations.toml (~80 min; rerun to resume), then report
 	@$(BIN)/mnist-study --data-root $(DATA) run experiments/ablations.toml --workers $(WORKERS) $(ARGS)

@@ -162,6 +162,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_precision(args: argparse.Namespace) -> int:
+    import json
+
+    from mnist_study.precision import compare_precisions
+
+    if args.seeds < 2 or not 0 < args.margin < 100:
+        raise ConfigError("--seeds must be >= 2 and --margin in (0, 100) points")
+    result = compare_precisions(args.data_root, args.seeds, args.margin / 100)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from mnist_study.processes import auto_workers, cap_workers
     from mnist_study.runner import RunOptions, StudyIncomplete, run_study
@@ -288,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time this whole study with 1 and then 2 workers (minutes)",
     )
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("precision", help="bf16 against fp32: paired equivalence test over seeds")
+    p.add_argument("--seeds", type=int, default=10, help="seeds per precision")
+    p.add_argument("--margin", type=float, default=0.1, help="equivalence margin, points")
+    p.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    p.set_defaults(func=cmd_precision)
     p = sub.add_parser("run", help="run a study spec: tune every variant, then final seeds")
     p.add_argument("spec", type=Path, help="experiment file, e.g. experiments/ablations.toml")
     add_tracking_uri(p, "MLflow store")

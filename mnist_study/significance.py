@@ -47,3 +47,17 @@ def holm(ps: pd.Series) -> pd.Series:
         running = max(running, min(1.0, (m - rank) * p))
         out[idx] = running
     return out
+
+
+def paired_tost(a: list[float], b: list[float], margin: float) -> tuple[float, float, float]:
+    """Two one-sided tests that mean(a - b), paired by position, lies within ±margin:
+    (mean difference, half-width of its 90% interval, p). p < 0.05 means equivalent:
+    the 90% interval lies inside the margin."""
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    mean, n = statistics.mean(d), len(d)
+    se = statistics.stdev(d) / math.sqrt(n)
+    if se == 0:
+        return mean, 0.0, 0.0 if abs(mean) < margin else 1.0
+    p_low = stats.t.sf((mean + margin) / se, n - 1)  # H0: difference <= -margin
+    p_high = stats.t.cdf((mean - margin) / se, n - 1)  # H0: difference >= +margin
+    return mean, float(stats.t.ppf(0.95, n - 1) * se), float(max(p_low, p_high))

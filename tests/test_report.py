@@ -137,3 +137,18 @@ def test_runs_recorded_under_the_short_metric_names_still_read(tmp_path):
     client.log_metric(new, "accuracy/validation", 0.8, step=1)
     assert [m.value for m in metric_history(client, old, "val_acc")] == [0.9]
     assert [m.value for m in metric_history(client, new, "val_acc")] == [0.8]
+
+
+def test_paired_tost_is_two_one_sided_t_tests():
+    from mnist_study.significance import paired_tost
+
+    a = [0.9901, 0.9893, 0.9910, 0.9889, 0.9902, 0.9897]
+    b = [0.9899, 0.9897, 0.9905, 0.9892, 0.9900, 0.9894]
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    mean, half, p = paired_tost(a, b, 0.001)
+    lower = stats.ttest_1samp(d, -0.001, alternative="greater").pvalue
+    upper = stats.ttest_1samp(d, 0.001, alternative="less").pvalue
+    assert p == pytest.approx(max(lower, upper)) and p < 0.05
+    low, high = stats.ttest_1samp(d, 0).confidence_interval(0.90)
+    assert (mean, half) == pytest.approx(((low + high) / 2, (high - low) / 2))
+    assert paired_tost(a, b, 0.0001)[2] > 0.05  # a margin too tight to show
