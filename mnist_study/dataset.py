@@ -36,10 +36,14 @@ def stratified_split(labels: np.ndarray, n_take: int, seed: int) -> tuple[np.nda
     return np.sort(np.concatenate(taken)), np.sort(np.concatenate(rest))
 
 
+# Every pixel value's normalized float32, computed as (v / 255 - MEAN) / STD would be:
+# one table lookup per pixel instead of three passes over the whole array.
+NORMALIZED = (np.arange(256, dtype=np.float32) / 255 - MEAN) / STD
+
+
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, 28, 28) to normalized float32 (N, 1, 28, 28)."""
-    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
-    return (x - MEAN) / STD
+    return torch.from_numpy(NORMALIZED[images]).unsqueeze(1)
 
 
 @dataclass
@@ -66,12 +70,13 @@ def make_splits(arrays: dict[str, np.ndarray], cfg: TrainConfig) -> Splits:
         train_idx = train_idx[pick]
     n_eval = min(cfg.train_eval_size, len(train_idx))
     eval_pick, _ = stratified_split(labels[train_idx], n_eval, cfg.split_seed + 2)
-    x, y = to_tensor(arrays["train_x"]), torch.from_numpy(labels.astype(np.int64))
-    train_x, train_y = x[train_idx], y[train_idx]
+    # Cut the uint8 images first: only the images a split holds are converted.
+    images, y = arrays["train_x"], torch.from_numpy(labels.astype(np.int64))
+    train_x, train_y = to_tensor(images[train_idx]), y[train_idx]
     return Splits(
         train_x=train_x,
         train_y=train_y,
-        val_x=x[val_idx],
+        val_x=to_tensor(images[val_idx]),
         val_y=y[val_idx],
         train_eval_x=train_x[eval_pick],
         train_eval_y=train_y[eval_pick],

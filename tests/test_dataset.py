@@ -56,3 +56,14 @@ def test_train_size_subsets_training_only():
     assert np.array_equal(full.val_x, small.val_x)  # validation unchanged
     assert np.all(np.bincount(small.train_y.numpy(), minlength=10) == 20)
     assert len(small.train_eval_x) == 50
+
+
+def test_normalizing_by_table_equals_the_formula_for_every_pixel_value():
+    import numpy as np
+    import torch
+
+    from mnist_study.dataset import MEAN, STD, to_tensor
+
+    pixels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
+    formula = (torch.from_numpy(pixels.astype(np.float32) / 255.0).unsqueeze(1) - MEAN) / STD
+    assert torch.equal(to_tensor(pixels), formula)
