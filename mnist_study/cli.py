@@ -158,7 +158,9 @@ def train_seed(cfg: TrainConfig, splits, test: bool, tracker) -> dict[str, float
 def cmd_bench(args: argparse.Namespace) -> int:
     from mnist_study.bench import run_bench
 
-    run_bench(args.data_root, args.steps, args.rounds, args.json, args.study_workers)
+    run_bench(
+        args.data_root, args.steps, args.rounds, args.json, args.study_workers, args.processes
+    )
     return 0
 
 
@@ -294,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=300, help="steps at batch 64 per measurement")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median kept)")
     p.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    p.add_argument(
+        "--processes",
+        action="store_true",
+        help="also time whole processes: the textbook program vs mnist-study train, 1 epoch",
+    )
     p.add_argument(
         "--study-workers",
         type=Path,
