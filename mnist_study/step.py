@@ -34,9 +34,11 @@ class Diverged(ArithmeticError):
         self.epoch, self.step, self.loss = epoch, step, loss
 
 
-def autocast(cfg: TrainConfig, device: torch.device):
+def autocast(cfg: TrainConfig, device: torch.device, graph: bool = False):
+    """bf16 autocast, or none. In a CUDA graph without autocast's cache of cast weights,
+    as PyTorch requires: a cached copy would be stale at every replay."""
     if cfg.precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not graph)
     return torch.autocast(device.type, enabled=False)
 
 
@@ -113,6 +115,7 @@ class StaticStep:
         self.aug = None
         if cfg.augment:  # angle, scale, x and y shift: the identity until filled
             self.aug = torch.tensor([[0.0], [1.0], [0.0], [0.0]], device=device).repeat(1, size)
+        self.capturing = False
         self.graph = self.capture() if graph else None
 
     def fill(self, idx: torch.Tensor, augment_rng: torch.Generator | None) -> None:
@@ -133,7 +136,7 @@ class StaticStep:
         torch.index_select(self.x, 0, self.idx, out=self.xb)
         torch.index_select(self.y, 0, self.idx, out=self.yb)
         xb = self.xb if self.aug is None else apply_affine(self.xb, self.aug)
-        with autocast(self.cfg, xb.device):
+        with autocast(self.cfg, xb.device, graph=self.capturing):
             logits = self.model(xb.contiguous(memory_format=torch.channels_last))
             loss = F.cross_entropy(logits, self.yb)
         if set_to_none:
@@ -156,8 +159,10 @@ class StaticStep:
         # captured backward, which then writes them afresh at every replay.
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
+        self.capturing = True
         with torch.cuda.graph(graph):
             self.body(set_to_none=False)
+        self.capturing = False
         return graph
 
 
