@@ -37,18 +37,6 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             )
 
 
-def parse_workers(value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise ConfigError(f"--workers {value}: must be 'auto' or a whole number >= 1")
-    return number
-
-
 def add_tracking_uri(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "--tracking-uri",
@@ -178,7 +166,7 @@ def cmd_precision(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mnist_study.processes import auto_workers, cap_workers
+    from mnist_study.processes import auto_workers, cap_workers, parse_workers
     from mnist_study.runner import RunOptions, StudyIncomplete, run_study
     from mnist_study.spec import load_spec
     from mnist_study.storage import check_storage_url

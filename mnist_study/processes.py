@@ -10,6 +10,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+from mnist_study.config import ConfigError
 from mnist_study.outcome import Interrupted
 
 # Peak resident memory of one process training the seed CNN on full MNIST (torch, the
@@ -54,6 +55,19 @@ def auto_workers(cuda: bool) -> tuple[int, str]:
     if cap < GPU_WORKERS:
         return cap, f"{GPU_WORKERS} keep one GPU busy, this machine holds {cap} ({why})"
     return GPU_WORKERS, f"{GPU_WORKERS} keep one GPU busy"
+
+
+def parse_workers(value: str) -> int | str:
+    """`--workers`: "auto", or a count (checked here for a one-line error, not by argparse)."""
+    if value == "auto":
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ConfigError(f"--workers {value}: must be 'auto' or a whole number >= 1")
+    return number
 
 
 def cap_workers(requested: int) -> int:
