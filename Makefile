@@ -85,7 +85,8 @@ ui: $(BIN)/.installed ## MLflow UI on the study store, on 127.0.0.1 only
 	@$(BIN)/mlflow ui --backend-store-uri $(TRACKING) --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
 dashboard: $(BIN)/.installed ## optuna-dashboard on the tuning studies, on 127.0.0.1 only (installs it once)
-	@test -x $(BIN)/optuna-dashboard || $(BIN)/pip install --quiet -c requirements.lock -e '.[dashboard]
+	@test -x $(BIN)/optuna-dashboard || $(BIN)/pip install --quiet -c requirements.lock -e '.[dashboard]' 2>&1 \
+		| { grep -v 'is ignored: it is neither' || true; }
 	@echo "Optuna dashboard: http://127.0.0.1:8080"
 	@$(BIN)/optuna-dashboard mlruns/optuna.journal --host 127.0.0.1 --port 8080
 
