@@ -68,7 +68,7 @@ ablations: data ## run the study in experiments/ablations.toml (~80 min; rerun t
 	@$(BIN)/mnist-study --data-root $(DATA) run experiments/ablations.toml --workers $(WORKERS) $(ARGS)
 	@$(MAKE) --no-print-directory report
 
-scarcity: data ## the variants at 300 to 10,000 training images (~2 h on 2 cores; rerun to resume), then report
+scarcity: data ## the variants at 300 to 10,000 training images (~90 min on 2 cores; rerun to resume), then report
 	@$(BIN)/mnist-study --data-root $(DATA) run experiments/scarcity.toml --workers $(WORKERS) $(ARGS)
 	@$(BIN)/mnist-study report experiments/scarcity.toml --readme README.md
 
