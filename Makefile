@@ -46,10 +46,10 @@ data: $(BIN)/.installed ## fetch and verify MNIST into data/MNIST/raw
 train: data ## train one configuration, e.g. make train ARGS="--batchnorm --epochs 3"
 	@$(BIN)/mnist-study --data-root $(DATA) train $(ARGS)
 
-test: data ## run the tests (CPU, ~5 min; real MNIST and stores in tmp dirs), slow ones apart
+test: data ## run the tests (CPU, ~7-10 min; real MNIST and stores in tmp dirs), slow ones apart
 	@$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
-test-slow: data ## the slow tests: killed workers, concurrent commands, PostgreSQL (~6 min)
+test-slow: data ## the slow tests: killed workers and sweeps, concurrent commands, PostgreSQL, mlflow server (~9 min)
 	@$(BIN)/python -m pytest -q -m slow $(ARGS)
 
 lint: $(BIN)/.installed ## ruff: lint and formatting
