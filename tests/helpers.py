@@ -16,6 +16,24 @@ from mnist_study.storage import open_storage
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Two variants on 300 images, 1 epoch: a whole study in seconds.
+TINY = """
+[study]
+trials = 2
+seeds = [0, 1]
+startup_trials = 1
+[defaults]
+epochs = 1
+train_size = 300
+val_size = 200
+train_eval_size = 200
+[variants.baseline]
+search.lr = { low = 1e-3, high = 3e-3, log = true }
+[variants.batchnorm]
+set = { batchnorm = true }
+search.lr = { low = 1e-3, high = 3e-3, log = true }
+"""
+
 
 def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from helpers import REPO, assert_budget_met_exactly, cli, runs, stores, trial_states
+from helpers import REPO, TINY, assert_budget_met_exactly, cli, runs, stores, trial_states
 
 from mnist_study.processes import GPU_WORKERS, auto_workers, cap_workers, worker_cap
 from mnist_study.publish import write_report
@@ -22,23 +22,6 @@ from mnist_study.report import collect, summarize
 from mnist_study.runner import RunOptions, run_study
 from mnist_study.spec import load_spec
 from mnist_study.storage import connect, open_storage, process_is_gone
-
-TINY = """
-[study]
-trials = 2
-seeds = [0, 1]
-startup_trials = 1
-[defaults]
-epochs = 1
-train_size = 300
-val_size = 200
-train_eval_size = 200
-[variants.baseline]
-search.lr = { low = 1e-3, high = 3e-3, log = true }
-[variants.batchnorm]
-set = { batchnorm = true }
-search.lr = { low = 1e-3, high = 3e-3, log = true }
-"""
 
 # One variant, trials long enough (seconds) to be killed mid-way.
 SLOW = """

@@ -13,27 +13,10 @@ import time
 import urllib.request
 
 import pytest
-from helpers import assert_budget_met_exactly, run_two_workers
+from helpers import TINY, assert_budget_met_exactly, run_two_workers
 
 from mnist_study.publish import write_report
 from mnist_study.spec import load_spec
-
-TINY = """
-[study]
-trials = 2
-seeds = [0, 1]
-startup_trials = 1
-[defaults]
-epochs = 1
-train_size = 300
-val_size = 200
-train_eval_size = 200
-[variants.baseline]
-search.lr = { low = 1e-3, high = 3e-3, log = true }
-[variants.batchnorm]
-set = { batchnorm = true }
-search.lr = { low = 1e-3, high = 3e-3, log = true }
-"""
 
 
 @pytest.fixture
