@@ -19,6 +19,7 @@ import optuna
 import torch
 import torchvision
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mnist_study.config import ConfigError, TrainConfig
@@ -289,8 +290,20 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         params = [Param(k, str(v)) for k, v in cfg.as_params().items()]
         self.client.log_batch(run.info.run_id, params=params)
-        self.client.log_inputs(run.info.run_id, datasets=mnist_inputs(cfg, test))
+        self.log_inputs(run.info.run_id, mnist_inputs(cfg, test))
         return run.info.run_id
+
+    def log_inputs(self, run_id: str, datasets: list[DatasetInput], tries: int = 3) -> None:
+        """MLflow's store looks for an experiment's dataset, then inserts it: two workers
+        logging a new dataset at once race, and the loser hits the unique constraint
+        (SQLite and PostgreSQL, directly or behind `mlflow server`). The winner's row is
+        there on the next try, which links to it."""
+        for attempt in range(tries):
+            try:
+                return self.client.log_inputs(run_id, datasets=datasets)
+            except MlflowException as e:
+                if attempt == tries - 1 or "unique constraint" not in str(e).lower():
+                    raise
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)

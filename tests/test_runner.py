@@ -8,7 +8,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import optuna
 import pytest
@@ -23,11 +25,13 @@ from helpers import (
 )
 from mlflow.tracking import MlflowClient
 
+from mnist_study.config import TrainConfig
 from mnist_study.publish import write_report
 from mnist_study.records import study_names
 from mnist_study.runner import RunOptions, run_study
 from mnist_study.spec import load_spec, shrink
 from mnist_study.storage import open_storage
+from mnist_study.tracking import Tracker
 
 SMOKE = REPO / "experiments" / "smoke.toml"
 
@@ -318,3 +322,25 @@ def test_optuna_studies_name_their_objective(smoke_study):
         for name in study_names(spec, cell):
             study = optuna.load_study(study_name=name, storage=opened)
             assert study.metric_names == ["validation accuracy at the last evaluation"]
+
+
+def test_workers_logging_a_new_dataset_at_once_all_link_to_one_row(tmp_path):
+    """MLflow checks for a dataset, then inserts it; workers starting their first runs
+    together race on that, and every one of them must still get its run and inputs."""
+    tracking = stores(tmp_path)[0]
+    experiment = MlflowClient(tracking).create_experiment("race")
+    cfg, n = TrainConfig(train_size=300), 8
+    barrier = threading.Barrier(n)
+
+    def start(i: int) -> str:
+        tracker = Tracker(tracking, experiment)
+        barrier.wait()
+        return tracker.create_run(f"run{i}", cfg, {}, test=True)
+
+    with ThreadPoolExecutor(n) as pool:
+        run_ids = list(pool.map(start, range(n)))
+    client = MlflowClient(tracking)
+    digests = [
+        {i.dataset.digest for i in client.get_run(r).inputs.dataset_inputs} for r in run_ids
+    ]
+    assert len(digests) == n and all(d == digests[0] and len(d) == 3 for d in digests)
