@@ -340,7 +340,5 @@ def test_workers_logging_a_new_dataset_at_once_all_link_to_one_row(tmp_path):
     with ThreadPoolExecutor(n) as pool:
         run_ids = list(pool.map(start, range(n)))
     client = MlflowClient(tracking)
-    digests = [
-        {i.dataset.digest for i in client.get_run(r).inputs.dataset_inputs} for r in run_ids
-    ]
+    digests = [{i.dataset.digest for i in client.get_run(r).inputs.dataset_inputs} for r in run_ids]
     assert len(digests) == n and all(d == digests[0] and len(d) == 3 for d in digests)
