@@ -15,10 +15,10 @@ WORKERS ?= auto
 TRACKING := sqlite:///mlruns/mlflow.db
 UI_PORT ?= 5000
 
-.PHONY: help install lock data train test test-slow lint bench precision ablations scarcity quick report ui dashboard clean
+.PHONY: help install lock data train test test-slow lint bench precision ablations scarcity scarcity300 quick report ui dashboard clean
 
 help: ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
 # The stamp makes installing idempotent: redone only when pyproject.toml or the lock change.
 $(BIN)/.installed: pyproject.toml requirements.lock
@@ -71,6 +71,10 @@ ablations: data ## run the study in experiments/ablations.toml (~80 min; rerun t
 scarcity: data ## the variants at 300 to 10,000 training images (~90 min on 2 cores; rerun to resume), then report
 	@$(BIN)/mnist-study --data-root $(DATA) run experiments/scarcity.toml --workers $(WORKERS) $(ARGS)
 	@$(BIN)/mnist-study report experiments/scarcity.toml --readme README.md
+
+scarcity300: data ## the follow-up declared for 300 images: 20 seeds for weight decay and batchnorm, then report
+	@$(BIN)/mnist-study --data-root $(DATA) run experiments/scarcity300.toml --workers $(WORKERS) $(ARGS)
+	@$(BIN)/mnist-study report experiments/scarcity300.toml --readme README.md
 
 quick: data ## the same variants on a small budget (minutes), then its report in reports/quick/
 	@$(BIN)/mnist-study --data-root $(DATA) run experiments/quick.toml --workers $(WORKERS) $(ARGS)

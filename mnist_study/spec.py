@@ -9,6 +9,7 @@ sampler_seed = 0
 pruner = "median"        # or "none"
 train_sizes = [300, 3000]  # optional sweep: every variant at each size is a cell of its
                            # own (own tuning, own seeds); without it, one cell per variant
+variants = ["baseline", "dropout"]  # optional: run only these of the variants defined
 
 [defaults]               # TrainConfig fields for every run of this study
 epochs = 5
@@ -70,6 +71,9 @@ class StudySettings:
     """Median pruning on validation accuracy, within a cell's own study only."""
     train_sizes: tuple[int, ...] = ()
     """Training-set sizes to sweep: each (variant, size) is tuned and run on its own."""
+    variants: tuple[str, ...] = ()
+    """The variants to run, of those defined (empty: all): a follow-up study on a base
+    file runs only the comparisons it was declared for."""
 
 
 @dataclass(frozen=True)
@@ -144,10 +148,26 @@ def parse_raw(raw: dict, path: Path) -> StudySpec:
     if not variants_table:
         raise SpecError(f"{where}: variants: none defined; add at least one [variants.NAME]")
     variants = tuple(
-        parse_variant(vname, body, defaults, where) for vname, body in variants_table.items()
+        parse_variant(vname, body, defaults, where)
+        for vname, body in variants_table.items()
+        if vname in (settings.variants or variants_table)
     )
+    check_selection(settings.variants, variants_table, where)
     check_sweep(settings, defaults, variants, where)
     return StudySpec(name, path, settings, defaults, variants, raw | {"name": name})
+
+
+def check_selection(selected: tuple[str, ...], defined: dict, where: str) -> None:
+    missing = [n for n in selected if n not in defined]
+    if missing:
+        raise SpecError(
+            f"{where}: study.variants: {', '.join(missing)} not defined; "
+            f"defined: {', '.join(defined)}"
+        )
+    if selected and "baseline" in defined and "baseline" not in selected:
+        raise SpecError(
+            f"{where}: study.variants: add 'baseline'; every comparison is made against it"
+        )
 
 
 def check_sweep(
@@ -188,6 +208,19 @@ def parse_settings(raw: object, where: str) -> StudySettings:
     unknown(raw, set(hints), where, "study.")
     values = {}
     for key, value in raw.items():
+        if key == "variants":
+            if not (
+                isinstance(value, list)
+                and value
+                and all(isinstance(n, str) for n in value)
+                and len(set(value)) == len(value)
+            ):
+                raise SpecError(
+                    f"{where}: study.variants = {value!r}; must be a non-empty list of "
+                    f"distinct variant names"
+                )
+            values[key] = tuple(value)
+            continue
         if key in ("seeds", "train_sizes"):
             ok = (
                 isinstance(value, list)
