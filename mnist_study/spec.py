@@ -208,29 +208,16 @@ def parse_settings(raw: object, where: str) -> StudySettings:
     unknown(raw, set(hints), where, "study.")
     values = {}
     for key, value in raw.items():
-        if key == "variants":
-            if not (
-                isinstance(value, list)
-                and value
-                and all(isinstance(n, str) for n in value)
-                and len(set(value)) == len(value)
-            ):
-                raise SpecError(
-                    f"{where}: study.variants = {value!r}; must be a non-empty list of "
-                    f"distinct variant names"
-                )
-            values[key] = tuple(value)
-            continue
-        if key in ("seeds", "train_sizes"):
+        if key in ("seeds", "train_sizes", "variants"):
+            item, what = (str, "variant names") if key == "variants" else (int, "integers")
             ok = (
                 isinstance(value, list)
                 and value
-                and all(isinstance(s, int) and not isinstance(s, bool) for s in value)
+                and all(isinstance(s, item) and not isinstance(s, bool) for s in value)
             )
             if not ok or len(set(value)) != len(value):
                 raise SpecError(
-                    f"{where}: study.{key} = {value!r}; must be a non-empty list "
-                    f"of distinct integers"
+                    f"{where}: study.{key} = {value!r}; must be a non-empty list of distinct {what}"
                 )
             values[key] = tuple(sorted(value)) if key == "train_sizes" else tuple(value)
             continue
@@ -315,19 +302,6 @@ def parse_range(spec: dict, integer: bool, where: str, at: str) -> SearchRange:
     if log and low <= 0:
         raise SpecError(f"{where}: {at}: log scale needs low > 0, got {low}")
     return SearchRange(low, high, log, integer)
-
-
-def shrink(spec: StudySpec, **overrides: object) -> StudySpec:
-    """The same study at a toy size (tests): tiny data, 1 epoch (or 20 steps), 1 trial,
-    1 seed, and of a sweep its two smallest sizes."""
-    small = dict(epochs=1, train_size=256, val_size=200, train_eval_size=200, threads=1)
-    if spec.defaults.steps:
-        small["steps"] = 20
-    sizes = spec.settings.train_sizes[:2]
-    settings = dataclasses.replace(spec.settings, trials=1, seeds=(0,), train_sizes=sizes)
-    return dataclasses.replace(
-        spec, settings=settings, defaults=spec.defaults.replace("shrink", **small, **overrides)
-    )
 
 
 def refuse_changed_study(spec: StudySpec, recorded_text: str | None, where: str) -> None:

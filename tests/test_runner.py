@@ -20,6 +20,7 @@ from helpers import (
     cli,
     run_two_workers,
     runs,
+    shrink,
     stores,
     trial_states,
 )
@@ -29,7 +30,7 @@ from mnist_study.config import TrainConfig
 from mnist_study.publish import write_report
 from mnist_study.records import study_names
 from mnist_study.runner import RunOptions, run_study
-from mnist_study.spec import load_spec, shrink
+from mnist_study.spec import load_spec
 from mnist_study.storage import open_storage
 from mnist_study.tracking import Tracker
 

@@ -111,6 +111,19 @@ BAD = {
         "study.sampler_seed = -1; must be in [0, 4294967295]",
     ),
     "seed too big": (GOOD.replace("trials = 2", "trials = 2\nseeds = [1, 2e10]"), "study.seeds"),
+    "unknown selected variant": (
+        GOOD.replace("trials = 2", 'trials = 2\nvariants = ["baseline", "dropuot"]'),
+        "study.variants: dropuot not defined; defined: baseline",
+    ),
+    "selection without baseline": (
+        GOOD.replace("trials = 2", 'trials = 2\nvariants = ["dropout"]')
+        + "[variants.dropout]\nset = { dropout = 0.5 }\nsearch.lr = { low = 1e-4, high = 1e-2 }\n",
+        "study.variants: add 'baseline'",
+    ),
+    "selection not names": (
+        GOOD.replace("trials = 2", "trials = 2\nvariants = [1]"),
+        "study.variants = [1]; must be a non-empty list of distinct variant names",
+    ),
     "deep nesting": ("x = " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
 }
 
@@ -176,6 +189,19 @@ def test_a_derived_spec_states_only_its_overrides(tmp_path):
     (baseline,) = load_spec(child).variants
     assert (baseline.search["lr"].low, baseline.search["lr"].high) == (1e-4, 3e-2)
     assert baseline.description == "base"
+
+
+def test_a_follow_up_runs_only_the_variants_it_declares():
+    sweep = load_spec(REPO / "experiments" / "scarcity.toml")
+    follow_up = load_spec(REPO / "experiments" / "scarcity300.toml")
+    by_name = {v.name: v for v in sweep.variants}
+    assert [c.key for c in follow_up.cells] == [
+        "baseline.n300",
+        "batchnorm.n300",
+        "weight_decay.n300",
+    ]
+    assert all(v == by_name[v.name] for v in follow_up.variants)  # one definition
+    assert not set(follow_up.settings.seeds) & set(sweep.settings.seeds)  # new seeds
 
 
 @pytest.mark.parametrize(
