@@ -62,6 +62,17 @@ def markdown_table(table: pd.DataFrame, point: str = "epoch") -> str:
     return "\n".join(lines)
 
 
+def seed_ranges(seeds: tuple[int, ...]) -> str:
+    """`0–4, 7`: consecutive seeds as ranges."""
+    runs: list[list[int]] = []
+    for s in sorted(seeds):
+        if runs and s == runs[-1][-1] + 1:
+            runs[-1].append(s)
+        else:
+            runs.append([s])
+    return ", ".join(f"{r[0]}–{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs)
+
+
 def provenance_line(data: StudyData) -> str:
     runs = data.runs
     if runs.empty:
@@ -86,7 +97,7 @@ def provenance_line(data: StudyData) -> str:
             else f"{d.train_size:,} train images"
         )
         budget = (
-            f"{s.trials} trials + {len(s.seeds)} seeds {list(s.seeds)} per "
+            f"{s.trials} trials + {len(s.seeds)} seeds ({seed_ranges(s.seeds)}) per "
             f"{'cell' if s.train_sizes else 'variant'}, {length}, batch {d.batch_size}, "
             f"{sizes}, {d.val_size:,} validation images, {d.precision}; "
         )

@@ -84,7 +84,7 @@ def sweep_section(data: StudyData, out: Path) -> tuple[list[str], dict[str, Path
     size: (lines, figures, checks)."""
     sizes = data.spec.settings.train_sizes
     tables, found, lines = {}, list(data.problems), []
-    pngs = {"learning_curve": out / "learning_curve.png"}
+    pngs = {"learning_curve": out / "learning_curve.png"} if len(sizes) > 1 else {}
     for n in sizes:
         part = at_size(data, n)
         table = summarize(part)
@@ -116,6 +116,7 @@ def sweep_section(data: StudyData, out: Path) -> tuple[list[str], dict[str, Path
     pd.concat(
         [t.drop(columns=["tuned_params"]).assign(train_size=n) for n, t in tables.items()]
     ).to_csv(out / "results.csv", index=False)
-    figures.learning_curve_figure(tables, pngs["learning_curve"])
+    if "learning_curve" in pngs:  # one size is a point, not a curve
+        figures.learning_curve_figure(tables, pngs["learning_curve"])
     lines.append(TABLE_LEGEND)
     return lines, pngs, found

@@ -11,7 +11,7 @@ import pytest
 from helpers import runs
 from scipy import stats
 
-from mnist_study.publish import busy_minutes, markers, write_report
+from mnist_study.publish import busy_minutes, markers, seed_ranges, write_report
 from mnist_study.report import collect, summarize
 from mnist_study.significance import holm
 from mnist_study.tracking import prepare_store
@@ -152,3 +152,9 @@ def test_paired_tost_is_two_one_sided_t_tests():
     low, high = stats.ttest_1samp(d, 0).confidence_interval(0.90)
     assert (mean, half) == pytest.approx(((low + high) / 2, (high - low) / 2))
     assert paired_tost(a, b, 0.0001)[2] > 0.05  # a margin too tight to show
+
+
+def test_seed_lists_read_as_ranges():
+    assert seed_ranges((0, 1, 2, 3, 4)) == "0–4"
+    assert seed_ranges(tuple(range(119, 99, -1))) == "100–119"
+    assert seed_ranges((0, 1, 7, 9, 10, 11)) == "0, 1, 7, 9–11"
