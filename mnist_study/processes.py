@@ -124,7 +124,10 @@ def run_workers(
                     continue
                 p.join()
                 del alive[i]
-                if p.exitcode in (0, 130):
+                if p.exitcode == 0:
+                    continue
+                if p.exitcode == 130:  # stopped by SIGINT, which this process may not see
+                    stopped.append("SIGINT")  # (started in the background, it ignores it)
                     continue
                 if p.exitcode == -signal.SIGTERM and stopped:
                     continue

@@ -205,6 +205,30 @@ def test_sigterm_stops_like_ctrl_c_and_says_how_to_resume(tmp_path):
 
 
 @pytest.mark.slow
+def test_ctrl_c_to_a_background_command_with_workers_says_interrupted(tmp_path):
+    """Started with `&` from a script, the command ignores SIGINT and only its workers
+    see Ctrl-C sent to the group: it must still say interrupted, not that none died."""
+    path = tmp_path / "slow.toml"
+    path.write_text(SLOW)
+    tracking, storage = stores(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnist_study", "--data-root", str(REPO / "data")]
+        + run_args(path, tracking, storage, "--workers", "2"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    wait_for_running_trial(storage, "slow.baseline", None)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted (SIGINT)" in err and "died" not in err and "Traceback" not in err
+
+
+@pytest.mark.slow
 def test_two_commands_on_fresh_stores_share_the_budget_with_distinct_proposals(tmp_path):
     path = tmp_path / "pair.toml"
     path.write_text(TINY.replace("trials = 2", "trials = 4"))
