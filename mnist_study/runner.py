@@ -8,7 +8,6 @@ and the two stores (Optuna's record, MLflow's mirror) are shown to agree.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import warnings
@@ -75,7 +74,7 @@ def run_study(spec: StudySpec, opts: RunOptions) -> None:
             opts.tracking_uri,
             spec.name,
             experiment_description(spec),
-            json.dumps(spec.resolved, separators=(",", ":")),
+            spec.record(),
         )
         for cell in spec.cells:
             for name in study_names(spec, cell):

@@ -28,7 +28,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mnist_study.config import SEED_MAX, TrainConfig
+from mnist_study.config import SEED_MAX, ConfigError, TrainConfig
 from mnist_study.spec_file import SpecError, parse_toml, read_spec_text, resolve_base
 
 
@@ -98,10 +98,25 @@ class StudySpec:
             for v in self.variants
         )
 
+    def record(self) -> str:
+        """What the stores keep of this study: the resolved spec with its defaults spelled
+        out in full, so that a default changed later in the code is seen on resume."""
+        return json.dumps(
+            self.resolved | {"defaults": design(self.defaults)}, separators=(",", ":")
+        )
+
     def config_for(self, variant: Variant, params: dict[str, object]) -> TrainConfig:
         return self.defaults.replace(
             f"{self.path}: variants.{variant.name}", **variant.changes, **params
         )
+
+
+# How a run executes, not what it computes: a different default there is the same study.
+EXECUTION_FIELDS = {"device", "cuda_graph", "threads"}
+
+
+def design(cfg: TrainConfig) -> dict[str, object]:
+    return {k: v for k, v in cfg.as_params().items() if k not in EXECUTION_FIELDS}
 
 
 SETTING_RANGES = {
@@ -311,13 +326,13 @@ def refuse_changed_study(spec: StudySpec, recorded_text: str | None, where: str)
         return
     try:
         old = spec_from_record(recorded_text, spec.path)
-    except (SpecError, ValueError):
+    except (ConfigError, ValueError):
         return  # written by an older version of this tool: nothing to compare against
     changed = [
         label
         for label, a, b in (
             ("[study]", old.settings, spec.settings),
-            ("[defaults]", old.defaults, spec.defaults),
+            ("[defaults]", design(old.defaults), design(spec.defaults)),
         )
         if a != b
     ]

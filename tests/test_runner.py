@@ -3,7 +3,6 @@ in tmp dirs: what lands where, resuming, a SIGKILLed worker, NaN trials, 2 worke
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -289,7 +288,7 @@ def test_the_experiment_opens_as_model_training_with_a_readable_description(smok
     note = exp.tags["mlflow.note.content"]
     assert not note.lstrip().startswith("#") and "[study]" not in note  # no raw TOML
     assert f"mnist-study run {spec.path}" in note and "2 trials" in note
-    assert load_spec(spec.path).resolved == json.loads(exp.tags["mnist_study.spec"])
+    assert load_spec(spec.path).record() == exp.tags["mnist_study.spec"]
 
 
 def test_runs_carry_their_data_and_source_the_mlflow_way(smoke_study):

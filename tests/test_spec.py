@@ -239,6 +239,27 @@ def test_a_change_in_the_base_is_a_changed_study(tmp_path):
         refuse_changed_study(load_spec(child), recorded, "store")
 
 
+def test_a_changed_default_in_the_code_is_a_changed_study(tmp_path):
+    """The record spells every default out: a study started when the code's default was
+    another value is refused on resume; how runs execute (threads, device) is not design."""
+    import json
+
+    from mnist_study.spec import refuse_changed_study
+
+    path = tmp_path / "study.toml"
+    path.write_text(GOOD)
+    spec = load_spec(path)
+    recorded = json.loads(spec.record())
+    assert recorded["defaults"]["train_eval_size"] == spec.defaults.train_eval_size
+    started_under_old_code = recorded | {
+        "defaults": recorded["defaults"] | {"train_eval_size": 5000}
+    }
+    with pytest.raises(SpecError, match=r"\(\[defaults\]\)"):
+        refuse_changed_study(spec, json.dumps(started_under_old_code), "store")
+    path.write_text("[defaults]\nthreads = 1\n" + GOOD)
+    refuse_changed_study(load_spec(path), spec.record(), "store")
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(SpecError, match="no such experiment file"):
         load_spec(Path(tmp_path / "nope.toml"))
