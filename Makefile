@@ -47,10 +47,10 @@ train: data ## train one configuration, e.g. make train ARGS="--batchnorm --epoc
 	@$(BIN)/mnist-study --data-root $(DATA) train $(ARGS)
 
 test: data ## run the tests (CPU, ~7-10 min; real MNIST and stores in tmp dirs), slow ones apart
-	@$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+	@$(BIN)/python -m pytest -q -m "not slow" --durations=10 $(ARGS)
 
 test-slow: data ## the slow tests: killed workers and sweeps, concurrent commands, PostgreSQL, mlflow server (~9 min)
-	@$(BIN)/python -m pytest -q -m slow $(ARGS)
+	@$(BIN)/python -m pytest -q -m slow --durations=10 $(ARGS)
 
 lint: $(BIN)/.installed ## ruff: lint and formatting
 	@$(BIN)/ruff check .
