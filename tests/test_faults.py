@@ -147,20 +147,28 @@ def wait_for_running_trial(storage: str, study: str, worker: int | None, timeout
     raise AssertionError(f"no trial of worker {worker} reached mid-training in time")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("index", [0, 1])
-def test_a_killed_worker_is_reaped_and_the_others_finish(tmp_path, index):
+def start_slow_study(tmp_path, *args: str, **popen):
+    """The SLOW study started in the background on fresh stores in tmp_path:
+    (process, spec path, tracking URI, Optuna storage)."""
     path = tmp_path / "slow.toml"
     path.write_text(SLOW)
     tracking, storage = stores(tmp_path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "mnist_study", "--data-root", str(REPO / "data")]
-        + run_args(path, tracking, storage, "--workers", "2"),
+        + run_args(path, tracking, storage, *args),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=REPO,
+        **popen,
     )
+    return proc, path, tracking, storage
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", [0, 1])
+def test_a_killed_worker_is_reaped_and_the_others_finish(tmp_path, index):
+    proc, path, tracking, storage = start_slow_study(tmp_path, "--workers", "2")
     victim = wait_for_running_trial(storage, "slow.baseline", index)
     os.kill(victim.system_attrs["pid"], signal.SIGKILL)
     out, err = proc.communicate(timeout=300)
@@ -181,17 +189,7 @@ def test_a_killed_worker_is_reaped_and_the_others_finish(tmp_path, index):
 
 
 def test_sigterm_stops_like_ctrl_c_and_says_how_to_resume(tmp_path):
-    path = tmp_path / "slow.toml"
-    path.write_text(SLOW)
-    tracking, storage = stores(tmp_path)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mnist_study", "--data-root", str(REPO / "data")]
-        + run_args(path, tracking, storage),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
+    proc, _, tracking, storage = start_slow_study(tmp_path)
     victim = wait_for_running_trial(storage, "slow.baseline", None)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -208,16 +206,10 @@ def test_sigterm_stops_like_ctrl_c_and_says_how_to_resume(tmp_path):
 def test_ctrl_c_to_a_background_command_with_workers_says_interrupted(tmp_path):
     """Started with `&` from a script, the command ignores SIGINT and only its workers
     see Ctrl-C sent to the group: it must still say interrupted, not that none died."""
-    path = tmp_path / "slow.toml"
-    path.write_text(SLOW)
-    tracking, storage = stores(tmp_path)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mnist_study", "--data-root", str(REPO / "data")]
-        + run_args(path, tracking, storage, "--workers", "2"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
+    proc, _, _, storage = start_slow_study(
+        tmp_path,
+        "--workers",
+        "2",
         start_new_session=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
