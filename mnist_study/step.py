@@ -5,9 +5,10 @@ On a GPU a step of this small net is bound by Python and kernel launches, not by
 arithmetic; a replayed graph launches the whole step (gather, augmentation, forward,
 backward, optimizer) at once. For that every tensor the step touches lives at a fixed
 address: batches are gathered into static buffers by index, augmentation parameters are
-drawn on the host's seeded generator and copied into a static buffer, and the loss is
-summed on the device. A NaN/inf is recorded on the device too (the first step it
-happened at) and read at pass ends and evaluations, never every step.
+drawn on the host's seeded generator, a pass's worth at once, moved to the device once
+per pass and copied into a static buffer per step, and the loss is summed on the
+device. A NaN/inf is recorded on the device too (the first step it happened at) and
+read at pass ends and evaluations, never every step.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class Stepper:
         self.per_pass = math.ceil(len(x) / cfg.batch_size)
         self.by_size: dict[int, StaticStep] = {}
         self.done = 0
+        self.pass_affine: torch.Tensor | None = None  # (4, images): this pass's draws
 
     def steps(
         self,
@@ -77,13 +79,30 @@ class Stepper:
             if size not in self.by_size:
                 self.by_size[size] = StaticStep(*self.args, size, self.totals, self.graph)
             step = self.by_size[size]
-            step.fill(idx, augment_rng)
+            at = self.done % self.per_pass * self.args[4].batch_size
+            if augment_rng is not None:
+                if at == 0:
+                    self.pass_affine = self.draw_pass(augment_rng)
+                step.fill(idx, self.pass_affine[:, at : at + size])
+            else:
+                step.fill(idx, None)
             step.run()
             self.done += 1
             if self.done % self.per_pass == 0:
                 self.check()
         self.check()
         return self.totals.take_mean_loss()
+
+    def draw_pass(self, rng: torch.Generator) -> torch.Tensor:
+        """A pass's augmentation parameters, drawn batch by batch as a step would draw
+        them, but moved to the device at once: a copy from the host per step would make
+        every step wait for the device."""
+        n, c = len(self.args[2]), self.args[4]
+        draws = [
+            draw_affine(min(c.batch_size, n - start), rng, c.rotate_deg, c.shift, c.zoom)
+            for start in range(0, n, c.batch_size)
+        ]
+        return torch.cat(draws, 1).to(self.args[2].device)
 
     def check(self) -> None:
         bad = self.totals.first_bad()
@@ -118,11 +137,12 @@ class StaticStep:
         self.capturing = False
         self.graph = self.capture() if graph else None
 
-    def fill(self, idx: torch.Tensor, augment_rng: torch.Generator | None) -> None:
+    def fill(self, idx: torch.Tensor, affine: torch.Tensor | None) -> None:
+        """The batch's indices and, with augmentation, its (4, size) affine parameters,
+        both already on the device."""
         self.idx.copy_(idx)
         if self.aug is not None:
-            c = self.cfg
-            self.aug.copy_(draw_affine(len(idx), augment_rng, c.rotate_deg, c.shift, c.zoom))
+            self.aug.copy_(affine)
 
     def run(self) -> None:
         if self.graph is not None:

@@ -139,3 +139,20 @@ def test_augmentation_draws_are_those_of_the_seeded_generator():
     b = draw_affine(8, torch.Generator().manual_seed(3), 10, 0.1, 0.1)
     assert a.shape == (4, 8) and torch.equal(a, b)
     assert a[0].abs().max() <= math.radians(10) and (a[1] - 1).abs().max() <= 0.1
+
+
+def test_augmentation_stopped_mid_pass_resumes_with_the_same_draws(small_splits):
+    """A pass's augmentation is drawn at its start: training in pieces that end mid-pass
+    (evaluations, `steps`) must give what one go gives."""
+    cfg = dataclasses.replace(CFG, augment=True)
+    x, y = small_splits.train_x, small_splits.train_y
+    params = []
+    for pieces in ([40], [7, 13, 20]):
+        model, optimizer = fresh(cfg)
+        stepper = Stepper(model, optimizer, x, y, cfg, graph=False)
+        batches = batch_order(len(x), cfg.batch_size, torch.Generator().manual_seed(0), x.device)
+        rng = torch.Generator().manual_seed(1)
+        for count in pieces:
+            stepper.steps(batches, rng, count)
+        params.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*params, strict=True))
