@@ -14,19 +14,22 @@ import torch.nn.functional as F
 
 
 def draw_affine(
-    n: int, generator: torch.Generator, rotate_deg: float, shift: float, zoom: float
+    sizes: list[int], generator: torch.Generator, rotate_deg: float, shift: float, zoom: float
 ) -> torch.Tensor:
-    """(4, n): per image an angle uniform in +-rotate_deg (radians), a scale uniform in
-    1 +- zoom, and x and y shifts uniform in +-shift of the side."""
+    """(4, sum(sizes)): per image an angle uniform in +-rotate_deg (radians), a scale
+    uniform in 1 +- zoom, and x and y shifts uniform in +-shift of the side.
 
-    def uniform(limit: float) -> torch.Tensor:
-        return (torch.rand(n, generator=generator) * 2 - 1) * limit
-
-    angle = uniform(math.radians(rotate_deg))
-    scale = 1 + uniform(zoom)
+    Drawn as if batch by batch (each batch's angles, then its scales, then its shifts),
+    but in one call: the CPU generator fills a tensor in order, so one draw of all the
+    numbers is the same as a draw per batch, and a pass's worth costs ~1 ms, not ~0.1 s.
+    """
+    u = torch.rand(4 * sum(sizes), generator=generator) * 2 - 1
+    u = torch.cat([chunk.view(4, -1) for chunk in u.split([4 * n for n in sizes])], 1)
     # affine_grid works in [-1, 1] coordinates, so a shift of 10% of the side is 0.2.
-    tx, ty = uniform(2 * shift), uniform(2 * shift)
-    return torch.stack([angle, scale, tx, ty])
+    limits = torch.tensor([math.radians(rotate_deg), zoom, 2 * shift, 2 * shift])
+    params = u * limits[:, None]
+    params[1] += 1
+    return params
 
 
 def apply_affine(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:

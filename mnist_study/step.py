@@ -94,15 +94,13 @@ class Stepper:
         return self.totals.take_mean_loss()
 
     def draw_pass(self, rng: torch.Generator) -> torch.Tensor:
-        """A pass's augmentation parameters, drawn batch by batch as a step would draw
-        them, but moved to the device at once: a copy from the host per step would make
-        every step wait for the device."""
+        """A pass's augmentation parameters, the draws a step per batch would make, in
+        one call and moved to the device at once: a copy from the host per step made
+        every CUDA step wait for the device."""
         n, c = len(self.args[2]), self.args[4]
-        draws = [
-            draw_affine(min(c.batch_size, n - start), rng, c.rotate_deg, c.shift, c.zoom)
-            for start in range(0, n, c.batch_size)
-        ]
-        return torch.cat(draws, 1).to(self.args[2].device)
+        sizes = [min(c.batch_size, n - start) for start in range(0, n, c.batch_size)]
+        draws = draw_affine(sizes, rng, c.rotate_deg, c.shift, c.zoom)
+        return draws.to(self.args[2].device)
 
     def check(self) -> None:
         bad = self.totals.first_bad()

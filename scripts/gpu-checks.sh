@@ -2,11 +2,11 @@
 # Issue 10's GPU checks in one go, on a machine with a CUDA GPU and no registry. From the
 # project root, after `bash ../shared/gpu/make-bundle.sh` here, on the GPU machine:
 #   OUT=some/dir bash .gpu/run.sh bash scripts/gpu-checks.sh
-# Writes into $OUT: gpu_checks.json (variants, graph vs eager, divergence, processes and
-# streams per GPU), bench.json (textbook vs ours), and per worker count the ablation
-# study's wall time and log; the first count's stores and report too.
-# Options (environment): CHECK_ARGS (e.g. "--sections variants streams"), BENCH=0,
-# WORKERS="auto 2" (a study run per count), STUDY_TIMEOUT=200 (s), SPEC=experiments/smoke.toml (a dry run).
+# Writes into $OUT: gpu_checks.json (variants, graph vs eager, divergence, processes per
+# GPU), bench.json (textbook vs ours), and per worker count the ablation study's wall
+# time and log; the first count's stores and report too. Options (environment):
+# CHECK_ARGS (e.g. "--sections variants scaling"), BENCH=0, WORKERS="auto 2" (a study
+# run per count), STUDY_TIMEOUT=200 (s), SPEC=experiments/smoke.toml (a dry run).
 set -u
 out=${OUT:?set OUT to a folder for the results}
 mkdir -p "$out"

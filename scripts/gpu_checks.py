@@ -121,47 +121,6 @@ def scaling(base: TrainConfig, counts: list[int], steps: int) -> dict:
     return out
 
 
-def streams(base: TrainConfig, counts: list[int], steps: int) -> dict:
-    """K runs in one process, each replaying its graph on its own CUDA stream from its own
-    thread: whether kernels of independent runs overlap, where processes only time-share."""
-    import threading
-
-    out = {}
-    device = torch.device(base.device)
-    splits = load_splits(ROOT, base).to(device)
-    for k in counts:
-        runs = []
-        for i in range(k):
-            torch.manual_seed(i)
-            model = build_model(base).to(device=device, memory_format=torch.channels_last)
-            optimizer = make_optimizer(base, model, capturable=True)
-            order = torch.Generator().manual_seed(i)
-            batches = batch_order(len(splits.train_x), 64, order, device)
-            stepper = Stepper(model, optimizer, splits.train_x, splits.train_y, base, True)
-            stepper.steps(batches, None, 20)  # capture
-            runs.append((stepper, batches, torch.cuda.Stream()))
-        torch.cuda.synchronize()
-        barrier = threading.Barrier(k + 1)
-
-        def go(stepper, batches, stream, barrier=barrier):
-            barrier.wait()
-            with torch.cuda.stream(stream):
-                stepper.steps(batches, None, steps)
-
-        threads = [threading.Thread(target=go, args=run) for run in runs]
-        for t in threads:
-            t.start()
-        barrier.wait()
-        started = time.perf_counter()
-        for t in threads:
-            t.join()
-        torch.cuda.synchronize()
-        total = k * steps * 64 / (time.perf_counter() - started)
-        out[k] = {"total_images_per_s": round(total), "epoch_s_each": round(55_000 * k / total, 3)}
-        print(f"{k} streams: {out[k]}", flush=True)
-    return out
-
-
 def main() -> None:
     global ROOT
     parser = argparse.ArgumentParser()
@@ -184,7 +143,6 @@ def main() -> None:
         "variants": lambda: variants(base),
         "graph_vs_eager": lambda: graph_vs_eager(base, seeds, 3),
         "scaling": lambda: scaling(base, counts, 10 if args.tiny else 860),
-        "streams": lambda: streams(base, [1, 2, 4], 10 if args.tiny else 860),
     }
     for name, measure in sections.items():
         if args.sections and name not in args.sections:

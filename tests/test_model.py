@@ -97,7 +97,7 @@ def test_optimizer_switches():
 
 
 def random_affine(x, generator, rotate_deg=10.0, shift=0.1, zoom=0.1):
-    return apply_affine(x, draw_affine(len(x), generator, rotate_deg, shift, zoom))
+    return apply_affine(x, draw_affine([len(x)], generator, rotate_deg, shift, zoom))
 
 
 def test_augmentation_keeps_shape_and_differs_per_image():

@@ -135,10 +135,18 @@ def test_warm_up_before_capture_is_undone_exactly(small_splits, optimizer):
 
 
 def test_augmentation_draws_are_those_of_the_seeded_generator():
-    a = draw_affine(8, torch.Generator().manual_seed(3), 10, 0.1, 0.1)
-    b = draw_affine(8, torch.Generator().manual_seed(3), 10, 0.1, 0.1)
+    a = draw_affine([8], torch.Generator().manual_seed(3), 10, 0.1, 0.1)
+    b = draw_affine([8], torch.Generator().manual_seed(3), 10, 0.1, 0.1)
     assert a.shape == (4, 8) and torch.equal(a, b)
     assert a[0].abs().max() <= math.radians(10) and (a[1] - 1).abs().max() <= 0.1
+
+
+def test_a_pass_drawn_at_once_is_the_same_as_batch_by_batch():
+    sizes = [64, 64, 64, 40]
+    at_once = draw_affine(sizes, torch.Generator().manual_seed(5), 10, 0.1, 0.1)
+    rng = torch.Generator().manual_seed(5)
+    one_by_one = torch.cat([draw_affine([n], rng, 10, 0.1, 0.1) for n in sizes], 1)
+    assert at_once.shape == (4, 232) and torch.equal(at_once, one_by_one)
 
 
 def test_augmentation_stopped_mid_pass_resumes_with_the_same_draws(small_splits):
