@@ -39,9 +39,10 @@ def worker_cap() -> tuple[int, str]:
     return cap, why
 
 
-# Processes sharing one GPU. Measured on an H100 (issue 10, with CUDA graphs): four
-# processes ran an epoch in 0.7-1.0 s each against 0.32 s for one alone, about 1.5x the
-# throughput of one; more share the same GPU without adding to it.
+# Processes sharing one GPU. Measured on an H100 with CUDA graphs (scripts/gpu-checks.sh,
+# README "Speed"): one process already keeps it busy (159k images/s; 1 to 8 processes
+# together 155k-157k), as processes time-share the GPU. More than one only keep it fed
+# while another logs, evaluates or starts; 4 ran the ablation study in 161-165 s.
 GPU_WORKERS = 4
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import logging
 import os
 import platform
@@ -17,7 +18,6 @@ from pathlib import Path
 import mlflow
 import optuna
 import torch
-import torchvision
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -210,7 +210,9 @@ def provenance(cfg: TrainConfig, device: str, source: str) -> dict[str, str]:
         "mlflow.source.git.commit": commit.removesuffix("-dirty"),
         "git_commit": commit,
         "torch_version": torch.__version__,
-        "torchvision_version": torchvision.__version__,
+        # Its version from the package metadata: importing torchvision costs seconds
+        # (it pulls in torch._dynamo), in every worker, and nothing here uses it.
+        "torchvision_version": importlib.metadata.version("torchvision"),
         "optuna_version": optuna.__version__,
         "mlflow_version": mlflow.__version__,
         "device": device,
