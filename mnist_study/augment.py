@@ -21,7 +21,8 @@ def draw_affine(
 
     Drawn as if batch by batch (each batch's angles, then its scales, then its shifts),
     but in one call: the CPU generator fills a tensor in order, so one draw of all the
-    numbers is the same as a draw per batch, and a pass's worth costs ~1 ms, not ~0.1 s.
+    numbers is the same as a draw per batch, and a pass of 860 batches takes ~10 ms here,
+    not ~70 ms.
     """
     u = torch.rand(4 * sum(sizes), generator=generator) * 2 - 1
     u = torch.cat([chunk.view(4, -1) for chunk in u.split([4 * n for n in sizes])], 1)

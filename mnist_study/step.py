@@ -58,7 +58,7 @@ class Stepper:
         graph: bool,
     ):
         self.args = (model, optimizer, x, y, cfg)
-        self.graph = graph
+        self.x, self.cfg, self.graph = x, cfg, graph
         self.totals = DeviceTotals(x.device)
         self.per_pass = math.ceil(len(x) / cfg.batch_size)
         self.by_size: dict[int, StaticStep] = {}
@@ -79,7 +79,7 @@ class Stepper:
             if size not in self.by_size:
                 self.by_size[size] = StaticStep(*self.args, size, self.totals, self.graph)
             step = self.by_size[size]
-            at = self.done % self.per_pass * self.args[4].batch_size
+            at = (self.done % self.per_pass) * self.cfg.batch_size  # first image of the batch
             if augment_rng is not None:
                 if at == 0:
                     self.pass_affine = self.draw_pass(augment_rng)
@@ -97,10 +97,9 @@ class Stepper:
         """A pass's augmentation parameters, the draws a step per batch would make, in
         one call and moved to the device at once: a copy from the host per step made
         every CUDA step wait for the device."""
-        n, c = len(self.args[2]), self.args[4]
+        n, c = len(self.x), self.cfg
         sizes = [min(c.batch_size, n - start) for start in range(0, n, c.batch_size)]
-        draws = draw_affine(sizes, rng, c.rotate_deg, c.shift, c.zoom)
-        return draws.to(self.args[2].device)
+        return draw_affine(sizes, rng, c.rotate_deg, c.shift, c.zoom).to(self.x.device)
 
     def check(self) -> None:
         bad = self.totals.first_bad()

@@ -142,10 +142,15 @@ def test_augmentation_draws_are_those_of_the_seeded_generator():
 
 
 def test_a_pass_drawn_at_once_is_the_same_as_batch_by_batch():
+    """The oracle: per batch, its angles, scales, x and y shifts, one rand call each."""
     sizes = [64, 64, 64, 40]
     at_once = draw_affine(sizes, torch.Generator().manual_seed(5), 10, 0.1, 0.1)
     rng = torch.Generator().manual_seed(5)
-    one_by_one = torch.cat([draw_affine([n], rng, 10, 0.1, 0.1) for n in sizes], 1)
+    limits = [math.radians(10), 0.1, 0.2, 0.2]
+    batches = [[(torch.rand(n, generator=rng) * 2 - 1) * lim for lim in limits] for n in sizes]
+    for draws in batches:
+        draws[1] = 1 + draws[1]
+    one_by_one = torch.cat([torch.stack(draws) for draws in batches], 1)
     assert at_once.shape == (4, 232) and torch.equal(at_once, one_by_one)
 
 
