@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from mnist_study.config import TrainConfig
 from mnist_study.dataset import MEAN, STD, load_splits
 from mnist_study.model import SeedCNN, build_model, train_flops_per_image
+from mnist_study.processes import cpu_model
 from mnist_study.step import Stepper
-from mnist_study.tracking import cpu_model
 from mnist_study.train import batch_order, keep_freed_memory, make_optimizer
 
 WARMUP_STEPS = 20

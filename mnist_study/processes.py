@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.connection
 import os
+import platform
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,17 @@ def available_memory() -> int | None:
     except OSError:
         pass
     return None
+
+
+def cpu_model() -> str:
+    """The CPU's name and core count, for provenance and benchmarks."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
 def worker_cap() -> tuple[int, str]:

@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from mnist_study.config import ConfigError, TrainConfig
 from mnist_study.data import checksums
 from mnist_study.outcome import Outcome
+from mnist_study.processes import cpu_model
 from mnist_study.spec import Variant
 from mnist_study.storage import check_writable_folder, file_lock
 
@@ -141,8 +142,12 @@ def prepare_store(
     database = sqlite_file(tracking_uri)
     if database is None:
         return create_experiment(tracking_uri, experiment, description, spec_json)
-    with file_lock(database.with_name(database.name + ".create.lock")):
+    with file_lock(creation_lock(database)):
         return create_experiment(tracking_uri, experiment, description, spec_json)
+
+
+def creation_lock(database: Path) -> Path:
+    return database.with_name(database.name + ".create.lock")
 
 
 def create_experiment(tracking_uri: str, experiment: str, description: str, spec_json: str) -> str:
@@ -168,9 +173,14 @@ def find_experiment(tracking_uri: str, experiment: str):
     """The experiment, or None; a SQLite store that does not exist yet is not created
     just to look."""
     database = sqlite_file(tracking_uri)
-    if database is not None and not database.exists():
+    if database is None:
+        return MlflowClient(tracking_uri).get_experiment_by_name(experiment)
+    if not database.exists():
         return None
-    return MlflowClient(tracking_uri).get_experiment_by_name(experiment)
+    # Opening a store whose tables another command is still creating would run MLflow's
+    # migrations a second time, at once ("expected to match one row"): wait for it.
+    with file_lock(creation_lock(database)):
+        return MlflowClient(tracking_uri).get_experiment_by_name(experiment)
 
 
 def recorded_spec(tracking_uri: str, experiment: str) -> str | None:
@@ -249,16 +259,6 @@ def mnist_inputs(cfg: TrainConfig, test: bool) -> list[DatasetInput]:
     if test:
         out.append(dataset("test", "mnist-test-10000", TEST_FILES, "test"))
     return out
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
 class Tracker:

@@ -30,8 +30,14 @@ from mnist_study.publish import write_report
 from mnist_study.records import study_names
 from mnist_study.runner import RunOptions, run_study
 from mnist_study.spec import load_spec
-from mnist_study.storage import open_storage
-from mnist_study.tracking import Tracker
+from mnist_study.storage import file_lock, open_storage
+from mnist_study.tracking import (
+    Tracker,
+    create_experiment,
+    creation_lock,
+    find_experiment,
+    sqlite_file,
+)
 
 SMOKE = REPO / "experiments" / "smoke.toml"
 
@@ -342,3 +348,21 @@ def test_workers_logging_a_new_dataset_at_once_all_link_to_one_row(tmp_path):
     client = MlflowClient(tracking)
     digests = [{i.dataset.digest for i in client.get_run(r).inputs.dataset_inputs} for r in run_ids]
     assert len(digests) == n and all(d == digests[0] and len(d) == 3 for d in digests)
+
+
+def test_a_command_looking_at_a_store_being_created_waits_for_it(tmp_path):
+    """A second command, checking the store before it takes any lock, found the database
+    file of one the first command was still creating, and ran MLflow's migrations on it
+    too (CI: "expected to match one row ... 0 found"). It must wait, then see it whole."""
+    tracking = stores(tmp_path)[0]
+    database = sqlite_file(tracking)
+    found = []
+    with file_lock(creation_lock(database)):  # as prepare_store holds it while creating
+        database.touch()
+        looking = threading.Thread(target=lambda: found.append(find_experiment(tracking, "s")))
+        looking.start()
+        looking.join(timeout=1)
+        assert looking.is_alive()  # waiting, not reading a store that has no tables yet
+        created = create_experiment(tracking, "s", "", "")
+    looking.join(timeout=60)
+    assert [e.experiment_id for e in found] == [created]
