@@ -79,10 +79,11 @@ def divergence(base: TrainConfig) -> str:
     return "NOT caught"
 
 
-def one_process(base: TrainConfig, steps: int, barrier, results) -> None:
-    """Train `steps` graph steps after a warm-up, starting with the others at a barrier."""
+def one_process(root: Path, base: TrainConfig, steps: int, barrier, results) -> None:
+    """Train `steps` graph steps after a warm-up, starting with the others at a barrier
+    (a spawned process: `root` passed, as ROOT is set only in the parent)."""
     torch.manual_seed(0)
-    splits = load_splits(ROOT, base).to(torch.device(base.device))
+    splits = load_splits(root, base).to(torch.device(base.device))
     model = build_model(base).to(device=base.device, memory_format=torch.channels_last)
     graph = base.device == "cuda"
     optimizer = make_optimizer(base, model, capturable=graph)
@@ -104,7 +105,7 @@ def scaling(base: TrainConfig, counts: list[int], steps: int) -> dict:
     out = {}
     for n in counts:
         barrier, results = ctx.Barrier(n), ctx.Queue()
-        args = (base, steps, barrier, results)
+        args = (ROOT, base, steps, barrier, results)
         procs = [ctx.Process(target=one_process, args=args) for _ in range(n)]
         for p in procs:
             p.start()
