@@ -81,8 +81,11 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def ours_images_per_second(splits, cfg: TrainConfig, steps: int, graph: bool = False) -> float:
-    """Our trainer's step (steps end in a sync, so the time is the device's too)."""
+def ours_images_per_second(
+    splits, cfg: TrainConfig, steps: int, graph: bool = False, warmed_up=lambda: None
+) -> float:
+    """Our trainer's step (steps end in a sync, so the time is the device's too).
+    `warmed_up()` is called between warm-up and timing (e.g. to start with others)."""
     device = splits.train_x.device
     if device.type == "cpu":
         keep_freed_memory()
@@ -94,6 +97,7 @@ def ours_images_per_second(splits, cfg: TrainConfig, steps: int, graph: bool = F
     batches = batch_order(len(x), cfg.batch_size, order, device)
     stepper = Stepper(model, optimizer, x, y, cfg, graph=graph)
     stepper.steps(batches, None, WARMUP_STEPS)  # includes a graph's capture
+    warmed_up()
     started = time.perf_counter()
     stepper.steps(batches, None, steps)
     return steps * cfg.batch_size / (time.perf_counter() - started)

@@ -12,17 +12,16 @@ import argparse
 import json
 import multiprocessing
 import statistics
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from mnist_study.bench import ours_images_per_second
 from mnist_study.config import TrainConfig
 from mnist_study.dataset import load_splits
-from mnist_study.model import build_model
-from mnist_study.step import Diverged, Stepper
-from mnist_study.train import batch_order, make_optimizer, train
+from mnist_study.step import Diverged
+from mnist_study.train import train
 
 # One setting per variant of experiments/ablations.toml, at a typical tuned point.
 VARIANTS = {
@@ -82,21 +81,10 @@ def divergence(base: TrainConfig) -> str:
 def one_process(root: Path, base: TrainConfig, steps: int, barrier, results) -> None:
     """Train `steps` graph steps after a warm-up, starting with the others at a barrier
     (a spawned process: `root` passed, as ROOT is set only in the parent)."""
-    torch.manual_seed(0)
     splits = load_splits(root, base).to(torch.device(base.device))
-    model = build_model(base).to(device=base.device, memory_format=torch.channels_last)
     graph = base.device == "cuda"
-    optimizer = make_optimizer(base, model, capturable=graph)
-    order = torch.Generator().manual_seed(0)
-    batches = batch_order(len(splits.train_x), 64, order, torch.device(base.device))
-    stepper = Stepper(model, optimizer, splits.train_x, splits.train_y, base, graph)
-    stepper.steps(batches, None, 20)
-    barrier.wait()
-    started = time.perf_counter()
-    stepper.steps(batches, None, steps)
-    seconds = time.perf_counter() - started
-    memory = torch.cuda.max_memory_reserved() if graph else 0
-    results.put((steps * 64 / seconds, memory))
+    rate = ours_images_per_second(splits, base, steps, graph, warmed_up=barrier.wait)
+    results.put((rate, torch.cuda.max_memory_reserved() if graph else 0))
 
 
 def scaling(base: TrainConfig, counts: list[int], steps: int) -> dict:
