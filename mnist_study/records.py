@@ -5,7 +5,7 @@ study beside the old runs, and a report would count every seed twice: refuse ins
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import optuna
 from mlflow.tracking import MlflowClient
@@ -30,11 +30,14 @@ class OptunaSide:
     """Trials of this spec's studies, in any state."""
     run_ids: dict[str, str]
     """MLflow run id -> 'study#trial' for every trial that has one."""
+    runless: list[str] = field(default_factory=list)
+    """'study#trial' of FAIL trials with no run: their worker died between claiming the
+    trial and creating its run."""
 
 
 def optuna_side(storage: optuna.storages.BaseStorage, spec: StudySpec) -> OptunaSide:
     existing = set(optuna.get_all_study_names(storage))
-    trials, run_ids = 0, {}
+    trials, run_ids, runless = 0, {}, []
     for name in (n for v in spec.cells for n in study_names(spec, v)):
         if name not in existing:
             continue
@@ -42,7 +45,9 @@ def optuna_side(storage: optuna.storages.BaseStorage, spec: StudySpec) -> Optuna
             trials += 1
             if "mlflow_run_id" in t.system_attrs:
                 run_ids[t.system_attrs["mlflow_run_id"]] = f"{name}#{t.number}"
-    return OptunaSide(trials, run_ids)
+            elif t.state == optuna.trial.TrialState.FAIL:
+                runless.append(f"{name}#{t.number}")
+    return OptunaSide(trials, run_ids, runless)
 
 
 def mlflow_children(tracking_uri: str, experiment: str) -> dict[str, str] | None:

@@ -103,9 +103,10 @@ def column(runs: pd.DataFrame, name: str) -> pd.Series:
     return runs[name] if name in runs else pd.Series(None, index=runs.index, dtype=object)
 
 
-def trial_run_ids(storage: str | None, spec: StudySpec | None) -> set[str] | str:
-    """The MLflow run ids Optuna's record links to trials, or why they cannot be had.
-    Reads only: a missing storage is not created."""
+def trial_run_ids(storage: str | None, spec: StudySpec | None):
+    """Optuna's side of the record (the MLflow run ids it links to trials, the FAIL
+    trials with no run), or why it cannot be had. Reads only: a missing storage is not
+    created."""
     from mnist_study.records import optuna_side
     from mnist_study.storage import connect, storage_exists
 
@@ -116,19 +117,25 @@ def trial_run_ids(storage: str | None, spec: StudySpec | None) -> set[str] | str
     side = optuna_side(connect(storage), spec)
     if side.trials == 0:
         return f"Optuna storage {storage} holds no trials of this study: runs not cross-checked"
-    return set(side.run_ids)
+    return side
 
 
 def counted_runs(
-    runs: pd.DataFrame, spec: StudySpec | None, linked: set[str] | str
+    runs: pd.DataFrame, spec: StudySpec | None, side
 ) -> tuple[pd.DataFrame, list[str]]:
-    """The runs the report may count: those Optuna links to a trial (when its record is
-    readable), one per tuning trial, and one per final seed of the spec. Every run left
-    out is named in the checks, so duplicates can never narrow an interval unseen."""
-    problems = [linked] if isinstance(linked, str) else []
+    """The runs the report may count: those Optuna links to a trial (when its record,
+    `side`, is readable), one per tuning trial, and one per final seed of the spec. Every
+    run left out is named in the checks, so duplicates can never narrow an interval
+    unseen; so is every failed trial that has no run to show for it."""
+    problems = [side] if isinstance(side, str) else []
     children = runs["tags.role"].isin(["tune", "final"])
-    if not isinstance(linked, str):
-        orphans = children & ~runs.run_id.isin(linked)
+    if not isinstance(side, str):
+        if side.runless:
+            problems.append(
+                f"{len(side.runless)} failed trial(s) have no MLflow run (their worker died "
+                f"between claiming and creating it; redone): {', '.join(side.runless)}"
+            )
+        orphans = children & ~runs.run_id.isin(set(side.run_ids))
         if orphans.any():
             problems.append(
                 f"{int(orphans.sum())} MLflow run(s) match no Optuna trial (orphans of a lost "

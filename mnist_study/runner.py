@@ -62,6 +62,12 @@ def experiment_description(spec: StudySpec) -> str:
 def run_study(spec: StudySpec, opts: RunOptions) -> None:
     """Check inputs and stores, create the studies, then run the workers until done."""
     preflight(spec, opts)
+    run_workers_until_done(spec, opts, create_stores(spec, opts))
+
+
+def create_stores(spec: StudySpec, opts: RunOptions) -> str:
+    """The MLflow experiment and the cells' Optuna studies, created once (or found, on a
+    resume, after checking that the two stores agree); returns the experiment's id."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if not st.storage_exists(opts.storage):  # refuse before creating an empty one
         check_stores_agree(spec, opts.tracking_uri, opts.storage, None)
@@ -85,6 +91,10 @@ def run_study(spec: StudySpec, opts: RunOptions) -> None:
                     with warnings.catch_warnings():  # "experimental" since Optuna 3.2
                         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                         study.set_metric_names([OBJECTIVE])
+    return experiment_id
+
+
+def run_workers_until_done(spec: StudySpec, opts: RunOptions, experiment_id: str) -> None:
     if opts.workers == 1:
         Worker(spec, opts, experiment_id, 0).loop()
         return

@@ -234,18 +234,17 @@ def worker_is_dead(trial: FrozenTrial) -> bool:
     return time.time() - heartbeat > STALE_AFTER_S
 
 
-def reap_dead_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """Mark RUNNING trials of dead workers FAIL; return them (call under claim_lock)."""
-    reaped = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if worker_is_dead(trial):
-            reason = (
-                f"worker died (pid {trial.system_attrs.get('pid')} on "
-                f"{trial.system_attrs.get('host')})"
-            )
-            fail_trial(study, trial, reason)
-            reaped.append(trial)
-    return reaped
+def dead_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """RUNNING trials whose worker is gone (call under claim_lock, then fail them)."""
+    return [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if worker_is_dead(t)
+    ]
+
+
+def death_reason(trial: FrozenTrial) -> str:
+    return f"worker died (pid {trial.system_attrs.get('pid')} on {trial.system_attrs.get('host')})"
 
 
 def fail_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> None:

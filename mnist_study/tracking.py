@@ -281,6 +281,14 @@ class Tracker:
             return found[0].info.run_id
         return self.client.create_run(self.experiment_id, run_name=cell.key, tags=tags).info.run_id
 
+    def trial_run(self, optuna_study: str, number: int) -> str | None:
+        """The RUNNING run created for a trial, found by the tags it was created with."""
+        found = self.runs(
+            f"tags.optuna_study = '{optuna_study}' and tags.optuna_trial = '{number}'"
+            " and attributes.status = 'RUNNING'"
+        )
+        return found[0].info.run_id if found else None
+
     def child_run(
         self, parent_id: str, name: str, cfg: TrainConfig, tags: dict[str, str], test: bool
     ) -> str:

@@ -56,10 +56,22 @@ class Idle(enum.Enum):
 
 
 def reap_studies(studies: list[optuna.Study], tracker: Tracker) -> None:
+    """Mark trials of dead workers FAIL and their MLflow runs KILLED (under claim_lock).
+
+    A worker killed after creating its run but before recording the run's id on the
+    trial leaves a run only its tags name: found by them, linked, then closed. One killed
+    before creating it leaves a FAIL trial with no run, which the report counts."""
     for study in studies:
-        for t in st.reap_dead_trials(study):
-            if "mlflow_run_id" in t.system_attrs:
-                tracker.end(t.system_attrs["mlflow_run_id"], Outcome.WORKER_DIED, "worker died")
+        for t in st.dead_trials(study):
+            run_id = t.system_attrs.get("mlflow_run_id")
+            if run_id is None:
+                run_id = tracker.trial_run(study.study_name, t.number)
+                if run_id is not None:
+                    st.set_trial_system_attrs(study, st.trial_id(t), {"mlflow_run_id": run_id})
+            reason = st.death_reason(t)
+            st.fail_trial(study, t, reason)
+            if run_id is not None:
+                tracker.end(run_id, Outcome.WORKER_DIED, reason)
 
 
 def progress_counts(spec: StudySpec, storage) -> tuple[int, int]:
@@ -178,6 +190,19 @@ class Worker:
     # --- running a unit ----------------------------------------------------------
     def run_unit(self, unit: Unit) -> None:
         study, variant, trial = unit.study, unit.variant, unit.trial
+        name, params, cfg, run_id = self.open_run(unit)
+        st.set_trial_system_attrs(study, st.trial_id(trial), {"mlflow_run_id": run_id})
+        shown = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+        )
+        self.say(f"{self.progress()} {name}: {shown}", force=True)
+        self.train_unit(unit, cfg, run_id)
+
+    def open_run(self, unit: Unit) -> tuple[str, dict, object, str]:
+        """The unit's point, config and MLflow run, tagged with its Optuna trial (which
+        is how the reaper finds the run if the worker dies before recording its id):
+        (name, params, config, run id)."""
+        study, variant, trial = unit.study, unit.variant, unit.trial
         if unit.role == "tune":
             params = {k: suggest(trial, k, r) for k, r in variant.search.items()}
             name = f"{variant.key}/trial-{trial.number}"
@@ -209,12 +234,10 @@ class Worker:
             {k: str(v) for k, v in tags.items()},
             test=unit.role == "final",
         )
-        st.set_trial_system_attrs(study, st.trial_id(trial), {"mlflow_run_id": run_id})
-        shown = ", ".join(
-            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
-        )
-        self.say(f"{self.progress()} {name}: {shown}", force=True)
+        return name, params, cfg, run_id
 
+    def train_unit(self, unit: Unit, cfg, run_id: str) -> None:
+        study, trial = unit.study, unit.trial
         unit_name = "step" if by_steps(cfg) else "epoch"
         last = 0  # the last evaluation point, known once the data is loaded
 

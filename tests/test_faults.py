@@ -18,6 +18,7 @@ from helpers import REPO, TINY, assert_budget_met_exactly, cli, runs, stores, tr
 
 from mnist_study.processes import GPU_WORKERS, auto_workers, cap_workers, worker_cap
 from mnist_study.publish import write_report
+from mnist_study.records import study_names
 from mnist_study.report import collect, summarize
 from mnist_study.runner import RunOptions, run_study
 from mnist_study.spec import load_spec
@@ -360,3 +361,63 @@ def test_workers_are_capped_to_what_the_machine_holds(capsys):
     line = capsys.readouterr().out
     assert line.startswith(f"--workers 10000: this machine holds {cap} ({why})")
     assert cap_workers(1) == 1
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been collected."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    return gone.pid
+
+
+def test_a_worker_killed_between_claiming_and_recording_its_run(tmp_path, mnist_root):
+    """The two boundaries a kill can hit between Optuna's record and MLflow's mirror: a
+    worker dead after claiming a trial but before creating its run, and one dead after
+    creating the run but before recording its id on the trial. On resume both trials are
+    FAIL and redone; the run found by its tags is linked and KILLED, none stays RUNNING;
+    the report names the trial with no run."""
+    from mnist_study.runner import create_stores
+    from mnist_study.worker import Worker
+
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    spec = load_spec(path)
+    tracking, storage = stores(tmp_path)
+    opts = RunOptions(tracking, storage, str(mnist_root), quiet=True, log_models=False)
+    worker = Worker(spec, opts, create_stores(spec, opts), 0)
+    no_run, with_run = worker.next_unit(), worker.next_unit()
+    orphan = worker.open_run(with_run)[3]  # created; its id never reaches the trial
+    for unit in (no_run, with_run):
+        unit.study._storage.set_trial_system_attr(unit.trial._trial_id, "pid", dead_pid())
+
+    run_study(spec, opts)
+
+    states = trial_states(storage, spec)
+    for cell in spec.cells:  # the budget, spent exactly beside the two FAIL trials
+        tune, final = study_names(spec, cell)
+        assert states[tune]["COMPLETE"] + states[tune]["PRUNED"] == spec.settings.trials
+        assert states[final] == {"COMPLETE": len(spec.settings.seeds)}
+    opened = open_storage(storage)
+    failed = {
+        (name, t.number): t
+        for name in trial_states(storage, spec)
+        for t in optuna.load_study(study_name=name, storage=opened).trials
+        if t.state.name == "FAIL"
+    }
+    assert set(failed) == {
+        (no_run.study.study_name, no_run.trial.number),
+        (with_run.study.study_name, with_run.trial.number),
+    }
+    client, found = runs(tracking, spec.name)
+    assert not [r for r in found if r.info.status == "RUNNING"]
+    killed = [r for r in found if r.info.status == "KILLED"]
+    assert [r.info.run_id for r in killed] == [orphan]
+    assert killed[0].data.tags["optuna_state"] == "FAIL"
+    linked = failed[(with_run.study.study_name, with_run.trial.number)]
+    assert linked.system_attrs["mlflow_run_id"] == orphan
+    assert (
+        "mlflow_run_id" not in failed[(no_run.study.study_name, no_run.trial.number)].system_attrs
+    )
+    body = write_report(tracking, spec.name, tmp_path / "reports", storage=storage)
+    assert "1 failed trial(s) have no MLflow run" in body
+    assert f"{no_run.study.study_name}#{no_run.trial.number}" in body
