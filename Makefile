@@ -15,7 +15,7 @@ WORKERS ?= auto
 TRACKING := sqlite:///mlruns/mlflow.db
 UI_PORT ?= 5000
 
-.PHONY: help install lock data train test test-slow lint bench precision ablations scarcity scarcity300 quick report ui dashboard clean
+.PHONY: help install lock data train test test-slow lint bench precision ablations scarcity scarcity300 replication quick report ui dashboard clean
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -75,6 +75,10 @@ scarcity: data ## the variants at 300 to 10,000 training images (~90 min on 2 co
 scarcity300: data ## the follow-up declared for 300 images: 20 seeds for weight decay and batchnorm, then report
 	@$(BIN)/mnist-study --data-root $(DATA) run experiments/scarcity300.toml --workers $(WORKERS) $(ARGS)
 	@$(BIN)/mnist-study report experiments/scarcity300.toml --readme README.md
+
+replication: data ## every variant at 300 and 1,000 images, 3 tunings x 8 trials x 4 seeds per cell (hours; rerun to resume), then report
+	@$(BIN)/mnist-study --data-root $(DATA) run experiments/replication.toml --workers $(WORKERS) $(ARGS)
+	@$(BIN)/mnist-study report experiments/replication.toml --readme README.md
 
 quick: data ## the same variants on a small budget (minutes), then its report in reports/quick/
 	@$(BIN)/mnist-study --data-root $(DATA) run experiments/quick.toml --workers $(WORKERS) $(ARGS)

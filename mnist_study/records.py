@@ -11,7 +11,7 @@ import optuna
 from mlflow.tracking import MlflowClient
 
 from mnist_study.config import ConfigError
-from mnist_study.spec import StudySpec, Variant
+from mnist_study.spec import StudySpec, Tuning
 from mnist_study.tracking import find_experiment
 
 
@@ -19,9 +19,14 @@ class StoresDisagree(ConfigError):
     """The MLflow store and the Optuna storage describe different histories."""
 
 
-def study_names(spec: StudySpec, variant: Variant) -> tuple[str, str]:
-    """A cell's Optuna studies: its tuning, and its final seeds."""
-    return f"{spec.name}.{variant.key}", f"{spec.name}.{variant.key}.final"
+def study_names(spec: StudySpec, tuning: Tuning) -> tuple[str, str]:
+    """A tuning's Optuna studies: its trials, and its final seeds."""
+    tune = f"{spec.name}.{tuning.cell.key}" + (f".t{tuning.index}" if tuning.replicated else "")
+    return tune, f"{tune}.final"
+
+
+def all_study_names(spec: StudySpec) -> list[str]:
+    return [name for t in spec.tunings for name in study_names(spec, t)]
 
 
 @dataclass
@@ -38,7 +43,7 @@ class OptunaSide:
 def optuna_side(storage: optuna.storages.BaseStorage, spec: StudySpec) -> OptunaSide:
     existing = set(optuna.get_all_study_names(storage))
     trials, run_ids, runless = 0, {}, []
-    for name in (n for v in spec.cells for n in study_names(spec, v)):
+    for name in all_study_names(spec):
         if name not in existing:
             continue
         for t in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False):

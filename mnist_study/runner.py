@@ -7,8 +7,6 @@ and the two stores (Optuna's record, MLflow's mirror) are shown to agree.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import sys
 import warnings
 
@@ -17,7 +15,7 @@ import optuna
 from mnist_study import storage as st
 from mnist_study.dataset import load_splits
 from mnist_study.processes import run_workers
-from mnist_study.records import check_stores_agree, study_names
+from mnist_study.records import all_study_names, check_stores_agree
 from mnist_study.spec import StudySpec, refuse_changed_study
 from mnist_study.tracking import Tracker, check_tracking_uri, prepare_store, recorded_spec
 from mnist_study.train import check_device
@@ -82,15 +80,14 @@ def create_stores(spec: StudySpec, opts: RunOptions) -> str:
             experiment_description(spec),
             spec.record(),
         )
-        for cell in spec.cells:
-            for name in study_names(spec, cell):
-                study = optuna.create_study(
-                    storage=storage, study_name=name, direction="maximize", load_if_exists=True
-                )
-                if not study.metric_names:
-                    with warnings.catch_warnings():  # "experimental" since Optuna 3.2
-                        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                        study.set_metric_names([OBJECTIVE])
+        for name in all_study_names(spec):
+            study = optuna.create_study(
+                storage=storage, study_name=name, direction="maximize", load_if_exists=True
+            )
+            if not study.metric_names:
+                with warnings.catch_warnings():  # "experimental" since Optuna 3.2
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    study.set_metric_names([OBJECTIVE])
     return experiment_id
 
 
@@ -98,8 +95,6 @@ def run_workers_until_done(spec: StudySpec, opts: RunOptions, experiment_id: str
     if opts.workers == 1:
         Worker(spec, opts, experiment_id, 0).loop()
         return
-    threads = opts.threads or max(1, (os.cpu_count() or 1) // opts.workers)
-    opts = dataclasses.replace(opts, threads=threads)
     deaths = run_workers(
         worker_main,
         (spec, opts, experiment_id),
@@ -129,10 +124,6 @@ def reap(spec: StudySpec, opts: RunOptions, experiment_id: str) -> None:
     tracker = Tracker(opts.tracking_uri, experiment_id)
     with st.claim_lock(opts.storage):
         reap_studies(
-            [
-                optuna.load_study(study_name=n, storage=storage)
-                for v in spec.cells
-                for n in study_names(spec, v)
-            ],
+            [optuna.load_study(study_name=n, storage=storage) for n in all_study_names(spec)],
             tracker,
         )

@@ -58,13 +58,34 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class Tuning:
+    """One tuning of a cell: its own Optuna study, sampler seed and final seeds."""
+
+    cell: Variant
+    index: int
+    sampler_seed: int
+    replicated: bool
+    """Whether the study tunes each cell more than once (then names carry the index)."""
+
+    @property
+    def key(self) -> str:
+        """`dropout.n300`, or `dropout.n300/t1` for the second of several tunings."""
+        return f"{self.cell.key}/t{self.index}" if self.replicated else self.cell.key
+
+
+@dataclass(frozen=True)
 class StudySettings:
     trials: int = 8
     """Optuna trials per variant (COMPLETE + PRUNED); crashed trials are redone."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """Seeds of the final runs, which alone are evaluated on the test set."""
     sampler_seed: int = 0
-    """Seed of each variant's TPE sampler (worker k adds k, so workers differ)."""
+    """Seed of tuning 0's TPE sampler (tuning r: sampler_seed + r). The k-th trial of a
+    tuning is proposed from (that seed, k) and the tuning's first k-1 trials alone, so
+    proposals never depend on workers, timing or resumes."""
+    tunings: int = 1
+    """Independent tunings per cell, each with its own sampler seed and its own final
+    seeds: the report's intervals then carry the luck of tuning, not only of seeds."""
     startup_trials: int = 4
     """Random trials before TPE models the space; also the pruner's startup."""
     pruner: typing.Literal["median", "none"] = "median"
@@ -98,6 +119,16 @@ class StudySpec:
             for v in self.variants
         )
 
+    @property
+    def tunings(self) -> tuple[Tuning, ...]:
+        """Every cell's tunings, cell by cell."""
+        r = self.settings.tunings
+        return tuple(
+            Tuning(cell, i, self.settings.sampler_seed + i, r > 1)
+            for cell in self.cells
+            for i in range(r)
+        )
+
     def record(self) -> str:
         """What the stores keep of this study: the resolved spec with its defaults spelled
         out in full, so that a default changed later in the code is seen on resume."""
@@ -123,6 +154,7 @@ SETTING_RANGES = {
     "trials": (1, 10_000),
     "startup_trials": (0, 10_000),
     "sampler_seed": (0, SEED_MAX),
+    "tunings": (1, 100),
 }
 MAX_SEEDS = 1000
 MAX_SIZES = 20

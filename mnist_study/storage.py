@@ -30,9 +30,6 @@ from mnist_study.config import ConfigError
 
 # A worker on another host is presumed dead when its trial's heartbeat is this old.
 STALE_AFTER_S = 900
-# Study attribute counting the processes that opened a study: each takes the next
-# number as its sampler seed offset, so no two processes propose the same points.
-PROCESS_COUNTER = "processes_started"
 
 
 def is_remote(url: str) -> bool:
@@ -177,15 +174,6 @@ def claim_lock(url: str) -> Iterator[None]:
         yield
 
 
-def take_process_number(study: optuna.Study) -> int:
-    """0 for the first process that opens `study`, 1 for the next... (under claim_lock)."""
-    storage = study._storage
-    study_id = study._study_id
-    number = int(storage.get_study_system_attrs(study_id).get(PROCESS_COUNTER, 0))
-    storage.set_study_system_attr(study_id, PROCESS_COUNTER, number + 1)
-    return number
-
-
 def worker_id() -> dict[str, object]:
     return {"host": socket.gethostname(), "pid": os.getpid()}
 
@@ -199,9 +187,12 @@ def set_trial_system_attrs(study: optuna.Study, trial_id_: int, attrs: dict) -> 
         study._storage.set_trial_system_attr(trial_id_, key, value)
 
 
-def claim_trial(study: optuna.Study, attrs: dict[str, object]) -> optuna.Trial:
-    """Ask `study` for a trial, recorded as this process's (host, pid, heartbeat, attrs)."""
-    trial = study.ask()
+def claim_trial(
+    study: optuna.Study, attrs: dict[str, object], distributions: dict | None = None
+) -> optuna.Trial:
+    """Ask `study` for a trial (its point drawn from `distributions` by the study's
+    sampler), recorded as this process's (host, pid, heartbeat, attrs)."""
+    trial = study.ask(distributions)
     set_trial_system_attrs(study, trial_id(trial), worker_id() | attrs)
     mark_alive(study, trial)
     return trial

@@ -1,11 +1,18 @@
 """One worker: claims units of work (a tuning trial, or the final run of one seed) under
 a lock, in cell order, and runs them. Each unit is tracked twice: as an Optuna trial (the
 record of what is done) and as an MLflow child run (its mirror: curves, tags, model).
+
+Determinism: within a tuning, trials run one after another. The k-th is proposed by a
+sampler seeded from (the tuning's seed, k) that sees only the tuning's first
+k-1 finished trials, and the pruner compares it with those alone; a trial redone after a
+crash proposes the same point. Workers run other tunings meanwhile. So every proposal
+and metric follows from the spec, whatever the number of workers or their timing.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 import os
 import statistics
 import time
@@ -13,13 +20,14 @@ from dataclasses import dataclass
 
 import mlflow
 import optuna
+from mlflow.entities import Param
 from optuna.trial import TrialState
 
 from mnist_study import storage as st
 from mnist_study.dataset import load_splits
 from mnist_study.outcome import Interrupted, Outcome, stop_if_signalled, stopping_on_signals
 from mnist_study.records import study_names
-from mnist_study.spec import StudySpec, Variant
+from mnist_study.spec import StudySpec, Tuning, Variant
 from mnist_study.tracking import Tracker, provenance
 from mnist_study.train import by_steps, evaluate_test, last_point, resolve_device, train
 
@@ -34,7 +42,9 @@ class RunOptions:
     data_root: str
     workers: int = 1
     threads: int = 0
-    """Threads per worker (0: the spec's, or the cores shared out among workers)."""
+    """Threads per run (0: the spec's, else 1). Never derived from the worker count:
+    runs with other thread counts round differently, and results must not depend on
+    how many workers ran them."""
     quiet: bool = False
     log_models: bool = True
 
@@ -44,10 +54,15 @@ class Unit:
     """One claimed piece of work: a tuning trial, or the final run of one seed."""
 
     study: optuna.Study
-    variant: Variant  # its cell: the variant, at one size in a sweep
+    tuning: Tuning  # its cell (the variant, at one size in a sweep) and which tuning
     role: str  # "tune" or "final"
     trial: optuna.Trial
+    slot: int | None = None  # a tuning trial's place in its tuning: 0, 1, ...
     seed: int | None = None
+
+    @property
+    def variant(self) -> Variant:
+        return self.tuning.cell
 
 
 class Idle(enum.Enum):
@@ -78,14 +93,60 @@ def progress_counts(spec: StudySpec, storage) -> tuple[int, int]:
     """(units done, units in the budget), counted in Optuna's record."""
     s = spec.settings
     done = 0
-    for v in spec.cells:
-        tune, final = study_names(spec, v)
+    for tuning in spec.tunings:
+        tune, final = study_names(spec, tuning)
         done += min(
             s.trials, count(optuna.load_study(study_name=tune, storage=storage).trials, DONE)
         )
         finals = optuna.load_study(study_name=final, storage=storage).trials
         done += len({t.user_attrs.get("seed") for t in finals if t.state in DONE} & set(s.seeds))
-    return done, len(spec.cells) * (s.trials + len(s.seeds))
+    return done, len(spec.tunings) * (s.trials + len(s.seeds))
+
+
+def proposal_seed(tuning: Tuning, slot: int) -> int:
+    """The sampler seed of one trial: a function of the tuning's seed and the trial's
+    place. Not of the cell: every variant's k-th random startup trial then tries the
+    same learning rate (common random numbers make the comparisons sharper)."""
+    text = f"{tuning.sampler_seed}/{slot}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
+
+
+def propose(tuning: Tuning, done: list, startup_trials: int) -> dict[str, float | int]:
+    """The point of the tuning's next trial, from its finished trials alone (copied into
+    a study in memory, numbered 0, 1, ... whatever failed between them)."""
+    sampler = optuna.samplers.TPESampler(
+        seed=proposal_seed(tuning, len(done)), n_startup_trials=startup_trials
+    )
+    scratch = optuna.create_study(direction="maximize", sampler=sampler)
+    scratch.add_trials(done)
+    return scratch.ask(distributions(tuning.cell)).params
+
+
+class FixedPoint(optuna.samplers.BaseSampler):
+    """Gives the trial the point `propose` chose: the study's own sampler would see all
+    its trials, failed and running ones too."""
+
+    def __init__(self, params: dict[str, float | int]):
+        self.params = params
+
+    def infer_relative_search_space(self, study, trial):
+        return {}
+
+    def sample_relative(self, study, trial, search_space):
+        return {}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.params[param_name]
+
+
+def distributions(cell: Variant) -> dict[str, optuna.distributions.BaseDistribution]:
+    out = {}
+    for key, r in cell.search.items():
+        if r.integer:
+            out[key] = optuna.distributions.IntDistribution(int(r.low), int(r.high), log=r.log)
+        else:
+            out[key] = optuna.distributions.FloatDistribution(r.low, r.high, log=r.log)
+    return out
 
 
 class Worker:
@@ -102,34 +163,20 @@ class Worker:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.tracker = Tracker(opts.tracking_uri, experiment_id)
         self.storage = st.open_storage(opts.storage)
-        names = {v.key: study_names(spec, v) for v in spec.cells}
-        self.final = {
-            v: optuna.load_study(study_name=final, storage=self.storage)
-            for v, (_, final) in names.items()
-        }
-        # Unique per process across commands and resumes, so that no two processes
-        # propose the same points; the first process of a study gets the spec's seed.
-        with st.claim_lock(opts.storage):
-            self.sampler_seed = spec.settings.sampler_seed + st.take_process_number(
-                self.final[spec.cells[0].key]
+        pruner = (
+            optuna.pruners.MedianPruner(
+                n_startup_trials=spec.settings.startup_trials, n_warmup_steps=1
             )
-        self.tune = {
-            v: optuna.load_study(
-                study_name=tune,
-                storage=self.storage,
-                sampler=optuna.samplers.TPESampler(
-                    seed=self.sampler_seed,
-                    n_startup_trials=spec.settings.startup_trials,
-                    constant_liar=True,
-                ),
-                pruner=optuna.pruners.MedianPruner(
-                    n_startup_trials=spec.settings.startup_trials, n_warmup_steps=1
-                )
-                if spec.settings.pruner == "median"
-                else optuna.pruners.NopPruner(),
+            if spec.settings.pruner == "median"
+            else optuna.pruners.NopPruner()
+        )
+        self.tune, self.final = {}, {}
+        for tuning in spec.tunings:
+            tune, final = study_names(spec, tuning)
+            self.tune[tuning.key] = optuna.load_study(
+                study_name=tune, storage=self.storage, pruner=pruner
             )
-            for v, (tune, _) in names.items()
-        }
+            self.final[tuning.key] = optuna.load_study(study_name=final, storage=self.storage)
         self.finished: set[str] = set()  # cells whose parent run is closed
         self.parents: dict[str, str] = {}  # cell -> its MLflow parent run
         self.started, self.done_at_start = time.time(), None
@@ -139,30 +186,41 @@ class Worker:
         """The next unit, claimed as an Optuna trial of this process; or WAIT, or DONE.
         Call under claim_lock, after reaping dead workers' trials."""
         waiting = False
-        for v in self.spec.cells:
-            tune = self.tune[v.key].get_trials(deepcopy=False)
-            if count(tune, TAKEN) < self.spec.settings.trials:
-                trial = st.claim_trial(
-                    self.tune[v.key], {"sampler_seed": self.sampler_seed, "worker": self.index}
-                )
-                return Unit(self.tune[v.key], v, "tune", trial)
-            if count(tune, (TrialState.RUNNING,)):
+        for tuning in self.spec.tunings:
+            study = self.tune[tuning.key]
+            tune = study.get_trials(deepcopy=False)
+            done = [t for t in tune if t.state in DONE]
+            if count(tune, (TrialState.RUNNING,)):  # trials of a tuning run one at a time
                 waiting = True
                 continue
-            finals = self.final[v.key].get_trials(deepcopy=False)
+            if len(done) < self.spec.settings.trials:
+                return self.claim_trial(tuning, done)
+            finals = self.final[tuning.key].get_trials(deepcopy=False)
             taken = {t.user_attrs.get("seed") for t in finals if t.state in TAKEN}
             free = [s for s in self.spec.settings.seeds if s not in taken]
-            if free and best_trial(self.tune[v.key]) is not None:
-                trial = st.claim_trial(self.final[v.key], {"worker": self.index})
+            if free and best_trial(study) is not None:
+                trial = st.claim_trial(self.final[tuning.key], {"worker": self.index})
                 trial.set_user_attr("seed", free[0])
-                return Unit(self.final[v.key], v, "final", trial, free[0])
+                return Unit(self.final[tuning.key], tuning, "final", trial, seed=free[0])
             if count(finals, (TrialState.RUNNING,)):
                 waiting = True
         return Idle.WAIT if waiting else Idle.DONE
 
+    def claim_trial(self, tuning: Tuning, done: list) -> Unit:
+        study, slot = self.tune[tuning.key], len(done)
+        params = propose(tuning, done, self.spec.settings.startup_trials)
+        study.sampler = FixedPoint(params)
+        trial = st.claim_trial(
+            study,
+            {"sampler_seed": tuning.sampler_seed, "worker": self.index},
+            distributions(tuning.cell),
+        )
+        trial.set_user_attr("slot", slot)
+        return Unit(study, tuning, "tune", trial, slot=slot)
+
     def next_unit(self) -> Unit | Idle:
         with st.claim_lock(self.opts.storage):
-            studies = [s for v in self.spec.cells for s in (self.tune[v.key], self.final[v.key])]
+            studies = [s for k in self.tune for s in (self.tune[k], self.final[k])]
             reap_studies(studies, self.tracker)
             for v in self.spec.cells:
                 if v.key not in self.finished and self.cell_done(v):
@@ -181,17 +239,16 @@ class Worker:
                 unit = self.next_unit()
                 if unit is Idle.DONE:
                     break
-                if unit is Idle.WAIT:  # others still tune a cell whose finals come next
-                    time.sleep(2)
+                if unit is Idle.WAIT:  # others run the trial the next unit depends on
+                    time.sleep(1)
                     continue
                 self.run_unit(unit)
         self.say(f"worker {self.index}: nothing left to do", force=True)
 
     # --- running a unit ----------------------------------------------------------
     def run_unit(self, unit: Unit) -> None:
-        study, variant, trial = unit.study, unit.variant, unit.trial
         name, params, cfg, run_id = self.open_run(unit)
-        st.set_trial_system_attrs(study, st.trial_id(trial), {"mlflow_run_id": run_id})
+        st.set_trial_system_attrs(unit.study, st.trial_id(unit.trial), {"mlflow_run_id": run_id})
         shown = ", ".join(
             f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
         )
@@ -202,19 +259,19 @@ class Worker:
         """The unit's point, config and MLflow run, tagged with its Optuna trial (which
         is how the reaper finds the run if the worker dies before recording its id):
         (name, params, config, run id)."""
-        study, variant, trial = unit.study, unit.variant, unit.trial
+        study, variant, trial, tuning = unit.study, unit.variant, unit.trial, unit.tuning
+        extra = {"tuning": tuning.index, "sampler_seed": tuning.sampler_seed}
         if unit.role == "tune":
-            params = {k: suggest(trial, k, r) for k, r in variant.search.items()}
-            name = f"{variant.key}/trial-{trial.number}"
-            extra = {"sampler_seed": self.sampler_seed}
+            params = dict(trial.params)
+            name = f"{tuning.key}/trial-{unit.slot}"
+            extra |= {"slot": unit.slot, "proposal_seed": proposal_seed(tuning, unit.slot)}
         else:
-            best = best_trial(self.tune[variant.key])
+            best = best_trial(self.tune[tuning.key])
             params = dict(best.params, seed=unit.seed)
-            name = f"{variant.key}/seed-{unit.seed}"
-            extra = {"seed": unit.seed, "tuned_by_trial": best.number}
+            name = f"{tuning.key}/seed-{unit.seed}"
+            extra |= {"seed": unit.seed, "tuned_by_trial": best.user_attrs.get("slot")}
         cfg = self.spec.config_for(variant, params)
-        if self.opts.threads:
-            cfg = cfg.replace(threads=self.opts.threads)
+        cfg = cfg.replace(threads=self.opts.threads or cfg.threads or 1)
         tags = {
             "variant": variant.name,
             "cell": variant.key,
@@ -283,36 +340,45 @@ class Worker:
         study.tell(trial, result.history[-1]["val_acc"])
         self.tracker.end(run_id, Outcome.COMPLETE)
 
-    def cell_done(self, variant: Variant) -> bool:
+    def cell_done(self, cell: Variant) -> bool:
         s = self.spec.settings
-        tune = self.tune[variant.key].get_trials(deepcopy=False)
-        finals = self.final[variant.key].get_trials(deepcopy=False)
-        seeds = {t.user_attrs.get("seed") for t in finals if t.state == TrialState.COMPLETE}
-        no_best = best_trial(self.tune[variant.key]) is None
-        return count(tune, DONE) >= s.trials and (no_best or seeds >= set(s.seeds))
+        for tuning in self.spec.tunings:
+            if tuning.cell.key != cell.key:
+                continue
+            tune = self.tune[tuning.key].get_trials(deepcopy=False)
+            finals = self.final[tuning.key].get_trials(deepcopy=False)
+            seeds = {t.user_attrs.get("seed") for t in finals if t.state == TrialState.COMPLETE}
+            no_best = best_trial(self.tune[tuning.key]) is None
+            if count(tune, DONE) < s.trials or not (no_best or seeds >= set(s.seeds)):
+                return False
+        return True
 
-    def finish_cell(self, variant: Variant) -> None:
-        """Record the cell's outcome on its parent run, once."""
-        parent = self.tracker.parent_run(variant)
+    def finish_cell(self, cell: Variant) -> None:
+        """Record the cell's outcome on its parent run, once: per tuning its best trial
+        and point (prefixed t0., t1., ... when the cell is tuned several times)."""
+        parent = self.tracker.parent_run(cell)
         if self.tracker.client.get_run(parent).info.status == "FINISHED":
             return
-        best = best_trial(self.tune[variant.key])
-        finals = [
-            t
-            for t in self.final[variant.key].get_trials(deepcopy=False)
-            if t.state == TrialState.COMPLETE
-        ]
-        accs = [t.user_attrs["test_acc"] for t in finals]
-        tags = {
-            "best_trial": best.number if best else "none (no trial completed)",
-            "final_seeds": ",".join(str(t.user_attrs["seed"]) for t in finals),
-        }
-        self.tracker.set_tags(parent, tags)
-        if best is not None:
-            self.tracker.client.log_batch(
-                parent,
-                params=[mlflow.entities.Param(f"best_{k}", str(v)) for k, v in best.params.items()],
+        tags, params, accs, best_vals = {}, [], [], []
+        for tuning in (t for t in self.spec.tunings if t.cell.key == cell.key):
+            best = best_trial(self.tune[tuning.key])
+            finals = [
+                t
+                for t in self.final[tuning.key].get_trials(deepcopy=False)
+                if t.state == TrialState.COMPLETE
+            ]
+            accs += [t.user_attrs["test_acc"] for t in finals]
+            prefix = f"t{tuning.index}." if tuning.replicated else ""
+            tags[f"{prefix}best_trial"] = (
+                best.user_attrs.get("slot", best.number) if best else "none (no trial completed)"
             )
+            tags[f"{prefix}final_seeds"] = ",".join(str(t.user_attrs["seed"]) for t in finals)
+            if best is not None:
+                best_vals.append(best.value)
+                params += [Param(f"{prefix}best_{k}", str(v)) for k, v in best.params.items()]
+        self.tracker.set_tags(parent, tags)
+        if params:
+            self.tracker.client.log_batch(parent, params=params)
         if accs:
             self.tracker.log_metrics(
                 parent,
@@ -320,12 +386,12 @@ class Worker:
                     "test_acc_mean": statistics.mean(accs),
                     "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                     "n_final": len(accs),
-                    "best_val_acc": best.value,
+                    "best_val_acc": statistics.mean(best_vals),
                 },
                 step=0,
             )
         self.tracker.finish(parent)
-        self.say(f"{variant.key}: done; test acc {fmt_accs(accs)}", force=True)
+        self.say(f"{cell.key}: done; test acc {fmt_accs(accs)}", force=True)
 
     # --- progress ----------------------------------------------------------------
     def progress(self) -> str:
@@ -349,14 +415,11 @@ def count(trials, states) -> int:
 
 
 def best_trial(study: optuna.Study):
+    """The best complete trial; a tie goes to the earlier slot (trial numbers also count
+    failed trials, which depend on crashes)."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
-
-
-def suggest(trial: optuna.Trial, key: str, r) -> float | int:
-    if r.integer:
-        return trial.suggest_int(key, int(r.low), int(r.high), log=r.log)
-    return trial.suggest_float(key, r.low, r.high, log=r.log)
+    key = lambda t: (t.value, -t.user_attrs.get("slot", t.number))  # noqa: E731
+    return max(complete, key=key) if complete else None
 
 
 def minutes(seconds: float) -> str:

@@ -60,8 +60,8 @@ def trial_states(storage: str, spec: StudySpec) -> dict[str, Counter]:
     """Per Optuna study name: Counter of trial state names."""
     opened = open_storage(storage)
     out = {}
-    for cell in spec.cells:
-        for name in study_names(spec, cell):
+    for tuning in spec.tunings:
+        for name in study_names(spec, tuning):
             study = optuna.load_study(study_name=name, storage=opened)
             out[name] = Counter(t.state.name for t in study.get_trials(deepcopy=False))
     return out
@@ -71,14 +71,14 @@ def assert_budget_met_exactly(tracking_uri: str, storage: str, spec: StudySpec) 
     """Every cell: exactly `trials` tuning trials and one final run per seed, in both
     Optuna and MLflow (no duplicated or lost work). Returns the MLflow runs."""
     states = trial_states(storage, spec)
-    for cell in spec.cells:
-        tune, final = study_names(spec, cell)
+    for tuning in spec.tunings:
+        tune, final = study_names(spec, tuning)
         assert sum(states[tune].values()) == spec.settings.trials
         assert states[final] == {"COMPLETE": len(spec.settings.seeds)}
     _, found = runs(tracking_uri, spec.name)
     roles = [r.data.tags["role"] for r in found]
-    assert roles.count("tune") == len(spec.cells) * spec.settings.trials
-    assert roles.count("final") == len(spec.cells) * len(spec.settings.seeds)
+    assert roles.count("tune") == len(spec.tunings) * spec.settings.trials
+    assert roles.count("final") == len(spec.tunings) * len(spec.settings.seeds)
     assert roles.count("variant") == len(spec.cells)
     return found
 

@@ -222,7 +222,11 @@ def test_ctrl_c_to_a_background_command_with_workers_says_interrupted(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_commands_on_fresh_stores_share_the_budget_with_distinct_proposals(tmp_path):
+def test_two_commands_on_fresh_stores_share_the_budget_with_the_specs_proposals(tmp_path):
+    """Two commands at once: the budget is spent exactly, and every trial's point is the
+    one its slot's seed and the trials before it give (what one command would propose)."""
+    from mnist_study.worker import propose
+
     path = tmp_path / "pair.toml"
     path.write_text(TINY.replace("trials = 2", "trials = 4"))
     tracking, storage = stores(tmp_path)
@@ -243,13 +247,13 @@ def test_two_commands_on_fresh_stores_share_the_budget_with_distinct_proposals(t
     spec = load_spec(path)
     assert_budget_met_exactly(tracking, storage, spec)
     opened = open_storage(storage)
-    seeds = set()
-    for v in spec.variants:
-        trials = optuna.load_study(study_name=f"pair.{v.name}", storage=opened).trials
-        points = [t.params["lr"] for t in trials]
-        assert len(set(points)) == len(points)  # never the same point twice
-        seeds |= {t.system_attrs["sampler_seed"] for t in trials}
-    assert len(seeds) == 2  # one per command, both recorded
+    for tuning in spec.tunings:
+        trials = optuna.load_study(study_name=f"pair.{tuning.cell.name}", storage=opened).trials
+        assert [t.user_attrs["slot"] for t in trials] == [0, 1, 2, 3]
+        for k, trial in enumerate(trials):
+            assert trial.params == propose(tuning, trials[:k], spec.settings.startup_trials)
+        assert len({t.params["lr"] for t in trials}) == 4  # never the same point twice
+        assert {t.system_attrs["sampler_seed"] for t in trials} == {spec.settings.sampler_seed}
 
 
 def test_report_counts_one_run_per_seed_and_names_what_it_left_out(finished, tmp_path):
@@ -393,8 +397,8 @@ def test_a_worker_killed_between_claiming_and_recording_its_run(tmp_path, mnist_
     run_study(spec, opts)
 
     states = trial_states(storage, spec)
-    for cell in spec.cells:  # the budget, spent exactly beside the two FAIL trials
-        tune, final = study_names(spec, cell)
+    for tuning in spec.tunings:  # the budget, spent exactly beside the two FAIL trials
+        tune, final = study_names(spec, tuning)
         assert states[tune]["COMPLETE"] + states[tune]["PRUNED"] == spec.settings.trials
         assert states[final] == {"COMPLETE": len(spec.settings.seeds)}
     opened = open_storage(storage)

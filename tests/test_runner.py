@@ -324,8 +324,8 @@ def test_runs_carry_their_data_and_source_the_mlflow_way(smoke_study):
 def test_optuna_studies_name_their_objective(smoke_study):
     spec, _, storage = smoke_study
     opened = open_storage(storage)
-    for cell in spec.cells:
-        for name in study_names(spec, cell):
+    for tuning in spec.tunings:
+        for name in study_names(spec, tuning):
             study = optuna.load_study(study_name=name, storage=opened)
             assert study.metric_names == ["validation accuracy at the last evaluation"]
 

@@ -65,7 +65,8 @@ def test_cells_are_every_variant_at_every_size_smallest_first():
         "dropout.n200",
     ]
     assert spec.config_for(spec.cells[3], {"lr": 1e-3}).train_size == 200
-    assert study_names(spec, spec.cells[0]) == ("sweep.baseline.n100", "sweep.baseline.n100.final")
+    names = ("sweep.baseline.n100", "sweep.baseline.n100.final")
+    assert study_names(spec, spec.tunings[0]) == names
 
 
 @pytest.mark.parametrize(
@@ -202,8 +203,8 @@ def test_a_sweep_killed_mid_way_is_reported_partial_then_resumes(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     spec = load_spec(path)
     states = trial_states(storage, spec)
-    for cell in spec.cells:  # the killed units are FAIL, and were redone
-        tune, final = study_names(spec, cell)
+    for tuning in spec.tunings:  # the killed units are FAIL, and were redone
+        tune, final = study_names(spec, tuning)
         assert states[tune]["COMPLETE"] + states[tune]["PRUNED"] == 2
         assert states[final]["COMPLETE"] == 2
     _, found = runs(tracking, "sweep")

@@ -1,0 +1,133 @@
+"""A study is a function of its spec: the same trials, points, values and test
+accuracies with 1 worker, 3 workers, or 2 workers killed with SIGKILL and resumed; and
+tuning replicates kept apart in both stores."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import optuna
+import pytest
+from helpers import REPO, assert_budget_met_exactly, stores
+
+from mnist_study.records import study_names
+from mnist_study.runner import RunOptions, run_study
+from mnist_study.spec import load_spec, parse_spec
+from mnist_study.storage import open_storage
+from mnist_study.worker import propose
+
+# 2 sizes x 3 variants x 2 tunings: 12 tunings of 3 trials and 2 seeds, 20 steps a run.
+SWEEP = """
+name = "same"
+[study]
+trials = 3
+seeds = [0, 1]
+startup_trials = 1
+tunings = 2
+train_sizes = [200, 100]
+[defaults]
+steps = 20
+evals = 4
+val_size = 200
+train_eval_size = 100
+threads = 1
+[variants.baseline]
+search.lr = { low = 1e-3, high = 3e-2, log = true }
+[variants.dropout]
+search.lr = { low = 1e-3, high = 3e-2, log = true }
+search.dropout = { low = 0.1, high = 0.5 }
+[variants.sgd]
+set = { optimizer = "sgd" }
+search.lr = { low = 1e-2, high = 0.3, log = true }
+search.momentum = { low = 0.5, high = 0.95 }
+"""
+
+
+def outcome(spec, storage: str) -> dict:
+    """Per Optuna study: each finished trial's (slot, point, value, state), in slot
+    order, or each final seed's test accuracy."""
+    opened = open_storage(storage)
+    out = {}
+    for tuning in spec.tunings:
+        tune, final = study_names(spec, tuning)
+        trials = optuna.load_study(study_name=tune, storage=opened).trials
+        out[tune] = sorted(
+            (t.user_attrs["slot"], t.params, t.value, t.state.name)
+            for t in trials
+            if t.state.name != "FAIL"
+        )
+        finals = optuna.load_study(study_name=final, storage=opened).trials
+        out[final] = {
+            t.user_attrs["seed"]: t.user_attrs["test_acc"] for t in finals if t.state.name != "FAIL"
+        }
+    return out
+
+
+def test_the_next_point_depends_on_finished_trials_only():
+    spec = parse_spec(SWEEP, REPO / "same.toml")
+    tuning = spec.tunings[0]
+    study = optuna.create_study(direction="maximize")
+    for lr, value in ((0.002, 0.5), (0.01, 0.7), (0.02, 0.6)):
+        study.enqueue_trial({"lr": lr})
+        study.optimize(lambda t, v=value: t.suggest_float("lr", 1e-3, 3e-2, log=True) + v, 1)
+    done = study.trials
+    again = propose(tuning, done, 1)
+    assert propose(tuning, done, 1) == again
+    # A failed trial between them changes nothing; another slot or tuning proposes anew.
+    study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 3e-2, log=True)})
+    assert propose(tuning, [t for t in study.trials if t.state.name == "COMPLETE"], 1) == again
+    assert propose(tuning, done[:2], 1) != again
+    assert propose(spec.tunings[1], done, 1) != again
+
+
+@pytest.mark.slow
+def test_one_worker_three_workers_and_a_killed_resumed_run_agree_exactly(tmp_path, mnist_root):
+    path = tmp_path / "same.toml"
+    path.write_text(SWEEP)
+    spec = load_spec(path)
+    results = {}
+    for workers in (1, 3):
+        tracking, storage = stores(tmp_path / f"w{workers}")
+        run_study(spec, RunOptions(tracking, storage, str(mnist_root), workers, log_models=False))
+        found = assert_budget_met_exactly(tracking, storage, spec)
+        results[workers] = outcome(spec, storage)
+    # Tuning replicates: runs named and tagged by tuning, each with its own sampler seed.
+    names = {r.info.run_name for r in found}
+    assert {"baseline.n100/t0/trial-0", "baseline.n100/t1/trial-0"} <= names
+    assert {"sgd.n200/t1/seed-1"} <= names
+    seeds = {
+        (r.data.tags["cell"], r.data.tags["tuning"], r.data.tags["sampler_seed"])
+        for r in found
+        if r.data.tags["role"] != "variant"
+    }
+    assert ("dropout.n100", "0", "0") in seeds and ("dropout.n100", "1", "1") in seeds
+    assert {r.data.tags["threads"] for r in found if r.data.tags["role"] != "variant"} == {"1"}
+
+    tracking, storage = stores(tmp_path / "killed")
+    cmd = [
+        sys.executable, "-m", "mnist_study", "--data-root", str(mnist_root), "run", str(path),
+        "--tracking-uri", tracking, "--storage", storage, "--workers", "2", "--quiet",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
+        start_new_session=True,
+    )  # fmt: skip
+    started = 0
+    for line in proc.stdout:  # kill everything mid-study, units in progress
+        started += line.startswith("[w")
+        if started == 15:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert started == 15
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results["killed"] = outcome(spec, storage)
+
+    assert results[1] == results[3] == results["killed"]
+    some = results[1]["same.sgd.n100.t0"]
+    assert len(some) == 3 and len({str(p) for _, p, _, _ in some}) == 3
+    assert results[1]["same.sgd.n100.t0"] != results[1]["same.sgd.n100.t1"]
