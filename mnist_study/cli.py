@@ -166,7 +166,7 @@ def cmd_precision(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mnist_study.processes import auto_workers, cap_workers, parse_workers
+    from mnist_study.processes import auto_workers, cap_threads, cap_workers, parse_workers
     from mnist_study.runner import RunOptions, StudyIncomplete, run_study
     from mnist_study.spec import load_spec
     from mnist_study.storage import check_storage_url
@@ -188,15 +188,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         storage=args.storage,
         data_root=str(args.data_root),
         workers=workers,
-        threads=args.threads,
+        threads=cap_threads(args.threads),
         quiet=args.quiet,
     )
-    sizes = spec.settings.train_sizes
-    cells = f" x {len(sizes)} training-set sizes" if sizes else ""
+    s = spec.settings
+    cells = f" x {len(s.train_sizes)} training-set sizes" if s.train_sizes else ""
+    tunings = f" x {s.tunings} tunings" if s.tunings > 1 else ""
     print(
-        f"study {spec.name!r}: {len(spec.variants)} variants{cells} x ({spec.settings.trials} "
-        f"trials + {len(spec.settings.seeds)} seeds); MLflow {args.tracking_uri}, "
-        f"Optuna {args.storage}; {workers} worker(s)",
+        f"study {spec.name!r}: {len(spec.variants)} variants{cells}{tunings} x ({s.trials} "
+        f"trials + {len(s.seeds)} seeds); MLflow {args.tracking_uri}, "
+        f"Optuna {args.storage}; {workers} worker(s), "
+        f"{opts.threads or spec.defaults.threads or 1} thread(s) per run",
         flush=True,
     )
     try:
@@ -308,10 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workers",
         default="1",
-        help="worker processes sharing the studies (CPU threads split among them), or "
+        help="worker processes sharing the studies (each run one thread unless --threads), or "
         "'auto': one per core on a CPU, enough to keep a GPU busy on CUDA",
     )
-    p.add_argument("--threads", type=int, default=0, help="threads per worker (0: automatic)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="threads per run (0: the spec's, else 1); recorded on every run, since runs "
+        "with other thread counts round differently",
+    )
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines, only per run")
     p.set_defaults(func=cmd_run)
 

@@ -177,3 +177,26 @@ def learning_curve_figure(tables: dict[int, pd.DataFrame], path: Path) -> None:
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def budget_figure(curves: pd.DataFrame, variants: list[str], path: Path, title: str) -> None:
+    """Expected best validation accuracy against the number of trials, one line per
+    variant (mean over its tunings): a line still rising at the right was under-tuned."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    palette = colors(variants)
+    for v in variants:
+        mine = curves[curves.variant == v]
+        if mine.empty:
+            continue
+        mean = mine.groupby("trials").expected.mean() * 100
+        ax.plot(mean.index, mean.values, marker="o", ms=3, label=v, color=palette[v])
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("trials")
+    ax.set_ylabel("expected best validation accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

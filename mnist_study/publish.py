@@ -45,7 +45,7 @@ def markdown_table(table: pd.DataFrame, point: str = "epoch") -> str:
             ""
             if math.isnan(r.diff_vs_baseline) or r.variant == "baseline"
             else f"{r.diff_vs_baseline * 100:+.2f} ± {r.diff_ci95 * 100:.2f} "
-            f"(p={r.p_welch:.2g}, Holm {r.p_holm:.2g})"
+            f"(p={r.p_diff:.2g}, Holm {r.p_holm:.2g})"
         )
         loss = (
             "–" if math.isnan(r.loss_gap_last) else f"{r.loss_gap_last:.4f} / {r.loss_gap_best:.4f}"

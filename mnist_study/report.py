@@ -9,6 +9,7 @@ tuning playbook's sanity checks.
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from mnist_study.luck import comparisons
 from mnist_study.significance import holm, interval, welch_half_width, welch_p
 from mnist_study.spec import SpecError, StudySpec, spec_from_record
 from mnist_study.tracking import METRIC_NAMES, SPEC_TAG, metric_history
@@ -70,6 +72,8 @@ def collect(tracking_uri: str, study: str, storage: str | None = None) -> StudyD
         )
         runs[f"metrics.{short}"] = new.fillna(old)
     runs["cell"] = column(runs, "tags.cell").fillna(runs["tags.variant"])
+    # Runs from before tuning replicates have no tag: they are the one tuning, 0.
+    runs["tuning"] = pd.to_numeric(column(runs, "tags.tuning"), errors="coerce").fillna(0)
     # A sweep's runs are told apart by size; params cover children from before the tag.
     size = column(runs, "tags.train_size").fillna(column(runs, "params.train_size"))
     runs["train_size"] = pd.to_numeric(size, errors="coerce")
@@ -145,7 +149,7 @@ def counted_runs(
     runs = runs.sort_values("start_time")
     keep = pd.Series(True, index=runs.index)
     finished_finals = (runs["tags.role"] == "final") & (runs.status == "FINISHED")
-    for cell, mine in runs[finished_finals].groupby("cell"):
+    for (cell, _), mine in runs[finished_finals].groupby(["cell", "tuning"]):
         seeds = mine["tags.seed"].astype(int)
         if spec is not None:
             extra = ~seeds.isin(spec.settings.seeds)
@@ -163,7 +167,7 @@ def counted_runs(
             )
             keep[mine.index[repeated]] = False
     tune = runs[runs["tags.role"] == "tune"]
-    repeated = tune.duplicated(["cell", "tags.optuna_trial"])
+    repeated = tune.duplicated(["cell", "tuning", "tags.optuna_trial"])
     if repeated.any():
         problems.append(
             f"{int(repeated.sum())} tuning run(s) repeat a trial number of their cell "
@@ -196,8 +200,16 @@ def best_val_epoch(curves: pd.DataFrame, variant: str) -> int | None:
     return int(mine.groupby("epoch").value.mean().idxmax())
 
 
+def replicated(data: StudyData) -> bool:
+    """Whether the study tuned each cell more than once."""
+    if data.spec is not None:
+        return data.spec.settings.tunings > 1
+    return not data.runs.empty and data.runs["tuning"].nunique() > 1
+
+
 def summarize(data: StudyData) -> pd.DataFrame:
     runs, rows = data.runs, []
+    luck = comparisons(runs, data.variants) if replicated(data) else {}
     base_accs = test_accs(runs, "baseline")
     base_gaps = per_seed_gaps(data.curves, "baseline", None).get("acc_gap", [])
     for variant in data.variants:
@@ -210,17 +222,16 @@ def summarize(data: StudyData) -> pd.DataFrame:
         best_epoch = best_val_epoch(data.curves, variant)
         best = per_seed_gaps(data.curves, variant, best_epoch) if best_epoch else {}
         states = tune["tags.optuna_state"].value_counts() if not tune.empty else {}
-        tuned = {}
-        if not parent.empty:
-            for col in parent.columns:
-                if col.startswith("params.best_") and pd.notna(parent.iloc[0][col]):
-                    tuned[col.removeprefix("params.best_")] = float(parent.iloc[0][col])
+        tuned = tuned_points(parent)
+        seeds_p = welch_p(accs, base_accs) if variant != "baseline" else math.nan
+        mine_luck = luck.get(variant)
         rows.append(
             {
                 "variant": variant,
                 "change": description(data, variant),
                 "tuned": ", ".join(
-                    f"{k}={tuned[k]:.3g}" for k in sorted(tuned, key=lambda k: (k != "lr", k))
+                    f"{k}=" + " / ".join(f"{x:.3g}" for x in tuned[k])
+                    for k in sorted(tuned, key=lambda k: (k != "lr", k))
                 ),
                 "test_acc_mean": mean,
                 "test_acc_ci95": half,
@@ -231,7 +242,8 @@ def summarize(data: StudyData) -> pd.DataFrame:
                 "diff_ci95": welch_half_width(accs, base_accs)
                 if variant != "baseline"
                 else math.nan,
-                "p_welch": welch_p(accs, base_accs) if variant != "baseline" else math.nan,
+                "p_welch": seeds_p,
+                "p_diff": seeds_p,
                 "train_acc_last": avg(last.get("train_acc")),
                 "val_acc_last": avg(last.get("val_acc")),
                 "acc_gap_last": avg(last.get("acc_gap")),
@@ -249,10 +261,35 @@ def summarize(data: StudyData) -> pd.DataFrame:
                 "tuned_params": tuned,
             }
         )
+        if mine_luck is not None:  # the comparison carries tuning luck
+            rows[-1] |= {
+                "diff_vs_baseline": mine_luck.diff,
+                "diff_ci95": mine_luck.half_width,
+                "p_diff": mine_luck.p,
+                "diff_low": mine_luck.low,
+                "diff_high": mine_luck.high,
+                "seed_ci95": mine_luck.seed_half_width,
+                "p_better": mine_luck.p_better,
+                "same_sign": mine_luck.same_sign,
+                "tunings": mine_luck.tunings,
+            }
     table = pd.DataFrame(rows)
-    table["p_holm"] = holm(table.p_welch)
+    table["p_holm"] = holm(table.p_diff)
     table["gap_p_holm"] = holm(table.gap_p_welch)
     return table
+
+
+def tuned_points(parent: pd.DataFrame) -> dict[str, list[float]]:
+    """The best point of each tuning, from the parent run's params: best_lr, or t0.best_lr,
+    t1.best_lr, ... when the cell was tuned several times."""
+    tuned: dict[str, list[float]] = {}
+    if parent.empty:
+        return tuned
+    for col in sorted(parent.columns):
+        match = re.fullmatch(r"params\.(?:t\d+\.)?best_(\w+)", col)
+        if match and pd.notna(parent.iloc[0][col]):
+            tuned.setdefault(match[1], []).append(float(parent.iloc[0][col]))
+    return tuned
 
 
 def test_accs(runs: pd.DataFrame, variant: str) -> list[float]:
@@ -309,13 +346,14 @@ def checks(data: StudyData, table: pd.DataFrame) -> list[str]:
             )
         if spec:
             variant = next((v for v in spec.variants if v.name == name), None)
-            for key, value in row.tuned_params.items():
+            for key, values in row.tuned_params.items():
                 r = variant.search.get(key) if variant else None
-                if r and at_edge(value, r.low, r.high, r.log):
-                    out.append(
-                        f"{name}: best {key}={value:.3g} is at the edge of its range "
-                        f"[{r.low:g}, {r.high:g}]; widen it"
-                    )
+                for value in values:
+                    if r and at_edge(value, r.low, r.high, r.log):
+                        out.append(
+                            f"{name}: best {key}={value:.3g} is at the edge of its range "
+                            f"[{r.low:g}, {r.high:g}]; widen it"
+                        )
     return out
 
 
@@ -334,15 +372,17 @@ def verdict(table: pd.DataFrame) -> str:
 
     def passing(p_column: str, sign_ok: pd.Series) -> str:
         strict = rest[(rest[p_column] < 0.05) & sign_ok].variant.tolist()
-        loose = rest[(rest[p_column.replace("_holm", "_welch")] < 0.05) & sign_ok]
+        uncorrected = {"p_holm": "p_diff", "gap_p_holm": "gap_p_welch"}[p_column]
+        loose = rest[(rest[uncorrected] < 0.05) & sign_ok]
         loose = [v for v in loose.variant if v not in strict]
         text = ", ".join(strict) or "none"
         return text + (f" (uncorrected p<0.05 only: {', '.join(loose)})" if loose else "")
 
+    test = "the hierarchical bootstrap" if "p_better" in table else "Welch's t-test over the seeds"
     parts = [
-        f"Welch's t-test over the seeds, Holm-adjusted for {len(rest)} comparisons with the "
-        "baseline, p<0.05. Shrink the train−val accuracy gap: "
-        + passing("gap_p_holm", rest.acc_gap_last < base_gap),
+        f"Test accuracy by {test}, the gap by Welch's t-test over the seeds, each "
+        f"Holm-adjusted for {len(rest)} comparisons with the baseline, p<0.05. "
+        "Shrink the train−val accuracy gap: " + passing("gap_p_holm", rest.acc_gap_last < base_gap),
         "raise test accuracy beyond seed noise: " + passing("p_holm", rest.diff_vs_baseline > 0),
     ]
     worse = rest[(rest.p_holm < 0.05) & (rest.diff_vs_baseline < 0)].variant.tolist()

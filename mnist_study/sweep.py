@@ -11,8 +11,9 @@ from pathlib import Path
 import pandas as pd
 
 from mnist_study import figures
+from mnist_study.luck import LUCK_LEGEND, budget_checks, budget_curves, luck_table
 from mnist_study.publish import TABLE_LEGEND, markdown_table
-from mnist_study.report import StudyData, checks, summarize, verdict
+from mnist_study.report import StudyData, checks, replicated, summarize, verdict
 
 ALPHA = 0.01
 """Holm-adjusted p below which a comparison counts as resolved (stricter than the
@@ -108,15 +109,26 @@ def sweep_section(data: StudyData, out: Path) -> tuple[list[str], dict[str, Path
             "",
             overfit_line(part.curves),
             "",
-            resolution_verdict(table),
-            "",
-            verdict(table),
-            "",
         ]
+        if replicated(part):
+            lines += [luck_table(table), ""]
+        lines += [resolution_verdict(table), "", verdict(table), ""]
+        budget = budget_curves(part.runs)
+        found += budget_checks(budget, f"n={n}: ")
+        if replicated(part) and not budget.empty:
+            pngs[f"budget_n{n}"] = out / f"budget_n{n}.png"
+            figures.budget_figure(
+                budget,
+                data.variants,
+                pngs[f"budget_n{n}"],
+                f"{n:,} training images: expected best of n trials, mean over tunings",
+            )
     pd.concat(
         [t.drop(columns=["tuned_params"]).assign(train_size=n) for n, t in tables.items()]
     ).to_csv(out / "results.csv", index=False)
     if "learning_curve" in pngs:  # one size is a point, not a curve
         figures.learning_curve_figure(tables, pngs["learning_curve"])
     lines.append(TABLE_LEGEND)
+    if replicated(data):
+        lines += ["", LUCK_LEGEND]
     return lines, pngs, found

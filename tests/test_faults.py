@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from fnmatch import fnmatch
 from pathlib import Path
 
 import optuna
@@ -38,6 +39,16 @@ train_eval_size = 200
 [variants.baseline]
 search.lr = { low = 1e-3, high = 3e-3, log = true }
 """
+
+
+SLOW2 = (
+    SLOW
+    + """
+[variants.batchnorm]
+set = { batchnorm = true }
+search.lr = { low = 1e-3, high = 3e-3, log = true }
+"""
+)
 
 
 def one_line_error(done: subprocess.CompletedProcess, *needles: str) -> None:
@@ -133,12 +144,17 @@ def test_journal_corrupt_before_its_end_is_refused(finished, tmp_path):
 
 
 def wait_for_running_trial(storage: str, study: str, worker: int | None, timeout: float = 120):
-    """A RUNNING trial of `worker` (any if None) with its MLflow run started."""
+    """A RUNNING trial of `worker` (any if None) with its MLflow run started, in the Optuna
+    study `study` or, with a trailing '*', in any study whose name starts so."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         time.sleep(0.3)
         try:  # read only, as any Optuna client would
-            trials = optuna.load_study(study_name=study, storage=connect(storage)).trials
+            opened = connect(storage)
+            names = [n for n in optuna.get_all_study_names(opened) if fnmatch(n, study)]
+            trials = [
+                t for n in names for t in optuna.load_study(study_name=n, storage=opened).trials
+            ]
         except (KeyError, ValueError):
             continue
         for t in trials:
@@ -148,11 +164,11 @@ def wait_for_running_trial(storage: str, study: str, worker: int | None, timeout
     raise AssertionError(f"no trial of worker {worker} reached mid-training in time")
 
 
-def start_slow_study(tmp_path, *args: str, **popen):
-    """The SLOW study started in the background on fresh stores in tmp_path:
+def start_slow_study(tmp_path, *args: str, text: str = SLOW, **popen):
+    """The SLOW study (or `text`) started in the background on fresh stores in tmp_path:
     (process, spec path, tracking URI, Optuna storage)."""
     path = tmp_path / "slow.toml"
-    path.write_text(SLOW)
+    path.write_text(text)
     tracking, storage = stores(tmp_path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "mnist_study", "--data-root", str(REPO / "data")]
@@ -169,24 +185,28 @@ def start_slow_study(tmp_path, *args: str, **popen):
 @pytest.mark.slow
 @pytest.mark.parametrize("index", [0, 1])
 def test_a_killed_worker_is_reaped_and_the_others_finish(tmp_path, index):
-    proc, path, tracking, storage = start_slow_study(tmp_path, "--workers", "2")
-    victim = wait_for_running_trial(storage, "slow.baseline", index)
+    """Two variants, so that each worker tunes one while the other tunes the other (a
+    tuning's trials run in turn)."""
+    proc, path, tracking, storage = start_slow_study(tmp_path, "--workers", "2", text=SLOW2)
+    victim = wait_for_running_trial(storage, "slow.*[!l]", index)  # tuning, not .final
     os.kill(victim.system_attrs["pid"], signal.SIGKILL)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     assert f"worker {index} was killed by SIGKILL" in out
     spec = load_spec(path)
     states = trial_states(storage, spec)
-    assert states["slow.baseline"]["FAIL"] == 1
-    study = optuna.load_study(study_name="slow.baseline", storage=open_storage(storage))
+    assert sum(s["FAIL"] for s in states.values()) == 1
+    name = next(n for n, s in states.items() if s["FAIL"])
+    study = optuna.load_study(study_name=name, storage=open_storage(storage))
     dead = next(t for t in study.trials if t.state.name == "FAIL")
     assert dead.number == victim.number and "worker died" in dead.user_attrs["fail_reason"]
     client, found = runs(tracking, "slow")
     run = client.get_run(dead.system_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED" and run.data.tags["optuna_state"] == "FAIL"
     # The other worker spent the whole budget.
-    assert states["slow.baseline"]["COMPLETE"] + states["slow.baseline"]["PRUNED"] == 4
-    assert states["slow.baseline.final"] == {"COMPLETE": 1}
+    for variant in ("baseline", "batchnorm"):
+        assert states[f"slow.{variant}"]["COMPLETE"] + states[f"slow.{variant}"]["PRUNED"] == 4
+        assert states[f"slow.{variant}.final"] == {"COMPLETE": 1}
 
 
 def test_sigterm_stops_like_ctrl_c_and_says_how_to_resume(tmp_path):
