@@ -166,7 +166,14 @@ def cmd_precision(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mnist_study.processes import auto_workers, cap_threads, cap_workers, parse_workers
+    from mnist_study.outcome import Interrupted
+    from mnist_study.processes import (
+        WorkerRefused,
+        auto_workers,
+        cap_threads,
+        cap_workers,
+        parse_workers,
+    )
     from mnist_study.runner import RunOptions, StudyIncomplete, run_study
     from mnist_study.spec import load_spec
     from mnist_study.storage import check_storage_url
@@ -205,14 +212,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_study(spec, opts)
     except KeyboardInterrupt as exc:
         print(
-            f"interrupted ({exc or 'SIGINT'}): finished trials are kept, the one in progress "
-            f"is marked FAIL; run the same command again to resume",
+            f"interrupted ({exc or 'SIGINT'}): finished trials are kept, those in progress "
+            f"are marked FAIL; run the same command again to resume",
             file=sys.stderr,
         )
-        return 143 if "SIGTERM" in str(exc) else 130
+        return exc.exit_code if isinstance(exc, Interrupted) else 130
     except StudyIncomplete as exc:
         print(f"mnist-study: {exc}", file=sys.stderr)
         return 1
+    except WorkerRefused:  # the worker said why, in one line
+        return 2
     print(f"study {spec.name!r} complete. Browse it: make ui")
     return 0
 

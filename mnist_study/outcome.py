@@ -13,7 +13,20 @@ from optuna.trial import TrialState
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C, SIGTERM, or the worker's parent process gone: stop, keep what is done."""
+    """Ctrl-C, SIGTERM, SIGHUP, or the worker's parent process gone: stop, keep what is
+    done. `signum`: the signal, if one stopped it."""
+
+    def __init__(self, reason: str, signum: int | None = None):
+        super().__init__(reason)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number, the shell's convention; 1 without a signal."""
+        return 128 + self.signum if self.signum else 1
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Outcome(enum.Enum):
@@ -55,30 +68,34 @@ class Outcome(enum.Enum):
         return f"{type(exc).__name__}: {exc}"
 
 
-_stop_signal = threading.Event()
+_stopped_by: list[int] = []  # the signal that stopped this process, once
 
 
 def on_stop_signal(signum, frame) -> None:
-    """Ctrl-C or SIGTERM: raise at once, and remember: Python drops an exception raised
-    while a destructor runs, so the worker also checks the flag at every evaluation."""
-    _stop_signal.set()
-    raise Interrupted(signal.Signals(signum).name)
+    """Ctrl-C, SIGTERM or SIGHUP: raise at once, and remember: Python drops an exception
+    raised while a destructor runs, so the worker also checks at every evaluation. A
+    second signal (Ctrl-C reaches the workers, then their parent passes it on) must not
+    interrupt the recording of the first."""
+    if _stopped_by:
+        return
+    _stopped_by.append(signum)
+    raise Interrupted(signal.Signals(signum).name, signum)
 
 
 def stop_if_signalled() -> None:
-    if _stop_signal.is_set():
-        raise Interrupted("signal")
+    if _stopped_by:
+        raise Interrupted(signal.Signals(_stopped_by[0]).name, _stopped_by[0])
 
 
 @contextlib.contextmanager
 def stopping_on_signals():
-    """Within the block, Ctrl-C and SIGTERM raise Interrupted (in the main thread; other
-    threads cannot take signals, and run until the unit ends)."""
+    """Within the block, Ctrl-C, SIGTERM and SIGHUP raise Interrupted (in the main
+    thread; other threads cannot take signals, and run until the unit ends)."""
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             previous[sig] = signal.signal(sig, on_stop_signal)
-    _stop_signal.clear()
+    _stopped_by.clear()
     try:
         yield
     finally:

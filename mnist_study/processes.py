@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mnist_study.config import ConfigError
-from mnist_study.outcome import Interrupted
+from mnist_study.outcome import STOP_SIGNALS, Interrupted
 
 # Peak resident memory of one process training the seed CNN on full MNIST (torch, the
 # data in memory, MLflow): 1.3 GB measured with /usr/bin/time -v; rounded up.
@@ -101,9 +101,20 @@ def cap_threads(requested: int) -> int:
     return requested
 
 
+REFUSED = 2
+"""A worker's exit code when it refused to go on (its reason printed in one line): the
+whole command stops with it, and nothing is reaped (the store may be gone)."""
+
+
+class WorkerRefused(Exception):
+    """A worker refused to go on; its one-line reason is printed already."""
+
+
 def describe_exit(code: int) -> str:
     if code < 0:
         return f"was killed by {signal.Signals(-code).name}"
+    if code > 128 and code - 128 in {int(s) for s in STOP_SIGNALS}:
+        return f"was stopped by {signal.Signals(code - 128).name}"
     return f"exited with code {code} (traceback above)"
 
 
@@ -112,54 +123,58 @@ def run_workers(
 ) -> list[tuple[int, str]]:
     """Run target(*args, index, parent_pid) in n spawned processes until all have ended.
 
-    Waits on every process's sentinel, so a death is seen at once, whichever worker it
-    is; the dead process is collected (no zombie) and `reap()` marks its trial FAIL so
-    that the others redo it. SIGTERM is passed on to the workers, which stop as on
-    Ctrl-C. Returns (index, how) for each worker that died; raises Interrupted if the
-    command was stopped by a signal.
+    A signal to this process (SIGINT, SIGTERM, SIGHUP; a terminal's Ctrl-C, a supervisor,
+    `timeout`) stops the whole command: it is passed on to every worker as SIGTERM, each
+    records its trial as FAIL and its run as KILLED, and Interrupted is raised. A worker
+    that ends on its own (a signal meant for it alone, kill -9, out of memory, a crash)
+    is that worker's death: seen at once on its sentinel, collected, named in a line,
+    and `reap()` marks its trial FAIL so that the others redo it. Returns (index, how)
+    for each worker that died.
     """
     ctx = multiprocessing.get_context("spawn")
     alive = {
         i: ctx.Process(target=target, args=(*args, i, os.getpid()), name=f"worker-{i}")
         for i in range(n)
     }
-    stopped: list[str] = []
+    stopped: list[int] = []
+    refused = False
 
-    def on_term(signum, frame) -> None:
-        stopped.append(signal.Signals(signum).name)
+    def stop_all() -> None:
         for p in alive.values():
             if p.is_alive():
                 p.terminate()  # SIGTERM: the worker records its trial and exits
 
-    previous = signal.signal(signal.SIGTERM, on_term)
+    def on_signal(signum, frame) -> None:
+        stopped.append(signum)
+        stop_all()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
     for p in alive.values():
         p.start()
     deaths = []
     try:
         while alive:
-            try:
-                ready = multiprocessing.connection.wait([p.sentinel for p in alive.values()])
-            except KeyboardInterrupt:  # Ctrl-C reached the workers too: let them record
-                stopped.append("SIGINT")
-                continue
+            ready = multiprocessing.connection.wait([p.sentinel for p in alive.values()])
             for i, p in list(alive.items()):
                 if p.sentinel not in ready:
                     continue
                 p.join()
                 del alive[i]
-                if p.exitcode == 0:
+                if p.exitcode == 0 or stopped or refused:
                     continue
-                if p.exitcode == 130:  # stopped by SIGINT, which this process may not see
-                    stopped.append("SIGINT")  # (started in the background, it ignores it)
-                    continue
-                if p.exitcode == -signal.SIGTERM and stopped:
+                if p.exitcode == REFUSED:  # its one-line reason is on stderr already
+                    refused = True
+                    stop_all()
                     continue
                 how = describe_exit(p.exitcode)
                 deaths.append((i, how))
-                print(f"worker {i} {how}", flush=True)
+                print(f"worker {i} {how}; its unit was marked FAIL and redone", flush=True)
                 reap()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if stopped:
-        raise Interrupted(stopped[0])
+        raise Interrupted(signal.Signals(stopped[0]).name, stopped[0])
+    if refused:
+        raise WorkerRefused()
     return deaths

@@ -35,6 +35,8 @@ class OptunaSide:
     """Trials of this spec's studies, in any state."""
     run_ids: dict[str, str]
     """MLflow run id -> 'study#trial' for every trial that has one."""
+    states: dict[str, str] = field(default_factory=dict)
+    """MLflow run id -> the state of its trial (COMPLETE, PRUNED, FAIL, RUNNING)."""
     runless: list[str] = field(default_factory=list)
     """'study#trial' of FAIL trials with no run: their worker died between claiming the
     trial and creating its run."""
@@ -42,7 +44,7 @@ class OptunaSide:
 
 def optuna_side(storage: optuna.storages.BaseStorage, spec: StudySpec) -> OptunaSide:
     existing = set(optuna.get_all_study_names(storage))
-    trials, run_ids, runless = 0, {}, []
+    trials, run_ids, states, runless = 0, {}, {}, []
     for name in all_study_names(spec):
         if name not in existing:
             continue
@@ -50,9 +52,20 @@ def optuna_side(storage: optuna.storages.BaseStorage, spec: StudySpec) -> Optuna
             trials += 1
             if "mlflow_run_id" in t.system_attrs:
                 run_ids[t.system_attrs["mlflow_run_id"]] = f"{name}#{t.number}"
+                states[t.system_attrs["mlflow_run_id"]] = t.state.name
             elif t.state == optuna.trial.TrialState.FAIL:
                 runless.append(f"{name}#{t.number}")
-    return OptunaSide(trials, run_ids, runless)
+    return OptunaSide(trials, run_ids, states, runless)
+
+
+def open_runs_of_ended_trials(side: OptunaSide, runs: dict[str, str]) -> list[str]:
+    """Run ids RUNNING in MLflow whose trial has ended (its worker wrote the trial's end
+    but not the run's: a full disk, a deleted experiment, a kill in between)."""
+    return [
+        r
+        for r, status in runs.items()
+        if status == "RUNNING" and side.states.get(r, "RUNNING") != "RUNNING"
+    ]
 
 
 def mlflow_children(tracking_uri: str, experiment: str) -> dict[str, str] | None:
@@ -97,3 +110,21 @@ def check_stores_agree(
             f"{spec.name!r} that match no trial in the Optuna storage {storage_url} (an older "
             f"or another copy of it?); restore the matching storage, {fresh}"
         )
+
+
+def reconcile_runs(spec: StudySpec, storage, tracker) -> None:
+    """On resume, close every run left RUNNING whose trial has ended, as its trial ended:
+    Optuna's record says what is done, MLflow mirrors it. A FAIL trial's run is KILLED;
+    a COMPLETE or PRUNED one's is FINISHED, since its metrics were logged before the
+    trial was told (call under the claim lock)."""
+    from mnist_study.outcome import Outcome
+
+    by_state = {"COMPLETE": Outcome.COMPLETE, "PRUNED": Outcome.PRUNED}
+    side = optuna_side(storage, spec)
+    runs = mlflow_children(tracker.client.tracking_uri, spec.name) or {}
+    for run_id in open_runs_of_ended_trials(side, runs):
+        state = side.states[run_id]
+        if state in by_state:
+            tracker.end(run_id, by_state[state])
+        else:
+            tracker.end(run_id, Outcome.WORKER_DIED, "left RUNNING after its trial failed")

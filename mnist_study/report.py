@@ -19,8 +19,10 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from mnist_study.luck import comparisons
+from mnist_study.records import open_runs_of_ended_trials, optuna_side
 from mnist_study.significance import holm, interval, welch_half_width, welch_p
 from mnist_study.spec import SpecError, StudySpec, spec_from_record
+from mnist_study.storage import connect, storage_exists
 from mnist_study.tracking import METRIC_NAMES, SPEC_TAG, metric_history
 
 CURVES = ("train_loss", "val_loss", "train_acc", "val_acc", "epoch_seconds")
@@ -111,9 +113,6 @@ def trial_run_ids(storage: str | None, spec: StudySpec | None):
     """Optuna's side of the record (the MLflow run ids it links to trials, the FAIL
     trials with no run), or why it cannot be had. Reads only: a missing storage is not
     created."""
-    from mnist_study.records import optuna_side
-    from mnist_study.storage import connect, storage_exists
-
     if storage is None or spec is None:
         return "no Optuna storage given: runs not cross-checked against trials"
     if not storage_exists(storage):
@@ -138,6 +137,14 @@ def counted_runs(
             problems.append(
                 f"{len(side.runless)} failed trial(s) have no MLflow run (their worker died "
                 f"between claiming and creating it; redone): {', '.join(side.runless)}"
+            )
+        still_open = open_runs_of_ended_trials(
+            side, dict(zip(runs.run_id, runs.status, strict=True))
+        )
+        if still_open:
+            problems.append(
+                f"{len(still_open)} MLflow run(s) still RUNNING although their trial ended "
+                f"(the stores disagree; resuming the study closes them)"
             )
         orphans = children & ~runs.run_id.isin(set(side.run_ids))
         if orphans.any():

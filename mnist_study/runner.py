@@ -14,8 +14,9 @@ import optuna
 
 from mnist_study import storage as st
 from mnist_study.dataset import load_splits
-from mnist_study.processes import run_workers
-from mnist_study.records import all_study_names, check_stores_agree
+from mnist_study.outcome import Interrupted
+from mnist_study.processes import REFUSED, run_workers
+from mnist_study.records import all_study_names, check_stores_agree, reconcile_runs
 from mnist_study.spec import StudySpec, refuse_changed_study
 from mnist_study.tracking import Tracker, check_tracking_uri, prepare_store, recorded_spec
 from mnist_study.train import check_device
@@ -79,7 +80,11 @@ def create_stores(spec: StudySpec, opts: RunOptions) -> str:
             spec.name,
             experiment_description(spec),
             spec.record(),
+            # Compared again where the spec is recorded: two commands started at once
+            # with different designs under one name both passed the preflight.
+            lambda recorded: refuse_changed_study(spec, recorded, opts.tracking_uri),
         )
+        reconcile_runs(spec, storage, Tracker(opts.tracking_uri, experiment_id))
         for name in all_study_names(spec):
             study = optuna.create_study(
                 storage=storage, study_name=name, direction="maximize", load_if_exists=True
@@ -102,8 +107,6 @@ def run_workers_until_done(spec: StudySpec, opts: RunOptions, experiment_id: str
         lambda: reap(spec, opts, experiment_id),
     )
     done, total = progress_counts(spec, st.open_storage(opts.storage))
-    for index, how in deaths:
-        print(f"worker {index} {how}; its unit was marked FAIL and redone by others", flush=True)
     if done < total:
         raise StudyIncomplete(
             f"study {spec.name!r} incomplete ({done} of {total} units done) after "
@@ -114,8 +117,11 @@ def run_workers_until_done(spec: StudySpec, opts: RunOptions, experiment_id: str
 def worker_main(spec, opts, experiment_id, index, parent_pid) -> None:
     try:
         Worker(spec, opts, experiment_id, index, parent_pid).loop()
-    except KeyboardInterrupt:  # its trial is already recorded; no traceback
-        sys.exit(130)
+    except Interrupted as exc:  # its trial is already recorded; no traceback
+        sys.exit(exc.exit_code)
+    except st.StorageLost as exc:  # one line, and the command stops (exit code 2)
+        print(f"mnist-study: error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(REFUSED)
 
 
 def reap(spec: StudySpec, opts: RunOptions, experiment_id: str) -> None:

@@ -29,7 +29,10 @@ from optuna.trial import FrozenTrial, TrialState
 from mnist_study.config import ConfigError
 
 # A worker on another host is presumed dead when its trial's heartbeat is this old.
-STALE_AFTER_S = 900
+# Heartbeats come at each evaluation: an epoch of full MNIST on one CPU thread takes
+# about 40 s, so 5 minutes leaves room and a dead worker costs minutes, not a quarter
+# hour.
+STALE_AFTER_S = 300
 
 
 def is_remote(url: str) -> bool:
@@ -100,7 +103,51 @@ def connect(url: str) -> optuna.storages.BaseStorage:
     that must not write check storage_exists first."""
     if is_remote(url):
         return RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
-    return JournalStorage(JournalFileBackend(url))
+    # By absolute path: Optuna's lock is a symlink to the journal, and a relative one
+    # points nowhere once stale, so its stale-lock breaking never starts (a hang).
+    return JournalStorage(JournalFileBackend(str(Path(url).resolve())))
+
+
+def refuse_dangling_lock(path: Path) -> None:
+    """A lock left by a process killed while it held it, from a version that opened the
+    journal by a relative path: its link points nowhere, and Optuna would wait forever."""
+    lock = path.with_name(path.name + ".lock")
+    if lock.is_symlink() and not lock.exists():
+        raise ConfigError(
+            f"{lock}: a stale lock on the Optuna journal, left by a process killed while it "
+            f"held it; check that no study command runs on {path}, remove {lock}, run again"
+        )
+
+
+# Optuna's journal operations (JournalOperation) and the fields each record needs.
+RECORD_FIELDS = {
+    0: ("study_name", "directions"),
+    1: ("study_id",),
+    2: ("study_id", "user_attr"),
+    3: ("study_id", "system_attr"),
+    4: ("study_id",),
+    5: ("trial_id", "param_name", "param_value_internal", "distribution"),
+    6: ("trial_id", "state"),
+    7: ("trial_id", "step", "intermediate_value"),
+    8: ("trial_id", "user_attr"),
+    9: ("trial_id", "system_attr"),
+    10: (),
+}
+
+
+def record_problem(line: bytes) -> str | None:
+    """Why a journal line is no Optuna record, or None."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return "not JSON"
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not a record"
+    op = record.get("op_code")
+    if type(op) is not int or op not in RECORD_FIELDS:
+        return f"op_code {op!r} is no Optuna journal operation"
+    missing = [f for f in RECORD_FIELDS[op] if f not in record]
+    return f"op_code {op} lacks {', '.join(missing)}" if missing else None
 
 
 def repair_torn_journal(path: Path) -> Path | None:
@@ -109,19 +156,19 @@ def repair_torn_journal(path: Path) -> Path | None:
     Returns the backup's path if a repair was made."""
     if not path.exists() or path.stat().st_size == 0:
         return None
-    lock = JournalFileSymlinkLock(str(path))
+    refuse_dangling_lock(path)
+    lock = JournalFileSymlinkLock(str(path.resolve()))
     lock.acquire()
     try:
         data = path.read_bytes()
         end = data.rfind(b"\n") + 1
         for number, line in enumerate(data[:end].splitlines(), 1):
-            try:
-                json.loads(line)
-            except ValueError:
+            problem = record_problem(line)
+            if problem:
                 raise ConfigError(
-                    f"{path}: record {number} is corrupt (not JSON); restore the file "
+                    f"{path}: record {number} is corrupt ({problem}); restore the file "
                     f"from a backup, or move it away and give the study a new name"
-                ) from None
+                )
         if end == len(data):
             return None
         backup = path.with_name(f"{path.name}.torn-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -217,12 +264,56 @@ def process_is_gone(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] in ("Z", "X")
 
 
+def last_seen(trial: FrozenTrial) -> float:
+    """Seconds since the trial's worker last marked it alive."""
+    return time.time() - trial.system_attrs.get("heartbeat", trial.datetime_start.timestamp())
+
+
+def waiting_line(study_name: str, trial: FrozenTrial) -> str | None:
+    """What a worker waiting on another host's trial says, or None for this host's."""
+    host, pid = trial.system_attrs.get("host"), trial.system_attrs.get("pid")
+    if host == socket.gethostname():
+        return None
+    return (
+        f"waiting on {study_name}#{trial.number}, run by pid {pid} on host {host}, last seen "
+        f"{last_seen(trial):.0f} s ago (presumed dead after {STALE_AFTER_S} s without a sign)"
+    )
+
+
+class StorageLost(ConfigError):
+    """The journal a study runs on was removed or replaced under it."""
+
+
+def journal_identity(url: str) -> tuple[int, int] | None:
+    """(device, inode) of a journal file; None for servers (and a missing file)."""
+    if is_remote(url):
+        return None
+    try:
+        st = os.stat(url)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def check_same_journal(url: str, opened: tuple[int, int] | None) -> None:
+    """Refuse to claim more work once the journal was deleted or replaced: the studies
+    this process holds in memory would be written into a file that no longer has them."""
+    if opened is None:
+        return
+    now = journal_identity(url)
+    if now != opened:
+        what = "deleted" if now is None else "replaced by another file"
+        raise StorageLost(
+            f"--storage {url}: the Optuna journal was {what} while the study ran; stopped "
+            f"without claiming more work (restore it to resume)"
+        )
+
+
 def worker_is_dead(trial: FrozenTrial) -> bool:
     host, pid = trial.system_attrs.get("host"), trial.system_attrs.get("pid")
     if host == socket.gethostname() and isinstance(pid, int):
         return process_is_gone(pid)
-    heartbeat = trial.system_attrs.get("heartbeat", trial.datetime_start.timestamp())
-    return time.time() - heartbeat > STALE_AFTER_S
+    return last_seen(trial) > STALE_AFTER_S
 
 
 def dead_trials(study: optuna.Study) -> list[FrozenTrial]:

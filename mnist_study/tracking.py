@@ -13,6 +13,7 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -27,6 +28,7 @@ from mnist_study.data import checksums
 from mnist_study.outcome import Outcome
 from mnist_study.processes import cpu_model
 from mnist_study.spec import Variant
+from mnist_study.sqlite_store import build_store, check_store_file, creation_lock, sqlite_file
 from mnist_study.storage import check_writable_folder, file_lock
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -67,12 +69,6 @@ TRAIN_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
 TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
-def sqlite_file(tracking_uri: str) -> Path | None:
-    """The database file of a sqlite:/// store; None for servers and other databases."""
-    prefix = "sqlite:///"
-    return Path(tracking_uri.removeprefix(prefix)) if tracking_uri.startswith(prefix) else None
-
-
 SCHEMES = ("sqlite:///", "postgresql://", "postgresql+psycopg://", "http://", "https://")
 
 
@@ -99,6 +95,8 @@ def check_tracking_uri(tracking_uri: str, must_exist: bool = False) -> None:
                         f"--tracking-uri {tracking_uri}: {database} is not an SQLite "
                         f"database; restore the MLflow store or give another path"
                     )
+            with file_lock(creation_lock(database)):  # not while another builds it
+                check_store_file(tracking_uri, database)
     elif tracking_uri.startswith(("http://", "https://")):
         check_server(tracking_uri)
 
@@ -132,29 +130,43 @@ SPEC_TAG = "mnist_study.spec"  # the resolved spec (JSON) a study started with
 
 
 def prepare_store(
-    tracking_uri: str, experiment: str, description: str = "", spec_json: str = ""
+    tracking_uri: str,
+    experiment: str,
+    description: str = "",
+    spec_json: str = "",
+    check_recorded: Callable[[str | None], None] | None = None,
 ) -> str:
-    """Create the database and the experiment once, before any worker starts.
+    """Create the database and the experiment once, before any worker starts; an
+    existing experiment's recorded spec is first passed to `check_recorded` (which
+    raises to refuse it).
 
     Several processes creating a fresh SQLite store at once race on its tables (two
-    commands started together): they take turns under a lock beside the database.
+    commands started together): they take turns under a lock beside the database, so
+    the spec that one records is the spec the other compares with.
     """
     database = sqlite_file(tracking_uri)
+    args = (tracking_uri, experiment, description, spec_json, check_recorded)
     if database is None:
-        return create_experiment(tracking_uri, experiment, description, spec_json)
+        return create_experiment(*args)
     with file_lock(creation_lock(database)):
-        return create_experiment(tracking_uri, experiment, description, spec_json)
+        if not database.exists():
+            build_store(database)
+        return create_experiment(*args)
 
 
-def creation_lock(database: Path) -> Path:
-    return database.with_name(database.name + ".create.lock")
-
-
-def create_experiment(tracking_uri: str, experiment: str, description: str, spec_json: str) -> str:
+def create_experiment(
+    tracking_uri: str,
+    experiment: str,
+    description: str,
+    spec_json: str,
+    check_recorded: Callable[[str | None], None] | None = None,
+) -> str:
     database = sqlite_file(tracking_uri)
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is not None:
+        if check_recorded is not None:
+            check_recorded(found.tags.get(SPEC_TAG) or found.tags.get("mlflow.note.content"))
         return found.experiment_id
     location = None  # a tracking server (http) decides where artifacts go
     if database is not None:

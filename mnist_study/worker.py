@@ -163,6 +163,7 @@ class Worker:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.tracker = Tracker(opts.tracking_uri, experiment_id)
         self.storage = st.open_storage(opts.storage)
+        self.journal = st.journal_identity(opts.storage)
         pruner = (
             optuna.pruners.MedianPruner(
                 n_startup_trials=spec.settings.startup_trials, n_warmup_steps=1
@@ -180,18 +181,23 @@ class Worker:
         self.finished: set[str] = set()  # cells whose parent run is closed
         self.parents: dict[str, str] = {}  # cell -> its MLflow parent run
         self.started, self.done_at_start = time.time(), None
+        self.waiting_on: list[str] = []  # what the last WAIT waits on, from other hosts
+        self.said_waiting = 0.0
 
     # --- claiming work -----------------------------------------------------------
     def claim(self) -> Unit | Idle:
         """The next unit, claimed as an Optuna trial of this process; or WAIT, or DONE.
         Call under claim_lock, after reaping dead workers' trials."""
-        waiting = False
+        waiting, self.waiting_on = False, []
         for tuning in self.spec.tunings:
             study = self.tune[tuning.key]
             tune = study.get_trials(deepcopy=False)
             done = [t for t in tune if t.state in DONE]
-            if count(tune, (TrialState.RUNNING,)):  # trials of a tuning run one at a time
+            running = [t for t in tune if t.state == TrialState.RUNNING]
+            if running:  # trials of a tuning run one at a time
                 waiting = True
+                lines = (st.waiting_line(study.study_name, t) for t in running)
+                self.waiting_on += [line for line in lines if line]
                 continue
             if len(done) < self.spec.settings.trials:
                 return self.claim_trial(tuning, done)
@@ -220,6 +226,7 @@ class Worker:
 
     def next_unit(self) -> Unit | Idle:
         with st.claim_lock(self.opts.storage):
+            st.check_same_journal(self.opts.storage, self.journal)
             studies = [s for k in self.tune for s in (self.tune[k], self.final[k])]
             reap_studies(studies, self.tracker)
             for v in self.spec.cells:
@@ -240,6 +247,10 @@ class Worker:
                 if unit is Idle.DONE:
                     break
                 if unit is Idle.WAIT:  # others run the trial the next unit depends on
+                    if self.waiting_on and time.time() - self.said_waiting > 60:
+                        for line in self.waiting_on:
+                            self.say(f"worker {self.index}: {line}", force=True)
+                        self.said_waiting = time.time()
                     time.sleep(1)
                     continue
                 self.run_unit(unit)

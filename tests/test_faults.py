@@ -16,7 +16,9 @@ from pathlib import Path
 import optuna
 import pytest
 from helpers import REPO, TINY, assert_budget_met_exactly, cli, runs, stores, trial_states
+from mlflow.tracking import MlflowClient
 
+from mnist_study.config import ConfigError
 from mnist_study.processes import GPU_WORKERS, auto_workers, cap_workers, worker_cap
 from mnist_study.publish import write_report
 from mnist_study.records import study_names
@@ -183,23 +185,28 @@ def start_slow_study(tmp_path, *args: str, text: str = SLOW, **popen):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("index", [0, 1])
-def test_a_killed_worker_is_reaped_and_the_others_finish(tmp_path, index):
-    """Two variants, so that each worker tunes one while the other tunes the other (a
-    tuning's trials run in turn)."""
+@pytest.mark.parametrize(
+    "index, sig, how", [(0, signal.SIGKILL, "killed"), (1, signal.SIGTERM, "stopped")]
+)
+def test_a_killed_worker_is_reaped_and_the_others_finish(tmp_path, index, sig, how):
+    """A signal to one worker alone is that worker's death: named, its trial FAIL and its
+    run KILLED, redone by the other, and the command exits 0 (the study is complete).
+    Two variants, so that each worker tunes one (a tuning's trials run in turn)."""
     proc, path, tracking, storage = start_slow_study(tmp_path, "--workers", "2", text=SLOW2)
     victim = wait_for_running_trial(storage, "slow.*[!l]", index)  # tuning, not .final
-    os.kill(victim.system_attrs["pid"], signal.SIGKILL)
+    os.kill(victim.system_attrs["pid"], sig)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
-    assert f"worker {index} was killed by SIGKILL" in out
+    name = signal.Signals(sig).name
+    assert f"worker {index} was {how} by {name}; its unit was marked FAIL and redone" in out
     spec = load_spec(path)
     states = trial_states(storage, spec)
     assert sum(s["FAIL"] for s in states.values()) == 1
     name = next(n for n, s in states.items() if s["FAIL"])
     study = optuna.load_study(study_name=name, storage=open_storage(storage))
     dead = next(t for t in study.trials if t.state.name == "FAIL")
-    assert dead.number == victim.number and "worker died" in dead.user_attrs["fail_reason"]
+    reason = "worker died" if sig == signal.SIGKILL else "interrupted"
+    assert dead.number == victim.number and reason in dead.user_attrs["fail_reason"]
     client, found = runs(tracking, "slow")
     run = client.get_run(dead.system_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED" and run.data.tags["optuna_state"] == "FAIL"
@@ -221,6 +228,29 @@ def test_sigterm_stops_like_ctrl_c_and_says_how_to_resume(tmp_path):
     assert trial.state.name == "FAIL" and trial.user_attrs["fail_reason"] == "interrupted"
     client, _ = runs(tracking, "slow")
     assert client.get_run(trial.system_attrs["mlflow_run_id"]).info.status == "KILLED"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
+def test_a_signal_to_the_parent_alone_stops_every_worker(tmp_path, sig):
+    """`kill -INT PID` (a supervisor, `timeout -s INT`) reaches the parent only: it passes
+    it on, every trial in progress is FAIL with its run KILLED, exit 128 + N."""
+    proc, path, tracking, storage = start_slow_study(tmp_path, "--workers", "2", text=SLOW2)
+    wait_for_running_trial(storage, "slow.*[!l]", None)
+    os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=120)
+    name = signal.Signals(sig).name
+    assert proc.returncode == 128 + sig, err[-2000:]
+    assert f"interrupted ({name})" in err and "Traceback" not in err
+    states = trial_states(storage, load_spec(path))
+    assert sum(s["RUNNING"] for s in states.values()) == 0
+    assert sum(s["FAIL"] for s in states.values()) >= 1
+    assert sum(s["COMPLETE"] + s["PRUNED"] for s in states.values()) < 10  # stopped early
+    _, found = runs(tracking, "slow")
+    assert not [r for r in found if r.info.status == "RUNNING" and r.data.tags["role"] != "variant"]
+    assert len([r for r in found if r.info.status == "KILLED"]) == sum(
+        s["FAIL"] for s in states.values()
+    )
 
 
 @pytest.mark.slow
@@ -445,3 +475,194 @@ def test_a_worker_killed_between_claiming_and_recording_its_run(tmp_path, mnist_
     body = write_report(tracking, spec.name, tmp_path / "reports", storage=storage)
     assert "1 failed trial(s) have no MLflow run" in body
     assert f"{no_run.study.study_name}#{no_run.trial.number}" in body
+
+
+def run_in_process(capsys, *args: str) -> tuple[int, str]:
+    """`mnist-study ARGS` in this process: (exit code, stderr)."""
+    from mnist_study.cli import main
+
+    code = main(["--data-root", str(REPO / "data"), *args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("record", [b'{"hello": 1}', b'{"op_code": 99}', b"[1, 2, 3]"])
+def test_journal_lines_that_are_json_but_no_record_are_refused(finished, tmp_path, capsys, record):
+    spec, tracking, storage = copy_of(finished, tmp_path)
+    lines = Path(storage).read_bytes().splitlines(keepends=True)
+    Path(storage).write_bytes(b"".join(lines[:5] + [record + b"\n"] + lines[5:]))
+    code, err = run_in_process(capsys, *run_args(spec, tracking, storage))
+    assert code == 2 and err.count("\n") == 1
+    assert f"{storage}: record 6 is corrupt" in err
+
+
+def test_a_stale_lock_from_a_relative_journal_path_is_refused_not_waited_on(
+    finished, tmp_path, capsys
+):
+    """Optuna's lock is a symlink to the journal; made from a relative path it points
+    nowhere, and Optuna would retry forever. It is named in one line instead."""
+    spec, tracking, storage = copy_of(finished, tmp_path)
+    lock = Path(storage + ".lock")
+    os.symlink("copy/optuna.journal", lock)  # what a relative path left behind
+    code, err = run_in_process(capsys, *run_args(spec, tracking, storage))
+    assert code == 2 and err.count("\n") == 1
+    assert f"{lock}: a stale lock" in err and "remove" in err
+
+
+@pytest.mark.slow
+def test_a_stale_lock_on_the_absolute_journal_path_is_broken(finished, tmp_path):
+    """Journals are opened by absolute path, so Optuna breaks a stale lock after its 30 s
+    grace period: a lock held by a process killed with SIGKILL delays, never hangs."""
+    spec, tracking, storage = copy_of(finished, tmp_path)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from optuna.storages.journal import JournalFileSymlinkLock\n"
+            "JournalFileSymlinkLock(sys.argv[1]).acquire(); print('held', flush=True)\n"
+            "time.sleep(600)",
+            str(Path(storage).resolve()),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline() == "held\n"
+    holder.kill()
+    holder.wait()
+    assert os.path.islink(storage + ".lock")
+    done = cli(*run_args(spec, tracking, storage), timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not os.path.lexists(storage + ".lock")
+
+
+def test_a_store_half_built_by_a_kill_is_refused_in_one_line(tmp_path, capsys):
+    """Killed while MLflow created its tables (as older versions could be): the store has
+    some tables and no schema version. Named, with what to do, before anything runs."""
+    import sqlalchemy
+    from mlflow.store.tracking.dbmodels.initial_models import Base
+
+    (tmp_path / "tiny.toml").write_text(TINY)
+    tracking, storage = stores(tmp_path)
+    Base.metadata.create_all(sqlalchemy.create_engine(tracking))  # tables, no migrations
+    for command in (
+        run_args(tmp_path / "tiny.toml", tracking, storage),
+        ["report", "tiny", "--tracking-uri", tracking],
+    ):
+        code, err = run_in_process(capsys, *command)
+        assert code == 2 and err.count("\n") == 1, err
+        assert "unfinished MLflow store" in err and "holds no runs: remove it" in err
+    assert not Path(storage).exists()
+
+
+def test_a_new_store_is_built_aside_and_renamed_into_place(tmp_path):
+    """What a kill during a build leaves is a `.building` file, never a half-built store:
+    the next command builds afresh beside it."""
+    from mnist_study.tracking import prepare_store
+
+    tracking = stores(tmp_path)[0]
+    (tmp_path / "mlflow.db.building").write_bytes(b"SQLite format 3\x00 and then a kill")
+    experiment = prepare_store(tracking, "fresh")
+    assert not (tmp_path / "mlflow.db.building").exists()
+    assert MlflowClient(tracking).get_experiment(experiment).name == "fresh"
+
+
+def test_a_corrupt_store_is_refused_in_one_line(finished, tmp_path, capsys):
+    spec, tracking, storage = copy_of(finished, tmp_path)
+    database = Path(tracking.removeprefix("sqlite:///"))
+    data = bytearray(database.read_bytes())
+    data[200:4096] = b"\x5a" * (4096 - 200)  # the schema page
+    database.write_bytes(bytes(data))
+    for command in (
+        run_args(spec, tracking, storage),
+        ["report", "tiny", "--tracking-uri", tracking],
+    ):
+        code, err = run_in_process(capsys, *command)
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"{database} is corrupt" in err and "restore it from a backup" in err
+
+
+def test_two_designs_under_one_name_cannot_both_pass_the_check(tmp_path, mnist_root):
+    """Started at once, both commands pass the preflight (nothing is recorded yet); the
+    spec is compared again where it is recorded, under the store's lock."""
+    from mnist_study.runner import create_stores, preflight
+
+    first, second = tmp_path / "a" / "pair.toml", tmp_path / "b" / "pair.toml"
+    for path, text in (
+        (first, TINY),
+        (second, TINY.replace("seeds = [0, 1]", "seeds = [0, 1, 2]")),
+    ):
+        path.parent.mkdir()
+        path.write_text(text)
+    tracking, storage = stores(tmp_path)
+    opts = RunOptions(tracking, storage, str(mnist_root))
+    specs = load_spec(first), load_spec(second)
+    for spec in specs:
+        preflight(spec, opts)
+    create_stores(specs[0], opts)
+    with pytest.raises(ConfigError, match=r"changed since study 'pair' started"):
+        create_stores(specs[1], opts)
+
+
+def test_a_trial_of_another_host_is_waited_on_aloud_then_presumed_dead(tmp_path, mnist_root):
+    """A resume on a host with another name (a restarted container) cannot test the old
+    pid: it says whose trial it waits on, and takes the trial back once it is silent for
+    STALE_AFTER_S (minutes), proposing the same point again."""
+    from mnist_study.runner import create_stores
+    from mnist_study.storage import STALE_AFTER_S
+    from mnist_study.worker import Idle, Worker
+
+    (tmp_path / "tiny.toml").write_text(TINY.split("[variants.batchnorm]")[0])  # baseline
+    spec = load_spec(tmp_path / "tiny.toml")
+    tracking, storage = stores(tmp_path)
+    opts = RunOptions(tracking, storage, str(mnist_root), quiet=True, log_models=False)
+    worker = Worker(spec, opts, create_stores(spec, opts), 0)
+    unit = worker.next_unit()
+    storage_ = unit.study._storage
+    storage_.set_trial_system_attr(unit.trial._trial_id, "host", "old-container")
+    storage_.set_trial_system_attr(unit.trial._trial_id, "heartbeat", time.time() - 30)
+    assert worker.next_unit() is Idle.WAIT
+    [line] = worker.waiting_on
+    assert f"waiting on tiny.baseline#{unit.trial.number}, run by pid" in line
+    assert "host old-container, last seen 30 s ago" in line
+    storage_.set_trial_system_attr(
+        unit.trial._trial_id, "heartbeat", time.time() - STALE_AFTER_S - 1
+    )
+    again = worker.next_unit()
+    assert unit.study.trials[unit.trial.number].state.name == "FAIL"
+    assert (again.slot, again.trial.params) == (unit.slot, unit.trial.params)
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_journal_deleted_or_replaced_mid_study_stops_the_worker(tmp_path, mnist_root, how):
+    from mnist_study.runner import create_stores
+    from mnist_study.storage import StorageLost
+    from mnist_study.worker import Worker
+
+    (tmp_path / "tiny.toml").write_text(TINY)
+    spec = load_spec(tmp_path / "tiny.toml")
+    tracking, storage = stores(tmp_path)
+    opts = RunOptions(tracking, storage, str(mnist_root), quiet=True, log_models=False)
+    worker = Worker(spec, opts, create_stores(spec, opts), 0)
+    worker.next_unit()
+    if how == "deleted":
+        os.unlink(storage)
+    else:
+        shutil.copy(storage, storage + ".copy")
+        os.replace(storage + ".copy", storage)
+    with pytest.raises(StorageLost, match=f"the Optuna journal was {how}"):
+        worker.next_unit()
+
+
+def test_a_run_left_running_after_its_trial_ended_is_named_then_closed(finished, tmp_path):
+    spec, tracking, storage = copy_of(finished, tmp_path)
+    client, found = runs(tracking, "tiny")
+    final = next(r for r in found if r.data.tags["role"] == "final")
+    client.update_run(final.info.run_id, status="RUNNING")
+    body = write_report(tracking, "tiny", tmp_path / "reports", storage=storage)
+    assert "1 MLflow run(s) still RUNNING although their trial ended" in body
+    assert "none raised" not in body
+    done = cli(*run_args(spec, tracking, storage))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert client.get_run(final.info.run_id).info.status == "FINISHED"
+    body = write_report(tracking, "tiny", tmp_path / "reports", storage=storage)
+    assert "still RUNNING" not in body

@@ -30,14 +30,9 @@ from mnist_study.publish import write_report
 from mnist_study.records import study_names
 from mnist_study.runner import RunOptions, run_study
 from mnist_study.spec import load_spec
+from mnist_study.sqlite_store import creation_lock, sqlite_file
 from mnist_study.storage import file_lock, open_storage
-from mnist_study.tracking import (
-    Tracker,
-    create_experiment,
-    creation_lock,
-    find_experiment,
-    sqlite_file,
-)
+from mnist_study.tracking import Tracker, create_experiment, find_experiment
 
 SMOKE = REPO / "experiments" / "smoke.toml"
 
