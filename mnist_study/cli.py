@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
 import sys
 import typing
@@ -13,6 +14,8 @@ from mnist_study.config import ConfigError, TrainConfig, field_docs
 from mnist_study.data import DataError
 
 DEFAULT_DATA_ROOT = Path("data")
+# Kept in sync with mnist_study.tracking and mnist_study.storage (which the runs record);
+# not imported from there, so that `--help` and argument errors cost no torch import.
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 DEFAULT_STORAGE = "mlruns/optuna.journal"
 
@@ -222,7 +225,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     except WorkerRefused:  # the worker said why, in one line
         return 2
-    print(f"study {spec.name!r} complete. Browse it: make ui")
+    report = shlex.join(["mnist-study", "report", str(args.spec), *opts.store_args()])
+    ui = (
+        "make ui"
+        if args.tracking_uri == DEFAULT_TRACKING_URI
+        else shlex.join(["mlflow", "ui", "--backend-store-uri", args.tracking_uri])
+    )
+    print(
+        f"study {spec.name!r} complete in MLflow {args.tracking_uri} and Optuna "
+        f"{args.storage}. Report: {report}   Browse: {ui}"
+    )
     return 0
 
 
@@ -347,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # MLflow's INFO lines (creating tables, ...) say nothing a user acts on; its warnings
+    # stay. An environment variable, so that worker processes inherit it.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +20,8 @@ from mnist_study.report import (
     verdict,
 )
 from mnist_study.spec import SpecError
+from mnist_study.storage import DEFAULT_STORAGE
+from mnist_study.tracking import DEFAULT_TRACKING_URI
 
 
 def markers(study: str) -> tuple[str, str]:
@@ -73,7 +76,27 @@ def seed_ranges(seeds: tuple[int, ...]) -> str:
     return ", ".join(f"{r[0]}–{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs)
 
 
-def provenance_line(data: StudyData) -> str:
+def report_command(study: str, tracking_uri: str, storage: str | None) -> str:
+    """The `mnist-study report` command for these stores (defaults left out)."""
+    args = ["mnist-study", "report", study]
+    if tracking_uri != DEFAULT_TRACKING_URI:
+        args += ["--tracking-uri", tracking_uri]
+    if storage is not None and storage != DEFAULT_STORAGE:
+        args += ["--storage", storage]
+    return shlex.join(args)
+
+
+def run_command(data: StudyData, workers: str) -> str:
+    """The command its runs record (with their stores), or, for runs from before they
+    recorded it, the spec's usual one."""
+    sources = data.runs.get("tags.mlflow.source.name", pd.Series(dtype=object)).dropna()
+    full = sources[sources.str.contains("--workers")]
+    if not full.empty:
+        return full.mode().iat[0]
+    return f"mnist-study run experiments/{data.name}.toml --workers {workers}"
+
+
+def provenance_line(data: StudyData, report: str = "") -> str:
     runs = data.runs
     if runs.empty:
         return f"Study `{data.name}`: no runs yet."
@@ -109,9 +132,8 @@ def provenance_line(data: StudyData) -> str:
     return (
         f"Study `{data.name}` ({budget}{len(children)} runs), {commit}, "
         f"{cpu}, {workers} worker(s); runs from {start:%Y-%m-%d %H:%M} to "
-        f"{end:%H:%M} UTC ({wall}). Command: `mnist-study run "
-        f"experiments/{data.name}.toml --workers {workers}`, then `mnist-study report "
-        f"{data.name}`."
+        f"{end:%H:%M} UTC ({wall}). Command: `{run_command(data, workers)}`, then "
+        f"`{report or report_command(data.name, DEFAULT_TRACKING_URI, None)}`."
     )
 
 
@@ -161,7 +183,8 @@ def write_report(
     data = collect(tracking_uri, study, storage)
     out = out_root / study
     out.mkdir(parents=True, exist_ok=True)
-    lines, pngs, found = [provenance_line(data), ""], {}, list(data.problems)
+    report = report_command(study, tracking_uri, storage)
+    lines, pngs, found = [provenance_line(data, report), ""], {}, list(data.problems)
     if data.variants and data.spec is not None and data.spec.settings.train_sizes:
         from mnist_study.sweep import sweep_section
 

@@ -28,6 +28,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mnist_study.config import ConfigError
 
+DEFAULT_STORAGE = "mlruns/optuna.journal"
+
 # A worker on another host is presumed dead when its trial's heartbeat is this old.
 # Heartbeats come at each evaluation: an epoch of full MNIST on one CPU thread takes
 # about 40 s, so 5 minutes leaves room and a dead worker costs minutes, not a quarter

@@ -31,6 +31,7 @@ from mnist_study.spec import Variant
 from mnist_study.sqlite_store import build_store, check_store_file, creation_lock, sqlite_file
 from mnist_study.storage import check_writable_folder, file_lock
 
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 PARENT_TAG = "mlflow.parentRunId"
 # The MLflow 3 UI opens an experiment by its kind: training runs, not GenAI traces.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import os
+import shlex
 import statistics
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from mnist_study.dataset import load_splits
 from mnist_study.outcome import Interrupted, Outcome, stop_if_signalled, stopping_on_signals
 from mnist_study.records import study_names
 from mnist_study.spec import StudySpec, Tuning, Variant
-from mnist_study.tracking import Tracker, provenance
+from mnist_study.tracking import DEFAULT_TRACKING_URI, Tracker, provenance
 from mnist_study.train import by_steps, evaluate_test, last_point, resolve_device, train
 
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -47,6 +48,29 @@ class RunOptions:
     how many workers ran them."""
     quiet: bool = False
     log_models: bool = True
+
+    def store_args(self) -> list[str]:
+        """The flags that name these stores, where they are not the defaults."""
+        out = []
+        if self.tracking_uri != DEFAULT_TRACKING_URI:
+            out += ["--tracking-uri", self.tracking_uri]
+        if self.storage != st.DEFAULT_STORAGE:
+            out += ["--storage", self.storage]
+        return out
+
+    def command(self, spec_path) -> str:
+        """The command that runs this study into these stores (a run's source tag)."""
+        return shlex.join(
+            [
+                "mnist-study",
+                "run",
+                str(spec_path),
+                *self.store_args(),
+                "--workers",
+                str(self.workers),
+            ]
+            + (["--threads", str(self.threads)] if self.threads else [])
+        )
 
 
 @dataclass(frozen=True)
@@ -293,7 +317,7 @@ class Worker:
             "optuna_state": "RUNNING",
             "workers": self.opts.workers,
             **extra,
-            **provenance(cfg, str(resolve_device(cfg)), f"mnist-study run {self.spec.path}"),
+            **provenance(cfg, str(resolve_device(cfg)), self.opts.command(self.spec.path)),
         }
         run_id = self.tracker.child_run(
             self.parents[variant.key],
@@ -417,6 +441,9 @@ class Worker:
         return f"[w{self.index} {done}/{total} done | {minutes(elapsed)}{left}]"
 
     def say(self, text: str, force: bool = False) -> None:
+        """A line of output; with several workers, tagged with this one's number."""
+        if self.opts.workers > 1 and not text.startswith(("[w", "worker ")):
+            text = f"[w{self.index}] {text}"
         if force or not self.opts.quiet:
             print(text, flush=True)
 

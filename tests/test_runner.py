@@ -361,3 +361,36 @@ def test_a_command_looking_at_a_store_being_created_waits_for_it(tmp_path):
         created = create_experiment(tracking, "s", "", "")
     looking.join(timeout=60)
     assert [e.experiment_id for e in found] == [created]
+
+
+@pytest.mark.slow
+def test_console_lines_are_tagged_quiet_of_mlflow_and_end_with_a_working_report_command(
+    tmp_path,
+):
+    """Two workers into stores that are not the defaults: no INFO noise, every line a
+    worker prints says which worker, and the last line's report command works as pasted."""
+    import shlex
+
+    from helpers import TINY
+
+    (tmp_path / "tiny.toml").write_text(TINY)
+    tracking, storage = stores(tmp_path)
+    done = cli(
+        "run", str(tmp_path / "tiny.toml"), "--tracking-uri", tracking, "--storage", storage,
+        "--workers", "2",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "INFO" not in done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert not [line for line in lines if line.startswith(("    ", "baseline", "batchnorm"))]
+    assert any(line.startswith("[w0] ") for line in lines)
+    assert any(line.startswith("[w1] ") for line in lines)
+    assert any("step" in line or "epoch" in line for line in lines if line.startswith("[w"))
+    last = lines[-1]
+    assert f"complete in MLflow {tracking} and Optuna {storage}" in last
+    report = shlex.split(last.split("Report: ")[1].split("   Browse: ")[0])
+    assert report[:2] == ["mnist-study", "report"] and tracking in report and storage in report
+    again = cli(*report[1:], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "Checks**: none raised" in again.stdout
+    assert f"mlflow ui --backend-store-uri {tracking}" in last
