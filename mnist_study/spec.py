@@ -6,6 +6,8 @@ base = "ablations.toml"  # optional: start from that file (beside this one); thi
 trials = 8               # Optuna trials per cell, the same for every cell
 seeds = [0, 1, 2]        # final runs per cell; only these see the test set
 sampler_seed = 0
+tunings = 1              # independent tunings per cell (sampler seeds 0, 1, ...), each
+                         # with its own final seeds: intervals then carry tuning luck
 pruner = "median"        # or "none"
 train_sizes = [300, 3000]  # optional sweep: every variant at each size is a cell of its
                            # own (own tuning, own seeds); without it, one cell per variant

@@ -103,12 +103,14 @@ def run_two_workers(spec: Path, tracking_uri: str, storage: str, **kwargs):
 
 def shrink(spec: StudySpec, **overrides: object) -> StudySpec:
     """The same study at a toy size: tiny data, 1 epoch (or 20 steps), 1 trial, 1 seed,
-    and of a sweep its two smallest sizes."""
+    one tuning (test_determinism runs several), and of a sweep its two smallest sizes."""
     small = dict(epochs=1, train_size=256, val_size=200, train_eval_size=200, threads=1)
     if spec.defaults.steps:
         small["steps"] = 20
     sizes = spec.settings.train_sizes[:2]
-    settings = dataclasses.replace(spec.settings, trials=1, seeds=(0,), train_sizes=sizes)
+    settings = dataclasses.replace(
+        spec.settings, trials=1, seeds=(0,), train_sizes=sizes, tunings=1
+    )
     return dataclasses.replace(
         spec, settings=settings, defaults=spec.defaults.replace("shrink", **small, **overrides)
     )

@@ -394,3 +394,13 @@ def test_console_lines_are_tagged_quiet_of_mlflow_and_end_with_a_working_report_
     assert again.returncode == 0, again.stderr[-2000:]
     assert "Checks**: none raised" in again.stdout
     assert f"mlflow ui --backend-store-uri {tracking}" in last
+
+
+def test_studies_lists_links_to_each_studys_runs_in_model_training_mode(smoke_study, capsys):
+    from mnist_study.cli import main
+
+    spec, tracking, _ = smoke_study
+    assert main(["studies", "--tracking-uri", tracking, "--ui", "http://127.0.0.1:5000/"]) == 0
+    experiment = MlflowClient(tracking).get_experiment_by_name(spec.name).experiment_id
+    link = f"http://127.0.0.1:5000/#/experiments/{experiment}/runs?workflowType=machine_learning"
+    assert f"  {spec.name:<12} {link}" in capsys.readouterr().out.splitlines()

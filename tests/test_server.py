@@ -1,10 +1,12 @@
 """README's recipe for several machines, tested: a real `mlflow server` on 127.0.0.1
 (SQLite backend, artifacts proxied into tmp_path), a study with two workers logging to
-it over HTTP, and the report built from it."""
+it over HTTP, the report built from it, and the link to its runs opened in a browser."""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,7 +15,7 @@ import time
 import urllib.request
 
 import pytest
-from helpers import TINY, assert_budget_met_exactly, run_two_workers
+from helpers import TINY, assert_budget_met_exactly, cli, run_two_workers
 
 from mnist_study.publish import write_report
 from mnist_study.spec import load_spec
@@ -48,6 +50,23 @@ def mlflow_server(tmp_path):
         log.close()
 
 
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def rendered(url: str, tmp_path) -> str:
+    """The page's text after its scripts ran, in headless Chromium from a clean profile."""
+    done = subprocess.run(
+        [
+            CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1500,1000", "--virtual-time-budget=30000", "--dump-dom", url,
+        ],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", done.stdout))
+
+
 @pytest.mark.slow
 def test_two_workers_log_a_study_to_an_mlflow_server_and_it_reports(tmp_path, mlflow_server):
     spec_path = tmp_path / "tiny.toml"
@@ -61,3 +80,13 @@ def test_two_workers_log_a_study_to_an_mlflow_server_and_it_reports(tmp_path, ml
     # The final runs' models went through the server into its artifact root.
     models = list((tmp_path / "artifacts").glob("*/models/*/artifacts/MLmodel"))
     assert len(models) == 2 * len(spec.settings.seeds)
+
+    # The link `mnist-study studies` prints (and `make ui` shows) opens the runs table,
+    # not MLflow's GenAI overview, in a real browser.
+    if CHROMIUM is None:
+        pytest.skip("no Chromium here (Debian's chromium package; .ci/run installs it)")
+    listed = cli("studies", "--tracking-uri", mlflow_server, "--ui", mlflow_server)
+    [link] = [line.split()[1] for line in listed.stdout.splitlines() if line.split()[0] == "tiny"]
+    page = rendered(link, tmp_path)
+    assert "Run Name" in page and "baseline" in page and "batchnorm" in page
+    assert "Detect Issues" not in page
