@@ -212,9 +212,48 @@ def write_report(
         rel = {k: (figure_dir / p.name).relative_to(base) for k, p in pngs.items()}
         body += "\n\n" + "\n\n".join(f"![{k}]({rel[k].as_posix()})" for k in pngs)
     (out / "results.md").write_text(f"# Study `{study}`\n\n{body}\n")
+    if data.spec is not None or not data.runs.empty:
+        log_report_run(tracking_uri, study, out, body)
     if readme is not None:
         replace_section(readme, body, study)
     return body
+
+
+REPORT_LINK = "Comparison (tables, verdicts, figures):"
+# MLflow keeps at most 8,000 characters of a tag; the description shows what fits.
+DESCRIPTION_CHARS = 7_500
+
+
+def log_report_run(tracking_uri: str, study: str, folder: Path, body: str) -> str:
+    """The comparison inside MLflow: one run of the study's experiment, role `report`,
+    holding the report's Markdown, CSV and figures as artifacts and the report as its
+    description (which the UI renders); the experiment's description links to it. Run
+    again, it is updated in place, never duplicated."""
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(study)
+    found = client.search_runs([experiment.experiment_id], "tags.role = 'report'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        run = client.create_run(
+            experiment.experiment_id, run_name="report", tags={"role": "report"}
+        )
+        run_id = run.info.run_id
+    note = body
+    if len(note) > DESCRIPTION_CHARS:
+        note = note[:DESCRIPTION_CHARS].rsplit("\n\n", 1)[0] + "\n\n(continued in results.md)"
+    client.set_tag(run_id, "mlflow.note.content", note)
+    for path in sorted(folder.iterdir()):
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id, "FINISHED")
+    description = experiment.tags.get("mlflow.note.content", "").split(f"\n\n{REPORT_LINK}")[0]
+    link = f"#/experiments/{experiment.experiment_id}/runs/{run_id}"
+    client.set_experiment_tag(
+        experiment.experiment_id,
+        "mlflow.note.content",
+        f"{description}\n\n{REPORT_LINK} [the `report` run]({link}).",
+    )
+    return run_id
 
 
 def ablation_section(data: StudyData, out: Path) -> tuple[list[str], dict[str, Path], list[str]]:

@@ -158,3 +158,18 @@ def test_seed_lists_read_as_ranges():
     assert seed_ranges((0, 1, 2, 3, 4)) == "0–4"
     assert seed_ranges(tuple(range(119, 99, -1))) == "100–119"
     assert seed_ranges((0, 1, 7, 9, 10, 11)) == "0, 1, 7, 9–11"
+
+
+def test_the_report_is_one_run_inside_mlflow_linked_from_the_experiment(smoke_report):
+    spec, tracking, out, readme, body = smoke_report
+    write_report(tracking, spec.name, out / "reports", readme)  # a second time
+    client, found = runs(tracking, spec.name)
+    [report] = [r for r in found if r.data.tags["role"] == "report"]
+    assert report.info.status == "FINISHED"
+    assert report.data.tags["mlflow.note.content"] == body
+    logged = {a.path for a in client.list_artifacts(report.info.run_id)}
+    assert {"results.md", "results.csv", "curves.png", "test_acc.png"} <= logged
+    experiment = client.get_experiment_by_name(spec.name)
+    description = experiment.tags["mlflow.note.content"]
+    link = f"(#/experiments/{experiment.experiment_id}/runs/{report.info.run_id})"
+    assert description.count("Comparison (tables, verdicts, figures):") == 1 and link in description
