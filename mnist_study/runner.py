@@ -16,8 +16,8 @@ from mnist_study import storage as st
 from mnist_study.dataset import load_splits
 from mnist_study.outcome import Interrupted
 from mnist_study.processes import REFUSED, run_workers
-from mnist_study.records import all_study_names, check_stores_agree, reconcile_runs
-from mnist_study.spec import StudySpec, refuse_changed_study
+from mnist_study.records import all_study_names, check_stores_agree, reconcile_runs, study_names
+from mnist_study.spec import StudySpec, Tuning, refuse_changed_study
 from mnist_study.tracking import Tracker, check_tracking_uri, prepare_store, recorded_spec
 from mnist_study.train import check_device
 from mnist_study.worker import RunOptions, Worker, progress_counts, reap_studies
@@ -85,15 +85,32 @@ def create_stores(spec: StudySpec, opts: RunOptions) -> str:
             lambda recorded: refuse_changed_study(spec, recorded, opts.tracking_uri),
         )
         reconcile_runs(spec, storage, Tracker(opts.tracking_uri, experiment_id))
-        for name in all_study_names(spec):
-            study = optuna.create_study(
-                storage=storage, study_name=name, direction="maximize", load_if_exists=True
-            )
-            if not study.metric_names:
-                with warnings.catch_warnings():  # "experimental" since Optuna 3.2
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    study.set_metric_names([OBJECTIVE])
+        for tuning in spec.tunings:
+            for name, (metric, role) in zip(
+                study_names(spec, tuning), study_roles(tuning), strict=True
+            ):
+                study = optuna.create_study(
+                    storage=storage, study_name=name, direction="maximize", load_if_exists=True
+                )
+                if not study.metric_names:
+                    with warnings.catch_warnings():  # "experimental" since Optuna 3.2
+                        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                        study.set_metric_names([metric])
+                    study.set_user_attr("role", role)
     return experiment_id
+
+
+def study_roles(tuning: Tuning) -> tuple[tuple[str, str], tuple[str, str]]:
+    """(metric name, role) of a tuning's two Optuna studies, as optuna-dashboard shows
+    them: the tuning, and its final seeds (trials only in name: one per seed)."""
+    which = f"{tuning.cell.key}, tuning {tuning.index} (sampler seed {tuning.sampler_seed})"
+    return (
+        (OBJECTIVE, f"tuning of {which}"),
+        (
+            f"{OBJECTIVE} of a final seed (its test accuracy: user attribute test_acc)",
+            f"final seeds of {which}: not a tuning; one trial per seed",
+        ),
+    )
 
 
 def run_workers_until_done(spec: StudySpec, opts: RunOptions, experiment_id: str) -> None:

@@ -282,8 +282,12 @@ class Tracker:
     def runs(self, filter_string: str):
         return self.client.search_runs([self.experiment_id], filter_string, max_results=5000)
 
-    def parent_run(self, cell: Variant) -> str:
-        """The cell's parent run, created once (callers hold the claim lock)."""
+    def parent_run(
+        self, cell: Variant, cfg: TrainConfig | None = None, source: dict[str, str] | None = None
+    ) -> str:
+        """The cell's parent run, created once (callers hold the claim lock) with the
+        data its runs read (`cfg`: the cell's configuration) and their `source` tags, so
+        that the UI's Dataset and Source columns are filled for it too."""
         query = f"tags.role = 'variant' and tags.variant = '{cell.name}'"
         tags = {"role": "variant", "variant": cell.name, "mlflow.note.content": cell.description}
         if cell.train_size is not None:
@@ -292,7 +296,12 @@ class Tracker:
         found = self.runs(query)
         if found:
             return found[0].info.run_id
-        return self.client.create_run(self.experiment_id, run_name=cell.key, tags=tags).info.run_id
+        run = self.client.create_run(
+            self.experiment_id, run_name=cell.key, tags=tags | (source or {})
+        )
+        if cfg is not None:
+            self.log_inputs(run.info.run_id, mnist_inputs(cfg, test=True))
+        return run.info.run_id
 
     def trial_run(self, optuna_study: str, number: int) -> str | None:
         """The RUNNING run created for a trial, found by the tags it was created with."""

@@ -260,7 +260,13 @@ class Worker:
             unit = self.claim()
             if isinstance(unit, Unit) and unit.variant.key not in self.parents:
                 # Under the lock, or two processes may both create a variant's parent run.
-                self.parents[unit.variant.key] = self.tracker.parent_run(unit.variant)
+                cfg = self.spec.config_for(unit.variant, {})
+                source = provenance(
+                    cfg, str(resolve_device(cfg)), self.opts.command(self.spec.path)
+                )
+                self.parents[unit.variant.key] = self.tracker.parent_run(
+                    unit.variant, cfg, {k: v for k, v in source.items() if k.startswith("mlflow.")}
+                )
             return unit
 
     def loop(self) -> None:

@@ -293,19 +293,28 @@ def test_the_experiment_opens_as_model_training_with_a_readable_description(smok
 
 
 def test_runs_carry_their_data_and_source_the_mlflow_way(smoke_study):
-    spec, tracking, _ = smoke_study
+    """Every run, parents too, names the command that made it (with its stores) and the
+    data it read, so the UI's Source and Dataset columns are filled."""
+    import shlex
+
+    spec, tracking, storage = smoke_study
+    command = shlex.join(
+        ["mnist-study", "run", str(spec.path), "--tracking-uri", tracking, "--storage", storage]
+        + ["--workers", "1"]
+    )
     client, found = runs(tracking, spec.name)
     for run in found:
         tags = run.data.tags
-        if tags["role"] == "variant":
-            continue
-        assert tags["mlflow.source.git.commit"] == tags["git_commit"].removesuffix("-dirty")
-        assert tags["mlflow.source.name"] == f"mnist-study run {spec.path}"
+        assert tags["mlflow.source.name"] == command
         inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
         contexts = {
             next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset
             for i in inputs
         }
+        if tags["role"] == "variant":
+            assert set(contexts) == {"train", "validation", "test"}
+            continue
+        assert tags["mlflow.source.git.commit"] == tags["git_commit"].removesuffix("-dirty")
         # Charts group by the prefix: each section holds train beside validation.
         sections = {k.split("/")[0] for k in run.data.metrics}
         assert {"accuracy", "loss"} <= sections and all("/" in k for k in run.data.metrics)
@@ -316,13 +325,21 @@ def test_runs_carry_their_data_and_source_the_mlflow_way(smoke_study):
         assert len({d.digest for d in contexts.values()}) == len(contexts)
 
 
-def test_optuna_studies_name_their_objective(smoke_study):
+def test_optuna_studies_say_what_they_are(smoke_study):
+    """optuna-dashboard lists tuning and final-seed studies alike: their metric name and
+    `role` attribute tell them apart."""
     spec, _, storage = smoke_study
     opened = open_storage(storage)
     for tuning in spec.tunings:
-        for name in study_names(spec, tuning):
-            study = optuna.load_study(study_name=name, storage=opened)
-            assert study.metric_names == ["validation accuracy at the last evaluation"]
+        tune, final = (
+            optuna.load_study(study_name=n, storage=opened) for n in study_names(spec, tuning)
+        )
+        assert tune.metric_names == ["validation accuracy at the last evaluation"]
+        assert tune.user_attrs["role"].startswith(f"tuning of {tuning.cell.key}, tuning 0")
+        assert final.metric_names[0].endswith(
+            "of a final seed (its test accuracy: user attribute test_acc)"
+        )
+        assert final.user_attrs["role"].startswith(f"final seeds of {tuning.cell.key}")
 
 
 def test_workers_logging_a_new_dataset_at_once_all_link_to_one_row(tmp_path):
