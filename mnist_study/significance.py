@@ -17,8 +17,10 @@ def interval(values: list[float]) -> tuple[float, float]:
     mean = statistics.mean(values)
     if len(values) < 2:
         return mean, math.nan
-    sem = statistics.stdev(values) / math.sqrt(len(values))
-    return mean, stats.t.ppf(0.975, len(values) - 1) * sem
+    if statistics.pvariance(values) == 0:
+        return mean, 0.0
+    low, high = stats.ttest_1samp(values, mean).confidence_interval(0.95)
+    return mean, float(high - low) / 2
 
 
 def welch_p(a: list[float], b: list[float]) -> float:
@@ -34,11 +36,10 @@ def welch_half_width(a: list[float], b: list[float]) -> float:
     comparison. A difference inside it cannot be told from zero with these seeds."""
     if len(a) < 2 or len(b) < 2:
         return math.nan
-    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-    if va + vb == 0:
+    if statistics.pvariance(a) == 0 and statistics.pvariance(b) == 0:
         return 0.0
-    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    return float(stats.t.ppf(0.975, df) * math.sqrt(va + vb))
+    low, high = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    return float(high - low) / 2
 
 
 def holm(ps: pd.Series) -> pd.Series:
