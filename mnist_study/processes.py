@@ -174,6 +174,7 @@ def run_workers(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if stopped:
+        reap()  # a worker stopped before it could record its trial: recorded here
         raise Interrupted(signal.Signals(stopped[0]).name, stopped[0])
     if refused:
         raise WorkerRefused()

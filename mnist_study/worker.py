@@ -288,8 +288,19 @@ class Worker:
 
     # --- running a unit ----------------------------------------------------------
     def run_unit(self, unit: Unit) -> None:
-        name, params, cfg, run_id = self.open_run(unit)
-        st.set_trial_system_attrs(unit.study, st.trial_id(unit.trial), {"mlflow_run_id": run_id})
+        try:
+            name, params, cfg, run_id = self.open_run(unit)
+            st.set_trial_system_attrs(
+                unit.study, st.trial_id(unit.trial), {"mlflow_run_id": run_id}
+            )
+        except BaseException as exc:  # stopped before the run was linked: record it now
+            outcome = Outcome.of(exc)
+            unit.trial.set_user_attr("fail_reason", outcome.reason(exc))
+            unit.study.tell(unit.trial, state=TrialState.FAIL)
+            orphan = self.tracker.trial_run(unit.study.study_name, unit.trial.number)
+            if orphan is not None:
+                self.tracker.end(orphan, outcome, outcome.reason(exc))
+            raise
         shown = ", ".join(
             f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
         )
