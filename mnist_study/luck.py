@@ -54,8 +54,8 @@ def luck_table(table: pd.DataFrame) -> str:
         lines.append(
             f"| {r.variant} | {r.diff_vs_baseline * 100:+.2f} "
             f"[{r.diff_low * 100:+.2f}, {r.diff_high * 100:+.2f}] | "
-            f"± {r.seed_ci95 * 100:.2f} | {r.p_better:.2f} | {r.same_sign} of {r.tunings} | "
-            f"{r.p_diff:.2g} (Holm {r.p_holm:.2g}) |"
+            f"± {r.seed_ci95 * 100:.2f} | {r.p_better:.2f} | "
+            f"{r.same_sign:.0f} of {r.tunings:.0f} | {r.p_diff:.2g} (Holm {r.p_holm:.2g}) |"
         )
     rest = table[(table.variant != "baseline") & table.diff_ci95.notna()]
     if not rest.empty:
@@ -72,7 +72,8 @@ LUCK_LEGEND = (
     "With several tunings per cell, Δ test and its 95% interval come from a hierarchical "
     "bootstrap (10,000 draws; each arm's tunings drawn with replacement, then seeds with "
     "replacement within each drawn tuning), p from the same draws, Holm-adjusted over the "
-    "variants at each size; '± seeds only' holds the tunings fixed. P(variant > baseline): "
+    "variants at each size (the smallest p 10,000 draws can give is 0.0002); '± seeds "
+    "only' holds the tunings fixed. P(variant > baseline): "
     "the share of (variant run, baseline run) pairs the variant wins (ties half). With 3 "
     "tunings an arm's interval rests on 3 draws of tuning luck: read it as an estimate, "
     "not an exact coverage."
