@@ -13,6 +13,7 @@ import optuna
 import pytest
 from helpers import REPO, assert_budget_met_exactly, stores
 
+from mnist_study.publish import write_report
 from mnist_study.records import study_names
 from mnist_study.runner import RunOptions, run_study
 from mnist_study.spec import load_spec, parse_spec
@@ -94,6 +95,11 @@ def test_one_worker_three_workers_and_a_killed_resumed_run_agree_exactly(tmp_pat
         run_study(spec, RunOptions(tracking, storage, str(mnist_root), workers, log_models=False))
         found = assert_budget_met_exactly(tracking, storage, spec)
         results[workers] = outcome(spec, storage)
+    # Its report: per size, the comparisons with tuning luck and the tuning budget.
+    body = write_report(tracking, spec.name, tmp_path / "reports", storage=storage)
+    assert body.count("| variant | Δ test, points (95%: tunings + seeds) |") == 2
+    assert "of 2 | " in body and "hierarchical bootstrap" in body
+    assert (tmp_path / "reports" / "same" / "budget_n100.png").stat().st_size > 10_000
     # Tuning replicates: runs named and tagged by tuning, each with its own sampler seed.
     names = {r.info.run_name for r in found}
     assert {"baseline.n100/t0/trial-0", "baseline.n100/t1/trial-0"} <= names
