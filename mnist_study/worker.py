@@ -2,17 +2,16 @@
 a lock, in cell order, and runs them. Each unit is tracked twice: as an Optuna trial (the
 record of what is done) and as an MLflow child run (its mirror: curves, tags, model).
 
-Determinism: within a tuning, trials run one after another. The k-th is proposed by a
-sampler seeded from (the tuning's seed, k) that sees only the tuning's first
-k-1 finished trials, and the pruner compares it with those alone; a trial redone after a
-crash proposes the same point. Workers run other tunings meanwhile. So every proposal
-and metric follows from the spec, whatever the number of workers or their timing.
+Determinism: within a tuning, trials run one after another, each proposed from the
+tuning's earlier trials alone (proposals.py), and the pruner compares it with those
+alone; a trial redone after a crash proposes the same point. Workers run other tunings
+meanwhile. So every proposal and metric follows from the spec, whatever the number of
+workers or their timing.
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
 import os
 import shlex
 import statistics
@@ -27,6 +26,7 @@ from optuna.trial import TrialState
 from mnist_study import storage as st
 from mnist_study.dataset import load_splits
 from mnist_study.outcome import Interrupted, Outcome, stop_if_signalled, stopping_on_signals
+from mnist_study.proposals import FixedPoint, distributions, proposal_seed, propose
 from mnist_study.records import study_names
 from mnist_study.spec import StudySpec, Tuning, Variant
 from mnist_study.tracking import DEFAULT_TRACKING_URI, Tracker, provenance
@@ -125,52 +125,6 @@ def progress_counts(spec: StudySpec, storage) -> tuple[int, int]:
         finals = optuna.load_study(study_name=final, storage=storage).trials
         done += len({t.user_attrs.get("seed") for t in finals if t.state in DONE} & set(s.seeds))
     return done, len(spec.tunings) * (s.trials + len(s.seeds))
-
-
-def proposal_seed(tuning: Tuning, slot: int) -> int:
-    """The sampler seed of one trial: a function of the tuning's seed and the trial's
-    place. Not of the cell: every variant's k-th random startup trial then tries the
-    same learning rate (common random numbers make the comparisons sharper)."""
-    text = f"{tuning.sampler_seed}/{slot}"
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
-
-
-def propose(tuning: Tuning, done: list, startup_trials: int) -> dict[str, float | int]:
-    """The point of the tuning's next trial, from its finished trials alone (copied into
-    a study in memory, numbered 0, 1, ... whatever failed between them)."""
-    sampler = optuna.samplers.TPESampler(
-        seed=proposal_seed(tuning, len(done)), n_startup_trials=startup_trials
-    )
-    scratch = optuna.create_study(direction="maximize", sampler=sampler)
-    scratch.add_trials(done)
-    return scratch.ask(distributions(tuning.cell)).params
-
-
-class FixedPoint(optuna.samplers.BaseSampler):
-    """Gives the trial the point `propose` chose: the study's own sampler would see all
-    its trials, failed and running ones too."""
-
-    def __init__(self, params: dict[str, float | int]):
-        self.params = params
-
-    def infer_relative_search_space(self, study, trial):
-        return {}
-
-    def sample_relative(self, study, trial, search_space):
-        return {}
-
-    def sample_independent(self, study, trial, param_name, param_distribution):
-        return self.params[param_name]
-
-
-def distributions(cell: Variant) -> dict[str, optuna.distributions.BaseDistribution]:
-    out = {}
-    for key, r in cell.search.items():
-        if r.integer:
-            out[key] = optuna.distributions.IntDistribution(int(r.low), int(r.high), log=r.log)
-        else:
-            out[key] = optuna.distributions.FloatDistribution(r.low, r.high, log=r.log)
-    return out
 
 
 class Worker:

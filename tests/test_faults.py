@@ -281,7 +281,7 @@ def test_ctrl_c_to_a_background_command_with_workers_says_interrupted(tmp_path):
 def test_two_commands_on_fresh_stores_share_the_budget_with_the_specs_proposals(tmp_path):
     """Two commands at once: the budget is spent exactly, and every trial's point is the
     one its slot's seed and the trials before it give (what one command would propose)."""
-    from mnist_study.worker import propose
+    from mnist_study.proposals import propose
 
     path = tmp_path / "pair.toml"
     path.write_text(TINY.replace("trials = 2", "trials = 4"))
