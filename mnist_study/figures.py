@@ -179,19 +179,19 @@ def learning_curve_figure(tables: dict[int, pd.DataFrame], path: Path) -> None:
     plt.close(fig)
 
 
-def budget_figure(curves: pd.DataFrame, variants: list[str], path: Path, title: str) -> None:
+def budget_figure(lines: dict[str, pd.Series], path: Path, title: str) -> None:
     """Expected best validation accuracy against the number of trials, one line per
-    variant (mean over its tunings): a line still rising at the right was under-tuned."""
+    variant (`lines`: variant -> accuracy by trials): a line still rising at the right
+    was under-tuned."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    palette = colors(variants)
-    for v in variants:
-        mine = curves[curves.variant == v]
-        if mine.empty:
-            continue
-        mean = mine.groupby("trials").expected.mean() * 100
-        ax.plot(mean.index, mean.values, marker="o", ms=3, label=v, color=palette[v])
+    palette = colors(list(lines))
+    for v, mean in lines.items():
+        ax.plot(mean.index, mean.values * 100, marker="o", ms=3, label=v, color=palette[v])
     ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    last = max(int(mean.index.max()) for mean in lines.values())
+    ticks = [2**k for k in range(last.bit_length()) if 2**k <= last]
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("trials")
     ax.set_ylabel("expected best validation accuracy (%)")
     ax.set_title(title)

@@ -110,6 +110,7 @@ def provenance_line(data: StudyData, report: str = "") -> str:
     )
     cpu = children["tags.cpu"].mode().iat[0] if "tags.cpu" in children else "?"
     workers = children["tags.workers"].mode().iat[0] if "tags.workers" in children else "?"
+    threads = children["tags.threads"].mode().iat[0] if "tags.threads" in children else "?"
     budget = ""
     if data.spec:
         s, d = data.spec.settings, data.spec.defaults
@@ -119,8 +120,12 @@ def provenance_line(data: StudyData, report: str = "") -> str:
             if s.train_sizes
             else f"{d.train_size:,} train images"
         )
+        each = f"{s.trials} trials + {len(s.seeds)} seeds ({seed_ranges(s.seeds)})"
+        if s.tunings > 1:
+            sampler_seeds = seed_ranges(tuple(s.sampler_seed + r for r in range(s.tunings)))
+            each = f"{s.tunings} tunings (sampler seeds {sampler_seeds}) x ({each})"
         budget = (
-            f"{s.trials} trials + {len(s.seeds)} seeds ({seed_ranges(s.seeds)}) per "
+            f"{each} per "
             f"{'cell' if s.train_sizes else 'variant'}, {length}, batch {d.batch_size}, "
             f"{sizes}, {d.val_size:,} validation images, {d.precision}; "
         )
@@ -131,8 +136,9 @@ def provenance_line(data: StudyData, report: str = "") -> str:
         wall += f" with runs in progress, {span:.0f} min including pauses between resumes"
     return (
         f"Study `{data.name}` ({budget}{len(children)} runs), {commit}, "
-        f"{cpu}, {workers} worker(s); runs from {start:%Y-%m-%d %H:%M} to "
-        f"{end:%H:%M} UTC ({wall}). Command: `{run_command(data, workers)}`, then "
+        f"{cpu}, {workers} worker(s), {threads} thread(s) per run; runs from "
+        f"{start:%Y-%m-%d %H:%M} to {end:%H:%M} UTC ({wall}). "
+        f"Command: `{run_command(data, workers)}`, then "
         f"`{report or report_command(data.name, DEFAULT_TRACKING_URI, None)}`."
     )
 

@@ -90,6 +90,7 @@ def collect(tracking_uri: str, study: str, storage: str | None = None) -> StudyD
                     (
                         run["tags.variant"],
                         run["train_size"],
+                        int(run["tuning"]),
                         int(run["tags.seed"]),
                         m.step,
                         metric,
@@ -97,7 +98,7 @@ def collect(tracking_uri: str, study: str, storage: str | None = None) -> StudyD
                     )
                 )
     curves = pd.DataFrame(
-        rows, columns=["variant", "train_size", "seed", "epoch", "metric", "value"]
+        rows, columns=["variant", "train_size", "tuning", "seed", "epoch", "metric", "value"]
     )
     seen = list(dict.fromkeys(runs["tags.variant"].dropna()))
     variants = [v.name for v in spec.variants] if spec else seen
@@ -189,7 +190,7 @@ def per_seed_gaps(curves: pd.DataFrame, variant: str, epoch: int | None) -> dict
     mine = curves[curves.variant == variant]
     if mine.empty:
         return {}
-    wide = mine.pivot_table(index=["seed", "epoch"], columns="metric", values="value")
+    wide = mine.pivot_table(index=["tuning", "seed", "epoch"], columns="metric", values="value")
     epoch = epoch or int(mine.epoch.max())
     at = wide.xs(epoch, level="epoch")
     return {
@@ -313,7 +314,8 @@ def test_accs(runs: pd.DataFrame, variant: str) -> list[float]:
 def run_seconds(curves: pd.DataFrame, variant: str) -> float:
     """Mean training time of a final run (sum of its epochs' training passes)."""
     mine = curves[(curves.variant == variant) & (curves.metric == "epoch_seconds")]
-    return float(mine.groupby("seed").value.sum().mean()) if not mine.empty else math.nan
+    runs = mine.groupby(["tuning", "seed"]).value.sum()
+    return float(runs.mean()) if not mine.empty else math.nan
 
 
 def avg(values: list[float] | None) -> float:
@@ -332,8 +334,9 @@ def checks(data: StudyData, table: pd.DataFrame) -> list[str]:
     """What the tuning playbook says to look at before trusting the table."""
     out = list(data.problems)
     spec = data.spec
-    want_trials = spec.settings.trials if spec else None
-    want_seeds = len(spec.settings.seeds) if spec else None
+    # Per cell: every tuning's trials and final seeds.
+    want_trials = spec.settings.trials * spec.settings.tunings if spec else None
+    want_seeds = len(spec.settings.seeds) * spec.settings.tunings if spec else None
     for row in table.itertuples():
         name = row.variant
         if row.n == 0 and row.trials_complete + row.trials_pruned == 0:

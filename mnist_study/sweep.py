@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from mnist_study import figures
-from mnist_study.luck import LUCK_LEGEND, budget_checks, budget_curves, luck_table
+from mnist_study.luck import LUCK_LEGEND, budget_checks, budget_curves, luck_table, mean_curve
 from mnist_study.publish import TABLE_LEGEND, markdown_table
 from mnist_study.report import StudyData, checks, replicated, summarize, verdict
 
@@ -118,8 +118,11 @@ def sweep_section(data: StudyData, out: Path) -> tuple[list[str], dict[str, Path
         if replicated(part) and not budget.empty:
             pngs[f"budget_n{n}"] = out / f"budget_n{n}.png"
             figures.budget_figure(
-                budget,
-                data.variants,
+                {
+                    v: mean_curve(budget[budget.variant == v])
+                    for v in data.variants
+                    if (budget.variant == v).any()
+                },
                 pngs[f"budget_n{n}"],
                 f"{n:,} training images: expected best of n trials, mean over tunings",
             )
