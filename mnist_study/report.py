@@ -18,7 +18,7 @@ import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from mnist_study.luck import comparisons
+from mnist_study.luck import comparisons, test_acc_groups
 from mnist_study.records import open_runs_of_ended_trials, optuna_side
 from mnist_study.significance import holm, interval, welch_half_width, welch_p
 from mnist_study.spec import SpecError, StudySpec, spec_from_record
@@ -301,14 +301,8 @@ def tuned_points(parent: pd.DataFrame) -> dict[str, list[float]]:
 
 
 def test_accs(runs: pd.DataFrame, variant: str) -> list[float]:
-    if runs.empty or "metrics.test_acc" not in runs:
-        return []
-    ok = runs[
-        (runs["tags.variant"] == variant)
-        & (runs["tags.role"] == "final")
-        & (runs["status"] == "FINISHED")
-    ]
-    return [float(v) for v in ok["metrics.test_acc"].dropna()]
+    """The variant's finished final runs' test accuracies, all tunings together."""
+    return [acc for tuning in test_acc_groups(runs, variant) for acc in tuning]
 
 
 def run_seconds(curves: pd.DataFrame, variant: str) -> float:
