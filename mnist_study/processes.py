@@ -40,10 +40,16 @@ def cpu_model() -> str:
     return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity), at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, cores or 1)
+
+
 def worker_cap() -> tuple[int, str]:
     """(most workers this machine holds, why): one per core, and the memory they need."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cap, why = max(1, cores or 1), f"{cores} cores"
+    cores = usable_cores()
+    cap, why = cores, f"{cores} cores"
     memory = available_memory()
     if memory is not None and memory // WORKER_MEMORY_BYTES < cap:
         cap = max(1, memory // WORKER_MEMORY_BYTES)
@@ -94,10 +100,10 @@ def cap_workers(requested: int) -> int:
 def cap_threads(requested: int) -> int:
     """More threads per run than cores only makes them wait on each other (14x slower
     measured with 1000 on 2 cores)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if requested > (cores or 1):
+    cores = usable_cores()
+    if requested > cores:
         print(f"--threads {requested}: this machine has {cores} cores; using {cores}", flush=True)
-        return cores or 1
+        return cores
     return requested
 
 
