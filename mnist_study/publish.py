@@ -219,7 +219,7 @@ def write_report(
         body += "\n\n" + "\n\n".join(f"![{k}]({rel[k].as_posix()})" for k in pngs)
     (out / "results.md").write_text(f"# Study `{study}`\n\n{body}\n")
     if data.spec is not None or not data.runs.empty:
-        log_report_run(tracking_uri, study, out, body)
+        log_report_run(tracking_uri, study, out, body, report)
     if readme is not None:
         replace_section(readme, body, study)
     return body
@@ -230,7 +230,7 @@ REPORT_LINK = "Comparison (tables, verdicts, figures):"
 DESCRIPTION_CHARS = 7_500
 
 
-def log_report_run(tracking_uri: str, study: str, folder: Path, body: str) -> str:
+def log_report_run(tracking_uri: str, study: str, folder: Path, body: str, command: str) -> str:
     """The comparison inside MLflow: one run of the study's experiment, role `report`,
     holding the report's Markdown, CSV and figures as artifacts and the report as its
     description (which the UI renders); the experiment's description links to it. Run
@@ -241,8 +241,9 @@ def log_report_run(tracking_uri: str, study: str, folder: Path, body: str) -> st
     if found:
         run_id = found[0].info.run_id
     else:
+        source = {"mlflow.source.name": command, "mlflow.source.type": "LOCAL"}
         run = client.create_run(
-            experiment.experiment_id, run_name="report", tags={"role": "report"}
+            experiment.experiment_id, run_name="report", tags={"role": "report", **source}
         )
         run_id = run.info.run_id
     note = body

@@ -56,6 +56,7 @@ def test_every_variant_has_its_trials_and_final_seeds(smoke_study):
 def test_children_hang_off_parents_with_curves_tags_and_test_only_on_finals(smoke_study):
     spec, tracking, _ = smoke_study
     client, found = runs(tracking, spec.name)
+    found = [r for r in found if r.data.tags["role"] != "report"]  # test_report's, if run
     parents = {r.info.run_id: r for r in found if r.data.tags["role"] == "variant"}
     epochs = spec.defaults.epochs
     for run in found:
@@ -305,6 +306,9 @@ def test_runs_carry_their_data_and_source_the_mlflow_way(smoke_study):
     client, found = runs(tracking, spec.name)
     for run in found:
         tags = run.data.tags
+        if tags["role"] == "report":  # made by `report` (test_report), not by the study
+            assert tags["mlflow.source.name"].startswith("mnist-study report ")
+            continue
         assert tags["mlflow.source.name"] == command
         inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
         contexts = {
