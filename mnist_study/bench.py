@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from mnist_study.config import TrainConfig
 from mnist_study.dataset import MEAN, STD, load_splits
 from mnist_study.model import SeedCNN, build_model, train_flops_per_image
-from mnist_study.processes import cpu_model
+from mnist_study.processes import cpu_model, usable_cores
 from mnist_study.step import Stepper
 from mnist_study.train import batch_order, keep_freed_memory, make_optimizer
 
@@ -133,7 +133,9 @@ SETUPS = {
 
 
 def study_wall_seconds(spec: Path, root: Path, workers: int) -> float:
-    """Wall time of a whole study run (fresh stores in a temp dir) with `workers`."""
+    """Wall time of a whole study run (fresh stores in a temp dir) with `workers`, the
+    cores shared out among them as threads per run (a study's runs take 1 thread
+    unless told: 1 worker would then leave cores idle)."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [
             sys.executable,
@@ -145,6 +147,8 @@ def study_wall_seconds(spec: Path, root: Path, workers: int) -> float:
             str(spec),
             "--workers",
             str(workers),
+            "--threads",
+            str(max(1, usable_cores() // workers)),
             "--quiet",
             "--tracking-uri",
             f"sqlite:///{tmp}/mlflow.db",
