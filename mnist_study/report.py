@@ -19,7 +19,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from mnist_study.luck import comparisons, test_acc_groups
-from mnist_study.records import open_runs_of_ended_trials, optuna_side
+from mnist_study.records import OptunaSide, open_runs_of_ended_trials, optuna_side
 from mnist_study.significance import holm, interval, welch_half_width, welch_p
 from mnist_study.spec import SpecError, StudySpec, spec_from_record
 from mnist_study.storage import connect, storage_exists
@@ -79,7 +79,7 @@ def collect(tracking_uri: str, study: str, storage: str | None = None) -> StudyD
     # A sweep's runs are told apart by size; params cover children from before the tag.
     size = column(runs, "tags.train_size").fillna(column(runs, "params.train_size"))
     runs["train_size"] = pd.to_numeric(size, errors="coerce")
-    runs, found = counted_runs(runs, spec, trial_run_ids(storage, spec))
+    runs, found = counted_runs(runs, spec, optuna_record(storage, spec))
     problems += found
     finals = runs[runs["tags.role"] == "final"]
     rows = []
@@ -110,7 +110,7 @@ def column(runs: pd.DataFrame, name: str) -> pd.Series:
     return runs[name] if name in runs else pd.Series(None, index=runs.index, dtype=object)
 
 
-def trial_run_ids(storage: str | None, spec: StudySpec | None):
+def optuna_record(storage: str | None, spec: StudySpec | None) -> OptunaSide | str:
     """Optuna's side of the record (the MLflow run ids it links to trials, the FAIL
     trials with no run), or why it cannot be had. Reads only: a missing storage is not
     created."""
