@@ -52,9 +52,10 @@ test: data ## run the tests (CPU, ~7 min; real MNIST and stores in tmp dirs), sl
 test-slow: data ## the slow tests: determinism, killed workers and sweeps, signals, concurrent commands, PostgreSQL, mlflow server (~22 min)
 	@$(BIN)/python -m pytest -q -m slow --durations=10 $(ARGS)
 
-lint: $(BIN)/.installed ## ruff: lint and formatting
+lint: $(BIN)/.installed ## ruff (lint, formatting) and import-linter (imports go down: cli, analysis, study, training; no circles)
 	@$(BIN)/ruff check .
 	@$(BIN)/ruff format --check .
+	@$(BIN)/lint-imports --no-cache
 
 bench: data ## training speed, textbook loop vs ours side by side (+ ARGS="--study-workers experiments/quick.toml")
 	@mkdir -p reports

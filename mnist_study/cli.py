@@ -10,20 +10,19 @@ import sys
 import typing
 from pathlib import Path
 
-from mnist_study.config import ConfigError, TrainConfig, field_docs
-from mnist_study.data import DataError
+from mnist_study.errors import ConfigError, DataError
+from mnist_study.study.files import DEFAULT_STORAGE, DEFAULT_TRACKING_URI
+from mnist_study.training.config import TrainConfig, field_docs
 
 DEFAULT_DATA_ROOT = Path("data")
-# Kept in sync with mnist_study.tracking and mnist_study.storage (which the runs record);
-# not imported from there, so that `--help` and argument errors cost no torch import.
-DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
-DEFAULT_STORAGE = "mlruns/optuna.journal"
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field, typed and documented from the config itself."""
     hints, docs, defaults = typing.get_type_hints(TrainConfig), field_docs(), TrainConfig()
-    group = parser.add_argument_group("configuration (defaults from mnist_study/config.py)")
+    group = parser.add_argument_group(
+        "configuration (defaults from mnist_study/training/config.py)"
+    )
     for name, hint in hints.items():
         flag = "--" + name.replace("_", "-")
         default = getattr(defaults, name)
@@ -64,7 +63,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from mnist_study.data import fetch, raw_dir
+    from mnist_study.training.data import fetch, raw_dir
 
     source = fetch(args.data_root)
     print(f"MNIST ready in {raw_dir(args.data_root)} ({source}; checksums verified)")
@@ -72,8 +71,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mnist_study.dataset import load_splits
-    from mnist_study.train import check_device
+    from mnist_study.training.dataset import load_splits
+    from mnist_study.training.train import check_device
 
     base = config_from_args(args)
     check_device(base, "command line")
@@ -83,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     splits = load_splits(args.data_root, base)
     tracker = None
     if args.mlflow:
-        from mnist_study.tracking import Tracker, check_tracking_uri, prepare_store
+        from mnist_study.study.tracking import Tracker, check_tracking_uri, prepare_store
 
         check_tracking_uri(args.tracking_uri)
         tracker = Tracker(args.tracking_uri, prepare_store(args.tracking_uri, args.mlflow))
@@ -101,8 +100,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def train_seed(cfg: TrainConfig, splits, test: bool, tracker) -> dict[str, float]:
     """One run of `train`: a line per epoch, optionally mirrored to an MLflow run."""
-    from mnist_study.outcome import Outcome
-    from mnist_study.train import by_steps, evaluate_test, last_point, resolve_device, train
+    from mnist_study.study.outcome import Outcome
+    from mnist_study.training.train import (
+        by_steps,
+        evaluate_test,
+        last_point,
+        resolve_device,
+        train,
+    )
 
     print(
         f"seed {cfg.seed}: {len(splits.train_x):,} train / {len(splits.val_x):,} val images, "
@@ -111,7 +116,7 @@ def train_seed(cfg: TrainConfig, splits, test: bool, tracker) -> dict[str, float
     )
     run_id = None
     if tracker is not None:
-        from mnist_study.tracking import provenance
+        from mnist_study.study.tracking import provenance
 
         tags = {"role": "train", **provenance(cfg, str(resolve_device(cfg)), "mnist-study train")}
         run_id = tracker.create_run(f"train/seed-{cfg.seed}", cfg, tags, test)
@@ -147,7 +152,7 @@ def train_seed(cfg: TrainConfig, splits, test: bool, tracker) -> dict[str, float
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from mnist_study.bench import run_bench
+    from mnist_study.training.bench import run_bench
 
     run_bench(
         args.data_root, args.steps, args.rounds, args.json, args.study_workers, args.processes
@@ -158,7 +163,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_precision(args: argparse.Namespace) -> int:
     import json
 
-    from mnist_study.precision import compare_precisions
+    from mnist_study.analysis.precision import compare_precisions
 
     if args.seeds < 2 or not 0 < args.margin < 100:
         raise ConfigError("--seeds must be >= 2 and --margin in (0, 100) points")
@@ -169,18 +174,13 @@ def cmd_precision(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mnist_study.outcome import Interrupted
-    from mnist_study.processes import (
-        WorkerRefused,
-        auto_workers,
-        cap_threads,
-        cap_workers,
-        parse_workers,
-    )
-    from mnist_study.runner import RunOptions, StudyIncomplete, run_study
-    from mnist_study.spec import load_spec
-    from mnist_study.storage import check_storage_url
-    from mnist_study.train import resolve_device
+    from mnist_study.errors import StudyIncomplete, WorkerRefused
+    from mnist_study.study.processes import auto_workers, cap_threads, cap_workers, parse_workers
+    from mnist_study.study.runner import RunOptions, run_study
+    from mnist_study.study.signals import Interrupted
+    from mnist_study.study.spec import load_spec
+    from mnist_study.study.storage import check_storage_url
+    from mnist_study.training.train import resolve_device
 
     spec = load_spec(args.spec)
     check_storage_url(args.storage)
@@ -249,7 +249,7 @@ def cmd_studies(args: argparse.Namespace) -> int:
     """Each study in the store with its address in the MLflow UI."""
     from mlflow.tracking import MlflowClient
 
-    from mnist_study.tracking import check_tracking_uri
+    from mnist_study.study.tracking import check_tracking_uri
 
     check_tracking_uri(args.tracking_uri, must_exist=True)
     found = MlflowClient(args.tracking_uri).search_experiments(filter_string="name != 'Default'")
@@ -263,9 +263,9 @@ def cmd_studies(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
-    from mnist_study.publish import write_report
-    from mnist_study.spec import load_spec
-    from mnist_study.tracking import check_tracking_uri
+    from mnist_study.analysis.publish import write_report
+    from mnist_study.study.spec import load_spec
+    from mnist_study.study.tracking import check_tracking_uri
 
     study = str(args.study)
     if study.endswith(".toml"):

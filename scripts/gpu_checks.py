@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from mnist_study.bench import ours_images_per_second
-from mnist_study.config import TrainConfig
-from mnist_study.dataset import load_splits
-from mnist_study.step import Diverged
-from mnist_study.train import train
+from mnist_study.errors import Diverged
+from mnist_study.training.bench import ours_images_per_second
+from mnist_study.training.config import TrainConfig
+from mnist_study.training.dataset import load_splits
+from mnist_study.training.train import train
 
 # One setting per variant of experiments/ablations.toml, at a typical tuned point.
 VARIANTS = {

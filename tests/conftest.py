@@ -12,7 +12,7 @@ DATA_ROOT = REPO / "data"
 
 @pytest.fixture(scope="session")
 def mnist_root() -> Path:
-    from mnist_study.data import fetch
+    from mnist_study.training.data import fetch
 
     fetch(DATA_ROOT)
     return DATA_ROOT
@@ -21,8 +21,8 @@ def mnist_root() -> Path:
 @pytest.fixture(scope="session")
 def small_splits(mnist_root):
     """Real MNIST, shrunk: 1,000 training images, 500 validation."""
-    from mnist_study.config import TrainConfig
-    from mnist_study.dataset import load_splits
+    from mnist_study.training.config import TrainConfig
+    from mnist_study.training.dataset import load_splits
 
     return load_splits(mnist_root, TrainConfig(train_size=1000, val_size=500, train_eval_size=500))
 
@@ -30,8 +30,8 @@ def small_splits(mnist_root):
 @pytest.fixture(scope="session")
 def smoke_study(tmp_path_factory, mnist_root):
     """experiments/smoke.toml run once, in-process, into real stores in a tmp dir."""
-    from mnist_study.runner import RunOptions, run_study
-    from mnist_study.spec import load_spec
+    from mnist_study.study.runner import RunOptions, run_study
+    from mnist_study.study.spec import load_spec
 
     tmp = tmp_path_factory.mktemp("smoke")
     tracking, storage = f"sqlite:///{tmp}/mlflow.db", str(tmp / "optuna.journal")

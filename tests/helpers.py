@@ -11,9 +11,9 @@ from pathlib import Path
 import optuna
 from mlflow.tracking import MlflowClient
 
-from mnist_study.records import study_names
-from mnist_study.spec import StudySpec
-from mnist_study.storage import open_storage
+from mnist_study.study.records import study_names
+from mnist_study.study.spec import StudySpec
+from mnist_study.study.storage import open_storage
 
 REPO = Path(__file__).resolve().parents[1]
 

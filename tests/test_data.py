@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from mnist_study.data import (
-    DataError,
+from mnist_study.errors import DataError
+from mnist_study.training.data import (
     check_file,
     ensure_files,
     idx_bytes,
@@ -121,7 +121,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_refuses_corrupt_dataset_before_training(tmp_path):
-    from mnist_study.data import MNIST_FILES
+    from mnist_study.training.data import MNIST_FILES
 
     for name in MNIST_FILES:
         write_atomic(raw_dir(tmp_path) / name, b"not mnist")

@@ -13,12 +13,12 @@ import optuna
 import pytest
 from helpers import REPO, assert_budget_met_exactly, stores
 
-from mnist_study.proposals import propose
-from mnist_study.publish import write_report
-from mnist_study.records import study_names
-from mnist_study.runner import RunOptions, run_study
-from mnist_study.spec import load_spec, parse_spec
-from mnist_study.storage import open_storage
+from mnist_study.analysis.publish import write_report
+from mnist_study.study.proposals import propose
+from mnist_study.study.records import study_names
+from mnist_study.study.runner import RunOptions, run_study
+from mnist_study.study.spec import load_spec, parse_spec
+from mnist_study.study.storage import open_storage
 
 # 2 sizes x 3 variants x 2 tunings: 12 tunings of 3 trials and 2 seeds, 20 steps a run.
 SWEEP = """

@@ -18,14 +18,14 @@ import pytest
 from helpers import REPO, TINY, assert_budget_met_exactly, cli, runs, stores, trial_states
 from mlflow.tracking import MlflowClient
 
-from mnist_study.config import ConfigError
-from mnist_study.processes import GPU_WORKERS, auto_workers, cap_workers, worker_cap
-from mnist_study.publish import write_report
-from mnist_study.records import study_names
-from mnist_study.report import collect, summarize
-from mnist_study.runner import RunOptions, run_study
-from mnist_study.spec import load_spec
-from mnist_study.storage import connect, open_storage, process_is_gone
+from mnist_study.analysis.publish import write_report
+from mnist_study.analysis.report import collect, summarize
+from mnist_study.errors import ConfigError
+from mnist_study.study.processes import GPU_WORKERS, auto_workers, cap_workers, worker_cap
+from mnist_study.study.records import study_names
+from mnist_study.study.runner import RunOptions, run_study
+from mnist_study.study.spec import load_spec
+from mnist_study.study.storage import connect, open_storage, process_is_gone
 
 # One variant, trials long enough (seconds) to be killed mid-way.
 SLOW = """
@@ -281,7 +281,7 @@ def test_ctrl_c_to_a_background_command_with_workers_says_interrupted(tmp_path):
 def test_two_commands_on_fresh_stores_share_the_budget_with_the_specs_proposals(tmp_path):
     """Two commands at once: the budget is spent exactly, and every trial's point is the
     one its slot's seed and the trials before it give (what one command would propose)."""
-    from mnist_study.proposals import propose
+    from mnist_study.study.proposals import propose
 
     path = tmp_path / "pair.toml"
     path.write_text(TINY.replace("trials = 2", "trials = 4"))
@@ -425,7 +425,7 @@ def test_workers_are_capped_to_what_the_machine_holds(capsys):
 
 def test_threads_are_capped_to_the_cores_and_default_to_one(capsys):
     """`--threads 1000` on 2 cores ran 14x slower: capped, with a line, like --workers."""
-    from mnist_study.processes import cap_threads
+    from mnist_study.study.processes import cap_threads
 
     cores = len(os.sched_getaffinity(0))
     assert cap_threads(1000) == cores
@@ -449,8 +449,8 @@ def test_a_worker_killed_between_claiming_and_recording_its_run(tmp_path, mnist_
     creating the run but before recording its id on the trial. On resume both trials are
     FAIL and redone; the run found by its tags is linked and KILLED, none stays RUNNING;
     the report names the trial with no run."""
-    from mnist_study.runner import create_stores
-    from mnist_study.worker import Worker
+    from mnist_study.study.runner import create_stores
+    from mnist_study.study.worker import Worker
 
     path = tmp_path / "tiny.toml"
     path.write_text(TINY)
@@ -576,7 +576,7 @@ def test_a_store_half_built_by_a_kill_is_refused_in_one_line(tmp_path, capsys):
 def test_a_new_store_is_built_aside_and_renamed_into_place(tmp_path):
     """What a kill during a build leaves is a `.building` file, never a half-built store:
     the next command builds afresh beside it."""
-    from mnist_study.tracking import prepare_store
+    from mnist_study.study.tracking import prepare_store
 
     tracking = stores(tmp_path)[0]
     (tmp_path / "mlflow.db.building").write_bytes(b"SQLite format 3\x00 and then a kill")
@@ -603,7 +603,7 @@ def test_a_corrupt_store_is_refused_in_one_line(finished, tmp_path, capsys):
 def test_two_designs_under_one_name_cannot_both_pass_the_check(tmp_path, mnist_root):
     """Started at once, both commands pass the preflight (nothing is recorded yet); the
     spec is compared again where it is recorded, under the store's lock."""
-    from mnist_study.runner import create_stores, preflight
+    from mnist_study.study.runner import create_stores, preflight
 
     first, second = tmp_path / "a" / "pair.toml", tmp_path / "b" / "pair.toml"
     for path, text in (
@@ -626,9 +626,9 @@ def test_a_trial_of_another_host_is_waited_on_aloud_then_presumed_dead(tmp_path,
     """A resume on a host with another name (a restarted container) cannot test the old
     pid: it says whose trial it waits on, and takes the trial back once it is silent for
     STALE_AFTER_S (minutes), proposing the same point again."""
-    from mnist_study.runner import create_stores
-    from mnist_study.storage import STALE_AFTER_S
-    from mnist_study.worker import Idle, Worker
+    from mnist_study.study.runner import create_stores
+    from mnist_study.study.storage import STALE_AFTER_S
+    from mnist_study.study.worker import Idle, Worker
 
     (tmp_path / "tiny.toml").write_text(TINY.split("[variants.batchnorm]")[0])  # baseline
     spec = load_spec(tmp_path / "tiny.toml")
@@ -653,9 +653,9 @@ def test_a_trial_of_another_host_is_waited_on_aloud_then_presumed_dead(tmp_path,
 
 @pytest.mark.parametrize("how", ["deleted", "replaced"])
 def test_a_journal_deleted_or_replaced_mid_study_stops_the_worker(tmp_path, mnist_root, how):
-    from mnist_study.runner import create_stores
-    from mnist_study.storage import StorageLost
-    from mnist_study.worker import Worker
+    from mnist_study.errors import StorageLost
+    from mnist_study.study.runner import create_stores
+    from mnist_study.study.worker import Worker
 
     (tmp_path / "tiny.toml").write_text(TINY)
     spec = load_spec(tmp_path / "tiny.toml")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mnist_study.augment import apply_affine, draw_affine
-from mnist_study.config import TrainConfig
-from mnist_study.model import SeedCNN, build_model, count_parameters
+from mnist_study.training.augment import apply_affine, draw_affine
+from mnist_study.training.config import TrainConfig
+from mnist_study.training.model import SeedCNN, build_model, count_parameters
 
 
 def kinds(model: nn.Module) -> list[type]:
@@ -86,7 +86,7 @@ def test_deeper_net_doubles_convs_and_keeps_head():
 
 
 def test_optimizer_switches():
-    from mnist_study.train import make_optimizer
+    from mnist_study.training.train import make_optimizer
 
     model = build_model(TrainConfig())
     adam = make_optimizer(TrainConfig(weight_decay=0.01), model)
@@ -120,3 +120,18 @@ def test_augmentation_is_seeded_and_off_is_identity():
     assert torch.equal(a, b)
     same = random_affine(x, torch.Generator().manual_seed(1), rotate_deg=0, shift=0, zoom=0)
     assert torch.allclose(same, x, atol=1e-5)
+
+
+def test_a_model_pickled_under_the_old_module_path_still_loads():
+    """Models logged before the package had wings name `mnist_study.model.SeedCNN` in
+    their pickle (MLflow's pickle format); mnist_study/model.py keeps that name."""
+    import pickle
+
+    net = build_model(TrainConfig(batchnorm=True))
+    new = pickle.dumps(net, protocol=2)  # GLOBAL opcodes: the module path as text
+    old = new.replace(b"cmnist_study.training.model\n", b"cmnist_study.model\n")
+    assert b"cmnist_study.model\nSeedCNN\n" in old and old != new
+    loaded = pickle.loads(old)
+    assert type(loaded) is SeedCNN
+    for key, value in net.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)

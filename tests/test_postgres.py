@@ -15,7 +15,7 @@ import tempfile
 import pytest
 from helpers import REPO, assert_budget_met_exactly, run_two_workers
 
-from mnist_study.spec import load_spec
+from mnist_study.study.spec import load_spec
 
 
 def free_port() -> int:

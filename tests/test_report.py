@@ -11,10 +11,10 @@ import pytest
 from helpers import runs
 from scipy import stats
 
-from mnist_study.publish import busy_minutes, markers, seed_ranges, write_report
-from mnist_study.report import collect, summarize
-from mnist_study.significance import holm
-from mnist_study.tracking import prepare_store
+from mnist_study.analysis.publish import busy_minutes, markers, seed_ranges, write_report
+from mnist_study.analysis.report import collect, summarize
+from mnist_study.analysis.significance import holm
+from mnist_study.study.tracking import prepare_store
 
 MARK_START, MARK_END = markers("smoke")
 README = f"# Title\n\nintro\n\n{MARK_START}\nold results\n{MARK_END}\n\n## After\n"
@@ -127,7 +127,7 @@ def test_holm_adjusts_for_several_comparisons():
 def test_runs_recorded_under_the_short_metric_names_still_read(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from mnist_study.tracking import metric_history
+    from mnist_study.study.tracking import metric_history
 
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(tracking)
@@ -140,7 +140,7 @@ def test_runs_recorded_under_the_short_metric_names_still_read(tmp_path):
 
 
 def test_paired_tost_is_two_one_sided_t_tests():
-    from mnist_study.significance import paired_tost
+    from mnist_study.analysis.significance import paired_tost
 
     a = [0.9901, 0.9893, 0.9910, 0.9889, 0.9902, 0.9897]
     b = [0.9899, 0.9897, 0.9905, 0.9892, 0.9900, 0.9894]

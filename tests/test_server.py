@@ -17,8 +17,8 @@ import urllib.request
 import pytest
 from helpers import TINY, assert_budget_met_exactly, cli, run_two_workers
 
-from mnist_study.publish import write_report
-from mnist_study.spec import load_spec
+from mnist_study.analysis.publish import write_report
+from mnist_study.study.spec import load_spec
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import statistics
 import numpy as np
 import pytest
 
-from mnist_study.significance import expected_best, tuning_luck
+from mnist_study.analysis.significance import expected_best, tuning_luck
 
 BASE = [[0.920, 0.925, 0.918, 0.922], [0.915, 0.921, 0.917, 0.919], [0.924, 0.926, 0.921, 0.923]]
 

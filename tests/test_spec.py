@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO, cli
 
-from mnist_study.config import ConfigError
-from mnist_study.spec import SpecError, load_spec
+from mnist_study.errors import ConfigError, SpecError
+from mnist_study.study.spec import load_spec
 
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.toml"))
 STUDY_VARIANTS = [
@@ -167,7 +167,7 @@ def test_unreadable_files_are_refused_in_one_line(tmp_path):
 def test_every_numeric_config_field_has_a_range():
     import typing
 
-    from mnist_study.config import RANGES, TrainConfig
+    from mnist_study.training.config import RANGES, TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     assert set(RANGES) == {k for k, h in hints.items() if h in (int, float)}
@@ -227,7 +227,7 @@ def test_bad_derived_spec_is_refused(tmp_path, text, expected):
 def test_a_change_in_the_base_is_a_changed_study(tmp_path):
     import json
 
-    from mnist_study.spec import refuse_changed_study
+    from mnist_study.study.spec import refuse_changed_study
 
     (tmp_path / "base.toml").write_text(GOOD)
     child = tmp_path / "child.toml"
@@ -244,7 +244,7 @@ def test_a_changed_default_in_the_code_is_a_changed_study(tmp_path):
     another value is refused on resume; how runs execute (threads, device) is not design."""
     import json
 
-    from mnist_study.spec import refuse_changed_study
+    from mnist_study.study.spec import refuse_changed_study
 
     path = tmp_path / "study.toml"
     path.write_text(GOOD)

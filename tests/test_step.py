@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mnist_study.augment import draw_affine
-from mnist_study.config import TrainConfig
-from mnist_study.model import build_model
-from mnist_study.step import Diverged, SavedState, StaticStep, Stepper
-from mnist_study.train import batch_order, make_optimizer
+from mnist_study.errors import Diverged
+from mnist_study.training.augment import draw_affine
+from mnist_study.training.config import TrainConfig
+from mnist_study.training.model import build_model
+from mnist_study.training.step import SavedState, StaticStep, Stepper
+from mnist_study.training.train import batch_order, make_optimizer
 
 CFG = TrainConfig(train_size=1000, val_size=500, train_eval_size=500, threads=1)
 

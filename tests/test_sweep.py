@@ -15,14 +15,14 @@ import optuna
 import pytest
 from helpers import REPO, assert_budget_met_exactly, runs, stores, trial_states
 
-from mnist_study.config import ConfigError
-from mnist_study.publish import markers, write_report
-from mnist_study.records import study_names
-from mnist_study.report import collect, summarize
-from mnist_study.runner import RunOptions, run_study
-from mnist_study.spec import SpecError, load_spec, parse_spec
-from mnist_study.storage import open_storage
-from mnist_study.sweep import at_size, resolution_verdict, val_loss_turn
+from mnist_study.analysis.publish import markers, write_report
+from mnist_study.analysis.report import collect, summarize
+from mnist_study.analysis.sweep import at_size, resolution_verdict, val_loss_turn
+from mnist_study.errors import ConfigError, SpecError
+from mnist_study.study.records import study_names
+from mnist_study.study.runner import RunOptions, run_study
+from mnist_study.study.spec import load_spec, parse_spec
+from mnist_study.study.storage import open_storage
 
 SWEEP = """
 name = "sweep"

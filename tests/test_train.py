@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from mnist_study.config import TrainConfig
-from mnist_study.step import Diverged
-from mnist_study.train import evaluate_test, evaluation_points, train
+from mnist_study.errors import Diverged
+from mnist_study.training.config import TrainConfig
+from mnist_study.training.train import evaluate_test, evaluation_points, train
 
 SMALL = TrainConfig(train_size=1000, val_size=500, train_eval_size=500, epochs=2, threads=1)
 KEYS = {

@@ -20,10 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-class DataError(RuntimeError):
-    """Missing or corrupt data; the message is one line and says how to fix it."""
-
+from mnist_study.errors import DataError
 
 # Published MD5 and size of each uncompressed file.
 MNIST_FILES: dict[str, tuple[str, int]] = {

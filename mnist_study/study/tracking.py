@@ -23,15 +23,15 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mnist_study.config import ConfigError, TrainConfig
-from mnist_study.data import checksums
-from mnist_study.outcome import Outcome
-from mnist_study.processes import cpu_model
-from mnist_study.spec import Variant
-from mnist_study.sqlite_store import build_store, check_store_file, creation_lock, sqlite_file
-from mnist_study.storage import check_writable_folder, file_lock
+from mnist_study.errors import ConfigError
+from mnist_study.study.files import check_writable_folder, file_lock
+from mnist_study.study.outcome import Outcome
+from mnist_study.study.spec import Variant
+from mnist_study.study.sqlite_store import build_store, check_store_file, creation_lock, sqlite_file
+from mnist_study.training.config import TrainConfig
+from mnist_study.training.data import checksums
+from mnist_study.training.machine import cpu_model
 
-DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 PARENT_TAG = "mlflow.parentRunId"
 # The MLflow 3 UI opens an experiment by its kind: training runs, not GenAI traces.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
@@ -127,7 +127,7 @@ def check_server(tracking_uri: str) -> None:
                 os.environ[key] = value
 
 
-SPEC_TAG = "mnist_study.spec"  # the resolved spec (JSON) a study started with
+SPEC_TAG = "mnist_study.study.spec"  # the resolved spec (JSON) a study started with
 
 
 def prepare_store(
@@ -208,7 +208,7 @@ def recorded_spec(tracking_uri: str, experiment: str) -> str | None:
 @functools.cache
 def git_commit() -> str:
     try:
-        repo = Path(__file__).resolve().parents[1]
+        repo = Path(__file__).resolve().parents[2]
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
         ).stdout.strip()

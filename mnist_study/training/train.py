@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_study.config import ConfigError, TrainConfig
-from mnist_study.dataset import Splits
-from mnist_study.model import build_model
-from mnist_study.step import Stepper, autocast
+from mnist_study.errors import ConfigError
+from mnist_study.training.config import TrainConfig
+from mnist_study.training.dataset import Splits
+from mnist_study.training.model import build_model
+from mnist_study.training.step import Stepper, autocast
 
 # Larger eval batches thrash a CPU's cache (conv1 activations of 2048 images are
 # 200 MB); a GPU wants them as large as memory allows.

@@ -6,44 +6,16 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.connection
 import os
-import platform
 import signal
 from collections.abc import Callable
-from pathlib import Path
 
-from mnist_study.config import ConfigError
-from mnist_study.outcome import STOP_SIGNALS, Interrupted
+from mnist_study.errors import ConfigError, WorkerRefused
+from mnist_study.study.signals import STOP_SIGNALS, Interrupted
+from mnist_study.training.machine import available_memory, usable_cores
 
 # Peak resident memory of one process training the seed CNN on full MNIST (torch, the
 # data in memory, MLflow): 1.3 GB measured with /usr/bin/time -v; rounded up.
 WORKER_MEMORY_BYTES = 1_500_000_000
-
-
-def available_memory() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def cpu_model() -> str:
-    """The CPU's name and core count, for provenance and benchmarks."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity), at least 1."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, cores or 1)
 
 
 def worker_cap() -> tuple[int, str]:
@@ -110,10 +82,6 @@ def cap_threads(requested: int) -> int:
 REFUSED = 2
 """A worker's exit code when it refused to go on (its reason printed in one line): the
 whole command stops with it, and nothing is reaped (the store may be gone)."""
-
-
-class WorkerRefused(Exception):
-    """A worker refused to go on; its one-line reason is printed already."""
 
 
 def describe_exit(code: int) -> str:

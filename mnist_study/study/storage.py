@@ -10,13 +10,11 @@ heartbeat time, and a trial whose worker is gone is marked FAIL before work is c
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,9 +24,8 @@ from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import FrozenTrial, TrialState
 
-from mnist_study.config import ConfigError
-
-DEFAULT_STORAGE = "mlruns/optuna.journal"
+from mnist_study.errors import ConfigError, StorageLost
+from mnist_study.study.files import check_writable_folder, file_lock
 
 # A worker on another host is presumed dead when its trial's heartbeat is this old.
 # Heartbeats come at each evaluation: an epoch of full MNIST on one CPU thread takes
@@ -52,27 +49,6 @@ def check_storage_url(url: str) -> None:
 def local_path(url: str) -> str:
     """The file a local storage lives in (its lock file sits beside it)."""
     return url.removeprefix("sqlite:///")
-
-
-def check_writable_folder(path: Path, what: str) -> None:
-    """Refuse a store path whose folder cannot be made or written, writing nothing: the
-    nearest existing folder above it gets a probe file, removed at once."""
-    if path.is_dir():
-        raise ConfigError(f"{what} {path}: is a folder; give a file path")
-    existing = path.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(20, "not a directory")
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise ConfigError(
-            f"{what} {path}: cannot write there ({existing}: {exc.strerror}); "
-            f"choose a writable place"
-        ) from None
 
 
 def check_storage_location(url: str) -> None:
@@ -187,18 +163,6 @@ def repair_torn_journal(path: Path) -> Path | None:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive flock on `path` (created if needed), released on exit or death."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
 def claim_lock(url: str) -> Iterator[None]:
     """Held while a worker counts a study's trials and claims the next slot.
 
@@ -280,10 +244,6 @@ def waiting_line(study_name: str, trial: FrozenTrial) -> str | None:
         f"waiting on {study_name}#{trial.number}, run by pid {pid} on host {host}, last seen "
         f"{last_seen(trial):.0f} s ago (presumed dead after {STALE_AFTER_S} s without a sign)"
     )
-
-
-class StorageLost(ConfigError):
-    """The journal a study runs on was removed or replaced under it."""
 
 
 def journal_identity(url: str) -> tuple[int, int] | None:

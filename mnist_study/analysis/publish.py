@@ -11,58 +11,19 @@ from pathlib import Path
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from mnist_study.report import (
+from mnist_study.analysis.ablation import ablation_section
+from mnist_study.analysis.report import (
     StudyData,
-    checks,
     collect,
-    summarize,
-    test_accs,
-    verdict,
 )
-from mnist_study.spec import SpecError
-from mnist_study.storage import DEFAULT_STORAGE
-from mnist_study.tracking import DEFAULT_TRACKING_URI
+from mnist_study.analysis.sweep import sweep_section
+from mnist_study.errors import SpecError
+from mnist_study.study.files import DEFAULT_TRACKING_URI, store_flags
 
 
 def markers(study: str) -> tuple[str, str]:
     """The README comments that enclose a study's section (one pair per study)."""
     return f"<!-- results:{study}:start -->", f"<!-- results:{study}:end -->"
-
-
-def pct(x: float, digits: int = 2) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}%}"
-
-
-def markdown_table(table: pd.DataFrame, point: str = "epoch") -> str:
-    """`point`: what the best-validation column counts (epoch, or optimizer step)."""
-    head = (
-        "| variant | change | tuned | test acc (95% CI) | n | Δ test, points ± resolution (p) "
-        f"| train acc | val acc | acc gap last / best | loss gap last / best | best {point} "
-        "| trials C/P/F | s/run |"
-    )
-    lines = [head, "|" + "---|" * 13]
-    for r in table.itertuples():
-        ci = "" if math.isnan(r.test_acc_ci95) else f" ± {r.test_acc_ci95 * 100:.2f}"
-        test = "–" if math.isnan(r.test_acc_mean) else f"{r.test_acc_mean:.2%}{ci}"
-        diff = (
-            ""
-            if math.isnan(r.diff_vs_baseline) or r.variant == "baseline"
-            else f"{r.diff_vs_baseline * 100:+.2f} ± {r.diff_ci95 * 100:.2f} "
-            f"(p={r.p_diff:.2g}, Holm {r.p_holm:.2g})"
-        )
-        loss = (
-            "–" if math.isnan(r.loss_gap_last) else f"{r.loss_gap_last:.4f} / {r.loss_gap_best:.4f}"
-        )
-        secs = "–" if math.isnan(r.train_s_per_run) else f"{r.train_s_per_run:.0f}"
-        epoch = "–" if pd.isna(r.best_val_epoch) else f"{r.best_val_epoch:.0f}"
-        lines.append(
-            f"| {r.variant} | {r.change} | {r.tuned or '–'} | {test} | {r.n} | {diff or '–'} "
-            f"| {pct(r.train_acc_last)} | {pct(r.val_acc_last)} "
-            f"| {pct(r.acc_gap_last)} / {pct(r.acc_gap_best)} | {loss} "
-            f"| {epoch} | {r.trials_complete}/{r.trials_pruned}/"
-            f"{r.trials_failed} | {secs} |"
-        )
-    return "\n".join(lines)
 
 
 def seed_ranges(seeds: tuple[int, ...]) -> str:
@@ -78,12 +39,7 @@ def seed_ranges(seeds: tuple[int, ...]) -> str:
 
 def report_command(study: str, tracking_uri: str, storage: str | None) -> str:
     """The `mnist-study report` command for these stores (defaults left out)."""
-    args = ["mnist-study", "report", study]
-    if tracking_uri != DEFAULT_TRACKING_URI:
-        args += ["--tracking-uri", tracking_uri]
-    if storage is not None and storage != DEFAULT_STORAGE:
-        args += ["--storage", storage]
-    return shlex.join(args)
+    return shlex.join(["mnist-study", "report", study, *store_flags(tracking_uri, storage)])
 
 
 def run_command(data: StudyData, workers: str) -> str:
@@ -171,12 +127,6 @@ def replace_section(readme: Path, body: str, study: str) -> bool:
     return new != text
 
 
-SEED_LINE = (
-    "For reference, the seed write-up (one run, untuned, 5 epochs): train ~99.7%, "
-    "validation ~99.1%, test ~98.9%."
-)
-
-
 def write_report(
     tracking_uri: str,
     study: str,
@@ -192,8 +142,6 @@ def write_report(
     report = report_command(study, tracking_uri, storage)
     lines, pngs, found = [provenance_line(data, report), ""], {}, list(data.problems)
     if data.variants and data.spec is not None and data.spec.settings.train_sizes:
-        from mnist_study.sweep import sweep_section
-
         body, pngs, found = sweep_section(data, out)
         lines += body
     elif data.variants:
@@ -261,40 +209,6 @@ def log_report_run(tracking_uri: str, study: str, folder: Path, body: str, comma
         f"{description}\n\n{REPORT_LINK} [the `report` run]({link}).",
     )
     return run_id
-
-
-def ablation_section(data: StudyData, out: Path) -> tuple[list[str], dict[str, Path], list[str]]:
-    """One table of all variants, its verdict and figures: (lines, figures, checks)."""
-    from mnist_study import figures
-
-    table = summarize(data)
-    table.drop(columns=["tuned_params"]).to_csv(out / "results.csv", index=False)
-    per_seed = {v: test_accs(data.runs, v) for v in data.variants}
-    pngs = {
-        "curves": out / "curves.png",
-        "test_acc": out / "test_acc.png",
-        "gap": out / "gap.png",
-        "tuning": out / "tuning.png",
-    }
-    figures.curves_figure(data.curves, data.variants, pngs["curves"])
-    figures.test_figure(table, per_seed, pngs["test_acc"])
-    figures.gap_figure(table, pngs["gap"])
-    figures.tuning_figure(data.runs, data.variants, pngs["tuning"])
-    lines = [markdown_table(table), "", verdict(table), "", SEED_LINE, "", TABLE_LEGEND]
-    return lines, pngs, checks(data, table)
-
-
-TABLE_LEGEND = (
-    "Test accuracy: mean ± 95% t-interval over final seeds. Δ test: difference "
-    "from the baseline ± the half-width of its 95% Welch interval, the resolution "
-    "of the comparison: an effect smaller than it cannot be told from zero with "
-    "these seeds. p: Welch's t-test against the baseline's seeds, and "
-    "Holm-adjusted over all variants. "
-    "Gaps: train − validation accuracy and validation − train loss, at the last "
-    "and at the best-validation point. "
-    "Trials C/P/F: complete / pruned / failed. s/run: training time of one "
-    "final run."
-)
 
 
 def log_figures(tracking_uri: str, data: StudyData, paths: list[Path]) -> None:

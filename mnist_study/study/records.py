@@ -10,13 +10,9 @@ from dataclasses import dataclass, field
 import optuna
 from mlflow.tracking import MlflowClient
 
-from mnist_study.config import ConfigError
-from mnist_study.spec import StudySpec, Tuning
-from mnist_study.tracking import find_experiment
-
-
-class StoresDisagree(ConfigError):
-    """The MLflow store and the Optuna storage describe different histories."""
+from mnist_study.errors import StoresDisagree
+from mnist_study.study.spec import StudySpec, Tuning
+from mnist_study.study.tracking import find_experiment
 
 
 def study_names(spec: StudySpec, tuning: Tuning) -> tuple[str, str]:
@@ -117,7 +113,7 @@ def reconcile_runs(spec: StudySpec, storage, tracker) -> None:
     Optuna's record says what is done, MLflow mirrors it. A FAIL trial's run is KILLED;
     a COMPLETE or PRUNED one's is FINISHED, since its metrics were logged before the
     trial was told (call under the claim lock)."""
-    from mnist_study.outcome import Outcome
+    from mnist_study.study.outcome import Outcome
 
     by_state = {"COMPLETE": Outcome.COMPLETE, "PRUNED": Outcome.PRUNED}
     side = optuna_side(storage, spec)

@@ -11,6 +11,8 @@ import math
 import typing
 from dataclasses import dataclass
 
+from mnist_study.errors import ConfigError
+
 MNIST_TRAIN_IMAGES = 60_000
 SEED_MAX = 2**32 - 1  # numpy's limit; torch's is wider
 
@@ -36,10 +38,6 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "seed": (0, SEED_MAX, False, False),
     "threads": (0, 1024, False, False),
 }
-
-
-class ConfigError(ValueError):
-    """A configuration value or key that cannot be used; the message is one line."""
 
 
 @dataclass(frozen=True)

@@ -23,14 +23,16 @@ import optuna
 from mlflow.entities import Param
 from optuna.trial import TrialState
 
-from mnist_study import storage as st
-from mnist_study.dataset import load_splits
-from mnist_study.outcome import Interrupted, Outcome, stop_if_signalled, stopping_on_signals
-from mnist_study.proposals import FixedPoint, distributions, proposal_seed, propose
-from mnist_study.records import study_names
-from mnist_study.spec import StudySpec, Tuning, Variant
-from mnist_study.tracking import DEFAULT_TRACKING_URI, Tracker, provenance
-from mnist_study.train import by_steps, evaluate_test, last_point, resolve_device, train
+from mnist_study.study import storage as st
+from mnist_study.study.files import store_flags
+from mnist_study.study.outcome import Outcome
+from mnist_study.study.proposals import FixedPoint, distributions, proposal_seed, propose
+from mnist_study.study.records import study_names
+from mnist_study.study.signals import Interrupted, stop_if_signalled, stopping_on_signals
+from mnist_study.study.spec import StudySpec, Tuning, Variant
+from mnist_study.study.tracking import Tracker, provenance
+from mnist_study.training.dataset import load_splits
+from mnist_study.training.train import by_steps, evaluate_test, last_point, resolve_device, train
 
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 TAKEN = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
@@ -51,12 +53,7 @@ class RunOptions:
 
     def store_args(self) -> list[str]:
         """The flags that name these stores, where they are not the defaults."""
-        out = []
-        if self.tracking_uri != DEFAULT_TRACKING_URI:
-            out += ["--tracking-uri", self.tracking_uri]
-        if self.storage != st.DEFAULT_STORAGE:
-            out += ["--storage", self.storage]
-        return out
+        return store_flags(self.tracking_uri, self.storage)
 
     def command(self, spec_path) -> str:
         """The command that runs this study into these stores (a run's source tag)."""

@@ -30,8 +30,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mnist_study.config import SEED_MAX, ConfigError, TrainConfig
-from mnist_study.spec_file import SpecError, parse_toml, read_spec_text, resolve_base
+from mnist_study.errors import ConfigError, SpecError
+from mnist_study.study.spec_file import parse_toml, read_spec_text, resolve_base
+from mnist_study.training.config import SEED_MAX, TrainConfig
 
 
 @dataclass(frozen=True)

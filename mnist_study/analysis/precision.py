@@ -7,10 +7,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from mnist_study.config import TrainConfig
-from mnist_study.dataset import load_splits
-from mnist_study.significance import paired_tost
-from mnist_study.train import evaluate_test, train
+from mnist_study.analysis.significance import paired_tost
+from mnist_study.training.config import TrainConfig
+from mnist_study.training.dataset import load_splits
+from mnist_study.training.train import evaluate_test, train
 
 
 def compare_precisions(root: Path, seeds: int, margin: float) -> dict:

@@ -21,18 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_study.augment import apply_affine, draw_affine
-from mnist_study.config import TrainConfig
+from mnist_study.errors import Diverged
+from mnist_study.training.augment import apply_affine, draw_affine
+from mnist_study.training.config import TrainConfig
 
 WARMUP_STEPS = 3  # eager steps on a side stream before capture, as CUDA graphs require
-
-
-class Diverged(ArithmeticError):
-    """The training loss became NaN or infinite; training stopped there."""
-
-    def __init__(self, epoch: int, step: int, loss: float):
-        super().__init__(f"loss became {loss} at epoch {epoch}, step {step}")
-        self.epoch, self.step, self.loss = epoch, step, loss
 
 
 def autocast(cfg: TrainConfig, device: torch.device, graph: bool = False):

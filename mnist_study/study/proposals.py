@@ -8,7 +8,7 @@ import hashlib
 
 import optuna
 
-from mnist_study.spec import Tuning, Variant
+from mnist_study.study.spec import Tuning, Variant
 
 
 def proposal_seed(tuning: Tuning, slot: int) -> int:

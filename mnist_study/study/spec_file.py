@@ -5,11 +5,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from mnist_study.config import ConfigError
-
-
-class SpecError(ConfigError):
-    """An experiment file that cannot be run; the message names file and key."""
+from mnist_study.errors import SpecError
 
 
 def read_spec_text(path: Path) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from mnist_study.config import ConfigError
+from mnist_study.errors import ConfigError
 
 
 def sqlite_file(tracking_uri: str) -> Path | None:

@@ -1,15 +1,12 @@
-"""How a run ends, and what that means in each store: the one mapping the runner and
-`mnist-study train --mlflow` share; and the signals that end one early."""
+"""The signals that stop a study's process (Ctrl-C, SIGTERM, SIGHUP): raised as
+Interrupted where the worker can record its unit, and remembered so that a signal that
+lands inside a destructor is not lost."""
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import signal
 import threading
-
-import optuna
-from optuna.trial import TrialState
 
 
 class Interrupted(KeyboardInterrupt):
@@ -27,45 +24,6 @@ class Interrupted(KeyboardInterrupt):
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-class Outcome(enum.Enum):
-    # value: (name, Optuna trial state, MLflow run status)
-    COMPLETE = ("complete", TrialState.COMPLETE, "FINISHED")
-    PRUNED = ("pruned", TrialState.PRUNED, "FINISHED")  # stopped early on purpose
-    DIVERGED = ("diverged", TrialState.PRUNED, "FAILED")  # NaN loss: tried, never best
-    INTERRUPTED = ("interrupted", TrialState.FAIL, "KILLED")  # redone on resume
-    WORKER_DIED = ("worker died", TrialState.FAIL, "KILLED")  # reaped by others; redone
-    ERROR = ("error", TrialState.FAIL, "FAILED")  # a bug or a crash; redone on resume
-
-    @property
-    def trial_state(self) -> TrialState:
-        return self.value[1]
-
-    @property
-    def run_status(self) -> str:
-        return self.value[2]
-
-    @classmethod
-    def of(cls, exc: BaseException) -> Outcome:
-        from mnist_study.step import Diverged
-
-        if isinstance(exc, Diverged):
-            return cls.DIVERGED
-        if isinstance(exc, optuna.TrialPruned):
-            return cls.PRUNED
-        if isinstance(exc, KeyboardInterrupt):
-            return cls.INTERRUPTED
-        return cls.ERROR
-
-    def reason(self, exc: BaseException) -> str:
-        if self is Outcome.DIVERGED:
-            return f"diverged: {exc}"
-        if self is Outcome.INTERRUPTED:
-            return "interrupted"
-        if self is Outcome.PRUNED:
-            return str(exc)
-        return f"{type(exc).__name__}: {exc}"
 
 
 _stopped_by: list[int] = []  # the signal that stopped this process, once

@@ -10,10 +10,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from mnist_study import figures
-from mnist_study.luck import LUCK_LEGEND, budget_checks, budget_curves, luck_table, mean_curve
-from mnist_study.publish import TABLE_LEGEND, markdown_table
-from mnist_study.report import StudyData, checks, replicated, summarize, verdict
+from mnist_study.analysis import figures
+from mnist_study.analysis.luck import (
+    LUCK_LEGEND,
+    budget_checks,
+    budget_curves,
+    luck_table,
+    mean_curve,
+)
+from mnist_study.analysis.report import StudyData, checks, replicated, summarize, verdict
+from mnist_study.analysis.tables import TABLE_LEGEND, markdown_table
 
 ALPHA = 0.01
 """Holm-adjusted p below which a comparison counts as resolved (stricter than the

@@ -9,7 +9,7 @@ import math
 
 import pandas as pd
 
-from mnist_study.significance import TuningLuck, expected_best, tuning_luck
+from mnist_study.analysis.significance import TuningLuck, expected_best, tuning_luck
 
 RISE = 0.001
 """A cell whose expected best validation accuracy still rises by this much (0.1 points)

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mnist_study.config import TrainConfig
-from mnist_study.dataset import MEAN, STD, load_splits
-from mnist_study.model import SeedCNN, build_model, train_flops_per_image
-from mnist_study.processes import cpu_model, usable_cores
-from mnist_study.step import Stepper
-from mnist_study.train import batch_order, keep_freed_memory, make_optimizer
+from mnist_study.training.config import TrainConfig
+from mnist_study.training.dataset import MEAN, STD, load_splits
+from mnist_study.training.machine import cpu_model, usable_cores
+from mnist_study.training.model import SeedCNN, build_model, train_flops_per_image
+from mnist_study.training.step import Stepper
+from mnist_study.training.train import batch_order, keep_freed_memory, make_optimizer
 
 WARMUP_STEPS = 20
 

@@ -12,21 +12,23 @@ import warnings
 
 import optuna
 
-from mnist_study import storage as st
-from mnist_study.dataset import load_splits
-from mnist_study.outcome import Interrupted
-from mnist_study.processes import REFUSED, run_workers
-from mnist_study.records import all_study_names, check_stores_agree, reconcile_runs, study_names
-from mnist_study.spec import StudySpec, Tuning, refuse_changed_study
-from mnist_study.tracking import Tracker, check_tracking_uri, prepare_store, recorded_spec
-from mnist_study.train import check_device
-from mnist_study.worker import RunOptions, Worker, progress_counts, reap_studies
+from mnist_study.errors import StorageLost, StudyIncomplete
+from mnist_study.study import storage as st
+from mnist_study.study.processes import REFUSED, run_workers
+from mnist_study.study.records import (
+    all_study_names,
+    check_stores_agree,
+    reconcile_runs,
+    study_names,
+)
+from mnist_study.study.signals import Interrupted
+from mnist_study.study.spec import StudySpec, Tuning, refuse_changed_study
+from mnist_study.study.tracking import Tracker, check_tracking_uri, prepare_store, recorded_spec
+from mnist_study.study.worker import RunOptions, Worker, progress_counts, reap_studies
+from mnist_study.training.dataset import load_splits
+from mnist_study.training.train import check_device
 
 __all__ = ["RunOptions", "StudyIncomplete", "run_study"]
-
-
-class StudyIncomplete(RuntimeError):
-    """Workers stopped (died) before the budget was spent; the message says how to resume."""
 
 
 def preflight(spec: StudySpec, opts: RunOptions) -> None:
@@ -136,7 +138,7 @@ def worker_main(spec, opts, experiment_id, index, parent_pid) -> None:
         Worker(spec, opts, experiment_id, index, parent_pid).loop()
     except Interrupted as exc:  # its trial is already recorded; no traceback
         sys.exit(exc.exit_code)
-    except st.StorageLost as exc:  # one line, and the command stops (exit code 2)
+    except StorageLost as exc:  # one line, and the command stops (exit code 2)
         print(f"mnist-study: error: {exc}", file=sys.stderr, flush=True)
         sys.exit(REFUSED)
 

@@ -18,12 +18,13 @@ import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from mnist_study.luck import comparisons, test_acc_groups
-from mnist_study.records import OptunaSide, open_runs_of_ended_trials, optuna_side
-from mnist_study.significance import holm, interval, welch_half_width, welch_p
-from mnist_study.spec import SpecError, StudySpec, spec_from_record
-from mnist_study.storage import connect, storage_exists
-from mnist_study.tracking import METRIC_NAMES, SPEC_TAG, metric_history
+from mnist_study.analysis.luck import comparisons, test_acc_groups
+from mnist_study.analysis.significance import holm, interval, welch_half_width, welch_p
+from mnist_study.errors import SpecError
+from mnist_study.study.records import OptunaSide, open_runs_of_ended_trials, optuna_side
+from mnist_study.study.spec import StudySpec, spec_from_record
+from mnist_study.study.storage import connect, storage_exists
+from mnist_study.study.tracking import METRIC_NAMES, SPEC_TAG, metric_history
 
 CURVES = ("train_loss", "val_loss", "train_acc", "val_acc", "epoch_seconds")
 

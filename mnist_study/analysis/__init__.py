@@ -1,0 +1,5 @@
+"""Reading a study back from MLflow.
+
+Statistics, tables, figures, the ablation and sweep sections of its report, and
+publishing it. Imports study and training, never cli.
+"""

@@ -1,0 +1,56 @@
+"""The study table in Markdown, and the legend that says how to read it."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+
+def pct(x: float, digits: int = 2) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}%}"
+
+
+def markdown_table(table: pd.DataFrame, point: str = "epoch") -> str:
+    """`point`: what the best-validation column counts (epoch, or optimizer step)."""
+    head = (
+        "| variant | change | tuned | test acc (95% CI) | n | Δ test, points ± resolution (p) "
+        f"| train acc | val acc | acc gap last / best | loss gap last / best | best {point} "
+        "| trials C/P/F | s/run |"
+    )
+    lines = [head, "|" + "---|" * 13]
+    for r in table.itertuples():
+        ci = "" if math.isnan(r.test_acc_ci95) else f" ± {r.test_acc_ci95 * 100:.2f}"
+        test = "–" if math.isnan(r.test_acc_mean) else f"{r.test_acc_mean:.2%}{ci}"
+        diff = (
+            ""
+            if math.isnan(r.diff_vs_baseline) or r.variant == "baseline"
+            else f"{r.diff_vs_baseline * 100:+.2f} ± {r.diff_ci95 * 100:.2f} "
+            f"(p={r.p_diff:.2g}, Holm {r.p_holm:.2g})"
+        )
+        loss = (
+            "–" if math.isnan(r.loss_gap_last) else f"{r.loss_gap_last:.4f} / {r.loss_gap_best:.4f}"
+        )
+        secs = "–" if math.isnan(r.train_s_per_run) else f"{r.train_s_per_run:.0f}"
+        epoch = "–" if pd.isna(r.best_val_epoch) else f"{r.best_val_epoch:.0f}"
+        lines.append(
+            f"| {r.variant} | {r.change} | {r.tuned or '–'} | {test} | {r.n} | {diff or '–'} "
+            f"| {pct(r.train_acc_last)} | {pct(r.val_acc_last)} "
+            f"| {pct(r.acc_gap_last)} / {pct(r.acc_gap_best)} | {loss} "
+            f"| {epoch} | {r.trials_complete}/{r.trials_pruned}/"
+            f"{r.trials_failed} | {secs} |"
+        )
+    return "\n".join(lines)
+
+
+TABLE_LEGEND = (
+    "Test accuracy: mean ± 95% t-interval over final seeds. Δ test: difference "
+    "from the baseline ± the half-width of its 95% Welch interval, the resolution "
+    "of the comparison: an effect smaller than it cannot be told from zero with "
+    "these seeds. p: Welch's t-test against the baseline's seeds, and "
+    "Holm-adjusted over all variants. "
+    "Gaps: train − validation accuracy and validation − train loss, at the last "
+    "and at the best-validation point. "
+    "Trials C/P/F: complete / pruned / failed. s/run: training time of one "
+    "final run."
+)

@@ -1,0 +1,60 @@
+"""The files both stores keep on one machine: where they go by default, a check that
+their folder can be written, and the inter-process lock that guards them. Free of torch,
+MLflow and Optuna, so that `mnist-study --help` and argument errors import nothing heavy."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from mnist_study.errors import ConfigError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+DEFAULT_STORAGE = "mlruns/optuna.journal"
+
+
+def check_writable_folder(path: Path, what: str) -> None:
+    """Refuse a store path whose folder cannot be made or written, writing nothing: the
+    nearest existing folder above it gets a probe file, removed at once."""
+    if path.is_dir():
+        raise ConfigError(f"{what} {path}: is a folder; give a file path")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "not a directory")
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(
+            f"{what} {path}: cannot write there ({existing}: {exc.strerror}); "
+            f"choose a writable place"
+        ) from None
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on `path` (created if needed), released on exit or death."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def store_flags(tracking_uri: str, storage: str | None) -> list[str]:
+    """The flags that name these stores in a printed command, defaults left out."""
+    out = []
+    if tracking_uri != DEFAULT_TRACKING_URI:
+        out += ["--tracking-uri", tracking_uri]
+    if storage is not None and storage != DEFAULT_STORAGE:
+        out += ["--storage", storage]
+    return out
