@@ -99,55 +99,30 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def train_seed(cfg: TrainConfig, splits, test: bool, tracker) -> dict[str, float]:
-    """One run of `train`: a line per epoch, optionally mirrored to an MLflow run."""
-    from mnist_study.study.outcome import Outcome
-    from mnist_study.training.train import (
-        by_steps,
-        evaluate_test,
-        last_point,
-        resolve_device,
-        train,
-    )
+    """One run of `train`: a line per evaluation point, optionally mirrored to MLflow."""
+    from mnist_study.study.tracked_run import TrackedRun, point_line, train_tracked
+    from mnist_study.training.train import resolve_device
 
     print(
         f"seed {cfg.seed}: {len(splits.train_x):,} train / {len(splits.val_x):,} val images, "
         + (f"{cfg.steps} steps" if cfg.steps else f"{cfg.epochs} epochs")
         + f", batch {cfg.batch_size}, {cfg.precision}"
     )
-    run_id = None
+    run = TrackedRun()
     if tracker is not None:
         from mnist_study.study.tracking import provenance
 
         tags = {"role": "train", **provenance(cfg, str(resolve_device(cfg)), "mnist-study train")}
-        run_id = tracker.create_run(f"train/seed-{cfg.seed}", cfg, tags, test)
-
-    label = "step" if by_steps(cfg) else "epoch"
-
-    def report(point: int, m: dict[str, float]) -> None:
-        print(
-            f"  {label} {point:>2}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}"
-            f" | val loss {m['val_loss']:.4f} acc {m['val_acc']:.4f}"
-            f" | {m['epoch_seconds']:.1f}s"
-        )
-        if run_id is not None:
-            tracker.log_metrics(run_id, m, step=point)
-
-    try:
-        result = train(cfg, splits, on_epoch=report)
-        final = dict(result.history[-1])
-        if test:
-            metrics = evaluate_test(result.model, splits, cfg)
-            final |= metrics
-            print(f"  test loss {final['test_loss']:.4f} acc {final['test_acc']:.4f}")
-            if run_id is not None:
-                tracker.log_metrics(run_id, metrics, step=last_point(cfg, len(splits.train_x)))
-    except BaseException as exc:
-        if run_id is not None:
-            outcome = Outcome.of(exc)
-            tracker.end(run_id, outcome, outcome.reason(exc), trial=False)
-        raise
-    if run_id is not None:
-        tracker.end(run_id, Outcome.COMPLETE, trial=False)
+        run = TrackedRun(tracker, tracker.create_run(f"train/seed-{cfg.seed}", cfg, tags, test))
+    final = train_tracked(
+        cfg,
+        lambda: splits,
+        run,
+        test=test,
+        on_point=lambda point, last, m: print(point_line(cfg, point, last, m)),
+    )
+    if test:
+        print(f"  test acc {final['test_acc']:.4f} loss {final['test_loss']:.4f}")
     return final
 
 

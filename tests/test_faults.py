@@ -18,8 +18,9 @@ import pytest
 from helpers import REPO, TINY, assert_budget_met_exactly, cli, runs, stores, trial_states
 from mlflow.tracking import MlflowClient
 
+from mnist_study.analysis.collect import collect
 from mnist_study.analysis.publish import write_report
-from mnist_study.analysis.report import collect, summarize
+from mnist_study.analysis.report import summarize
 from mnist_study.errors import ConfigError
 from mnist_study.study.processes import GPU_WORKERS, auto_workers, cap_workers, worker_cap
 from mnist_study.study.records import study_names
@@ -458,7 +459,7 @@ def test_a_worker_killed_between_claiming_and_recording_its_run(tmp_path, mnist_
     tracking, storage = stores(tmp_path)
     opts = RunOptions(tracking, storage, str(mnist_root), quiet=True, log_models=False)
     worker = Worker(spec, opts, create_stores(spec, opts), 0)
-    no_run, with_run = worker.next_unit(), worker.next_unit()
+    (no_run, _), (with_run, _) = worker.scheduler.next_unit(), worker.scheduler.next_unit()
     orphan = worker.open_run(with_run)[3]  # created; its id never reaches the trial
     for unit in (no_run, with_run):
         unit.study._storage.set_trial_system_attr(unit.trial._trial_id, "pid", dead_pid())
@@ -627,26 +628,27 @@ def test_a_trial_of_another_host_is_waited_on_aloud_then_presumed_dead(tmp_path,
     pid: it says whose trial it waits on, and takes the trial back once it is silent for
     STALE_AFTER_S (minutes), proposing the same point again."""
     from mnist_study.study.runner import create_stores
+    from mnist_study.study.scheduler import Idle
     from mnist_study.study.storage import STALE_AFTER_S
-    from mnist_study.study.worker import Idle, Worker
+    from mnist_study.study.worker import Worker
 
     (tmp_path / "tiny.toml").write_text(TINY.split("[variants.batchnorm]")[0])  # baseline
     spec = load_spec(tmp_path / "tiny.toml")
     tracking, storage = stores(tmp_path)
     opts = RunOptions(tracking, storage, str(mnist_root), quiet=True, log_models=False)
     worker = Worker(spec, opts, create_stores(spec, opts), 0)
-    unit = worker.next_unit()
+    unit, _ = worker.scheduler.next_unit()
     storage_ = unit.study._storage
     storage_.set_trial_system_attr(unit.trial._trial_id, "host", "old-container")
     storage_.set_trial_system_attr(unit.trial._trial_id, "heartbeat", time.time() - 30)
-    assert worker.next_unit() is Idle.WAIT
-    [line] = worker.waiting_on
+    assert worker.scheduler.next_unit()[0] is Idle.WAIT
+    [line] = worker.scheduler.waiting_on
     assert f"waiting on tiny.baseline#{unit.trial.number}, run by pid" in line
     assert "host old-container, last seen 30 s ago" in line
     storage_.set_trial_system_attr(
         unit.trial._trial_id, "heartbeat", time.time() - STALE_AFTER_S - 1
     )
-    again = worker.next_unit()
+    again, _ = worker.scheduler.next_unit()
     assert unit.study.trials[unit.trial.number].state.name == "FAIL"
     assert (again.slot, again.trial.params) == (unit.slot, unit.trial.params)
 
@@ -662,14 +664,14 @@ def test_a_journal_deleted_or_replaced_mid_study_stops_the_worker(tmp_path, mnis
     tracking, storage = stores(tmp_path)
     opts = RunOptions(tracking, storage, str(mnist_root), quiet=True, log_models=False)
     worker = Worker(spec, opts, create_stores(spec, opts), 0)
-    worker.next_unit()
+    worker.scheduler.next_unit()
     if how == "deleted":
         os.unlink(storage)
     else:
         shutil.copy(storage, storage + ".copy")
         os.replace(storage + ".copy", storage)
     with pytest.raises(StorageLost, match=f"the Optuna journal was {how}"):
-        worker.next_unit()
+        worker.scheduler.next_unit()
 
 
 def test_a_run_left_running_after_its_trial_ended_is_named_then_closed(finished, tmp_path):

@@ -11,8 +11,9 @@ import pytest
 from helpers import runs
 from scipy import stats
 
+from mnist_study.analysis.collect import collect
 from mnist_study.analysis.publish import busy_minutes, markers, seed_ranges, write_report
-from mnist_study.analysis.report import collect, summarize
+from mnist_study.analysis.report import summarize
 from mnist_study.analysis.significance import holm
 from mnist_study.study.tracking import prepare_store
 
@@ -127,7 +128,7 @@ def test_holm_adjusts_for_several_comparisons():
 def test_runs_recorded_under_the_short_metric_names_still_read(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from mnist_study.study.tracking import metric_history
+    from mnist_study.study.legacy import metric_history
 
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(tracking)

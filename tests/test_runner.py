@@ -26,11 +26,12 @@ from helpers import (
 from mlflow.tracking import MlflowClient
 
 from mnist_study.analysis.publish import write_report
+from mnist_study.study.files import file_lock
 from mnist_study.study.records import study_names
 from mnist_study.study.runner import RunOptions, run_study
 from mnist_study.study.spec import load_spec
 from mnist_study.study.sqlite_store import creation_lock, sqlite_file
-from mnist_study.study.storage import file_lock, open_storage
+from mnist_study.study.storage import open_storage
 from mnist_study.study.tracking import Tracker, create_experiment, find_experiment
 from mnist_study.training.config import TrainConfig
 
@@ -290,7 +291,7 @@ def test_the_experiment_opens_as_model_training_with_a_readable_description(smok
     note = exp.tags["mlflow.note.content"]
     assert not note.lstrip().startswith("#") and "[study]" not in note  # no raw TOML
     assert f"mnist-study run {spec.path}" in note and "2 trials" in note
-    assert load_spec(spec.path).record() == exp.tags["mnist_study.study.spec"]
+    assert load_spec(spec.path).record() == exp.tags["mnist_study.spec"]
 
 
 def test_runs_carry_their_data_and_source_the_mlflow_way(smoke_study):

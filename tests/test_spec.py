@@ -227,7 +227,7 @@ def test_bad_derived_spec_is_refused(tmp_path, text, expected):
 def test_a_change_in_the_base_is_a_changed_study(tmp_path):
     import json
 
-    from mnist_study.study.spec import refuse_changed_study
+    from mnist_study.study.records import refuse_changed_study
 
     (tmp_path / "base.toml").write_text(GOOD)
     child = tmp_path / "child.toml"
@@ -244,7 +244,7 @@ def test_a_changed_default_in_the_code_is_a_changed_study(tmp_path):
     another value is refused on resume; how runs execute (threads, device) is not design."""
     import json
 
-    from mnist_study.study.spec import refuse_changed_study
+    from mnist_study.study.records import refuse_changed_study
 
     path = tmp_path / "study.toml"
     path.write_text(GOOD)

@@ -15,8 +15,9 @@ import optuna
 import pytest
 from helpers import REPO, assert_budget_met_exactly, runs, stores, trial_states
 
+from mnist_study.analysis.collect import collect
 from mnist_study.analysis.publish import markers, write_report
-from mnist_study.analysis.report import collect, summarize
+from mnist_study.analysis.report import summarize
 from mnist_study.analysis.sweep import at_size, resolution_verdict, val_loss_turn
 from mnist_study.errors import ConfigError, SpecError
 from mnist_study.study.records import study_names

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from mnist_study.analysis import figures
-from mnist_study.analysis.report import StudyData, checks, summarize, test_accs, verdict
+from mnist_study.analysis.collect import StudyData
+from mnist_study.analysis.report import checks, summarize, test_accs, verdict
 from mnist_study.analysis.tables import TABLE_LEGEND, markdown_table
 
 SEED_LINE = (

@@ -12,13 +12,11 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from mnist_study.analysis.ablation import ablation_section
-from mnist_study.analysis.report import (
-    StudyData,
-    collect,
-)
+from mnist_study.analysis.collect import StudyData, collect
 from mnist_study.analysis.sweep import sweep_section
 from mnist_study.errors import SpecError
 from mnist_study.study.files import DEFAULT_TRACKING_URI, store_flags
+from mnist_study.study.legacy import recorded_command
 
 
 def markers(study: str) -> tuple[str, str]:
@@ -40,16 +38,6 @@ def seed_ranges(seeds: tuple[int, ...]) -> str:
 def report_command(study: str, tracking_uri: str, storage: str | None) -> str:
     """The `mnist-study report` command for these stores (defaults left out)."""
     return shlex.join(["mnist-study", "report", study, *store_flags(tracking_uri, storage)])
-
-
-def run_command(data: StudyData, workers: str) -> str:
-    """The command its runs record (with their stores), or, for runs from before they
-    recorded it, the spec's usual one."""
-    sources = data.runs.get("tags.mlflow.source.name", pd.Series(dtype=object)).dropna()
-    full = sources[sources.str.contains("--workers")]
-    if not full.empty:
-        return full.mode().iat[0]
-    return f"mnist-study run experiments/{data.name}.toml --workers {workers}"
 
 
 def provenance_line(data: StudyData, report: str = "") -> str:
@@ -94,7 +82,7 @@ def provenance_line(data: StudyData, report: str = "") -> str:
         f"Study `{data.name}` ({budget}{len(children)} runs), {commit}, "
         f"{cpu}, {workers} worker(s), {threads} thread(s) per run; runs from "
         f"{start:%Y-%m-%d %H:%M} to {end:%H:%M} UTC ({wall}). "
-        f"Command: `{run_command(data, workers)}`, then "
+        f"Command: `{recorded_command(data.runs, data.name, workers)}`, then "
         f"`{report or report_command(data.name, DEFAULT_TRACKING_URI, None)}`."
     )
 

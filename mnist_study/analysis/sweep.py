@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from mnist_study.analysis import figures
+from mnist_study.analysis.collect import StudyData
 from mnist_study.analysis.luck import (
     LUCK_LEGEND,
     budget_checks,
@@ -18,7 +19,7 @@ from mnist_study.analysis.luck import (
     luck_table,
     mean_curve,
 )
-from mnist_study.analysis.report import StudyData, checks, replicated, summarize, verdict
+from mnist_study.analysis.report import checks, replicated, summarize, verdict
 from mnist_study.analysis.tables import TABLE_LEGEND, markdown_table
 
 ALPHA = 0.01

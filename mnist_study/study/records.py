@@ -5,13 +5,15 @@ study beside the old runs, and a report would count every seed twice: refuse ins
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import optuna
 from mlflow.tracking import MlflowClient
 
-from mnist_study.errors import StoresDisagree
-from mnist_study.study.spec import StudySpec, Tuning
+from mnist_study.errors import ConfigError, SpecError, StoresDisagree
+from mnist_study.study.legacy import spec_from_record
+from mnist_study.study.spec import StudySpec, Tuning, design
 from mnist_study.study.tracking import find_experiment
 
 
@@ -124,3 +126,39 @@ def reconcile_runs(spec: StudySpec, storage, tracker) -> None:
             tracker.end(run_id, by_state[state])
         else:
             tracker.end(run_id, Outcome.WORKER_DIED, "left RUNNING after its trial failed")
+
+
+def refuse_changed_study(spec: StudySpec, recorded_text: str | None, where: str) -> None:
+    """A study resumed under the same name must be the study that was started: a changed
+    budget or search space would mix trials of two designs in one table."""
+    if not recorded_text:
+        return
+    try:
+        old = spec_from_record(recorded_text, spec.path)
+    except (ConfigError, ValueError):
+        return  # written by an older version of this tool: nothing to compare against
+    changed = [
+        label
+        for label, a, b in (
+            ("[study]", old.settings, spec.settings),
+            ("[defaults]", design(old.defaults), design(spec.defaults)),
+        )
+        if a != b
+    ]
+    old_variants = {v.name: v for v in old.variants}
+    changed += [  # a new description only rewords the report: not a change of design
+        f"variants.{v.name}"
+        for v in spec.variants
+        if v.name in old_variants
+        and dataclasses.replace(old_variants[v.name], description="")
+        != dataclasses.replace(v, description="")
+    ]
+    added = [v.name for v in spec.variants if v.name not in old_variants]
+    removed = sorted(set(old_variants) - {v.name for v in spec.variants})
+    changed += [f"added variants.{n}" for n in added] + [f"removed variants.{n}" for n in removed]
+    if changed:
+        raise SpecError(
+            f"{spec.path}: changed since study {spec.name!r} started in {where} "
+            f"({', '.join(changed)}); restore the file to resume it, or set a new "
+            f'name = "..." at its top to start a new study'
+        )

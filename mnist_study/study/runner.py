@@ -14,17 +14,20 @@ import optuna
 
 from mnist_study.errors import StorageLost, StudyIncomplete
 from mnist_study.study import storage as st
+from mnist_study.study.legacy import recorded_spec_text
 from mnist_study.study.processes import REFUSED, run_workers
 from mnist_study.study.records import (
     all_study_names,
     check_stores_agree,
     reconcile_runs,
+    refuse_changed_study,
     study_names,
 )
+from mnist_study.study.scheduler import progress_counts, reap_studies
 from mnist_study.study.signals import Interrupted
-from mnist_study.study.spec import StudySpec, Tuning, refuse_changed_study
-from mnist_study.study.tracking import Tracker, check_tracking_uri, prepare_store, recorded_spec
-from mnist_study.study.worker import RunOptions, Worker, progress_counts, reap_studies
+from mnist_study.study.spec import StudySpec, Tuning
+from mnist_study.study.tracking import Tracker, check_tracking_uri, experiment_tags, prepare_store
+from mnist_study.study.worker import RunOptions, Worker
 from mnist_study.training.dataset import load_splits
 from mnist_study.training.train import check_device
 
@@ -39,7 +42,8 @@ def preflight(spec: StudySpec, opts: RunOptions) -> None:
         check_device(spec.config_for(v, {}), f"{spec.path}: variants.{v.name}")
     check_tracking_uri(opts.tracking_uri)
     st.check_storage_location(opts.storage)
-    refuse_changed_study(spec, recorded_spec(opts.tracking_uri, spec.name), opts.tracking_uri)
+    recorded = recorded_spec_text(experiment_tags(opts.tracking_uri, spec.name) or {})
+    refuse_changed_study(spec, recorded, opts.tracking_uri)
 
 
 OBJECTIVE = "validation accuracy at the last evaluation"
@@ -84,7 +88,7 @@ def create_stores(spec: StudySpec, opts: RunOptions) -> str:
             spec.record(),
             # Compared again where the spec is recorded: two commands started at once
             # with different designs under one name both passed the preflight.
-            lambda recorded: refuse_changed_study(spec, recorded, opts.tracking_uri),
+            lambda tags: refuse_changed_study(spec, recorded_spec_text(tags), opts.tracking_uri),
         )
         reconcile_runs(spec, storage, Tracker(opts.tracking_uri, experiment_id))
         for tuning in spec.tunings:

@@ -30,7 +30,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mnist_study.errors import ConfigError, SpecError
+from mnist_study.errors import SpecError
 from mnist_study.study.spec_file import parse_toml, read_spec_text, resolve_base
 from mnist_study.training.config import SEED_MAX, TrainConfig
 
@@ -175,14 +175,6 @@ def load_spec(path: Path | str) -> StudySpec:
 def parse_spec(text: str, path: Path) -> StudySpec:
     """A spec from its TOML text; a `base` is read relative to `path`'s folder."""
     return parse_raw(resolve_base(parse_toml(text, path), path, (path.resolve(),)), path)
-
-
-def spec_from_record(text: str, path: Path) -> StudySpec:
-    """The spec a study recorded when it started: resolved JSON (or, from older
-    versions of this tool, the file's TOML text)."""
-    if text.lstrip().startswith("{"):
-        return parse_raw(json.loads(text), path)
-    return parse_spec(text, path)
 
 
 def parse_raw(raw: dict, path: Path) -> StudySpec:
@@ -352,39 +344,3 @@ def parse_range(spec: dict, integer: bool, where: str, at: str) -> SearchRange:
     if log and low <= 0:
         raise SpecError(f"{where}: {at}: log scale needs low > 0, got {low}")
     return SearchRange(low, high, log, integer)
-
-
-def refuse_changed_study(spec: StudySpec, recorded_text: str | None, where: str) -> None:
-    """A study resumed under the same name must be the study that was started: a changed
-    budget or search space would mix trials of two designs in one table."""
-    if not recorded_text:
-        return
-    try:
-        old = spec_from_record(recorded_text, spec.path)
-    except (ConfigError, ValueError):
-        return  # written by an older version of this tool: nothing to compare against
-    changed = [
-        label
-        for label, a, b in (
-            ("[study]", old.settings, spec.settings),
-            ("[defaults]", design(old.defaults), design(spec.defaults)),
-        )
-        if a != b
-    ]
-    old_variants = {v.name: v for v in old.variants}
-    changed += [  # a new description only rewords the report: not a change of design
-        f"variants.{v.name}"
-        for v in spec.variants
-        if v.name in old_variants
-        and dataclasses.replace(old_variants[v.name], description="")
-        != dataclasses.replace(v, description="")
-    ]
-    added = [v.name for v in spec.variants if v.name not in old_variants]
-    removed = sorted(set(old_variants) - {v.name for v in spec.variants})
-    changed += [f"added variants.{n}" for n in added] + [f"removed variants.{n}" for n in removed]
-    if changed:
-        raise SpecError(
-            f"{spec.path}: changed since study {spec.name!r} started in {where} "
-            f"({', '.join(changed)}); restore the file to resume it, or set a new "
-            f'name = "..." at its top to start a new study'
-        )

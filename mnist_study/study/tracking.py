@@ -9,10 +9,11 @@ import functools
 import hashlib
 import importlib.metadata
 import logging
-import os
 import platform
 import subprocess
+import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,14 +57,6 @@ METRIC_NAMES = {
 }
 
 
-def metric_history(client: MlflowClient, run_id: str, name: str) -> list[Metric]:
-    """A metric's history under its MLflow name, or the short name that runs recorded
-    before the names were grouped."""
-    return client.get_metric_history(run_id, METRIC_NAMES.get(name, name)) or (
-        client.get_metric_history(run_id, name) if name in METRIC_NAMES else []
-    )
-
-
 # Where the MNIST files come from; ours are byte-identical (their MD5s are checked).
 MNIST_ORIGIN = "http://yann.lecun.com/exdb/mnist/"
 TRAIN_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
@@ -102,32 +95,21 @@ def check_tracking_uri(tracking_uri: str, must_exist: bool = False) -> None:
         check_server(tracking_uri)
 
 
-def check_server(tracking_uri: str) -> None:
-    """Fail in seconds, not minutes, on a server that does not answer: MLflow's own retry
-    settings (environment variables) are shortened for this one request."""
-    quick = {
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
-    }
-    saved = {k: os.environ.get(k) for k in quick}
-    os.environ.update(quick)
+def check_server(tracking_uri: str, timeout_s: float = 5) -> None:
+    """Fail in seconds, not minutes, on a server that does not answer: one timed request
+    to its health endpoint (MLflow's client would retry for minutes)."""
+    url = f"{tracking_uri.rstrip('/')}/health"
     try:
-        MlflowClient(tracking_uri).search_experiments(max_results=1)
-    except Exception as exc:
+        with urllib.request.urlopen(url, timeout=timeout_s) as answer:
+            answer.read()
+    except (OSError, ValueError) as exc:  # refused, timed out, not HTTP, an HTTP error
         raise ConfigError(
             f"--tracking-uri {tracking_uri}: the MLflow server does not answer "
             f"({type(exc).__name__}); start it (mlflow server ...) or check the address"
         ) from None
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
-SPEC_TAG = "mnist_study.study.spec"  # the resolved spec (JSON) a study started with
+SPEC_TAG = "mnist_study.spec"  # the resolved spec (JSON) a study started with
 
 
 def prepare_store(
@@ -135,7 +117,7 @@ def prepare_store(
     experiment: str,
     description: str = "",
     spec_json: str = "",
-    check_recorded: Callable[[str | None], None] | None = None,
+    check_recorded: Callable[[dict[str, str]], None] | None = None,
 ) -> str:
     """Create the database and the experiment once, before any worker starts; an
     existing experiment's recorded spec is first passed to `check_recorded` (which
@@ -160,14 +142,14 @@ def create_experiment(
     experiment: str,
     description: str,
     spec_json: str,
-    check_recorded: Callable[[str | None], None] | None = None,
+    check_recorded: Callable[[dict[str, str]], None] | None = None,
 ) -> str:
     database = sqlite_file(tracking_uri)
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is not None:
         if check_recorded is not None:
-            check_recorded(found.tags.get(SPEC_TAG) or found.tags.get("mlflow.note.content"))
+            check_recorded(found.tags)
         return found.experiment_id
     location = None  # a tracking server (http) decides where artifacts go
     if database is not None:
@@ -196,13 +178,10 @@ def find_experiment(tracking_uri: str, experiment: str):
         return MlflowClient(tracking_uri).get_experiment_by_name(experiment)
 
 
-def recorded_spec(tracking_uri: str, experiment: str) -> str | None:
-    """The spec saved on the experiment when the study started (resolved JSON, or the
-    file's text from older versions), if any."""
+def experiment_tags(tracking_uri: str, experiment: str) -> dict[str, str] | None:
+    """The tags of the experiment, if it exists (its recorded spec among them)."""
     found = find_experiment(tracking_uri, experiment)
-    if found is None:
-        return None
-    return found.tags.get(SPEC_TAG) or found.tags.get("mlflow.note.content")
+    return None if found is None else found.tags
 
 
 @functools.cache
@@ -346,6 +325,13 @@ class Tracker:
             ],
         )
 
+    def log_params(self, run_id: str, params: dict[str, object]) -> None:
+        if params:
+            self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+
+    def run_status(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.status
+
     def set_tags(self, run_id: str, tags: dict[str, object]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
@@ -353,7 +339,9 @@ class Tracker:
         self.client.set_terminated(run_id, status)
 
     def log_model(self, run_id: str, model: torch.nn.Module) -> None:
-        """The trained model in MLflow's pytorch format: mlflow.pytorch.load_model(uri).
+        """The trained model in MLflow's pytorch format, as the run's `model` artifact:
+        mlflow.pytorch.load_model("runs:/RUN_ID/model"). Saved, then logged through this
+        client: mlflow.pytorch.log_model would need MLflow's process-wide tracking URI.
 
         Pickle format, not the pt2 default: torch.export costs seconds per model here
         and needs an input example; the pickle needs mnist_study importable to load.
@@ -362,13 +350,14 @@ class Tracker:
 
         # Its warning about pickles is the trade-off stated above, once per model.
         logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-        with mlflow.start_run(run_id=run_id, nested=True):
-            mlflow.pytorch.log_model(
+        with tempfile.TemporaryDirectory() as folder:
+            mlflow.pytorch.save_model(
                 model.cpu().float().eval(),
-                name="model",
+                f"{folder}/model",
                 serialization_format="pickle",
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "mnist-study"],
             )
+            self.client.log_artifacts(run_id, f"{folder}/model", "model")
 
     def end(self, run_id: str, outcome: Outcome, reason: str = "", trial: bool = True) -> None:
         """Close a run as `outcome`; a trial's run also gets the Optuna state it mirrors."""

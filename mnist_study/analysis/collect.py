@@ -1,0 +1,194 @@
+"""A study read back from MLflow alone (any store, local or server), cross-checked against
+Optuna's record where it is given: the runs the report may count, and why any are not."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from mnist_study.errors import SpecError
+from mnist_study.study.legacy import (
+    metric_history,
+    recorded_spec_text,
+    spec_from_record,
+    upgrade_runs,
+)
+from mnist_study.study.records import OptunaSide, open_runs_of_ended_trials, optuna_side
+from mnist_study.study.spec import StudySpec
+from mnist_study.study.storage import connect, storage_exists
+
+CURVES = ("train_loss", "val_loss", "train_acc", "val_acc", "epoch_seconds")
+
+
+@dataclass
+class StudyData:
+    """A study as its report reads it."""
+
+    name: str
+    spec: StudySpec | None
+    runs: pd.DataFrame
+    curves: pd.DataFrame  # final runs: variant, seed, epoch, metric, value
+    variants: list[str]
+    problems: list[str] = field(default_factory=list)
+
+
+def collect(tracking_uri: str, study: str, storage: str | None = None) -> StudyData:
+    """Everything the report reads: the recorded spec, the runs it may count (with the
+    problems found on the way), and the final runs' curves."""
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(study)
+    if exp is None:
+        return StudyData(
+            study,
+            None,
+            pd.DataFrame(),
+            pd.DataFrame(),
+            [],
+            [f"no MLflow experiment named {study!r} in {tracking_uri}"],
+        )
+    spec, problems = None, []
+    try:
+        spec = spec_from_record(recorded_spec_text(exp.tags) or "", Path(f"{study}.toml"))
+    except (SpecError, ValueError) as exc:
+        problems.append(f"study spec not readable from the experiment ({exc})")
+    runs = runs_frame(client, exp.experiment_id)
+    if runs.empty:
+        return StudyData(study, spec, runs, pd.DataFrame(), [], problems + ["no runs recorded yet"])
+    # A run reaped after its worker died ends when it was reaped, perhaps long after; its
+    # last logged epoch is when it really stopped (the study's wall time depends on it).
+    for i in runs.index[runs.status == "KILLED"]:
+        history = metric_history(client, runs.at[i, "run_id"], "epoch_seconds")
+        last = max((m.timestamp for m in history), default=None)
+        runs.at[i, "end_time"] = (
+            pd.Timestamp(last, unit="ms", tz="UTC") if last else runs.at[i, "start_time"]
+        )
+    runs = upgrade_runs(runs)
+    runs, found = counted_runs(runs, spec, optuna_record(storage, spec))
+    problems += found
+    finals = runs[runs["tags.role"] == "final"]
+    rows = []
+    for _, run in finals.iterrows():
+        for metric in CURVES:
+            for m in metric_history(client, run.run_id, metric):
+                rows.append(
+                    (
+                        run["tags.variant"],
+                        run["train_size"],
+                        int(run["tuning"]),
+                        int(run["tags.seed"]),
+                        m.step,
+                        metric,
+                        m.value,
+                    )
+                )
+    curves = pd.DataFrame(
+        rows, columns=["variant", "train_size", "tuning", "seed", "epoch", "metric", "value"]
+    )
+    seen = list(dict.fromkeys(runs["tags.variant"].dropna()))
+    variants = [v.name for v in spec.variants] if spec else seen
+    return StudyData(study, spec, runs, curves, variants, problems)
+
+
+def optuna_record(storage: str | None, spec: StudySpec | None) -> OptunaSide | str:
+    """Optuna's side of the record (the MLflow run ids it links to trials, the FAIL
+    trials with no run), or why it cannot be had. Reads only: a missing storage is not
+    created."""
+    if storage is None or spec is None:
+        return "no Optuna storage given: runs not cross-checked against trials"
+    if not storage_exists(storage):
+        return f"Optuna storage {storage} not found: runs not cross-checked against trials"
+    side = optuna_side(connect(storage), spec)
+    if side.trials == 0:
+        return f"Optuna storage {storage} holds no trials of this study: runs not cross-checked"
+    return side
+
+
+def counted_runs(
+    runs: pd.DataFrame, spec: StudySpec | None, side
+) -> tuple[pd.DataFrame, list[str]]:
+    """The runs the report may count: those Optuna links to a trial (when its record,
+    `side`, is readable), one per tuning trial, and one per final seed of the spec. Every
+    run left out is named in the checks, so duplicates can never narrow an interval
+    unseen; so is every failed trial that has no run to show for it."""
+    problems = [side] if isinstance(side, str) else []
+    children = runs["tags.role"].isin(["tune", "final"])
+    if not isinstance(side, str):
+        if side.runless:
+            problems.append(
+                f"{len(side.runless)} failed trial(s) have no MLflow run (their worker died "
+                f"between claiming and creating it; redone): {', '.join(side.runless)}"
+            )
+        still_open = open_runs_of_ended_trials(
+            side, dict(zip(runs.run_id, runs.status, strict=True))
+        )
+        if still_open:
+            problems.append(
+                f"{len(still_open)} MLflow run(s) still RUNNING although their trial ended "
+                f"(the stores disagree; resuming the study closes them)"
+            )
+        orphans = children & ~runs.run_id.isin(set(side.run_ids))
+        if orphans.any():
+            problems.append(
+                f"{int(orphans.sum())} MLflow run(s) match no Optuna trial (orphans of a lost "
+                f"or replaced storage): not counted"
+            )
+        runs = runs[~orphans]
+    runs = runs.sort_values("start_time")
+    keep = pd.Series(True, index=runs.index)
+    finished_finals = (runs["tags.role"] == "final") & (runs.status == "FINISHED")
+    for (cell, _), mine in runs[finished_finals].groupby(["cell", "tuning"]):
+        seeds = mine["tags.seed"].astype(int)
+        if spec is not None:
+            extra = ~seeds.isin(spec.settings.seeds)
+            if extra.any():
+                problems.append(
+                    f"{cell}: final runs of seeds {sorted(set(seeds[extra]))} not in the "
+                    f"spec (extras): not counted"
+                )
+                keep[mine.index[extra]] = False
+        repeated = seeds.duplicated()
+        if repeated.any():
+            problems.append(
+                f"{cell}: {int(repeated.sum())} duplicate final run(s) of seeds "
+                f"{sorted(set(seeds[repeated]))}: only the first of each counted"
+            )
+            keep[mine.index[repeated]] = False
+    tune = runs[runs["tags.role"] == "tune"]
+    repeated = tune.duplicated(["cell", "tuning", "tags.optuna_trial"])
+    if repeated.any():
+        problems.append(
+            f"{int(repeated.sum())} tuning run(s) repeat a trial number of their cell "
+            f"(duplicates): only the first of each counted"
+        )
+        keep[tune.index[repeated]] = False
+    return runs[keep].sort_index(), problems
+
+
+def runs_frame(client: MlflowClient, experiment_id: str) -> pd.DataFrame:
+    """The experiment's runs, one row each, in mlflow.search_runs' columns (run_id,
+    status, start_time, end_time, metrics.*, params.*, tags.*), read through `client`:
+    mlflow.search_runs reads MLflow's process-wide tracking URI."""
+    rows, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], max_results=10_000, page_token=token)
+        for run in page:
+            info, data = run.info, run.data
+            rows.append(
+                {
+                    "run_id": info.run_id,
+                    "experiment_id": info.experiment_id,
+                    "status": info.status,
+                    "artifact_uri": info.artifact_uri,
+                    "start_time": pd.to_datetime(info.start_time, unit="ms", utc=True),
+                    "end_time": pd.to_datetime(info.end_time, unit="ms", utc=True),
+                    **{f"metrics.{k}": v for k, v in data.metrics.items()},
+                    **{f"params.{k}": v for k, v in data.params.items()},
+                    **{f"tags.{k}": v for k, v in data.tags.items()},
+                }
+            )
+        token = page.token
+        if not token:
+            return pd.DataFrame(rows)

@@ -1,0 +1,72 @@
+"""Records written by older versions of mnist-study, read as today's. Each fallback says
+which records need it; nothing else in the package knows the old forms.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from mnist_study.study.spec import StudySpec, parse_raw, parse_spec
+from mnist_study.study.tracking import METRIC_NAMES, SPEC_TAG
+
+NOTE = "mlflow.note.content"
+
+
+def recorded_spec_text(tags: dict[str, str]) -> str | None:
+    """The spec an experiment recorded when its study started: the resolved JSON in its
+    spec tag; experiments from before that tag kept the spec in their description."""
+    return tags.get(SPEC_TAG) or tags.get(NOTE)
+
+
+def spec_from_record(text: str, path: Path) -> StudySpec:
+    """The spec a study recorded when it started: resolved JSON; from versions before
+    the spec tag, the file's TOML text."""
+    if text.lstrip().startswith("{"):
+        return parse_raw(json.loads(text), path)
+    return parse_spec(text, path)
+
+
+def metric_history(client: MlflowClient, run_id: str, name: str) -> list[Metric]:
+    """A metric's history under its MLflow name, or the short name that runs recorded
+    before the names were grouped."""
+    return client.get_metric_history(run_id, METRIC_NAMES.get(name, name)) or (
+        client.get_metric_history(run_id, name) if name in METRIC_NAMES else []
+    )
+
+
+def column(runs: pd.DataFrame, name: str) -> pd.Series:
+    """A tag or param column; all missing when no run has it."""
+    return runs[name] if name in runs else pd.Series(None, index=runs.index, dtype=object)
+
+
+def upgrade_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs as today's code reads them, in place: metrics under their short names
+    (`metrics.val_acc`), and the cell, tuning and training-set size of each run."""
+    for short, name in METRIC_NAMES.items():  # runs from before the grouped names
+        new, old = (
+            pd.to_numeric(column(runs, f"metrics.{n}"), errors="coerce") for n in (name, short)
+        )
+        runs[f"metrics.{short}"] = new.fillna(old)
+    # Runs from before sweeps have no cell tag: their cell is their variant.
+    runs["cell"] = column(runs, "tags.cell").fillna(runs["tags.variant"])
+    # Runs from before tuning replicates have no tag: they are the one tuning, 0.
+    runs["tuning"] = pd.to_numeric(column(runs, "tags.tuning"), errors="coerce").fillna(0)
+    # A sweep's runs are told apart by size; params cover children from before the tag.
+    size = column(runs, "tags.train_size").fillna(column(runs, "params.train_size"))
+    runs["train_size"] = pd.to_numeric(size, errors="coerce")
+    return runs
+
+
+def recorded_command(runs: pd.DataFrame, study: str, workers: str) -> str:
+    """The command the runs record as their source (with their stores), or, for runs
+    from before they recorded it, the spec's usual one."""
+    sources = runs.get("tags.mlflow.source.name", pd.Series(dtype=object)).dropna()
+    full = sources[sources.str.contains("--workers")]
+    if not full.empty:
+        return full.mode().iat[0]
+    return f"mnist-study run experiments/{study}.toml --workers {workers}"
