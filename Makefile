@@ -12,6 +12,8 @@ BIN := $(VENV)/bin
 DATA := data
 ARGS ?=
 WORKERS ?= auto
+# Test processes (pytest-xdist): one per core of a CI machine.
+TEST_JOBS ?= 2
 TRACKING := sqlite:///mlruns/mlflow.db
 UI_PORT ?= 5000
 
@@ -47,10 +49,10 @@ train: data ## train one configuration, e.g. make train ARGS="--batchnorm --epoc
 	@$(BIN)/mnist-study --data-root $(DATA) train $(ARGS)
 
 test: data ## run the tests (CPU, ~7 min; real MNIST and stores in tmp dirs), slow ones apart
-	@$(BIN)/python -m pytest -q -m "not slow" --durations=10 $(ARGS)
+	@$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_JOBS) --dist loadgroup --durations=10 $(ARGS)
 
 test-slow: data ## the slow tests: determinism, killed workers and sweeps, signals, concurrent commands, PostgreSQL, mlflow server (~22 min)
-	@$(BIN)/python -m pytest -q -m slow --durations=10 $(ARGS)
+	@$(BIN)/python -m pytest -q -m slow -n $(TEST_JOBS) --dist loadgroup --durations=10 $(ARGS)
 
 lint: $(BIN)/.installed ## ruff (lint, formatting) and import-linter (imports go down: cli, analysis, study, training; no circles)
 	@$(BIN)/ruff check .
@@ -71,22 +73,22 @@ ablations: data ## run the study in experiments/ablations.toml (~80 min; rerun t
 
 scarcity: data ## the variants at 300 to 10,000 training images (~90 min on 2 cores; rerun to resume), then report
 	@$(BIN)/mnist-study --data-root $(DATA) run experiments/scarcity.toml --workers $(WORKERS) $(ARGS)
-	@$(BIN)/mnist-study report experiments/scarcity.toml --readme README.md
+	@$(BIN)/mnist-study report experiments/scarcity.toml --page docs/scarcity.md
 
 scarcity300: data ## the follow-up declared for 300 images: 20 seeds for weight decay and batchnorm, then report
 	@$(BIN)/mnist-study --data-root $(DATA) run experiments/scarcity300.toml --workers $(WORKERS) $(ARGS)
-	@$(BIN)/mnist-study report experiments/scarcity300.toml --readme README.md
+	@$(BIN)/mnist-study report experiments/scarcity300.toml --page docs/scarcity300.md
 
 replication: data ## every variant at 300 and 1,000 images, 3 tunings x 8 trials x 4 seeds per cell (~3 h on 2 cores; rerun to resume), then report
 	@$(BIN)/mnist-study --data-root $(DATA) run experiments/replication.toml --workers $(WORKERS) $(ARGS)
-	@$(BIN)/mnist-study report experiments/replication.toml --readme README.md
+	@$(BIN)/mnist-study report experiments/replication.toml --page docs/replication.md
 
 quick: data ## the same variants on a small budget (minutes), then its report in reports/quick/
 	@$(BIN)/mnist-study --data-root $(DATA) run experiments/quick.toml --workers $(WORKERS) $(ARGS)
 	@$(BIN)/mnist-study report experiments/quick.toml
 
-report: $(BIN)/.installed ## rebuild reports/ablations/ and README's results section from MLflow
-	@$(BIN)/mnist-study report experiments/ablations.toml --readme README.md
+report: $(BIN)/.installed ## rebuild reports/ablations/ and docs/ablations.md's results from MLflow
+	@$(BIN)/mnist-study report experiments/ablations.toml --page docs/ablations.md
 
 ui: $(BIN)/.installed ## MLflow UI on the study store, on 127.0.0.1 only
 	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (Ctrl-C to stop); one experiment per study:"

@@ -251,14 +251,14 @@ def cmd_report(args: argparse.Namespace) -> int:
             f"no study {study!r} in {args.tracking_uri}; run it first "
             f"(mnist-study run SPEC) or pass --tracking-uri"
         )
-    before = args.readme.read_text() if args.readme else None
-    body = write_report(args.tracking_uri, study, args.out, args.readme, args.storage)
+    before = args.page.read_text() if args.page and args.page.exists() else None
+    body = write_report(args.tracking_uri, study, args.out, args.page, args.storage)
     print(body)
-    readme = ""
-    if args.readme:
-        same = args.readme.read_text() == before
-        readme = f"; {args.readme} " + ("already up to date" if same else "updated")
-    print(f"\nwrote {args.out / study}/{readme}")
+    page = ""
+    if args.page:
+        same = args.page.read_text() == before
+        page = f"; {args.page} " + ("already up to date" if same else "updated")
+    print(f"\nwrote {args.out / study}/{page}")
     return 0
 
 
@@ -331,7 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_tracking_uri(p, "MLflow store to read")
     add_storage(p, "Optuna storage to check the runs against (read only; skipped if absent)")
     p.add_argument("--out", type=Path, default=Path("reports"), help="reports folder")
-    p.add_argument("--readme", type=Path, help="replace this file's results section")
+    p.add_argument(
+        "--page",
+        type=Path,
+        help="also write the results into this Markdown page, between the study's markers "
+        "(a new page is made), figures beside it in figures/STUDY/; e.g. docs/ablations.md",
+    )
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("studies", help="the studies in an MLflow store, with their UI addresses")
     add_tracking_uri(p, "MLflow store to read")

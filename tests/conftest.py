@@ -10,6 +10,16 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = REPO / "data"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (make test runs 2 processes), the tests that read one shared
+    study run in one process, so that it is run once, not once per process."""
+    for item in items:
+        for fixture in ("smoke_study", "finished", "sweep"):
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(fixture))
+                break
+
+
 @pytest.fixture(scope="session")
 def mnist_root() -> Path:
     from mnist_study.training.data import fetch

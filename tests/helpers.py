@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import subprocess
 import sys
 from collections import Counter
@@ -28,6 +30,7 @@ epochs = 1
 train_size = 300
 val_size = 200
 train_eval_size = 200
+test_size = 500
 [variants.baseline]
 search.lr = { low = 1e-3, high = 3e-3, log = true }
 [variants.batchnorm]
@@ -44,6 +47,23 @@ def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
         cwd=kwargs.pop("cwd", REPO),
         **kwargs,
     )
+
+
+def run_main(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`mnist-study ARGS` in this process: its exit code and what it printed, as cli()
+    returns them, without a new interpreter's seconds of imports. For arguments and
+    refusals; cli() stays for what needs a process (signals, kills, two commands)."""
+    from mnist_study import cli as command
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["--data-root", str(REPO / "data"), *args]
+    redirect = contextlib.redirect_stdout(out), contextlib.redirect_stderr(err)
+    with contextlib.chdir(cwd or REPO), redirect[0], redirect[1]:
+        try:
+            code = command.main(argv)
+        except SystemExit as exc:  # argparse's refusals
+            code = exc.code
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def stores(tmp_path: Path) -> tuple[str, str]:
@@ -102,9 +122,12 @@ def run_two_workers(spec: Path, tracking_uri: str, storage: str, **kwargs):
 
 
 def shrink(spec: StudySpec, **overrides: object) -> StudySpec:
-    """The same study at a toy size: tiny data, 1 epoch (or 20 steps), 1 trial, 1 seed,
-    one tuning (test_determinism runs several), and of a sweep its two smallest sizes."""
-    small = dict(epochs=1, train_size=256, val_size=200, train_eval_size=200, threads=1)
+    """The same study at a toy size: tiny data (500 test images), 1 epoch (or 20 steps),
+    1 trial, 1 seed, one tuning (test_determinism runs several), and of a sweep its two
+    smallest sizes."""
+    small = dict(
+        epochs=1, train_size=256, val_size=200, train_eval_size=200, test_size=500, threads=1
+    )
     if spec.defaults.steps:
         small["steps"] = 20
     sizes = spec.settings.train_sizes[:2]

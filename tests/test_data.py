@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from helpers import run_main
 
 from mnist_study.errors import DataError
 from mnist_study.training.data import (
@@ -114,18 +113,12 @@ def test_check_file_missing(tmp_path):
         check_file(tmp_path / "nope", "0" * 32)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mnist_study", *args], capture_output=True, text=True
-    )
-
-
 def test_cli_refuses_corrupt_dataset_before_training(tmp_path):
     from mnist_study.training.data import MNIST_FILES
 
     for name in MNIST_FILES:
         write_atomic(raw_dir(tmp_path) / name, b"not mnist")
-    done = run_cli("--data-root", str(tmp_path), "train", "--epochs", "1")
+    done = run_main("--data-root", str(tmp_path), "train", "--epochs", "1")
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "MD5" in lines[0] and "expected" in lines[0]
@@ -133,7 +126,7 @@ def test_cli_refuses_corrupt_dataset_before_training(tmp_path):
 
 
 def test_cli_refuses_bad_config_value(tmp_path):
-    done = run_cli("--data-root", str(tmp_path), "train", "--dropout", "1.5")
+    done = run_main("--data-root", str(tmp_path), "train", "--dropout", "1.5")
     assert done.returncode == 2
     assert done.stderr.strip() == (
         "mnist-study: error: command line: dropout = 1.5; must be in [0, 1)"

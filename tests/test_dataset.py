@@ -58,6 +58,17 @@ def test_train_size_subsets_training_only():
     assert len(small.train_eval_x) == 50
 
 
+def test_test_size_scores_a_fixed_stratified_subset_of_the_test_set():
+    arrays = fake_arrays(n_test=100)
+    whole = make_splits(arrays, TrainConfig(val_size=100, train_eval_size=50))
+    part = make_splits(arrays, TrainConfig(val_size=100, train_eval_size=50, test_size=30))
+    again = make_splits(arrays, TrainConfig(val_size=100, train_eval_size=50, test_size=30))
+    assert len(whole.test_x) == 100 and np.array_equal(whole.test_y, arrays["test_y"])
+    assert len(part.test_x) == 30 and np.array_equal(part.test_x, again.test_x)
+    assert np.all(np.bincount(part.test_y.numpy(), minlength=10) == 3)
+    assert np.array_equal(part.train_x, whole.train_x)  # nothing else changes
+
+
 def test_normalizing_by_table_equals_the_formula_for_every_pixel_value():
     import numpy as np
     import torch

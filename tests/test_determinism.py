@@ -34,6 +34,7 @@ steps = 20
 evals = 4
 val_size = 200
 train_eval_size = 100
+test_size = 500
 threads = 1
 [variants.baseline]
 search.lr = { low = 1e-3, high = 3e-2, log = true }

@@ -15,7 +15,16 @@ from pathlib import Path
 
 import optuna
 import pytest
-from helpers import REPO, TINY, assert_budget_met_exactly, cli, runs, stores, trial_states
+from helpers import (
+    REPO,
+    TINY,
+    assert_budget_met_exactly,
+    cli,
+    run_main,
+    runs,
+    stores,
+    trial_states,
+)
 from mlflow.tracking import MlflowClient
 
 from mnist_study.analysis.collect import collect
@@ -39,6 +48,7 @@ epochs = 3
 train_size = 2000
 val_size = 200
 train_eval_size = 200
+test_size = 500
 [variants.baseline]
 search.lr = { low = 1e-3, high = 3e-3, log = true }
 """
@@ -86,7 +96,7 @@ def test_lost_optuna_storage_is_refused_not_rerun(finished, tmp_path):
     spec, tracking, storage = copy_of(finished, tmp_path)
     before = len(runs(tracking, "tiny")[1])
     os.remove(storage)
-    done = cli(*run_args(spec, tracking, storage))
+    done = run_main(*run_args(spec, tracking, storage))
     one_line_error(done, "Optuna storage", storage, "none of its trials", "restore", "new name")
     assert len(runs(tracking, "tiny")[1]) == before
     assert not Path(storage).exists()  # the refusal creates no empty storage
@@ -97,7 +107,7 @@ def test_lost_mlflow_store_is_refused(finished, tmp_path):
     database = Path(tracking.removeprefix("sqlite:///"))
     database.unlink()
     for _ in range(2):  # the second attempt must not find a half-made store
-        done = cli(*run_args(spec, tracking, storage))
+        done = run_main(*run_args(spec, tracking, storage))
         one_line_error(done, "MLflow runs are not in", "restore the MLflow store")
         assert not database.exists()
 
@@ -114,7 +124,7 @@ def test_replaced_optuna_storage_is_refused(finished, tmp_path, mnist_root):
         RunOptions(other_tracking, other_storage, str(mnist_root), log_models=False),
     )
     shutil.copy(other_storage, storage)
-    done = cli(*run_args(spec, tracking, storage))
+    done = run_main(*run_args(spec, tracking, storage))
     one_line_error(done, "not in")
 
 
@@ -125,7 +135,7 @@ def test_torn_journal_is_repaired_with_a_backup_and_resumes(finished, tmp_path):
     lines = journal.read_bytes().splitlines(keepends=True)
     last_tell = max(i for i, line in enumerate(lines) if b'"state":1' in line)
     journal.write_bytes(b"".join(lines[:last_tell]) + lines[last_tell][:25])
-    done = cli(*run_args(spec, tracking, storage))
+    done = run_main(*run_args(spec, tracking, storage))
     assert done.returncode == 0, done.stderr[-2000:]
     assert "last record was cut short" in done.stdout
     backups = list(journal.parent.glob("optuna.journal.torn-*"))
@@ -143,7 +153,7 @@ def test_journal_corrupt_before_its_end_is_refused(finished, tmp_path):
     lines = journal.read_bytes().splitlines(keepends=True)
     lines[3] = lines[3][:10] + lines[4]  # a torn record glued to the next one
     journal.write_bytes(b"".join(lines))
-    one_line_error(cli(*run_args(spec, tracking, storage)), "record 4 is corrupt", storage)
+    one_line_error(run_main(*run_args(spec, tracking, storage)), "record 4 is corrupt", storage)
 
 
 def wait_for_running_trial(storage: str, study: str, worker: int | None, timeout: float = 120):
@@ -341,7 +351,7 @@ def test_unreachable_tracking_server_fails_fast(tmp_path):
     (tmp_path / "tiny.toml").write_text(TINY)
     uri = f"http://127.0.0.1:{closed_port()}"
     started = time.time()
-    done = cli(*run_args(tmp_path / "tiny.toml", uri, str(tmp_path / "o.journal")))
+    done = run_main(*run_args(tmp_path / "tiny.toml", uri, str(tmp_path / "o.journal")))
     assert time.time() - started < 30
     one_line_error(done, uri, "does not answer")
     assert not (tmp_path / "o.journal").exists()
@@ -374,7 +384,7 @@ def test_bad_command_line_is_refused_before_any_write(tmp_path, args, needle):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     defaults = ["--tracking-uri", f"sqlite:///{tmp_path}/m/mlflow.db"]
     defaults += ["--storage", str(tmp_path / "o" / "optuna.journal")]
-    done = cli("run", str(tmp_path / "tiny.toml"), *defaults, *args)
+    done = run_main("run", str(tmp_path / "tiny.toml"), *defaults, *args)
     one_line_error(done, needle)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "tiny.toml"]
 
@@ -385,13 +395,13 @@ def test_cuda_without_a_gpu_is_refused_before_any_write(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     (tmp_path / "gpu.toml").write_text(TINY.replace("[defaults]", '[defaults]\ndevice = "cuda"'))
-    done = cli(*run_args(tmp_path / "gpu.toml", *stores(tmp_path / "s")))
+    done = run_main(*run_args(tmp_path / "gpu.toml", *stores(tmp_path / "s")))
     one_line_error(done, "device = 'cuda'", "no CUDA GPU")
     assert not (tmp_path / "s").exists()
 
 
 def test_report_never_creates_a_store(tmp_path):
-    done = cli("report", "tiny", "--tracking-uri", f"sqlite:///{tmp_path}/typo/mlflow.db")
+    done = run_main("report", "tiny", "--tracking-uri", f"sqlite:///{tmp_path}/typo/mlflow.db")
     one_line_error(done, "no MLflow store at")
     assert list(tmp_path.iterdir()) == []
 
@@ -682,7 +692,7 @@ def test_a_run_left_running_after_its_trial_ended_is_named_then_closed(finished,
     body = write_report(tracking, "tiny", tmp_path / "reports", storage=storage)
     assert "1 MLflow run(s) still RUNNING although their trial ended" in body
     assert "none raised" not in body
-    done = cli(*run_args(spec, tracking, storage))
+    done = run_main(*run_args(spec, tracking, storage))
     assert done.returncode == 0, done.stderr[-2000:]
     assert client.get_run(final.info.run_id).info.status == "FINISHED"
     body = write_report(tracking, "tiny", tmp_path / "reports", storage=storage)

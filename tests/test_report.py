@@ -98,10 +98,19 @@ def test_readme_section_replaced_in_place_and_idempotent(smoke_report):
     assert text.startswith("# Title\n\nintro\n\n" + MARK_START)
     assert text.endswith(MARK_END + "\n\n## After\n") and "old results" not in text
     assert body in text
-    assert (out / "docs" / "figures" / spec.name / "curves.png").exists()
-    assert f"](docs/figures/{spec.name}/curves.png)" in text
+    assert (out / "figures" / spec.name / "curves.png").exists()
+    assert f"](figures/{spec.name}/curves.png)" in text
     write_report(tracking, spec.name, out / "reports", readme)
     assert readme.read_text() == text
+
+
+def test_a_new_page_is_made_with_the_studys_markers(smoke_report):
+    spec, tracking, out, _, body = smoke_report
+    page = out / "docs" / "smoke.md"
+    page.parent.mkdir()
+    write_report(tracking, spec.name, out / "reports", page)
+    assert page.read_text() == f"# Study `smoke`\n\n{MARK_START}\n{body}\n{MARK_END}\n"
+    assert (out / "docs" / "figures" / spec.name / "curves.png").exists()
 
 
 def test_empty_study_says_what_is_missing(tmp_path):

@@ -17,6 +17,7 @@ from helpers import (
     REPO,
     assert_budget_met_exactly,
     cli,
+    run_main,
     run_two_workers,
     runs,
     shrink,
@@ -152,6 +153,7 @@ epochs = 1
 train_size = 300
 val_size = 200
 train_eval_size = 200
+test_size = 500
 [variants.absurd]
 set = { optimizer = "sgd", weight_decay = 10.0 }
 search.lr = { low = 8, high = 10 }
@@ -181,7 +183,7 @@ def test_resuming_with_a_changed_study_file_is_refused(smoke_study, tmp_path):
     changed = tmp_path / "changed" / "smoke.toml"
     changed.parent.mkdir()
     changed.write_text(original.replace("trials = 2", "trials = 3", 1))
-    done = cli("run", str(changed), *args)
+    done = run_main("run", str(changed), *args)
     assert done.returncode == 2
     assert done.stderr.startswith(f"mnist-study: error: {changed}: changed since study 'smoke'")
     assert "([study])" in done.stderr and len(done.stderr.strip().splitlines()) == 1
@@ -190,7 +192,7 @@ def test_resuming_with_a_changed_study_file_is_refused(smoke_study, tmp_path):
     reworded = tmp_path / "smoke.toml"
     text = original + '[variants.baseline]\ndescription = "reworded"\n'
     reworded.write_text('# reworded\ndescription = "reworded"\n' + text)
-    done = cli("run", str(reworded), *args)
+    done = run_main("run", str(reworded), *args)
     assert done.returncode == 0, done.stderr
     assert len(runs(tracking, spec.name)[1]) == before
 
@@ -204,6 +206,7 @@ epochs = 4
 train_size = 3000
 val_size = 500
 train_eval_size = 500
+test_size = 500
 [variants.first]
 search.lr = { low = 1e-3, high = 2e-3 }
 [variants.second]
@@ -248,7 +251,7 @@ def test_interrupted_mid_trial_then_resumed(tmp_path, sig):
     assert "first: tuning incomplete (1 of 2 trials)" in body
     assert "second: not started" in body and "Traceback" not in body
 
-    done = cli(*args)
+    done = run_main(*args)
     assert done.returncode == 0, done.stderr
     spec = load_spec(path)
     states = trial_states(storage, spec)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import REPO, cli
+from helpers import REPO, run_main
 
 from mnist_study.errors import ConfigError, SpecError
 from mnist_study.study.spec import load_spec
@@ -142,7 +142,7 @@ def test_bad_file_is_refused_naming_file_and_key(tmp_path, case):
 def test_cli_refuses_bad_file_with_exit_2_and_writes_nothing(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text(BAD["inverted range"][0])
-    done = cli(
+    done = run_main(
         "run",
         str(path),
         "--tracking-uri",

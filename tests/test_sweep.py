@@ -37,6 +37,7 @@ steps = 30
 evals = 10
 val_size = 200
 train_eval_size = 100
+test_size = 500
 threads = 1
 [variants.baseline]
 search.lr = { low = 1e-3, high = 3e-3, log = true }

@@ -64,10 +64,10 @@ def test_baseline_learns_end_to_end(small_splits):
 
 
 def test_train_command_logs_each_seed_to_mlflow(tmp_path):
-    from helpers import cli, runs
+    from helpers import run_main, runs
 
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
-    done = cli(
+    done = run_main(
         "train",
         "--train-size",
         "300",

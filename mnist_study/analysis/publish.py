@@ -102,16 +102,19 @@ def busy_minutes(starts: pd.Series, ends: pd.Series) -> float:
     return total / 60
 
 
-def replace_section(readme: Path, body: str, study: str) -> bool:
-    """Swap the text between the study's markers; True if the file changed."""
-    text = readme.read_text()
+def replace_section(page: Path, body: str, study: str) -> bool:
+    """Swap the text between the study's markers (a new page is made with them); True
+    if the file changed."""
     start, end = markers(study)
+    if not page.exists():
+        page.write_text(f"# Study `{study}`\n\n{start}\n{end}\n")
+    text = page.read_text()
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     if not pattern.search(text):
-        raise SpecError(f"{readme}: no {start} ... {end} markers to replace")
+        raise SpecError(f"{page}: no {start} ... {end} markers to replace")
     new = pattern.sub(lambda _: f"{start}\n{body.strip()}\n{end}", text)
     if new != text:
-        readme.write_text(new)
+        page.write_text(new)
     return new != text
 
 
@@ -119,11 +122,11 @@ def write_report(
     tracking_uri: str,
     study: str,
     out_root: Path,
-    readme: Path | None = None,
+    page: Path | None = None,
     storage: str | None = None,
 ) -> str:
-    """Write reports/<study>/ (results.md, CSV, figures), log the figures on the parent
-    runs, and (with `readme`) replace the study's section in it. Returns the section."""
+    """Write reports/<study>/ (results.md, CSV, figures), log them to MLflow, and (with
+    `page`) replace the study's section in that Markdown page. Returns the section."""
     data = collect(tracking_uri, study, storage)
     out = out_root / study
     out.mkdir(parents=True, exist_ok=True)
@@ -141,23 +144,23 @@ def write_report(
     lines += [f"- {c}" for c in found]
     body = "\n".join(lines)
     figure_dir = out
-    if readme is not None and pngs:
-        # The README's figures are its evidence: they live beside it, in docs/.
-        figure_dir = readme.parent / "docs" / "figures" / study
+    if page is not None and pngs:
+        # A page's figures are its evidence: committed beside it, in figures/<study>/.
+        figure_dir = page.parent / "figures" / study
         figure_dir.mkdir(parents=True, exist_ok=True)
         for png in pngs.values():
             target = figure_dir / png.name
             if not target.exists() or target.read_bytes() != png.read_bytes():
                 target.write_bytes(png.read_bytes())
     if pngs:
-        base = readme.parent if readme is not None else out
+        base = page.parent if page is not None else out
         rel = {k: (figure_dir / p.name).relative_to(base) for k, p in pngs.items()}
         body += "\n\n" + "\n\n".join(f"![{k}]({rel[k].as_posix()})" for k in pngs)
     (out / "results.md").write_text(f"# Study `{study}`\n\n{body}\n")
     if data.spec is not None or not data.runs.empty:
         log_report_run(tracking_uri, study, out, body, report)
-    if readme is not None:
-        replace_section(readme, body, study)
+    if page is not None:
+        replace_section(page, body, study)
     return body
 
 

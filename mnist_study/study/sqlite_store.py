@@ -1,16 +1,19 @@
 """An MLflow SQLite store as a file: built whole under another name and renamed into
-place, so that a kill while MLflow creates its tables cannot leave it half-built; and
-refused in one line when it is half-built (by an older version) or corrupt."""
+place, so that a kill while MLflow creates its tables cannot leave it half-built; copied
+from an empty template, since MLflow builds a new store by running every migration it
+ever had (seconds); and refused in one line when it is half-built or corrupt."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
 from mnist_study.errors import ConfigError
+from mnist_study.study.files import file_lock
 
 
 def sqlite_file(tracking_uri: str) -> Path | None:
@@ -24,12 +27,35 @@ def creation_lock(database: Path) -> Path:
 
 
 def build_store(database: Path) -> None:
-    """Create MLflow's tables in `<database>.building`, then rename it to `database`
+    """Copy the empty template to `<database>.building`, then rename it to `database`
     (call under creation_lock, when `database` does not exist)."""
     partial = database.with_name(database.name + ".building")
     partial.unlink(missing_ok=True)  # what a killed build left
-    MlflowClient(f"sqlite:///{partial}").search_experiments(max_results=1)
+    shutil.copyfile(template(), partial)
+    MlflowClient(f"sqlite:///{partial}").search_experiments(max_results=1)  # its Default
     os.replace(partial, database)
+
+
+def template() -> Path:
+    """An empty store at this MLflow's schema, built once per user and schema in
+    $XDG_CACHE_HOME/mnist-study (else ~/.cache/mnist-study). Its Default experiment is
+    removed: MLflow adds it again on a copy's first open, with the copy's own artifact
+    location."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mnist-study"
+    path = cache / f"mlflow-store-{latest_schema()}.db"
+    if path.exists():
+        return path
+    with file_lock(cache / "template.lock"):  # creates the folder
+        if not path.exists():
+            partial = path.with_name(path.name + ".building")
+            partial.unlink(missing_ok=True)
+            MlflowClient(f"sqlite:///{partial}").search_experiments(max_results=1)
+            with sqlite3.connect(partial) as con:
+                con.execute("DELETE FROM experiment_tags WHERE experiment_id = 0")
+                con.execute("DELETE FROM experiments WHERE experiment_id = 0")
+            con.close()
+            os.replace(partial, path)
+    return path
 
 
 def latest_schema() -> str:

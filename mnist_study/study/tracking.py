@@ -29,7 +29,7 @@ from mnist_study.study.files import check_writable_folder, file_lock
 from mnist_study.study.outcome import Outcome
 from mnist_study.study.spec import Variant
 from mnist_study.study.sqlite_store import build_store, check_store_file, creation_lock, sqlite_file
-from mnist_study.training.config import TrainConfig
+from mnist_study.training.config import MNIST_TEST_IMAGES, TrainConfig
 from mnist_study.training.data import checksums
 from mnist_study.training.machine import cpu_model
 
@@ -248,8 +248,9 @@ def mnist_inputs(cfg: TrainConfig, test: bool) -> list[DatasetInput]:
         ),
         dataset("validation", f"mnist-validation-{cfg.val_size}", TRAIN_FILES, split),
     ]
-    if test:
-        out.append(dataset("test", "mnist-test-10000", TEST_FILES, "test"))
+    if test:  # the whole test set's digest as before subsets of it could be scored
+        cut = "test" if cfg.test_size == MNIST_TEST_IMAGES else f"test,n={cfg.test_size}"
+        out.append(dataset("test", f"mnist-test-{cfg.test_size}", TEST_FILES, cut))
     return out
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from mnist_study.errors import ConfigError
 
 MNIST_TRAIN_IMAGES = 60_000
+MNIST_TEST_IMAGES = 10_000
 SEED_MAX = 2**32 - 1  # numpy's limit; torch's is wider
 
 # (low, high, low excluded, high excluded) of every numeric field: bounds that make
@@ -30,6 +31,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "train_size": (10, MNIST_TRAIN_IMAGES - 10, False, False),
     "val_size": (10, MNIST_TRAIN_IMAGES - 10, False, False),
     "train_eval_size": (10, MNIST_TRAIN_IMAGES, False, False),
+    "test_size": (10, MNIST_TEST_IMAGES, False, False),
     "split_seed": (0, SEED_MAX, False, False),
     "epochs": (1, 1000, False, False),
     "steps": (0, 1_000_000, False, False),
@@ -79,6 +81,9 @@ class TrainConfig:
     """Validation images held out (stratified) of the 60,000 training images."""
     train_eval_size: int = 10_000
     """Fixed subset of the training split measured each epoch for train_loss/acc."""
+    test_size: int = MNIST_TEST_IMAGES
+    """Test images a final run is scored on: all 10,000, or a fixed stratified subset
+    (only to shrink a study, as the tests do: scoring all takes seconds a run)."""
     split_seed: int = 0
     """Seed of the train/validation split; fixed so that every run sees the same split."""
 

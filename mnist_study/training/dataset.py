@@ -70,6 +70,9 @@ def make_splits(arrays: dict[str, np.ndarray], cfg: TrainConfig) -> Splits:
         train_idx = train_idx[pick]
     n_eval = min(cfg.train_eval_size, len(train_idx))
     eval_pick, _ = stratified_split(labels[train_idx], n_eval, cfg.split_seed + 2)
+    test_idx = np.arange(len(arrays["test_y"]))
+    if cfg.test_size < len(test_idx):
+        test_idx, _ = stratified_split(arrays["test_y"], cfg.test_size, cfg.split_seed + 3)
     # Cut the uint8 images first: only the images a split holds are converted.
     images, y = arrays["train_x"], torch.from_numpy(labels.astype(np.int64))
     train_x, train_y = to_tensor(images[train_idx]), y[train_idx]
@@ -80,8 +83,8 @@ def make_splits(arrays: dict[str, np.ndarray], cfg: TrainConfig) -> Splits:
         val_y=y[val_idx],
         train_eval_x=train_x[eval_pick],
         train_eval_y=train_y[eval_pick],
-        test_x=to_tensor(arrays["test_x"]),
-        test_y=torch.from_numpy(arrays["test_y"].astype(np.int64)),
+        test_x=to_tensor(arrays["test_x"][test_idx]),
+        test_y=torch.from_numpy(arrays["test_y"][test_idx].astype(np.int64)),
     )
 
 
@@ -98,7 +101,7 @@ def load_splits(root: Path, cfg: TrainConfig) -> Splits:
     root = Path(root).resolve()
     if root not in _ARRAYS:
         _ARRAYS[root] = load_arrays(root)
-    key = (root, cfg.train_size, cfg.val_size, cfg.train_eval_size, cfg.split_seed)
+    key = (root, cfg.train_size, cfg.val_size, cfg.train_eval_size, cfg.test_size, cfg.split_seed)
     if key not in _SPLITS:
         _SPLITS[key] = make_splits(_ARRAYS[root], cfg)
     return _SPLITS[key]
