@@ -10,6 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = REPO / "data"
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (make test runs 2 processes), the tests that read one shared
     study run in one process, so that it is run once, not once per process."""

@@ -1,0 +1,146 @@
+"""Screenshots of a study in the MLflow UI for the README, taken in headless Chromium from a
+clean profile (no banner, no pop-up), driven over the DevTools protocol on a pipe.
+
+Run (with `make ui`, or `mlflow ui --backend-store-uri ...`, serving the study):
+    .venv/bin/python scripts/ui_screenshots.py STUDY [--ui http://127.0.0.1:5000] [--out docs]
+Writes docs/ui-runs.png, ui-run-curves.png, ui-variants-chart.png and ui-report.png, and
+prints the first words of each page so that what it shows is checked, not assumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.parse
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+WIDTH, HEIGHT = 1600, 1000
+
+
+class Browser:
+    """Chromium with --remote-debugging-pipe: commands on fd 3, answers on fd 4, each a
+    JSON message ending in a NUL byte."""
+
+    def __init__(self) -> None:
+        exe = shutil.which("chromium") or shutil.which("chromium-browser")
+        self.profile = tempfile.mkdtemp(prefix="chromium-")
+        to_browser, self.write_fd = os.pipe()
+        self.read_fd, from_browser = os.pipe()
+        os.dup2(to_browser, 3)
+        os.dup2(from_browser, 4)
+        self.proc = subprocess.Popen(
+            [exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
+             f"--user-data-dir={self.profile}", f"--window-size={WIDTH},{HEIGHT}",
+             "--hide-scrollbars", "about:blank"],
+            pass_fds=(3, 4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        os.close(3), os.close(4), os.close(to_browser), os.close(from_browser)
+        self.next_id, self.buffer = 0, b""
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)[
+            "sessionId"
+        ]
+        self.call("Page.enable", session=True)
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            session=True, width=WIDTH, height=HEIGHT, deviceScaleFactor=1, mobile=False,
+        )  # fmt: skip
+
+    def call(self, method: str, session: bool = False, **params) -> dict:
+        self.next_id += 1
+        message = {"id": self.next_id, "method": method, "params": params}
+        if session:
+            message["sessionId"] = self.session
+        os.write(self.write_fd, json.dumps(message).encode() + b"\0")
+        while True:
+            while b"\0" not in self.buffer:
+                self.buffer += os.read(self.read_fd, 1 << 20)
+            raw, self.buffer = self.buffer.split(b"\0", 1)
+            answer = json.loads(raw)
+            if answer.get("id") == self.next_id:
+                if "error" in answer:
+                    raise RuntimeError(f"{method}: {answer['error']}")
+                return answer.get("result", {})
+
+    def js(self, expression: str):
+        result = self.call("Runtime.evaluate", session=True, expression=expression,
+                           awaitPromise=True, returnByValue=True)  # fmt: skip
+        return result.get("result", {}).get("value")
+
+    def open(self, url: str, settle_s: float = 8) -> str:
+        self.call("Page.navigate", session=True, url=url)
+        time.sleep(settle_s)  # the UI renders after its API calls answer
+        return self.js("document.body.innerText") or ""
+
+    def shot(self, path: Path) -> None:
+        png = self.call("Page.captureScreenshot", session=True, format="png")["data"]
+        path.write_bytes(base64.b64decode(png))
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+CLICK = """(() => {{
+  const want = {text!r};
+  const all = [...document.querySelectorAll('button, [role=button], [role=menuitem], label, span')];
+  const hit = all.find(e => e.innerText && e.innerText.trim() === want);
+  if (!hit) return 'no ' + want;
+  hit.click(); return 'clicked ' + want;
+}})()"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("study")
+    parser.add_argument("--ui", default="http://127.0.0.1:5000")
+    parser.add_argument("--tracking-uri", default="sqlite:///mlruns/mlflow.db")
+    parser.add_argument("--out", type=Path, default=Path("docs"))
+    args = parser.parse_args()
+    client = MlflowClient(args.tracking_uri)
+    exp = client.get_experiment_by_name(args.study)
+    final = client.search_runs([exp.experiment_id], "tags.role = 'final'", max_results=1)[0]
+    report = client.search_runs([exp.experiment_id], "tags.role = 'report'", max_results=1)
+    base = f"{args.ui}/#/experiments/{exp.experiment_id}"
+    finals = urllib.parse.quote("tags.role = 'final'")
+    browser = Browser()
+    try:
+        pages = [
+            ("ui-runs.png", f"{base}/runs?workflowType=machine_learning", []),
+            (
+                "ui-run-curves.png",
+                f"{base}/runs/{final.info.run_id}/model-metrics",
+                [],
+            ),
+            (
+                "ui-variants-chart.png",
+                f"{base}/runs?workflowType=machine_learning&searchFilter={finals}"
+                "&compareRunsMode=CHART",
+                ["Group by", "variant"],
+            ),
+        ]
+        if report:
+            pages.append(("ui-report.png", f"{base}/runs/{report[0].info.run_id}", []))
+        for name, url, clicks in pages:
+            text = browser.open(url)
+            for label in clicks:
+                print("  ", browser.js(CLICK.format(text=label)))
+                time.sleep(3)
+                text = browser.js("document.body.innerText") or ""
+            browser.shot(args.out / name)
+            print(f"{args.out / name}: {url}\n   shows: {' '.join(text.split())[:300]}")
+    finally:
+        browser.close()
+
+
+if __name__ == "__main__":
+    main()
