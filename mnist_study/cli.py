@@ -1,15 +1,15 @@
-"""`mnist-study` command line: data, train, bench (and the study commands)."""
+"""The `mnist-study` command line: its arguments (the training flags built from the typed
+config) and the dispatch to commands.py; an error meant for the user is one line, exit 2."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import shlex
-import statistics
 import sys
 import typing
 from pathlib import Path
 
+from mnist_study import commands
 from mnist_study.errors import ConfigError, DataError
 from mnist_study.study.files import DEFAULT_STORAGE, DEFAULT_TRACKING_URI
 from mnist_study.training.config import TrainConfig, field_docs
@@ -55,215 +55,12 @@ def add_storage(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    changes = {k: getattr(args, k) for k in typing.get_type_hints(TrainConfig)}
-    return TrainConfig().replace(
-        "command line", **{k: v for k, v in changes.items() if v is not None}
-    )
-
-
-def cmd_data(args: argparse.Namespace) -> int:
-    from mnist_study.training.data import fetch, raw_dir
-
-    source = fetch(args.data_root)
-    print(f"MNIST ready in {raw_dir(args.data_root)} ({source}; checksums verified)")
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from mnist_study.training.dataset import load_splits
-    from mnist_study.training.train import check_device
-
-    base = config_from_args(args)
-    check_device(base, "command line")
-    seeds = args.seeds if args.seeds else [base.seed]
-    for seed in seeds:
-        base.replace("--seeds", seed=seed)
-    splits = load_splits(args.data_root, base)
-    tracker = None
-    if args.mlflow:
-        from mnist_study.study.tracking import Tracker, check_tracking_uri, prepare_store
-
-        check_tracking_uri(args.tracking_uri)
-        tracker = Tracker(args.tracking_uri, prepare_store(args.tracking_uri, args.mlflow))
-    finals = [train_seed(base.replace(seed=seed), splits, args.test, tracker) for seed in seeds]
-    if len(seeds) > 1:
-        keys = ["train_acc", "val_acc"] + (["test_acc"] if args.test else [])
-        summary = ", ".join(
-            f"{k} {statistics.mean(f[k] for f in finals):.4f} "
-            f"± {statistics.stdev(f[k] for f in finals):.4f}"
-            for k in keys
-        )
-        print(f"{len(seeds)} seeds (mean ± sd): {summary}")
-    return 0
-
-
-def train_seed(cfg: TrainConfig, splits, test: bool, tracker) -> dict[str, float]:
-    """One run of `train`: a line per evaluation point, optionally mirrored to MLflow."""
-    from mnist_study.study.tracked_run import TrackedRun, point_line, train_tracked
-    from mnist_study.training.train import resolve_device
-
-    print(
-        f"seed {cfg.seed}: {len(splits.train_x):,} train / {len(splits.val_x):,} val images, "
-        + (f"{cfg.steps} steps" if cfg.steps else f"{cfg.epochs} epochs")
-        + f", batch {cfg.batch_size}, {cfg.precision}"
-    )
-    run = TrackedRun()
-    if tracker is not None:
-        from mnist_study.study.tracking import provenance
-
-        tags = {"role": "train", **provenance(cfg, str(resolve_device(cfg)), "mnist-study train")}
-        run = TrackedRun(tracker, tracker.create_run(f"train/seed-{cfg.seed}", cfg, tags, test))
-    final = train_tracked(
-        cfg,
-        lambda: splits,
-        run,
-        test=test,
-        on_point=lambda point, last, m: print(point_line(cfg, point, last, m)),
-    )
-    if test:
-        print(f"  test acc {final['test_acc']:.4f} loss {final['test_loss']:.4f}")
-    return final
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from mnist_study.training.bench import run_bench
-
-    run_bench(
-        args.data_root, args.steps, args.rounds, args.json, args.study_workers, args.processes
-    )
-    return 0
-
-
-def cmd_precision(args: argparse.Namespace) -> int:
-    import json
-
-    from mnist_study.analysis.precision import compare_precisions
-
-    if args.seeds < 2 or not 0 < args.margin < 100:
-        raise ConfigError("--seeds must be >= 2 and --margin in (0, 100) points")
-    result = compare_precisions(args.data_root, args.seeds, args.margin / 100)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    from mnist_study.errors import StudyIncomplete, WorkerRefused
-    from mnist_study.study.processes import auto_workers, cap_threads, cap_workers, parse_workers
-    from mnist_study.study.runner import RunOptions, run_study
-    from mnist_study.study.signals import Interrupted
-    from mnist_study.study.spec import load_spec
-    from mnist_study.study.storage import check_storage_url
-    from mnist_study.training.train import resolve_device
-
-    spec = load_spec(args.spec)
-    check_storage_url(args.storage)
-    if not 0 <= args.threads <= 1024:
-        raise ConfigError(f"--threads {args.threads}: must be in [0, 1024] (0: automatic)")
-    requested = parse_workers(args.workers)
-    if requested == "auto":
-        cuda = resolve_device(spec.defaults).type == "cuda"
-        workers, why = auto_workers(cuda)
-        print(f"--workers auto: {workers} ({why})", flush=True)
-    else:
-        workers = cap_workers(requested)
-    opts = RunOptions(
-        tracking_uri=args.tracking_uri,
-        storage=args.storage,
-        data_root=str(args.data_root),
-        workers=workers,
-        threads=cap_threads(args.threads),
-        quiet=args.quiet,
-    )
-    s = spec.settings
-    cells = f" x {len(s.train_sizes)} training-set sizes" if s.train_sizes else ""
-    tunings = f" x {s.tunings} tunings" if s.tunings > 1 else ""
-    print(
-        f"study {spec.name!r}: {len(spec.variants)} variants{cells}{tunings} x ({s.trials} "
-        f"trials + {len(s.seeds)} seeds); MLflow {args.tracking_uri}, "
-        f"Optuna {args.storage}; {workers} worker(s), "
-        f"{opts.threads or spec.defaults.threads or 1} thread(s) per run",
-        flush=True,
-    )
-    try:
-        run_study(spec, opts)
-    except KeyboardInterrupt as exc:
-        print(
-            f"interrupted ({exc or 'SIGINT'}): finished trials are kept, those in progress "
-            f"are marked FAIL; run the same command again to resume",
-            file=sys.stderr,
-        )
-        return exc.exit_code if isinstance(exc, Interrupted) else 130
-    except StudyIncomplete as exc:
-        print(f"mnist-study: {exc}", file=sys.stderr)
-        return 1
-    except WorkerRefused:  # the worker said why, in one line
-        return 2
-    report = shlex.join(["mnist-study", "report", str(args.spec), *opts.store_args()])
-    ui = (
-        "make ui"
-        if args.tracking_uri == DEFAULT_TRACKING_URI
-        else shlex.join(["mlflow", "ui", "--backend-store-uri", args.tracking_uri])
-    )
-    print(
-        f"study {spec.name!r} complete in MLflow {args.tracking_uri} and Optuna "
-        f"{args.storage}. Report: {report}   Browse: {ui}"
-    )
-    return 0
-
-
-def runs_link(ui: str, experiment_id: str) -> str:
-    """An experiment's runs in MLflow's UI. The 3.x UI opens a bare experiment link on its
-    GenAI overview whatever the experiment's tags; this query opens the runs table in
-    Model-training mode."""
-    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-
-
-def cmd_studies(args: argparse.Namespace) -> int:
-    """Each study in the store with its address in the MLflow UI."""
-    from mlflow.tracking import MlflowClient
-
-    from mnist_study.study.tracking import check_tracking_uri
-
-    check_tracking_uri(args.tracking_uri, must_exist=True)
-    found = MlflowClient(args.tracking_uri).search_experiments(filter_string="name != 'Default'")
-    for exp in found:
-        print(f"  {exp.name:<12} {runs_link(args.ui, exp.experiment_id)}")
-    if not found:
-        print("  no studies yet: make quick, or make ablations")
-    return 0
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from mlflow.tracking import MlflowClient
-
-    from mnist_study.analysis.publish import write_report
-    from mnist_study.study.spec import load_spec
-    from mnist_study.study.tracking import check_tracking_uri
-
-    study = str(args.study)
-    if study.endswith(".toml"):
-        study = load_spec(study).name
-    check_tracking_uri(args.tracking_uri, must_exist=True)
-    if MlflowClient(args.tracking_uri).get_experiment_by_name(study) is None:
-        raise ConfigError(
-            f"no study {study!r} in {args.tracking_uri}; run it first "
-            f"(mnist-study run SPEC) or pass --tracking-uri"
-        )
-    before = args.page.read_text() if args.page and args.page.exists() else None
-    body = write_report(args.tracking_uri, study, args.out, args.page, args.storage)
-    print(body)
-    page = ""
-    if args.page:
-        same = args.page.read_text() == before
-        page = f"; {args.page} " + ("already up to date" if same else "updated")
-    print(f"\nwrote {args.out / study}/{page}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mnist-study", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="mnist-study",
+        description="What actually stops a small CNN from overfitting MNIST? Train one "
+        "configuration, run a tuned and seeded study of the variants, report it.",
+    )
     parser.add_argument(
         "--data-root",
         type=Path,
@@ -271,11 +68,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder holding MNIST/raw (default: data)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    add_training_commands(sub)
+    add_study_commands(sub)
+    return parser
 
+
+def add_data_root(p: argparse.ArgumentParser) -> None:
+    """--data-root after the command too (`run SPEC --data-root D`), shown in its --help."""
+    p.add_argument(
+        "--data-root",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help=f"folder holding MNIST/raw (default: {DEFAULT_DATA_ROOT})",
+    )
+
+
+def add_training_commands(sub) -> None:
     p = sub.add_parser("data", help="fetch and verify the four MNIST files")
-    p.set_defaults(func=cmd_data)
+    add_data_root(p)
+    p.set_defaults(func=commands.cmd_data)
 
     p = sub.add_parser("train", help="train one configuration, one line per epoch")
+    add_data_root(p)
     add_config_flags(p)
     p.add_argument("--seeds", type=int, nargs="+", help="train once per seed, then mean ± sd")
     p.add_argument("--test", action="store_true", help="evaluate on the test set at the end")
@@ -283,9 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--mlflow", metavar="EXPERIMENT", help="also log each seed's run to this MLflow experiment"
     )
     add_tracking_uri(p, "MLflow store for --mlflow")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=commands.cmd_train)
 
     p = sub.add_parser("bench", help="textbook loop vs our trainer, side by side")
+    add_data_root(p)
     p.add_argument("--steps", type=int, default=300, help="steps at batch 64 per measurement")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median kept)")
     p.add_argument("--json", type=Path, help="also write the figures as JSON here")
@@ -300,14 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="also time this whole study with 1 and then 2 workers (minutes)",
     )
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=commands.cmd_bench)
     p = sub.add_parser("precision", help="bf16 against fp32: paired equivalence test over seeds")
+    add_data_root(p)
     p.add_argument("--seeds", type=int, default=10, help="seeds per precision")
     p.add_argument("--margin", type=float, default=0.1, help="equivalence margin, points")
     p.add_argument("--json", type=Path, help="also write the figures as JSON here")
-    p.set_defaults(func=cmd_precision)
+    p.set_defaults(func=commands.cmd_precision)
+
+
+def add_study_commands(sub) -> None:
     p = sub.add_parser("run", help="run a study spec: tune every variant, then final seeds")
     p.add_argument("spec", type=Path, help="experiment file, e.g. experiments/ablations.toml")
+    add_data_root(p)
     add_tracking_uri(p, "MLflow store")
     add_storage(p, "Optuna storage: a journal file, sqlite:///PATH or postgresql://...")
     p.add_argument(
@@ -324,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with other thread counts round differently",
     )
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines, only per run")
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=commands.cmd_run)
 
     p = sub.add_parser("report", help="results table, figures and checks of a study, from MLflow")
     p.add_argument("study", help="experiment file or study name, e.g. experiments/ablations.toml")
@@ -337,12 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the results into this Markdown page, between the study's markers "
         "(a new page is made), figures beside it in figures/STUDY/; e.g. docs/ablations.md",
     )
-    p.set_defaults(func=cmd_report)
+    p.set_defaults(func=commands.cmd_report)
     p = sub.add_parser("studies", help="the studies in an MLflow store, with their UI addresses")
     add_tracking_uri(p, "MLflow store to read")
     p.add_argument("--ui", default="http://127.0.0.1:5000", help="the MLflow UI's address")
-    p.set_defaults(func=cmd_studies)
-    return parser
+    p.set_defaults(func=commands.cmd_studies)
 
 
 def main(argv: list[str] | None = None) -> int:

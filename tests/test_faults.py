@@ -587,7 +587,7 @@ def test_a_store_half_built_by_a_kill_is_refused_in_one_line(tmp_path, capsys):
 def test_a_new_store_is_built_aside_and_renamed_into_place(tmp_path):
     """What a kill during a build leaves is a `.building` file, never a half-built store:
     the next command builds afresh beside it."""
-    from mnist_study.study.tracking import prepare_store
+    from mnist_study.study.experiment import prepare_store
 
     tracking = stores(tmp_path)[0]
     (tmp_path / "mlflow.db.building").write_bytes(b"SQLite format 3\x00 and then a kill")

@@ -15,7 +15,7 @@ from mnist_study.analysis.collect import collect
 from mnist_study.analysis.publish import busy_minutes, markers, seed_ranges, write_report
 from mnist_study.analysis.report import summarize
 from mnist_study.analysis.significance import holm
-from mnist_study.study.tracking import prepare_store
+from mnist_study.study.experiment import prepare_store
 
 MARK_START, MARK_END = markers("smoke")
 README = f"# Title\n\nintro\n\n{MARK_START}\nold results\n{MARK_END}\n\n## After\n"

@@ -27,13 +27,14 @@ from helpers import (
 from mlflow.tracking import MlflowClient
 
 from mnist_study.analysis.publish import write_report
+from mnist_study.study.experiment import create_experiment, find_experiment
 from mnist_study.study.files import file_lock
 from mnist_study.study.records import study_names
 from mnist_study.study.runner import RunOptions, run_study
 from mnist_study.study.spec import load_spec
 from mnist_study.study.sqlite_store import creation_lock, sqlite_file
 from mnist_study.study.storage import open_storage
-from mnist_study.study.tracking import Tracker, create_experiment, find_experiment
+from mnist_study.study.tracking import Tracker
 from mnist_study.training.config import TrainConfig
 
 SMOKE = REPO / "experiments" / "smoke.toml"

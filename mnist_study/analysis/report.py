@@ -16,7 +16,7 @@ import pandas as pd
 
 from mnist_study.analysis.collect import StudyData
 from mnist_study.analysis.luck import comparisons, test_acc_groups
-from mnist_study.analysis.significance import holm, interval, welch_half_width, welch_p
+from mnist_study.analysis.significance import TuningLuck, holm, interval, welch_half_width, welch_p
 
 
 def per_seed_gaps(curves: pd.DataFrame, variant: str, epoch: int | None) -> dict[str, list]:
@@ -50,75 +50,82 @@ def replicated(data: StudyData) -> bool:
 
 
 def summarize(data: StudyData) -> pd.DataFrame:
-    runs, rows = data.runs, []
-    luck = comparisons(runs, data.variants) if replicated(data) else {}
-    base_accs = test_accs(runs, "baseline")
+    """One row per variant: its test accuracy and its difference from the baseline (the
+    interval carrying tuning luck where the study tuned each cell several times), the
+    gaps, its trials and time; p-values Holm-adjusted over the variants."""
+    luck = comparisons(data.runs, data.variants) if replicated(data) else {}
+    base_accs = test_accs(data.runs, "baseline")
     base_gaps = per_seed_gaps(data.curves, "baseline", None).get("acc_gap", [])
+    rows = []
     for variant in data.variants:
-        mine = runs[runs["tags.variant"] == variant] if not runs.empty else runs
-        parent = mine[mine["tags.role"] == "variant"] if not mine.empty else mine
-        tune = mine[mine["tags.role"] == "tune"] if not mine.empty else mine
-        accs = test_accs(runs, variant)
-        mean, half = interval(accs) if accs else (math.nan, math.nan)
-        last = per_seed_gaps(data.curves, variant, None)
-        best_epoch = best_val_epoch(data.curves, variant)
-        best = per_seed_gaps(data.curves, variant, best_epoch) if best_epoch else {}
-        states = tune["tags.optuna_state"].value_counts() if not tune.empty else {}
-        tuned = tuned_points(parent)
-        seeds_p = welch_p(accs, base_accs) if variant != "baseline" else math.nan
-        mine_luck = luck.get(variant)
-        rows.append(
-            {
-                "variant": variant,
-                "change": description(data, variant),
-                "tuned": ", ".join(
-                    f"{k}=" + " / ".join(f"{x:.3g}" for x in tuned[k])
-                    for k in sorted(tuned, key=lambda k: (k != "lr", k))
-                ),
-                "test_acc_mean": mean,
-                "test_acc_ci95": half,
-                "n": len(accs),
-                "diff_vs_baseline": mean - statistics.mean(base_accs)
-                if base_accs and accs
-                else math.nan,
-                "diff_ci95": welch_half_width(accs, base_accs)
-                if variant != "baseline"
-                else math.nan,
-                "p_welch": seeds_p,
-                "p_diff": seeds_p,
-                "train_acc_last": avg(last.get("train_acc")),
-                "val_acc_last": avg(last.get("val_acc")),
-                "acc_gap_last": avg(last.get("acc_gap")),
-                "loss_gap_last": avg(last.get("loss_gap")),
-                "acc_gap_best": avg(best.get("acc_gap")),
-                "loss_gap_best": avg(best.get("loss_gap")),
-                "gap_p_welch": welch_p(last.get("acc_gap", []), base_gaps)
-                if variant != "baseline"
-                else math.nan,
-                "best_val_epoch": best_epoch,
-                "trials_complete": int(states.get("COMPLETE", 0)),
-                "trials_pruned": int(states.get("PRUNED", 0)),
-                "trials_failed": int(states.get("FAIL", 0)),
-                "train_s_per_run": run_seconds(data.curves, variant),
-                "tuned_params": tuned,
-            }
-        )
-        if mine_luck is not None:  # the comparison carries tuning luck
-            rows[-1] |= {
-                "diff_vs_baseline": mine_luck.diff,
-                "diff_ci95": mine_luck.half_width,
-                "p_diff": mine_luck.p,
-                "diff_low": mine_luck.low,
-                "diff_high": mine_luck.high,
-                "seed_ci95": mine_luck.seed_half_width,
-                "p_better": mine_luck.p_better,
-                "same_sign": mine_luck.same_sign,
-                "tunings": mine_luck.tunings,
-            }
+        rows.append(variant_row(data, variant, base_accs, base_gaps))
+        if variant in luck:  # the comparison carries tuning luck
+            rows[-1] |= luck_columns(luck[variant])
     table = pd.DataFrame(rows)
     table["p_holm"] = holm(table.p_diff)
     table["gap_p_holm"] = holm(table.gap_p_welch)
     return table
+
+
+def variant_row(data: StudyData, variant: str, base_accs: list, base_gaps: list) -> dict:
+    """A variant's row, its comparison over seeds alone (Welch)."""
+    runs = data.runs
+    mine = runs[runs["tags.variant"] == variant] if not runs.empty else runs
+    parent = mine[mine["tags.role"] == "variant"] if not mine.empty else mine
+    tune = mine[mine["tags.role"] == "tune"] if not mine.empty else mine
+    accs = test_accs(runs, variant)
+    mean, half = interval(accs) if accs else (math.nan, math.nan)
+    last = per_seed_gaps(data.curves, variant, None)
+    best_epoch = best_val_epoch(data.curves, variant)
+    best = per_seed_gaps(data.curves, variant, best_epoch) if best_epoch else {}
+    states = tune["tags.optuna_state"].value_counts() if not tune.empty else {}
+    tuned = tuned_points(parent)
+    seeds_p = welch_p(accs, base_accs) if variant != "baseline" else math.nan
+    return {
+        "variant": variant,
+        "change": description(data, variant),
+        "tuned": ", ".join(
+            f"{k}=" + " / ".join(f"{x:.3g}" for x in tuned[k])
+            for k in sorted(tuned, key=lambda k: (k != "lr", k))
+        ),
+        "test_acc_mean": mean,
+        "test_acc_ci95": half,
+        "n": len(accs),
+        "diff_vs_baseline": mean - statistics.mean(base_accs) if base_accs and accs else math.nan,
+        "diff_ci95": welch_half_width(accs, base_accs) if variant != "baseline" else math.nan,
+        "p_welch": seeds_p,
+        "p_diff": seeds_p,
+        "train_acc_last": avg(last.get("train_acc")),
+        "val_acc_last": avg(last.get("val_acc")),
+        "acc_gap_last": avg(last.get("acc_gap")),
+        "loss_gap_last": avg(last.get("loss_gap")),
+        "acc_gap_best": avg(best.get("acc_gap")),
+        "loss_gap_best": avg(best.get("loss_gap")),
+        "gap_p_welch": welch_p(last.get("acc_gap", []), base_gaps)
+        if variant != "baseline"
+        else math.nan,
+        "best_val_epoch": best_epoch,
+        "trials_complete": int(states.get("COMPLETE", 0)),
+        "trials_pruned": int(states.get("PRUNED", 0)),
+        "trials_failed": int(states.get("FAIL", 0)),
+        "train_s_per_run": run_seconds(data.curves, variant),
+        "tuned_params": tuned,
+    }
+
+
+def luck_columns(luck: TuningLuck) -> dict:
+    """The comparison over tunings and seeds (hierarchical bootstrap), in place of Welch's."""
+    return {
+        "diff_vs_baseline": luck.diff,
+        "diff_ci95": luck.half_width,
+        "p_diff": luck.p,
+        "diff_low": luck.low,
+        "diff_high": luck.high,
+        "seed_ci95": luck.seed_half_width,
+        "p_better": luck.p_better,
+        "same_sign": luck.same_sign,
+        "tunings": luck.tunings,
+    }
 
 
 def tuned_points(parent: pd.DataFrame) -> dict[str, list[float]]:

@@ -12,9 +12,9 @@ import optuna
 from mlflow.tracking import MlflowClient
 
 from mnist_study.errors import ConfigError, SpecError, StoresDisagree
+from mnist_study.study.experiment import find_experiment
 from mnist_study.study.legacy import spec_from_record
 from mnist_study.study.spec import StudySpec, Tuning, design
-from mnist_study.study.tracking import find_experiment
 
 
 def study_names(spec: StudySpec, tuning: Tuning) -> tuple[str, str]:

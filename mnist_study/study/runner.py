@@ -14,6 +14,7 @@ import optuna
 
 from mnist_study.errors import StorageLost, StudyIncomplete
 from mnist_study.study import storage as st
+from mnist_study.study.experiment import check_tracking_uri, experiment_tags, prepare_store
 from mnist_study.study.legacy import recorded_spec_text
 from mnist_study.study.processes import REFUSED, run_workers
 from mnist_study.study.records import (
@@ -26,7 +27,7 @@ from mnist_study.study.records import (
 from mnist_study.study.scheduler import progress_counts, reap_studies
 from mnist_study.study.signals import Interrupted
 from mnist_study.study.spec import StudySpec, Tuning
-from mnist_study.study.tracking import Tracker, check_tracking_uri, experiment_tags, prepare_store
+from mnist_study.study.tracking import Tracker
 from mnist_study.study.worker import RunOptions, Worker
 from mnist_study.training.dataset import load_splits
 from mnist_study.training.train import check_device

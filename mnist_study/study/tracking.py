@@ -5,33 +5,19 @@ ids, so several worker processes can log into the same store without shared stat
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import importlib.metadata
 import logging
-import platform
-import subprocess
 import tempfile
 import time
-import urllib.request
-from collections.abc import Callable
-from pathlib import Path
 
-import mlflow
-import optuna
 import torch
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.entities import DatasetInput, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mnist_study.errors import ConfigError
-from mnist_study.study.files import check_writable_folder, file_lock
 from mnist_study.study.outcome import Outcome
+from mnist_study.study.provenance import mnist_inputs
 from mnist_study.study.spec import Variant
-from mnist_study.study.sqlite_store import build_store, check_store_file, creation_lock, sqlite_file
-from mnist_study.training.config import MNIST_TEST_IMAGES, TrainConfig
-from mnist_study.training.data import checksums
-from mnist_study.training.machine import cpu_model
+from mnist_study.training.config import TrainConfig
 
 PARENT_TAG = "mlflow.parentRunId"
 # The MLflow 3 UI opens an experiment by its kind: training runs, not GenAI traces.
@@ -39,6 +25,9 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # MLflow's UI groups a run's charts by the prefix before '/': accuracy and loss each
 # get a section with train, validation (and test) side by side. Code and history dicts
 # use the short names; these are the names in MLflow, written and read only through here.
+SPEC_TAG = "mnist_study.spec"  # the resolved spec (JSON) a study started with
+
+
 METRIC_NAMES = {
     "train_acc": "accuracy/train",
     "val_acc": "accuracy/validation",
@@ -55,203 +44,6 @@ METRIC_NAMES = {
     "n_final": "final/seeds",
     "best_val_acc": "final/best_val_acc",
 }
-
-
-# Where the MNIST files come from; ours are byte-identical (their MD5s are checked).
-MNIST_ORIGIN = "http://yann.lecun.com/exdb/mnist/"
-TRAIN_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
-TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-
-
-SCHEMES = ("sqlite:///", "postgresql://", "postgresql+psycopg://", "http://", "https://")
-
-
-def check_tracking_uri(tracking_uri: str, must_exist: bool = False) -> None:
-    """Refuse an unsupported scheme, an unwritable folder for a new SQLite store (or, with
-    must_exist, a missing one: reading never creates a store), an unreachable server."""
-    if not tracking_uri.startswith(SCHEMES):
-        raise ConfigError(
-            f"--tracking-uri {tracking_uri}: unsupported; use sqlite:///PATH (one machine), "
-            f"http://HOST:PORT (an MLflow server) or postgresql://USER@HOST/DB"
-        )
-    database = sqlite_file(tracking_uri)
-    if database is not None:
-        if must_exist and not database.is_file():
-            raise ConfigError(
-                f"--tracking-uri {tracking_uri}: no MLflow store at {database}; "
-                f"run a study first or give the right path"
-            )
-        check_writable_folder(database, "--tracking-uri")
-        if database.is_file() and database.stat().st_size:
-            with open(database, "rb") as f:
-                if f.read(16) != b"SQLite format 3\x00":
-                    raise ConfigError(
-                        f"--tracking-uri {tracking_uri}: {database} is not an SQLite "
-                        f"database; restore the MLflow store or give another path"
-                    )
-            with file_lock(creation_lock(database)):  # not while another builds it
-                check_store_file(tracking_uri, database)
-    elif tracking_uri.startswith(("http://", "https://")):
-        check_server(tracking_uri)
-
-
-def check_server(tracking_uri: str, timeout_s: float = 5) -> None:
-    """Fail in seconds, not minutes, on a server that does not answer: one timed request
-    to its health endpoint (MLflow's client would retry for minutes)."""
-    url = f"{tracking_uri.rstrip('/')}/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as answer:
-            answer.read()
-    except (OSError, ValueError) as exc:  # refused, timed out, not HTTP, an HTTP error
-        raise ConfigError(
-            f"--tracking-uri {tracking_uri}: the MLflow server does not answer "
-            f"({type(exc).__name__}); start it (mlflow server ...) or check the address"
-        ) from None
-
-
-SPEC_TAG = "mnist_study.spec"  # the resolved spec (JSON) a study started with
-
-
-def prepare_store(
-    tracking_uri: str,
-    experiment: str,
-    description: str = "",
-    spec_json: str = "",
-    check_recorded: Callable[[dict[str, str]], None] | None = None,
-) -> str:
-    """Create the database and the experiment once, before any worker starts; an
-    existing experiment's recorded spec is first passed to `check_recorded` (which
-    raises to refuse it).
-
-    Several processes creating a fresh SQLite store at once race on its tables (two
-    commands started together): they take turns under a lock beside the database, so
-    the spec that one records is the spec the other compares with.
-    """
-    database = sqlite_file(tracking_uri)
-    args = (tracking_uri, experiment, description, spec_json, check_recorded)
-    if database is None:
-        return create_experiment(*args)
-    with file_lock(creation_lock(database)):
-        if not database.exists():
-            build_store(database)
-        return create_experiment(*args)
-
-
-def create_experiment(
-    tracking_uri: str,
-    experiment: str,
-    description: str,
-    spec_json: str,
-    check_recorded: Callable[[dict[str, str]], None] | None = None,
-) -> str:
-    database = sqlite_file(tracking_uri)
-    client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is not None:
-        if check_recorded is not None:
-            check_recorded(found.tags)
-        return found.experiment_id
-    location = None  # a tracking server (http) decides where artifacts go
-    if database is not None:
-        location = ((database.parent / "artifacts").resolve() / experiment).as_uri()
-    elif not tracking_uri.startswith(("http://", "https://")):  # a database: local folder
-        location = (Path("mlruns/artifacts").resolve() / experiment).as_uri()
-    tags = dict(EXPERIMENT_KIND)
-    if description:
-        tags["mlflow.note.content"] = description
-    if spec_json:
-        tags[SPEC_TAG] = spec_json
-    return client.create_experiment(experiment, artifact_location=location, tags=tags)
-
-
-def find_experiment(tracking_uri: str, experiment: str):
-    """The experiment, or None; a SQLite store that does not exist yet is not created
-    just to look."""
-    database = sqlite_file(tracking_uri)
-    if database is None:
-        return MlflowClient(tracking_uri).get_experiment_by_name(experiment)
-    if not database.exists():
-        return None
-    # Opening a store whose tables another command is still creating would run MLflow's
-    # migrations a second time, at once ("expected to match one row"): wait for it.
-    with file_lock(creation_lock(database)):
-        return MlflowClient(tracking_uri).get_experiment_by_name(experiment)
-
-
-def experiment_tags(tracking_uri: str, experiment: str) -> dict[str, str] | None:
-    """The tags of the experiment, if it exists (its recorded spec among them)."""
-    found = find_experiment(tracking_uri, experiment)
-    return None if found is None else found.tags
-
-
-@functools.cache
-def git_commit() -> str:
-    try:
-        repo = Path(__file__).resolve().parents[2]
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=repo,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def provenance(cfg: TrainConfig, device: str, source: str) -> dict[str, str]:
-    """Tags saying what made a run: MLflow's own source tags (shown by its UI), the dirty
-    flag beside them in git_commit, versions, device, and the data's checksums."""
-    commit = git_commit()
-    tags = {
-        "mlflow.source.name": source,
-        "mlflow.source.type": "LOCAL",
-        "mlflow.source.git.commit": commit.removesuffix("-dirty"),
-        "git_commit": commit,
-        "torch_version": torch.__version__,
-        # Its version from the package metadata: importing torchvision costs seconds
-        # (it pulls in torch._dynamo), in every worker, and nothing here uses it.
-        "torchvision_version": importlib.metadata.version("torchvision"),
-        "optuna_version": optuna.__version__,
-        "mlflow_version": mlflow.__version__,
-        "device": device,
-        "precision": cfg.precision,
-        "threads": str(cfg.threads or torch.get_num_threads()),
-        "host": platform.node(),
-        "cpu": cpu_model(),
-    }
-    tags |= {f"mnist_md5.{name}": md5 for name, md5 in checksums().items()}
-    return tags
-
-
-def mnist_inputs(cfg: TrainConfig, test: bool) -> list[DatasetInput]:
-    """MNIST as MLflow datasets, one per context (train, validation, and test on final
-    runs), each with a digest of the files' MD5s and the split that cut it."""
-    from mlflow.data.http_dataset_source import HTTPDatasetSource
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
-
-    md5 = checksums()
-    split = f"val_size={cfg.val_size},split_seed={cfg.split_seed}"
-
-    def dataset(context: str, name: str, files: tuple[str, ...], cut: str) -> DatasetInput:
-        digest = hashlib.sha256(",".join([*(md5[f] for f in files), cut]).encode())
-        meta = MetaDataset(HTTPDatasetSource(MNIST_ORIGIN), name, digest.hexdigest()[:20])
-        return DatasetInput(meta._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)])
-
-    out = [
-        dataset(
-            "train", f"mnist-train-{cfg.train_size}", TRAIN_FILES, f"{split},n={cfg.train_size}"
-        ),
-        dataset("validation", f"mnist-validation-{cfg.val_size}", TRAIN_FILES, split),
-    ]
-    if test:  # the whole test set's digest as before subsets of it could be scored
-        cut = "test" if cfg.test_size == MNIST_TEST_IMAGES else f"test,n={cfg.test_size}"
-        out.append(dataset("test", f"mnist-test-{cfg.test_size}", TEST_FILES, cut))
-    return out
 
 
 class Tracker:

@@ -13,14 +13,16 @@ import optuna
 from optuna.trial import TrialState
 
 from mnist_study.study import storage as st
+from mnist_study.study.console import Console
 from mnist_study.study.files import store_flags
 from mnist_study.study.outcome import Outcome
 from mnist_study.study.proposals import proposal_seed
+from mnist_study.study.provenance import provenance
 from mnist_study.study.scheduler import Idle, Scheduler, Unit, best_trial, progress_counts
 from mnist_study.study.signals import Interrupted, stop_if_signalled, stopping_on_signals
 from mnist_study.study.spec import StudySpec, Variant
 from mnist_study.study.tracked_run import TrackedRun, point_line, point_name, train_tracked
-from mnist_study.study.tracking import Tracker, provenance
+from mnist_study.study.tracking import Tracker
 from mnist_study.training.dataset import load_splits
 from mnist_study.training.train import resolve_device
 
@@ -70,8 +72,8 @@ class Worker:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.tracker = Tracker(opts.tracking_uri, experiment_id)
         self.scheduler = Scheduler(spec, opts.storage, self.tracker, index, self.open_parent)
-        self.started, self.done_at_start = time.time(), None
-        self.said_waiting = 0.0
+        self.console = Console(index, opts.workers, opts.quiet)
+        self.say = self.console.say
 
     def loop(self) -> None:
         with stopping_on_signals():
@@ -83,18 +85,11 @@ class Worker:
                 if unit is Idle.DONE:
                     break
                 if unit is Idle.WAIT:  # others run the trial the next unit depends on
-                    self.say_waiting()
+                    self.console.waiting(self.scheduler.waiting_on)
                     time.sleep(1)
                     continue
                 self.run_unit(unit)
         self.say(f"worker {self.index}: nothing left to do", force=True)
-
-    def say_waiting(self) -> None:
-        """Once a minute, the units on other hosts that this worker waits for."""
-        if self.scheduler.waiting_on and time.time() - self.said_waiting > 60:
-            for line in self.scheduler.waiting_on:
-                self.say(f"worker {self.index}: {line}", force=True)
-            self.said_waiting = time.time()
 
     def open_parent(self, cell: Variant) -> str:
         cfg = self.spec.config_for(cell, {})
@@ -119,7 +114,8 @@ class Worker:
         shown = ", ".join(
             f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
         )
-        self.say(f"{self.progress()} {name}: {shown}", force=True)
+        done = progress_counts(self.spec, self.scheduler.storage)
+        self.say(f"{self.console.progress(*done)} {name}: {shown}", force=True)
         self.train_unit(unit, cfg, run_id)
 
     def open_run(self, unit: Unit) -> tuple[str, dict, object, str]:
@@ -205,26 +201,3 @@ class Worker:
             return
         if final:
             self.say(f"    test acc {result['test_acc']:.4f}", force=True)
-
-    def progress(self) -> str:
-        done, total = progress_counts(self.spec, self.scheduler.storage)
-        if self.done_at_start is None:
-            self.done_at_start = done
-        elapsed = time.time() - self.started
-        left = ""
-        if done > self.done_at_start:
-            rate = elapsed / (done - self.done_at_start)
-            left = f", ~{minutes(rate * (total - done))} left"
-        return f"[w{self.index} {done}/{total} done | {minutes(elapsed)}{left}]"
-
-    def say(self, text: str, force: bool = False) -> None:
-        """A line of output; with several workers, tagged with this one's number."""
-        if self.opts.workers > 1 and not text.startswith(("[w", "worker ")):
-            text = f"[w{self.index}] {text}"
-        if force or not self.opts.quiet:
-            print(text, flush=True)
-
-
-def minutes(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"

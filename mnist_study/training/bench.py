@@ -246,20 +246,7 @@ def run_bench(
             values = ", ".join(f"{v[-1]:,.0f}" for v in samples.values())
             print(f"round {r}/{rounds}: {values}")
     flops = train_flops_per_image(SeedCNN())
-    rows = []
-    for name, values in samples.items():
-        ips = statistics.median(values)
-        share = ips * flops / 1e9 / peak if "fp32" in name and peak else None
-        # Ratio within each round (measured side by side), then the median over rounds.
-        ratio = statistics.median(v / t for v, t in zip(values, samples[textbook], strict=True))
-        rows.append(
-            {
-                "setup": name,
-                "images_per_s": round(ips),
-                "speedup": round(ratio, 2),
-                "fp32_peak_share": None if share is None else round(share, 3),
-            }
-        )
+    rows = summary_rows(samples, textbook, flops, peak)
     machine = f"{cpu_model()}, {torch.get_num_threads()} threads"
     if device == "cuda":
         machine = f"{torch.cuda.get_device_name()} (host: {machine})"
@@ -288,6 +275,27 @@ def run_bench(
         json_path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {json_path}")
     return result
+
+
+def summary_rows(
+    samples: dict[str, list[float]], textbook: str, flops: float, peak: float
+) -> list[dict]:
+    """Per setup: the median images/s, its ratio to the textbook loop (within each round,
+    measured side by side, then the median over rounds), its share of the fp32 peak."""
+    rows = []
+    for name, values in samples.items():
+        ips = statistics.median(values)
+        share = ips * flops / 1e9 / peak if "fp32" in name and peak else None
+        ratio = statistics.median(v / t for v, t in zip(values, samples[textbook], strict=True))
+        rows.append(
+            {
+                "setup": name,
+                "images_per_s": round(ips),
+                "speedup": round(ratio, 2),
+                "fp32_peak_share": None if share is None else round(share, 3),
+            }
+        )
+    return rows
 
 
 def format_table(result: dict) -> str:

@@ -165,10 +165,6 @@ def coerce(source: str, key: str, value: object, hint: object) -> object:
     return value
 
 
-def field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(TrainConfig)]
-
-
 def field_docs() -> dict[str, str]:
     """Each field's docstring (the string literal under it), for --help and the README."""
     import ast

@@ -1,0 +1,227 @@
+"""What each `mnist-study` command does, given its parsed arguments; each imports what it
+needs when it runs, so that `--help` and argument errors cost no torch import."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import typing
+
+from mnist_study.errors import ConfigError
+from mnist_study.study.files import DEFAULT_TRACKING_URI
+from mnist_study.training.config import TrainConfig
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    changes = {k: getattr(args, k) for k in typing.get_type_hints(TrainConfig)}
+    return TrainConfig().replace(
+        "command line", **{k: v for k, v in changes.items() if v is not None}
+    )
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from mnist_study.training.data import fetch, raw_dir
+
+    source = fetch(args.data_root)
+    print(f"MNIST ready in {raw_dir(args.data_root)} ({source}; checksums verified)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mnist_study.training.dataset import load_splits
+    from mnist_study.training.train import check_device
+
+    base = config_from_args(args)
+    check_device(base, "command line")
+    seeds = args.seeds if args.seeds else [base.seed]
+    for seed in seeds:
+        base.replace("--seeds", seed=seed)
+    splits = load_splits(args.data_root, base)
+    tracker = None
+    if args.mlflow:
+        from mnist_study.study.experiment import check_tracking_uri, prepare_store
+        from mnist_study.study.tracking import Tracker
+
+        check_tracking_uri(args.tracking_uri)
+        tracker = Tracker(args.tracking_uri, prepare_store(args.tracking_uri, args.mlflow))
+    finals = [train_seed(base.replace(seed=seed), splits, args.test, tracker) for seed in seeds]
+    if len(seeds) > 1:
+        keys = ["train_acc", "val_acc"] + (["test_acc"] if args.test else [])
+        summary = ", ".join(
+            f"{k} {statistics.mean(f[k] for f in finals):.4f} "
+            f"± {statistics.stdev(f[k] for f in finals):.4f}"
+            for k in keys
+        )
+        print(f"{len(seeds)} seeds (mean ± sd): {summary}")
+    return 0
+
+
+def train_seed(cfg: TrainConfig, splits, test: bool, tracker) -> dict[str, float]:
+    """One run of `train`: a line per evaluation point, optionally mirrored to MLflow."""
+    from mnist_study.study.tracked_run import TrackedRun, point_line, train_tracked
+    from mnist_study.training.train import resolve_device
+
+    print(
+        f"seed {cfg.seed}: {len(splits.train_x):,} train / {len(splits.val_x):,} val images, "
+        + (f"{cfg.steps} steps" if cfg.steps else f"{cfg.epochs} epochs")
+        + f", batch {cfg.batch_size}, {cfg.precision}"
+    )
+    run = TrackedRun()
+    if tracker is not None:
+        from mnist_study.study.provenance import provenance
+
+        tags = {"role": "train", **provenance(cfg, str(resolve_device(cfg)), "mnist-study train")}
+        run = TrackedRun(tracker, tracker.create_run(f"train/seed-{cfg.seed}", cfg, tags, test))
+    final = train_tracked(
+        cfg,
+        lambda: splits,
+        run,
+        test=test,
+        on_point=lambda point, last, m: print(point_line(cfg, point, last, m)),
+    )
+    if test:
+        print(f"  test acc {final['test_acc']:.4f} loss {final['test_loss']:.4f}")
+    return final
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mnist_study.training.bench import run_bench
+
+    run_bench(
+        args.data_root, args.steps, args.rounds, args.json, args.study_workers, args.processes
+    )
+    return 0
+
+
+def cmd_precision(args: argparse.Namespace) -> int:
+    import json
+
+    from mnist_study.analysis.precision import compare_precisions
+
+    if args.seeds < 2 or not 0 < args.margin < 100:
+        raise ConfigError("--seeds must be >= 2 and --margin in (0, 100) points")
+    result = compare_precisions(args.data_root, args.seeds, args.margin / 100)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mnist_study.errors import StudyIncomplete, WorkerRefused
+    from mnist_study.study.processes import cap_threads
+    from mnist_study.study.runner import RunOptions, run_study
+    from mnist_study.study.signals import Interrupted
+    from mnist_study.study.spec import load_spec
+    from mnist_study.study.storage import check_storage_url
+
+    spec = load_spec(args.spec)
+    check_storage_url(args.storage)
+    if not 0 <= args.threads <= 1024:
+        raise ConfigError(f"--threads {args.threads}: must be in [0, 1024] (0: automatic)")
+    opts = RunOptions(
+        tracking_uri=args.tracking_uri,
+        storage=args.storage,
+        data_root=str(args.data_root),
+        workers=choose_workers(args.workers, spec),
+        threads=cap_threads(args.threads),
+        quiet=args.quiet,
+    )
+    s = spec.settings
+    cells = f" x {len(s.train_sizes)} training-set sizes" if s.train_sizes else ""
+    tunings = f" x {s.tunings} tunings" if s.tunings > 1 else ""
+    print(
+        f"study {spec.name!r}: {len(spec.variants)} variants{cells}{tunings} x ({s.trials} "
+        f"trials + {len(s.seeds)} seeds); MLflow {args.tracking_uri}, "
+        f"Optuna {args.storage}; {opts.workers} worker(s), "
+        f"{opts.threads or spec.defaults.threads or 1} thread(s) per run",
+        flush=True,
+    )
+    try:
+        run_study(spec, opts)
+    except KeyboardInterrupt as exc:
+        print(
+            f"interrupted ({exc or 'SIGINT'}): finished trials are kept, those in progress "
+            f"are marked FAIL; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return exc.exit_code if isinstance(exc, Interrupted) else 130
+    except StudyIncomplete as exc:
+        print(f"mnist-study: {exc}", file=sys.stderr)
+        return 1
+    except WorkerRefused:  # the worker said why, in one line
+        return 2
+    report = shlex.join(["mnist-study", "report", str(args.spec), *opts.store_args()])
+    ui = (
+        "make ui"
+        if args.tracking_uri == DEFAULT_TRACKING_URI
+        else shlex.join(["mlflow", "ui", "--backend-store-uri", args.tracking_uri])
+    )
+    print(
+        f"study {spec.name!r} complete in MLflow {args.tracking_uri} and Optuna "
+        f"{args.storage}. Report: {report}   Browse: {ui}"
+    )
+    return 0
+
+
+def choose_workers(value: str, spec) -> int:
+    """`--workers`: a count (capped by what the machine holds), or `auto`, said aloud."""
+    from mnist_study.study.processes import auto_workers, cap_workers, parse_workers
+    from mnist_study.training.train import resolve_device
+
+    requested = parse_workers(value)
+    if requested != "auto":
+        return cap_workers(requested)
+    workers, why = auto_workers(resolve_device(spec.defaults).type == "cuda")
+    print(f"--workers auto: {workers} ({why})", flush=True)
+    return workers
+
+
+def runs_link(ui: str, experiment_id: str) -> str:
+    """An experiment's runs in MLflow's UI. The 3.x UI opens a bare experiment link on its
+    GenAI overview whatever the experiment's tags; this query opens the runs table in
+    Model-training mode."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def cmd_studies(args: argparse.Namespace) -> int:
+    """Each study in the store with its address in the MLflow UI."""
+    from mlflow.tracking import MlflowClient
+
+    from mnist_study.study.experiment import check_tracking_uri
+
+    check_tracking_uri(args.tracking_uri, must_exist=True)
+    found = MlflowClient(args.tracking_uri).search_experiments(filter_string="name != 'Default'")
+    for exp in found:
+        print(f"  {exp.name:<12} {runs_link(args.ui, exp.experiment_id)}")
+    if not found:
+        print("  no studies yet: make quick, or make ablations")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from mnist_study.analysis.publish import write_report
+    from mnist_study.study.experiment import check_tracking_uri
+    from mnist_study.study.spec import load_spec
+
+    study = str(args.study)
+    if study.endswith(".toml"):
+        study = load_spec(study).name
+    check_tracking_uri(args.tracking_uri, must_exist=True)
+    if MlflowClient(args.tracking_uri).get_experiment_by_name(study) is None:
+        raise ConfigError(
+            f"no study {study!r} in {args.tracking_uri}; run it first "
+            f"(mnist-study run SPEC) or pass --tracking-uri"
+        )
+    before = args.page.read_text() if args.page and args.page.exists() else None
+    body = write_report(args.tracking_uri, study, args.out, args.page, args.storage)
+    print(body)
+    page = ""
+    if args.page:
+        same = args.page.read_text() == before
+        page = f"; {args.page} " + ("already up to date" if same else "updated")
+    print(f"\nwrote {args.out / study}/{page}")
+    return 0

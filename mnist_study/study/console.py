@@ -1,0 +1,46 @@
+"""What a worker prints: one line per run with the study's progress and time left, its
+evaluation lines unless --quiet, and each line tagged with the worker's number when
+several share the console."""
+
+from __future__ import annotations
+
+import time
+
+
+class Console:
+    def __init__(self, index: int, workers: int, quiet: bool):
+        self.index, self.workers, self.quiet = index, workers, quiet
+        self.started, self.done_at_start = time.time(), None
+        self.said_waiting = 0.0
+
+    def say(self, text: str, force: bool = False) -> None:
+        """A line of output (`force`: even with --quiet); with several workers, tagged
+        with this one's number."""
+        if self.workers > 1 and not text.startswith(("[w", "worker ")):
+            text = f"[w{self.index}] {text}"
+        if force or not self.quiet:
+            print(text, flush=True)
+
+    def progress(self, done: int, total: int) -> str:
+        """`[w0 12/576 done | 4m10s, ~1h20m left]`: the time left from this worker's pace
+        since it started (units others did before it started are not counted)."""
+        if self.done_at_start is None:
+            self.done_at_start = done
+        elapsed = time.time() - self.started
+        left = ""
+        if done > self.done_at_start:
+            rate = elapsed / (done - self.done_at_start)
+            left = f", ~{minutes(rate * (total - done))} left"
+        return f"[w{self.index} {done}/{total} done | {minutes(elapsed)}{left}]"
+
+    def waiting(self, lines: list[str]) -> None:
+        """Once a minute, the units on other hosts that this worker waits for."""
+        if lines and time.time() - self.said_waiting > 60:
+            for line in lines:
+                self.say(f"worker {self.index}: {line}", force=True)
+            self.said_waiting = time.time()
+
+
+def minutes(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
