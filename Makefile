@@ -49,10 +49,10 @@ train: data ## train one configuration, e.g. make train ARGS="--batchnorm --epoc
 	@$(BIN)/mnist-study --data-root $(DATA) train $(ARGS)
 
 test: data ## run the tests (CPU, ~7 min; real MNIST and stores in tmp dirs), slow ones apart
-	@$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_JOBS) --dist loadgroup --durations=10 $(ARGS)
+	@$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_JOBS) --dist loadfile --durations=10 $(ARGS)
 
 test-slow: data ## the slow tests: determinism, killed workers and sweeps, signals, concurrent commands, PostgreSQL, mlflow server (~22 min)
-	@$(BIN)/python -m pytest -q -m slow -n $(TEST_JOBS) --dist loadgroup --durations=10 $(ARGS)
+	@$(BIN)/python -m pytest -q -m slow -n $(TEST_JOBS) --dist loadfile --durations=10 $(ARGS)
 
 lint: $(BIN)/.installed ## ruff (lint, formatting) and import-linter (imports go down: cli, analysis, study, training; no circles)
 	@$(BIN)/ruff check .

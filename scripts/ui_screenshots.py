@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import fcntl
 import json
 import os
 import shutil
@@ -32,17 +33,26 @@ class Browser:
     def __init__(self) -> None:
         exe = shutil.which("chromium") or shutil.which("chromium-browser")
         self.profile = tempfile.mkdtemp(prefix="chromium-")
-        to_browser, self.write_fd = os.pipe()
-        self.read_fd, from_browser = os.pipe()
-        os.dup2(to_browser, 3)
-        os.dup2(from_browser, 4)
+        child_r, self.write_fd = os.pipe()
+        self.read_fd, child_w = os.pipe()
+        # The child's ends above the low numbers, so that moving them to 3 and 4 in the
+        # child cannot overwrite one with the other.
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 20) for fd in (child_r, child_w)]
+        os.close(child_r), os.close(child_w)
+
+        def to_3_and_4() -> None:
+            os.dup2(high[0], 3)
+            os.dup2(high[1], 4)
+
         self.proc = subprocess.Popen(
             [exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
              f"--user-data-dir={self.profile}", f"--window-size={WIDTH},{HEIGHT}",
              "--hide-scrollbars", "about:blank"],
-            pass_fds=(3, 4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            pass_fds=(3, 4), preexec_fn=to_3_and_4,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        os.close(3), os.close(4), os.close(to_browser), os.close(from_browser)
+        for fd in high:
+            os.close(fd)
         self.next_id, self.buffer = 0, b""
         target = self.call("Target.createTarget", url="about:blank")["targetId"]
         self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)[

@@ -10,17 +10,6 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = REPO / "data"
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (make test runs 2 processes), the tests that read one shared
-    study run in one process, so that it is run once, not once per process."""
-    for item in items:
-        for fixture in ("smoke_study", "finished", "sweep"):
-            if fixture in getattr(item, "fixturenames", ()):
-                item.add_marker(pytest.mark.xdist_group(fixture))
-                break
-
-
 @pytest.fixture(scope="session")
 def mnist_root() -> Path:
     from mnist_study.training.data import fetch
@@ -39,13 +28,23 @@ def small_splits(mnist_root):
 
 
 @pytest.fixture(scope="session")
-def smoke_study(tmp_path_factory, mnist_root):
-    """experiments/smoke.toml run once, in-process, into real stores in a tmp dir."""
+def smoke_study(tmp_path_factory, worker_id, mnist_root):
+    """experiments/smoke.toml run once, in-process, into real stores in a tmp dir. Under
+    pytest-xdist (make test runs 2 processes) the first process to need it runs it and
+    the others wait for it, then read the same stores."""
+    from mnist_study.study.files import file_lock
     from mnist_study.study.runner import RunOptions, run_study
     from mnist_study.study.spec import load_spec
 
-    tmp = tmp_path_factory.mktemp("smoke")
+    shared = tmp_path_factory.getbasetemp()
+    if worker_id != "master":  # each process has its own basetemp under the session's
+        shared = shared.parent
+    tmp = shared / "smoke"
     tracking, storage = f"sqlite:///{tmp}/mlflow.db", str(tmp / "optuna.journal")
     spec = load_spec(REPO / "experiments" / "smoke.toml")
-    run_study(spec, RunOptions(tracking, storage, str(mnist_root)))
+    with file_lock(shared / "smoke.lock"):
+        if not (tmp / "done").exists():
+            tmp.mkdir(exist_ok=True)
+            run_study(spec, RunOptions(tracking, storage, str(mnist_root)))
+            (tmp / "done").touch()
     return spec, tracking, storage
