@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Issue 10's GPU checks in one go, on a machine with a CUDA GPU and no registry. From the
-# project root, after `bash ../shared/gpu/make-bundle.sh` here, on the GPU machine:
-#   OUT=some/dir bash .gpu/run.sh bash scripts/gpu-checks.sh
+# The GPU checks of docs/speed.md in one go, on a machine with a CUDA GPU whose python3
+# has the project's packages (torch with CUDA, mlflow, optuna, pandas, matplotlib,
+# scipy) and MNIST in data/. From the project root:
+#   OUT=some/dir bash scripts/gpu-checks.sh
 # Writes into $OUT: gpu_checks.json (variants, graph vs eager, divergence, processes per
 # GPU), bench.json (textbook vs ours), and per worker count the ablation study's wall
 # time and log; the first count's stores and report too. Options (environment):

@@ -1,4 +1,4 @@
-"""Issue 10's checks on a CUDA GPU that need more than `mnist-study bench`: every variant
+"""The GPU checks that need more than `mnist-study bench`: every variant
 trains as a CUDA graph, graph and eager end at the same accuracy, a diverged run is
 caught with its epoch, and how many processes keep one GPU busy.
 
