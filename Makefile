@@ -52,7 +52,7 @@ test: data ## run the tests (CPU, ~7 min; real MNIST and stores in tmp dirs), sl
 	@$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_JOBS) --dist loadfile --durations=10 $(ARGS)
 
 test-slow: data ## the slow tests: determinism, killed workers and sweeps, signals, concurrent commands, PostgreSQL, mlflow server (~22 min)
-	@$(BIN)/python -m pytest -q -m slow -n $(TEST_JOBS) --dist loadfile --durations=10 $(ARGS)
+	@$(BIN)/python -m pytest -q -m slow -n $(TEST_JOBS) --dist load --durations=10 $(ARGS)
 
 lint: $(BIN)/.installed ## ruff (lint, formatting) and import-linter (imports go down: cli, analysis, study, training; no circles)
 	@$(BIN)/ruff check .

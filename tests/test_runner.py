@@ -133,14 +133,17 @@ def test_running_again_redoes_nothing(smoke_study, mnist_root):
     assert len(runs(tracking, spec.name)[1]) == before
 
 
+EXPERIMENTS = sorted((REPO / "experiments").glob("*.toml"))
+
+
 @pytest.mark.slow
-def test_every_experiment_file_runs_shrunk(tmp_path, mnist_root):
-    for path in sorted((REPO / "experiments").glob("*.toml")):
-        spec = shrink(load_spec(path))
-        tracking, storage = stores(tmp_path / path.stem)
-        run_study(spec, RunOptions(tracking, storage, str(mnist_root), log_models=False))
-        states = trial_states(storage, spec)
-        assert all(s["COMPLETE"] + s["PRUNED"] == 1 for s in states.values())
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+def test_every_experiment_file_runs_shrunk(tmp_path, mnist_root, path):
+    spec = shrink(load_spec(path))
+    tracking, storage = stores(tmp_path)
+    run_study(spec, RunOptions(tracking, storage, str(mnist_root), log_models=False))
+    states = trial_states(storage, spec)
+    assert all(s["COMPLETE"] + s["PRUNED"] == 1 for s in states.values())
 
 
 def test_nan_trials_are_pruned_with_reason_and_the_study_goes_on(tmp_path, mnist_root):

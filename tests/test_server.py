@@ -78,7 +78,7 @@ def test_two_workers_log_a_study_to_an_mlflow_server_and_it_reports(tmp_path, ml
     body = write_report(mlflow_server, "tiny", tmp_path / "reports", storage=storage)
     assert "| baseline |" in body and "**Checks**: none raised." in body
     # The final runs' models went through the server into its artifact root.
-    models = list((tmp_path / "artifacts").glob("*/models/*/artifacts/MLmodel"))
+    models = list((tmp_path / "artifacts").glob("*/*/artifacts/model/MLmodel"))
     assert len(models) == 2 * len(spec.settings.seeds)
 
     # The link `mnist-study studies` prints (and `make ui` shows) opens the runs table,
