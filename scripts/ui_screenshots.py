@@ -3,7 +3,7 @@ clean profile (no banner, no pop-up), driven over the DevTools protocol on a pip
 
 Run (with `make ui`, or `mlflow ui --backend-store-uri ...`, serving the study):
     .venv/bin/python scripts/ui_screenshots.py STUDY [--ui http://127.0.0.1:5000] [--out docs]
-Writes docs/ui-runs.png, ui-run-curves.png, ui-variants-chart.png and ui-report.png, and
+Writes docs/ui-runs.png, ui-run-curves.png, ui-cells-chart.png and ui-report.png, and
 prints the first words of each page so that what it shows is checked, not assumed.
 """
 
@@ -88,6 +88,8 @@ class Browser:
     def open(self, url: str, settle_s: float = 8) -> str:
         self.call("Page.navigate", session=True, url=url)
         time.sleep(settle_s)  # the UI renders after its API calls answer
+        self.js(CLOSE_ASSISTANT)
+        time.sleep(1)
         return self.js("document.body.innerText") or ""
 
     def shot(self, path: Path) -> None:
@@ -100,12 +102,19 @@ class Browser:
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
-CLICK = """(() => {{
+# MLflow 3.17 opens its Assistant panel beside every page; its Close button shuts it.
+CLOSE_ASSISTANT = """(() => {
+  const close = document.querySelector('button[aria-label="Close"]');
+  if (close) close.click();
+  return Boolean(close);
+})()"""
+
+SCROLL_TO = """(() => {{
   const want = {text!r};
-  const all = [...document.querySelectorAll('button, [role=button], [role=menuitem], label, span')];
-  const hit = all.find(e => e.innerText && e.innerText.trim() === want);
+  const hit = [...document.querySelectorAll('span, div, h2, h3')]
+    .find(e => e.innerText && e.innerText.trim().startsWith(want) && e.children.length < 3);
   if (!hit) return 'no ' + want;
-  hit.click(); return 'clicked ' + want;
+  hit.scrollIntoView({{block: 'start'}}); return 'scrolled to ' + want;
 }})()"""
 
 
@@ -121,31 +130,26 @@ def main() -> None:
     final = client.search_runs([exp.experiment_id], "tags.role = 'final'", max_results=1)[0]
     report = client.search_runs([exp.experiment_id], "tags.role = 'report'", max_results=1)
     base = f"{args.ui}/#/experiments/{exp.experiment_id}"
-    finals = urllib.parse.quote("tags.role = 'final'")
+    cells = urllib.parse.quote("tags.role = 'variant'")
+    mode = "workflowType=machine_learning"
     browser = Browser()
     try:
         pages = [
-            ("ui-runs.png", f"{base}/runs?workflowType=machine_learning", []),
+            ("ui-runs.png", f"{base}/runs?{mode}", None),
+            ("ui-run-curves.png", f"{base}/runs/{final.info.run_id}/model-metrics?{mode}", None),
             (
-                "ui-run-curves.png",
-                f"{base}/runs/{final.info.run_id}/model-metrics",
-                [],
-            ),
-            (
-                "ui-variants-chart.png",
-                f"{base}/runs?workflowType=machine_learning&searchFilter={finals}"
-                "&compareRunsMode=CHART",
-                ["Group by", "variant"],
+                "ui-cells-chart.png",
+                f"{base}/runs?{mode}&searchFilter={cells}&compareRunsMode=CHART",
+                "final (",
             ),
         ]
         if report:
-            pages.append(("ui-report.png", f"{base}/runs/{report[0].info.run_id}", []))
-        for name, url, clicks in pages:
+            pages.append(("ui-report.png", f"{base}/runs/{report[0].info.run_id}?{mode}", None))
+        for name, url, scroll in pages:
             text = browser.open(url)
-            for label in clicks:
-                print("  ", browser.js(CLICK.format(text=label)))
-                time.sleep(3)
-                text = browser.js("document.body.innerText") or ""
+            if scroll:
+                print("  ", browser.js(SCROLL_TO.format(text=scroll)))
+                time.sleep(2)
             browser.shot(args.out / name)
             print(f"{args.out / name}: {url}\n   shows: {' '.join(text.split())[:300]}")
     finally:

@@ -181,5 +181,8 @@ def test_the_report_is_one_run_inside_mlflow_linked_from_the_experiment(smoke_re
     assert {"results.md", "results.csv", "curves.png", "test_acc.png"} <= logged
     experiment = client.get_experiment_by_name(spec.name)
     description = experiment.tags["mlflow.note.content"]
-    link = f"(#/experiments/{experiment.experiment_id}/runs/{report.info.run_id})"
+    link = (
+        f"(#/experiments/{experiment.experiment_id}/runs/{report.info.run_id}"
+        "?workflowType=machine_learning)"
+    )
     assert description.count("Comparison (tables, verdicts, figures):") == 1 and link in description

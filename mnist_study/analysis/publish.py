@@ -193,7 +193,8 @@ def log_report_run(tracking_uri: str, study: str, folder: Path, body: str, comma
         client.log_artifact(run_id, str(path))
     client.set_terminated(run_id, "FINISHED")
     description = experiment.tags.get("mlflow.note.content", "").split(f"\n\n{REPORT_LINK}")[0]
-    link = f"#/experiments/{experiment.experiment_id}/runs/{run_id}"
+    # The query keeps MLflow's UI in Model-training mode (a bare link opens GenAI's).
+    link = f"#/experiments/{experiment.experiment_id}/runs/{run_id}?workflowType=machine_learning"
     client.set_experiment_tag(
         experiment.experiment_id,
         "mlflow.note.content",
