@@ -1,5 +1,6 @@
 """Writing a study's report out: reports/<study>/ (Markdown, CSV, figures), the figures
-on the variant parent runs in MLflow, and the README's results section."""
+on the variant parent runs and a `report` run in MLflow, and a study's section of a
+Markdown page (docs/STUDY.md)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from mnist_study.study.legacy import recorded_command
 
 
 def markers(study: str) -> tuple[str, str]:
-    """The README comments that enclose a study's section (one pair per study)."""
+    """The Markdown comments that enclose a study's section in a page (one pair per study)."""
     return f"<!-- results:{study}:start -->", f"<!-- results:{study}:end -->"
 
 

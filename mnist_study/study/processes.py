@@ -30,7 +30,7 @@ def worker_cap() -> tuple[int, str]:
 
 
 # Processes sharing one GPU. Measured on an H100 with CUDA graphs (scripts/gpu-checks.sh,
-# README "Speed"): one process already keeps it busy (159k images/s; 1 to 8 processes
+# docs/speed.md): one process already keeps it busy (159k images/s; 1 to 8 processes
 # together 155k-157k), as processes time-share the GPU. More than one only keep it fed
 # while another logs, evaluates or starts; 4 ran the ablation study in 161-165 s.
 GPU_WORKERS = 4

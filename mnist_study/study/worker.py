@@ -60,6 +60,8 @@ class RunOptions:
 
 
 class Worker:
+    """Runs the units its scheduler claims until none is left, one at a time."""
+
     def __init__(
         self,
         spec: StudySpec,
