@@ -178,23 +178,16 @@ def choose_workers(value: str, spec) -> int:
     return workers
 
 
-def runs_link(ui: str, experiment_id: str) -> str:
-    """An experiment's runs in MLflow's UI. The 3.x UI opens a bare experiment link on its
-    GenAI overview whatever the experiment's tags; this query opens the runs table in
-    Model-training mode."""
-    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-
-
 def cmd_studies(args: argparse.Namespace) -> int:
     """Each study in the store with its address in the MLflow UI."""
     from mlflow.tracking import MlflowClient
 
-    from mnist_study.study.experiment import check_tracking_uri
+    from mnist_study.study.experiment import check_tracking_uri, ui_link
 
     check_tracking_uri(args.tracking_uri, must_exist=True)
     found = MlflowClient(args.tracking_uri).search_experiments(filter_string="name != 'Default'")
     for exp in found:
-        print(f"  {exp.name:<12} {runs_link(args.ui, exp.experiment_id)}")
+        print(f"  {exp.name:<12} {ui_link(exp.experiment_id, ui=args.ui)}")
     if not found:
         print("  no studies yet: make quick, or make ablations")
     return 0

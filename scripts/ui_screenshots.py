@@ -23,6 +23,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from mnist_study.study.experiment import ui_link
+
 WIDTH, HEIGHT = 1600, 1000
 
 
@@ -129,22 +131,22 @@ def main() -> None:
     exp = client.get_experiment_by_name(args.study)
     final = client.search_runs([exp.experiment_id], "tags.role = 'final'", max_results=1)[0]
     report = client.search_runs([exp.experiment_id], "tags.role = 'report'", max_results=1)
-    base = f"{args.ui}/#/experiments/{exp.experiment_id}"
+    runs = ui_link(exp.experiment_id, ui=args.ui)  # the link `make ui` prints
     cells = urllib.parse.quote("tags.role = 'variant'")
-    mode = "workflowType=machine_learning"
     browser = Browser()
     try:
         pages = [
-            ("ui-runs.png", f"{base}/runs?{mode}", None),
-            ("ui-run-curves.png", f"{base}/runs/{final.info.run_id}/model-metrics?{mode}", None),
+            ("ui-runs.png", runs, None),
             (
-                "ui-cells-chart.png",
-                f"{base}/runs?{mode}&searchFilter={cells}&compareRunsMode=CHART",
-                "final (",
+                "ui-run-curves.png",
+                ui_link(exp.experiment_id, f"runs/{final.info.run_id}/model-metrics", args.ui),
+                None,
             ),
+            ("ui-cells-chart.png", f"{runs}&searchFilter={cells}&compareRunsMode=CHART", "final ("),
         ]
         if report:
-            pages.append(("ui-report.png", f"{base}/runs/{report[0].info.run_id}?{mode}", None))
+            run_page = ui_link(exp.experiment_id, f"runs/{report[0].info.run_id}", args.ui)
+            pages.append(("ui-report.png", run_page, None))
         for name, url, scroll in pages:
             text = browser.open(url)
             if scroll:

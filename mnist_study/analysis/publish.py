@@ -16,6 +16,7 @@ from mnist_study.analysis.ablation import ablation_section
 from mnist_study.analysis.collect import StudyData, collect
 from mnist_study.analysis.sweep import sweep_section
 from mnist_study.errors import SpecError
+from mnist_study.study.experiment import ui_link
 from mnist_study.study.files import DEFAULT_TRACKING_URI, store_flags
 from mnist_study.study.legacy import recorded_command
 
@@ -194,8 +195,7 @@ def log_report_run(tracking_uri: str, study: str, folder: Path, body: str, comma
         client.log_artifact(run_id, str(path))
     client.set_terminated(run_id, "FINISHED")
     description = experiment.tags.get("mlflow.note.content", "").split(f"\n\n{REPORT_LINK}")[0]
-    # The query keeps MLflow's UI in Model-training mode (a bare link opens GenAI's).
-    link = f"#/experiments/{experiment.experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    link = ui_link(experiment.experiment_id, f"runs/{run_id}")
     client.set_experiment_tag(
         experiment.experiment_id,
         "mlflow.note.content",

@@ -15,6 +15,18 @@ from mnist_study.study.files import check_writable_folder, file_lock
 from mnist_study.study.sqlite_store import build_store, check_store_file, creation_lock, sqlite_file
 from mnist_study.study.tracking import EXPERIMENT_KIND, SPEC_TAG
 
+# MLflow 3.x's UI opens a bare experiment or run link in its GenAI mode whatever the
+# experiment's tags; this query keeps it in Model-training mode (checked in Chromium).
+MODEL_TRAINING = "workflowType=machine_learning"
+
+
+def ui_link(experiment_id: str, page: str = "runs", ui: str = "") -> str:
+    """A page of an experiment in MLflow's UI, in Model-training mode: its runs table,
+    or `page` (`runs/RUN_ID`, ...); relative (for a description) unless `ui` is given."""
+    base = f"{ui.rstrip('/')}/" if ui else ""
+    return f"{base}#/experiments/{experiment_id}/{page}?{MODEL_TRAINING}"
+
+
 SCHEMES = ("sqlite:///", "postgresql://", "postgresql+psycopg://", "http://", "https://")
 
 

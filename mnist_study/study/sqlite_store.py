@@ -5,6 +5,7 @@ ever had (seconds); and refused in one line when it is half-built or corrupt."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sqlite3
@@ -58,6 +59,7 @@ def template() -> Path:
     return path
 
 
+@functools.cache  # MLflow reads every migration script to find it: seconds
 def latest_schema() -> str:
     from mlflow.store.db.utils import _get_latest_schema_revision
 
