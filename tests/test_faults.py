@@ -26,6 +26,8 @@ from helpers import (
     trial_states,
 )
 from mlflow.tracking import MlflowClient
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileSymlinkLock
 
 from mnist_study.analysis.collect import collect
 from mnist_study.analysis.publish import write_report
@@ -35,7 +37,8 @@ from mnist_study.study.processes import GPU_WORKERS, auto_workers, cap_workers, 
 from mnist_study.study.records import study_names
 from mnist_study.study.runner import RunOptions, run_study
 from mnist_study.study.spec import load_spec
-from mnist_study.study.storage import connect, open_storage, process_is_gone
+from mnist_study.study.signals import Interrupted, stopping_on_signals
+from mnist_study.study.storage import SignalSafeJournal, connect, open_storage, process_is_gone
 
 # One variant, trials long enough (seconds) to be killed mid-way.
 SLOW = """
@@ -697,3 +700,23 @@ def test_a_run_left_running_after_its_trial_ended_is_named_then_closed(finished,
     assert client.get_run(final.info.run_id).info.status == "FINISHED"
     body = write_report(tracking, "tiny", tmp_path / "reports", storage=storage)
     assert "still RUNNING" not in body
+
+
+class SignalOnRelease(JournalFileSymlinkLock):
+    """Optuna's journal lock, with SIGTERM delivered to this process mid-release: where
+    CI's SIGTERM once landed (FileNotFoundError from Optuna instead of Interrupted)."""
+
+    def release(self) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        super().release()
+
+
+def test_a_signal_inside_a_journal_write_waits_for_the_write(tmp_path):
+    path = tmp_path / "optuna.journal"
+    storage = JournalStorage(SignalSafeJournal(str(path), SignalOnRelease(str(path))))
+    with pytest.raises(Interrupted) as stopped, stopping_on_signals():
+        optuna.create_study(study_name="s", storage=storage)
+    assert stopped.value.signum == signal.SIGTERM
+    assert not Path(str(path) + ".lock").exists(), "the journal's lock was left behind"
+    assert not list(tmp_path.glob("*.rename"))
+    assert optuna.get_all_study_names(connect(str(path))) == ["s"], "the write was lost"

@@ -27,6 +27,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 _stopped_by: list[int] = []  # the signal that stopped this process, once
+_deferred = {"depth": 0, "pending": False}  # inside signals_deferred(): hold the raise
 
 
 def on_stop_signal(signum, frame) -> None:
@@ -37,7 +38,29 @@ def on_stop_signal(signum, frame) -> None:
     if _stopped_by:
         return
     _stopped_by.append(signum)
+    if _deferred["depth"]:
+        _deferred["pending"] = True
+        return
     raise Interrupted(signal.Signals(signum).name, signum)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """A stop signal inside the block raises when the block ends, not within it.
+
+    For writes that hold a lock across files: Optuna's journal lock is a symlink taken
+    and released in several system calls, and an exception raised between them either
+    leaves the lock behind (every worker then stalls for its 30 s grace period) or makes
+    Optuna's own cleanup fail (FileNotFoundError instead of Interrupted: seen in CI).
+    """
+    _deferred["depth"] += 1
+    try:
+        yield
+    finally:
+        _deferred["depth"] -= 1
+    if not _deferred["depth"] and _deferred["pending"]:
+        _deferred["pending"] = False
+        stop_if_signalled()
 
 
 def stop_if_signalled() -> None:
@@ -54,6 +77,7 @@ def stopping_on_signals():
         for sig in STOP_SIGNALS:
             previous[sig] = signal.signal(sig, on_stop_signal)
     _stopped_by.clear()
+    _deferred["pending"] = False
     try:
         yield
     finally:

@@ -26,6 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mnist_study.errors import ConfigError, StorageLost
 from mnist_study.study.files import check_writable_folder, file_lock
+from mnist_study.study.signals import signals_deferred
 
 # A worker on another host is presumed dead when its trial's heartbeat is this old.
 # Heartbeats come at each evaluation: an epoch of full MNIST on one CPU thread takes
@@ -83,7 +84,15 @@ def connect(url: str) -> optuna.storages.BaseStorage:
         return RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
     # By absolute path: Optuna's lock is a symlink to the journal, and a relative one
     # points nowhere once stale, so its stale-lock breaking never starts (a hang).
-    return JournalStorage(JournalFileBackend(str(Path(url).resolve())))
+    return JournalStorage(SignalSafeJournal(str(Path(url).resolve())))
+
+
+class SignalSafeJournal(JournalFileBackend):
+    """Optuna's journal file, whose appends a stop signal cannot cut in two."""
+
+    def append_logs(self, logs: list[dict]) -> None:
+        with signals_deferred():
+            super().append_logs(logs)
 
 
 def refuse_dangling_lock(path: Path) -> None:
