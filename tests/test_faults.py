@@ -36,8 +36,8 @@ from mnist_study.errors import ConfigError
 from mnist_study.study.processes import GPU_WORKERS, auto_workers, cap_workers, worker_cap
 from mnist_study.study.records import study_names
 from mnist_study.study.runner import RunOptions, run_study
-from mnist_study.study.spec import load_spec
 from mnist_study.study.signals import Interrupted, stopping_on_signals
+from mnist_study.study.spec import load_spec
 from mnist_study.study.storage import SignalSafeJournal, connect, open_storage, process_is_gone
 
 # One variant, trials long enough (seconds) to be killed mid-way.
