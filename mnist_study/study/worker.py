@@ -19,7 +19,12 @@ from mnist_study.study.outcome import Outcome
 from mnist_study.study.proposals import proposal_seed
 from mnist_study.study.provenance import provenance
 from mnist_study.study.scheduler import Idle, Scheduler, Unit, best_trial, progress_counts
-from mnist_study.study.signals import Interrupted, stop_if_signalled, stopping_on_signals
+from mnist_study.study.signals import (
+    Interrupted,
+    signals_deferred,
+    stop_if_signalled,
+    stopping_on_signals,
+)
 from mnist_study.study.spec import StudySpec, Variant
 from mnist_study.study.tracked_run import TrackedRun, point_line, point_name, train_tracked
 from mnist_study.study.tracking import Tracker
@@ -101,10 +106,13 @@ class Worker:
 
     def run_unit(self, unit: Unit) -> None:
         try:
-            name, params, cfg, run_id = self.open_run(unit)
-            st.set_trial_system_attrs(
-                unit.study, st.trial_id(unit.trial), {"mlflow_run_id": run_id}
-            )
+            # A signal between the run's creation and its link would leave a killed run
+            # that its FAIL trial does not name: it is raised once both are written.
+            with signals_deferred():
+                name, params, cfg, run_id = self.open_run(unit)
+                st.set_trial_system_attrs(
+                    unit.study, st.trial_id(unit.trial), {"mlflow_run_id": run_id}
+                )
         except BaseException as exc:  # stopped before the run was linked: record it now
             outcome = Outcome.of(exc)
             unit.trial.set_user_attr("fail_reason", outcome.reason(exc))
