@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 
 import pytest
-from helpers import REPO, assert_budget_met_exactly, run_two_workers
+from helpers import TINY, assert_budget_met_exactly, run_two_workers
 
 from mnist_study.study.spec import load_spec
 
@@ -69,7 +69,8 @@ def postgres_url():
 
 @pytest.mark.slow
 def test_two_workers_on_postgresql(postgres_url, tmp_path):
-    smoke = REPO / "experiments" / "smoke.toml"
+    tiny = tmp_path / "tiny.toml"
+    tiny.write_text(TINY)
     tracking, storage = f"{postgres_url}/mlflow", f"{postgres_url}/optuna"
-    run_two_workers(smoke, tracking, storage, cwd=tmp_path)
-    assert_budget_met_exactly(tracking, storage, load_spec(smoke))
+    run_two_workers(tiny, tracking, storage, cwd=tmp_path)
+    assert_budget_met_exactly(tracking, storage, load_spec(tiny))

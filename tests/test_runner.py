@@ -18,7 +18,6 @@ from helpers import (
     assert_budget_met_exactly,
     cli,
     run_main,
-    run_two_workers,
     runs,
     shrink,
     stores,
@@ -207,9 +206,9 @@ trials = 2
 seeds = [0]
 [defaults]
 epochs = 4
-train_size = 3000
-val_size = 500
-train_eval_size = 500
+train_size = 2000
+val_size = 200
+train_eval_size = 200
 test_size = 500
 [variants.first]
 search.lr = { low = 1e-3, high = 2e-3 }
@@ -278,17 +277,6 @@ def test_interrupted_mid_trial_then_resumed(tmp_path, sig):
     children = [r for r in found if r.data.tags["role"] != "variant"]
     assert not [r for r in children if r.info.status == "RUNNING"]
     assert len([r for r in children if r.data.tags["role"] == "tune"]) == 2 + 2 + 1
-
-
-@pytest.mark.slow
-def test_two_workers_share_the_budget_exactly(tmp_path):
-    tracking, storage = stores(tmp_path)
-    done = run_two_workers(SMOKE, tracking, storage)
-    assert "locked" not in done.stderr
-    found = assert_budget_met_exactly(tracking, storage, load_spec(SMOKE))
-    assert "[w0 " in done.stdout and "[w1 " in done.stdout  # both workers took units
-    threads = {r.data.tags["threads"] for r in found if r.data.tags["role"] != "variant"}
-    assert threads == {str(max(1, (os.cpu_count() or 1) // 2))}
 
 
 def test_the_experiment_opens_as_model_training_with_a_readable_description(smoke_study):
@@ -393,11 +381,10 @@ def test_a_command_looking_at_a_store_being_created_waits_for_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_console_lines_are_tagged_quiet_of_mlflow_and_end_with_a_working_report_command(
-    tmp_path,
-):
-    """Two workers into stores that are not the defaults: no INFO noise, every line a
-    worker prints says which worker, and the last line's report command works as pasted."""
+def test_two_workers_share_the_budget_exactly_and_tag_their_console_lines(tmp_path):
+    """Two workers into stores that are not the defaults: every unit run once, the cores
+    shared; no INFO noise, every line a worker prints says which worker, and the last
+    line's report command works as pasted."""
     import shlex
 
     from helpers import TINY
@@ -409,6 +396,10 @@ def test_console_lines_are_tagged_quiet_of_mlflow_and_end_with_a_working_report_
         "--workers", "2",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "locked" not in done.stderr
+    found = assert_budget_met_exactly(tracking, storage, load_spec(tmp_path / "tiny.toml"))
+    threads = {r.data.tags["threads"] for r in found if r.data.tags["role"] != "variant"}
+    assert threads == {str(max(1, (os.cpu_count() or 1) // 2))}
     assert "INFO" not in done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert not [line for line in lines if line.startswith(("    ", "baseline", "batchnorm"))]

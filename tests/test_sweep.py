@@ -35,6 +35,7 @@ train_sizes = [200, 100]
 [defaults]
 steps = 30
 evals = 10
+batch_size = 16
 val_size = 200
 train_eval_size = 100
 test_size = 500
