@@ -12,8 +12,10 @@ BIN := $(VENV)/bin
 DATA := data
 ARGS ?=
 WORKERS ?= auto
-# Test processes (pytest-xdist): one per core of a CI machine.
+# Test processes (pytest-xdist): one per core of a CI machine; the slow tests spend part
+# of their time waiting on signals, servers and locks, so one more keeps the cores busy.
 TEST_JOBS ?= 2
+SLOW_TEST_JOBS ?= 3
 TRACKING := sqlite:///mlruns/mlflow.db
 UI_PORT ?= 5000
 UV_VERSION := 0.13.9
@@ -56,7 +58,7 @@ test: data ## run the tests (CPU, ~2 min on 2 cores; real MNIST and stores in tm
 	@$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_JOBS) --dist loadfile --durations=10 $(ARGS)
 
 test-slow: data ## the slow tests: determinism, killed workers and sweeps, signals, concurrent commands, PostgreSQL, mlflow server (~9 min on 2 cores)
-	@$(BIN)/python -m pytest -q -m slow -n $(TEST_JOBS) --dist load --durations=10 $(ARGS)
+	@$(BIN)/python -m pytest -q -m slow -n $(SLOW_TEST_JOBS) --dist load --durations=10 $(ARGS)
 
 lint: $(BIN)/.installed ## ruff (lint, formatting) and import-linter (imports go down: cli, analysis, study, training; no circles)
 	@$(BIN)/ruff check .

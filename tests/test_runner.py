@@ -32,7 +32,7 @@ from mnist_study.study.records import study_names
 from mnist_study.study.runner import RunOptions, run_study
 from mnist_study.study.spec import load_spec
 from mnist_study.study.sqlite_store import creation_lock, sqlite_file
-from mnist_study.study.storage import open_storage
+from mnist_study.study.storage import connect, open_storage
 from mnist_study.study.tracking import Tracker
 from mnist_study.training.config import TrainConfig
 
@@ -233,13 +233,14 @@ def test_interrupted_mid_trial_then_resumed(tmp_path, sig):
     )
     # Wait until a trial is mid-way: RUNNING with at least one epoch reported.
     deadline = time.time() + 120
-    killed_trial = None
+    killed_trial = opened = None
     while killed_trial is None and time.time() < deadline:
         time.sleep(0.2)
         if not os.path.exists(storage):
             continue
+        opened = opened or connect(storage)  # one reader: it reads only what is new
         try:
-            study = optuna.load_study(study_name="kill.first", storage=open_storage(storage))
+            study = optuna.load_study(study_name="kill.first", storage=opened)
         except KeyError:
             continue
         for t in study.get_trials(deepcopy=False):
