@@ -160,8 +160,9 @@ def test_journal_corrupt_before_its_end_is_refused(finished, tmp_path):
 
 
 def wait_for_running_trial(storage: str, study: str, worker: int | None, timeout: float = 120):
-    """A RUNNING trial of `worker` (any if None) with its MLflow run started, in the Optuna
-    study `study` or, with a trailing '*', in any study whose name starts so."""
+    """A RUNNING trial of `worker` (any if None) with its MLflow run started and no epoch
+    reported yet (so that a signal sent now lands before it ends), in the Optuna study
+    `study` or, with a trailing '*', in any study whose name starts so."""
     deadline = time.time() + timeout
     opened = None
     while time.time() < deadline:
@@ -176,7 +177,8 @@ def wait_for_running_trial(storage: str, study: str, worker: int | None, timeout
             continue
         for t in trials:
             mine = worker is None or t.system_attrs.get("worker") == worker
-            if t.state.name == "RUNNING" and "mlflow_run_id" in t.system_attrs and mine:
+            started = "mlflow_run_id" in t.system_attrs and not t.intermediate_values
+            if t.state.name == "RUNNING" and started and mine:
                 return t
     raise AssertionError(f"no trial of worker {worker} reached mid-training in time")
 

@@ -77,7 +77,7 @@ def prepare_store(
     tracking_uri: str,
     experiment: str,
     description: str = "",
-    spec_json: str = "",
+    spec_tag: str = "",
     check_recorded: Callable[[dict[str, str]], None] | None = None,
 ) -> str:
     """Create the database and the experiment once, before any worker starts; an
@@ -89,7 +89,7 @@ def prepare_store(
     the spec that one records is the spec the other compares with.
     """
     database = sqlite_file(tracking_uri)
-    args = (tracking_uri, experiment, description, spec_json, check_recorded)
+    args = (tracking_uri, experiment, description, spec_tag, check_recorded)
     if database is None:
         return create_experiment(*args)
     with file_lock(creation_lock(database)):
@@ -102,7 +102,7 @@ def create_experiment(
     tracking_uri: str,
     experiment: str,
     description: str,
-    spec_json: str,
+    spec_tag: str,
     check_recorded: Callable[[dict[str, str]], None] | None = None,
 ) -> str:
     database = sqlite_file(tracking_uri)
@@ -120,8 +120,8 @@ def create_experiment(
     tags = dict(EXPERIMENT_KIND)
     if description:
         tags["mlflow.note.content"] = description
-    if spec_json:
-        tags[SPEC_TAG] = spec_json
+    if spec_tag:
+        tags[SPEC_TAG] = spec_tag
     return client.create_experiment(experiment, artifact_location=location, tags=tags)
 
 

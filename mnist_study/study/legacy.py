@@ -18,9 +18,12 @@ NOTE = "mlflow.note.content"
 
 
 def recorded_spec_text(tags: dict[str, str]) -> str | None:
-    """The spec an experiment recorded when its study started: the resolved JSON in its
-    spec tag; experiments from before that tag kept the spec in their description."""
-    return tags.get(SPEC_TAG) or tags.get(NOTE)
+    """The spec an experiment recorded when its study started: the resolved JSON on its
+    spec tag's last line (the first is a summary for MLflow's experiment list). Older
+    experiments: the tag held the JSON alone; before the tag, the description held the
+    spec file's TOML."""
+    value = tags.get(SPEC_TAG)
+    return value.rpartition("\n")[2] if value else tags.get(NOTE)
 
 
 def spec_from_record(text: str, path: Path) -> StudySpec:

@@ -65,6 +65,19 @@ def experiment_description(spec: StudySpec) -> str:
     ).strip()
 
 
+def spec_tag(spec: StudySpec) -> str:
+    """The experiment's spec tag: a summary line, which is what MLflow's experiment list
+    shows of a tag, then the resolved spec (one line of JSON) that a resume is checked
+    against."""
+    s = spec.settings
+    sizes = len(s.train_sizes or (spec.defaults.train_size,))
+    return (
+        f"{spec.path.name}: {len(spec.variants)} variants x {sizes} size{'s' * (sizes > 1)}; "
+        f"{s.trials} trials, {len(s.seeds)} seeds, {s.tunings} tuning{'s' * (s.tunings > 1)} "
+        f"per cell (the resolved spec follows as JSON)\n{spec.record()}"
+    )
+
+
 def run_study(spec: StudySpec, opts: RunOptions) -> None:
     """Check inputs and stores, create the studies, then run the workers until done."""
     preflight(spec, opts)
@@ -86,7 +99,7 @@ def create_stores(spec: StudySpec, opts: RunOptions) -> str:
             opts.tracking_uri,
             spec.name,
             experiment_description(spec),
-            spec.record(),
+            spec_tag(spec),
             # Compared again where the spec is recorded: two commands started at once
             # with different designs under one name both passed the preflight.
             lambda tags: refuse_changed_study(spec, recorded_spec_text(tags), opts.tracking_uri),

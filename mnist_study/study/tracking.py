@@ -25,7 +25,7 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # MLflow's UI groups a run's charts by the prefix before '/': accuracy and loss each
 # get a section with train, validation (and test) side by side. Code and history dicts
 # use the short names; these are the names in MLflow, written and read only through here.
-SPEC_TAG = "mnist_study.spec"  # the resolved spec (JSON) a study started with
+SPEC_TAG = "mnist_study.spec"  # a summary line, then the resolved spec (JSON) a study started with
 
 
 METRIC_NAMES = {
