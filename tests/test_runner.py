@@ -37,8 +37,6 @@ from mnist_study.study.storage import connect, open_storage
 from mnist_study.study.tracking import Tracker
 from mnist_study.training.config import TrainConfig
 
-SMOKE = REPO / "experiments" / "smoke.toml"
-
 
 def test_every_variant_has_its_trials_and_final_seeds(smoke_study):
     spec, tracking, storage = smoke_study
@@ -403,6 +401,7 @@ def test_two_workers_share_the_budget_exactly_and_tag_their_console_lines(tmp_pa
     assert done.returncode == 0, done.stderr[-2000:]
     assert "locked" not in done.stderr
     found = assert_budget_met_exactly(tracking, storage, load_spec(tmp_path / "tiny.toml"))
+    assert "[w0 " in done.stdout and "[w1 " in done.stdout  # both workers took units
     threads = {r.data.tags["threads"] for r in found if r.data.tags["role"] != "variant"}
     assert threads == {str(max(1, (os.cpu_count() or 1) // 2))}
     assert "INFO" not in done.stdout + done.stderr
