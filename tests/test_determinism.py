@@ -20,7 +20,7 @@ from mnist_study.study.runner import RunOptions, run_study
 from mnist_study.study.spec import load_spec, parse_spec
 from mnist_study.study.storage import open_storage
 
-# 2 sizes x 3 variants x 2 tunings: 12 tunings of 3 trials and 2 seeds, 20 steps of 16
+# 2 sizes x 3 variants x 2 tunings: 12 tunings of 3 trials and 2 seeds, 10 steps of 16
 # images a run.
 SWEEP = """
 name = "same"
@@ -31,7 +31,7 @@ startup_trials = 1
 tunings = 2
 train_sizes = [200, 100]
 [defaults]
-steps = 20
+steps = 10
 evals = 2
 batch_size = 16
 val_size = 100

@@ -181,7 +181,7 @@ def test_a_sweep_killed_mid_way_is_reported_partial_then_resumes(tmp_path):
     KILLED, no run is left RUNNING, and a FAIL trial without a run (its worker died
     between claiming it and creating the run) is named in the report's checks."""
     path = tmp_path / "sweep.toml"
-    path.write_text(SWEEP.replace("steps = 30", "steps = 60"))  # units last seconds
+    path.write_text(SWEEP.replace("steps = 30", "steps = 40"))  # units last a second or more
     tracking, storage = stores(tmp_path)
     args = ["run", str(path), "--tracking-uri", tracking, "--storage", storage]
     cmd = [sys.executable, "-m", "mnist_study", "--data-root", str(REPO / "data"), *args]
