@@ -19,6 +19,8 @@ SLOW_TEST_JOBS ?= 3
 TRACKING := sqlite:///mlruns/mlflow.db
 UI_PORT ?= 5000
 UV_VERSION := 0.13.9
+# The locked versions, compiled to .pyc (see the install rule).
+UV_INSTALL = $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -c requirements.lock
 
 .PHONY: help install lock data train test test-slow lint bench precision ablations scarcity scarcity300 replication quick report ui dashboard clean
 
@@ -36,7 +38,7 @@ $(BIN)/.installed: pyproject.toml requirements.lock
 	@# every process would otherwise compile torch and MLflow from source as it starts.
 	@# This machine's pip.conf names index folders that do not exist; hide that noise.
 	@$(BIN)/pip install --quiet uv==$(UV_VERSION) 2>&1 | { grep -v 'is ignored: it is neither' || true; }
-	@$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -c requirements.lock -e '.[dev]'
+	@$(UV_INSTALL) -e '.[dev]'
 	@touch $@
 
 install: $(BIN)/.installed ## create .venv and install the project with its dev tools
@@ -103,7 +105,7 @@ ui: $(BIN)/.installed ## MLflow UI on the study store, on 127.0.0.1 only
 
 dashboard: $(BIN)/.installed ## optuna-dashboard on the tuning studies, on 127.0.0.1 only (installs it once)
 	@test -x $(BIN)/optuna-dashboard \
-		|| $(BIN)/uv pip install --quiet --python $(BIN)/python -c requirements.lock -e '.[dashboard]'
+		|| $(UV_INSTALL) -e '.[dashboard]'
 	@test -f mlruns/optuna.journal || { echo "make dashboard: mlruns/optuna.journal does not \
 	exist yet; run a study first (make quick, make ablations)" >&2; exit 2; }
 	@echo "Optuna dashboard: http://127.0.0.1:8080"

@@ -53,11 +53,10 @@ OBJECTIVE = "validation accuracy at the last evaluation"
 def experiment_description(spec: StudySpec) -> str:
     """What the MLflow UI shows atop the study: its question, budget and how to run it."""
     s, d = spec.settings, spec.defaults
-    sizes = s.train_sizes or (d.train_size,)
     length = f"{d.steps} optimizer steps" if d.steps else f"{d.epochs} epochs"
     return (
         f"{spec.resolved.get('description', '')}\n\n"
-        f"{len(spec.variants)} variants at {', '.join(f'{n:,}' for n in sizes)} training "
+        f"{len(spec.variants)} variants at {', '.join(f'{n:,}' for n in spec.sizes)} training "
         f"images; each cell tuned by Optuna ({s.trials} trials), then {len(s.seeds)} seeds "
         f"on the test set; {length}, batch {d.batch_size}.\n\n"
         f"Spec: `{spec.path}`. Run: `mnist-study run {spec.path} --workers auto`; "
@@ -69,8 +68,7 @@ def spec_tag(spec: StudySpec) -> str:
     """The experiment's spec tag: a summary line, which is what MLflow's experiment list
     shows of a tag, then the resolved spec (one line of JSON) that a resume is checked
     against."""
-    s = spec.settings
-    sizes = len(s.train_sizes or (spec.defaults.train_size,))
+    s, sizes = spec.settings, len(spec.sizes)
     return (
         f"{spec.path.name}: {len(spec.variants)} variants x {sizes} size{'s' * (sizes > 1)}; "
         f"{s.trials} trials, {len(s.seeds)} seeds, {s.tunings} tuning{'s' * (s.tunings > 1)} "

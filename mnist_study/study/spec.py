@@ -111,6 +111,11 @@ class StudySpec:
     """The spec with its base merged in: what MLflow records, what a resume compares."""
 
     @property
+    def sizes(self) -> tuple[int, ...]:
+        """The training-set sizes the study trains on: its sweep's, or the defaults' one."""
+        return self.settings.train_sizes or (self.defaults.train_size,)
+
+    @property
     def cells(self) -> tuple[Variant, ...]:
         """The units of tuning: each variant, or in a sweep each (size, variant), the
         smallest size first (its comparisons are the ones the sweep is for)."""
