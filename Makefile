@@ -87,7 +87,7 @@ scarcity300: data ## the follow-up declared for 300 images: 20 seeds for weight 
 	@$(BIN)/mnist-study --data-root $(DATA) run experiments/scarcity300.toml --workers $(WORKERS) $(ARGS)
 	@$(BIN)/mnist-study report experiments/scarcity300.toml --page docs/scarcity.md
 
-replication: data ## every variant at 300 and 1,000 images, 3 tunings x 8 trials x 4 seeds per cell (~3 h on 2 cores; rerun to resume), then report
+replication: data ## every variant at 300 and 1,000 images, 8 tunings x (8 trials + 4 seeds) per cell (~7.5 h on 2 cores; rerun to resume), then report
 	@$(BIN)/mnist-study --data-root $(DATA) run experiments/replication.toml --workers $(WORKERS) $(ARGS)
 	@$(BIN)/mnist-study report experiments/replication.toml --page docs/replication.md
 

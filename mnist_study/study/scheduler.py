@@ -1,6 +1,7 @@
 """Which unit of a study comes next, claimed under the claim lock as an Optuna trial: in
-cell order, a tuning's trials one at a time, then its final seeds; and each cell's parent
-run, created before its first unit and closed with the cell's outcome after its last.
+rounds (claim_order), a tuning's trials one at a time, then its final seeds; and each
+cell's parent run, created before its first unit and closed with the cell's outcome after
+its last.
 
 Determinism: within a tuning, trials run one after another, each proposed from the
 tuning's earlier trials alone (proposals.py), and the pruner compares it with those
@@ -104,7 +105,7 @@ class Scheduler:
     def claim(self) -> Unit | Idle:
         """The next unit, claimed as an Optuna trial of this process; or WAIT, or DONE."""
         waiting, self.waiting_on = False, []
-        for tuning in self.spec.tunings:
+        for tuning in claim_order(self.spec):
             study = self.tune[tuning.key]
             tune = study.get_trials(deepcopy=False)
             running = [t for t in tune if t.state == TrialState.RUNNING]
@@ -190,6 +191,14 @@ class Scheduler:
             )
         self.tracker.finish(parent)
         return [f"{cell.key}: done; test acc {fmt_accs(accs)}"]
+
+
+def claim_order(spec: StudySpec) -> list[Tuning]:
+    """Size by size (in the spec's order), in rounds: every cell's first tuning, then
+    every cell's second, ... A study stopped part way then holds whole rounds, each a
+    complete smaller study of every variant, and one extended by more tunings adds rounds."""
+    size = {n: i for i, n in enumerate(spec.settings.train_sizes)}
+    return sorted(spec.tunings, key=lambda t: (size.get(t.cell.train_size, 0), t.index))
 
 
 def reap_studies(studies: list[optuna.Study], tracker: Tracker) -> None:
