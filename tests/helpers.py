@@ -19,12 +19,16 @@ from mnist_study.study.storage import open_storage
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Two variants on 300 images, 1 epoch: a whole study in seconds.
+# Two variants on 300 images, 1 epoch: a whole study in seconds. Both trials are random
+# startup points (lr 0.0026 and 0.0015 for sampler seed 0), chosen before any value is
+# seen and away from the range's edges, and unprunable (the pruner starts after 2): so no
+# report check can fire, whichever trial wins. Which one wins is not portable: 5 steps on
+# 300 images, scored on 200, tie or differ by one image as kernels round (issue 29).
 TINY = """
 [study]
 trials = 2
 seeds = [0, 1]
-startup_trials = 1
+startup_trials = 2
 [defaults]
 epochs = 1
 train_size = 300

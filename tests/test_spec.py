@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import optuna
 import pytest
-from helpers import REPO, run_main
+from helpers import REPO, TINY, run_main
 
+from mnist_study.analysis.report import at_edge
 from mnist_study.errors import ConfigError, SpecError
+from mnist_study.study.proposals import distributions, propose
 from mnist_study.study.spec import load_spec
 
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.toml"))
@@ -263,3 +266,28 @@ def test_a_changed_default_in_the_code_is_a_changed_study(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(SpecError, match="no such experiment file"):
         load_spec(Path(tmp_path / "nope.toml"))
+
+
+def test_the_tiny_spec_cannot_raise_a_check_whatever_its_trials_score(tmp_path):
+    """Tests that assert 'Checks: none raised' run TINY: its points must not depend on the
+    trials' values (which follow the CPU's rounding), sit off the range's edges, and
+    leave nothing for the pruner, so that the assertion holds on every machine."""
+    (tmp_path / "tiny.toml").write_text(TINY)
+    spec = load_spec(tmp_path / "tiny.toml")
+    s = spec.settings
+    assert s.startup_trials >= s.trials  # every trial a random startup point, unprunable
+    for tuning in spec.tunings:
+        points = []
+        for values in ((0.1, 0.9), (0.9, 0.1)):  # either trial may win
+            done = []
+            for value in values:
+                point = propose(tuning, done, s.startup_trials)
+                dist = distributions(tuning.cell)
+                trial = optuna.trial.create_trial(params=point, distributions=dist, value=value)
+                done.append(trial)
+            points.append([t.params for t in done])
+        assert points[0] == points[1]
+        for point in points[0]:
+            for key, value in point.items():
+                r = tuning.cell.search[key]
+                assert not at_edge(value, r.low, r.high, r.log), (tuning.key, key, value)

@@ -19,14 +19,23 @@ def available_memory() -> int | None:
 
 
 def cpu_model() -> str:
-    """The CPU's name and core count, for provenance and benchmarks."""
+    """The CPU's name, core count, family and model, and the kernels PyTorch dispatches
+    to on it, for provenance and benchmarks. A VM may name two processors alike ("AMD
+    EPYC"); the kernels (AVX2, AVX512) decide the rounding, so a study's numbers follow
+    them: on one CPU, forcing ATen's scalar kernels changed which trial won a tuning."""
+    import torch
+
+    fields = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    kind = f"family {fields['cpu family']} model {fields['model']}, " if "model" in fields else ""
+    kernels = torch.backends.cpu.get_cpu_capability()
+    return f"{name} x{os.cpu_count()} ({kind}{kernels} kernels)"
 
 
 def usable_cores() -> int:
