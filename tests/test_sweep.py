@@ -228,3 +228,13 @@ def test_a_sweep_killed_mid_way_is_reported_partial_then_resumes(tmp_path):
     body = write_report(tracking, "sweep", tmp_path / "reports", storage=storage)
     assert "incomplete" not in body and "not started" not in body
     assert (f"{runless} failed trial(s) have no MLflow run" in body) == (runless > 0)
+
+
+def test_units_are_claimed_in_rounds_size_by_size(tmp_path):
+    """Every cell's first tuning before any cell's second, the smaller size before the
+    larger: a study stopped part way holds whole rounds of every variant."""
+    from mnist_study.study.scheduler import claim_order
+
+    spec = parse_spec(SWEEP.replace("startup_trials = 1", "tunings = 2"), tmp_path / "s.toml")
+    order = [(t.cell.train_size, t.index, t.cell.name) for t in claim_order(spec)]
+    assert order == [(n, r, v) for n in (100, 200) for r in (0, 1) for v in ("baseline", "dropout")]
