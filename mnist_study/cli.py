@@ -158,6 +158,29 @@ def add_study_commands(sub) -> None:
         "(a new page is made), figures beside it in figures/STUDY/; e.g. docs/ablations.md",
     )
     p.set_defaults(func=commands.cmd_report)
+    p = sub.add_parser(
+        "plan", help="power and cost of designs (tunings x seeds) from a finished study's spread"
+    )
+    p.add_argument(
+        "spec", type=Path, help="the experiment file to plan, e.g. experiments/replication.toml"
+    )
+    add_tracking_uri(p, "MLflow store to read the pilot from")
+    p.add_argument(
+        "--pilot",
+        help="study whose variance components and run times to use (default: the spec's own)",
+    )
+    p.add_argument(
+        "--workers",
+        default="",
+        help="worker counts to time, comma-separated (default: this machine's cores and 64)",
+    )
+    p.add_argument(
+        "--effect",
+        type=float,
+        default=0.3,
+        help="an effect in points of test accuracy: the fewest tunings that detect it",
+    )
+    p.set_defaults(func=commands.cmd_plan)
     p = sub.add_parser("studies", help="the studies in an MLflow store, with their UI addresses")
     add_tracking_uri(p, "MLflow store to read")
     p.add_argument("--ui", default="http://127.0.0.1:5000", help="the MLflow UI's address")

@@ -218,3 +218,53 @@ def cmd_report(args: argparse.Namespace) -> int:
         page = f"; {args.page} " + ("already up to date" if same else "updated")
     print(f"\nwrote {args.out / study}/{page}")
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Per training-set size of the pilot: the design table, and the fewest tunings that
+    detect --effect with the spec's seeds."""
+    from mnist_study.analysis.collect import collect
+    from mnist_study.analysis.plan import plan_lines, size_facts, smallest_design
+    from mnist_study.study.experiment import check_tracking_uri
+    from mnist_study.study.spec import load_spec
+
+    spec = load_spec(args.spec)
+    pilot = args.pilot or spec.name
+    try:
+        workers = tuple(int(w) for w in args.workers.split(",") if w.strip())
+    except ValueError:
+        raise ConfigError(
+            f"--workers {args.workers!r}: give worker counts separated by commas, e.g. 2,64"
+        ) from None
+    if any(w < 1 for w in workers) or not args.effect > 0:
+        raise ConfigError("--workers counts and --effect must be positive")
+    check_tracking_uri(args.tracking_uri, must_exist=True)
+    data = collect(args.tracking_uri, pilot)
+    if data.runs.empty:
+        raise ConfigError(
+            f"no runs of study {pilot!r} in {args.tracking_uri}; run it first or give "
+            f"--pilot NAME of a study tuned several times"
+        )
+    sizes = spec.settings.train_sizes or (None,)
+    seeds = len(spec.settings.seeds)
+    planned = 0
+    for size in sizes:
+        facts = size_facts(data.runs, data.variants, size)
+        where = f"{size:,} training images" if size else pilot
+        if facts is None:
+            print(f"{where}: no arm of {pilot!r} has two tunings with final runs; skipped\n")
+            continue
+        planned += 1
+        print("\n".join(plan_lines(facts, spec.settings.trials, workers or None)))
+        fewest = smallest_design(facts, args.effect / 100, seeds)
+        print(
+            f"\nTo detect {args.effect:g} points at {where} with {seeds} seeds per tuning: "
+            + (f"{fewest} tunings per cell." if fewest else "more than 100 tunings per cell.")
+            + "\n"
+        )
+    if not planned:
+        raise ConfigError(
+            f"study {pilot!r} has no cell tuned twice with final runs at the spec's sizes; "
+            f"give --pilot NAME of one that has"
+        )
+    return 0

@@ -11,7 +11,7 @@ import sys
 
 import optuna
 import pytest
-from helpers import REPO, assert_budget_met_exactly, stores
+from helpers import REPO, assert_budget_met_exactly, run_main, stores
 
 from mnist_study.analysis.publish import write_report
 from mnist_study.study.proposals import propose
@@ -100,8 +100,16 @@ def test_one_worker_three_workers_and_a_killed_resumed_run_agree_exactly(tmp_pat
         results[workers] = outcome(spec, storage)
     # Its report: per size, the comparisons with tuning luck and the tuning budget.
     body = write_report(tracking, spec.name, tmp_path / "reports", storage=storage)
-    assert body.count("| variant | Δ test, points (95%: tunings + seeds) |") == 2
-    assert "of 2 | " in body and "hierarchical bootstrap" in body
+    assert body.count("| variant | Δ test, points [95%, Welch on tuning means] |") == 2
+    assert body.count("| arm | tunings | seeds per tuning | tuning sd, points |") == 2
+    assert body.count("Calibration at this study's variances: coverage ") == 2
+    assert body.count("| tunings R | seeds n | detectable Δ, points | runs |") == 2
+    assert " of 4 |" in body  # tuning pairs: 2 variant tunings x 2 baseline tunings
+    # The plan from this study, as `mnist-study plan` prints it.
+    planned = run_main("plan", str(path), "--tracking-uri", tracking, "--workers", "2,64")
+    assert planned.returncode == 0, planned.stderr
+    assert planned.stdout.count("wall on 2 workers | wall on 64 workers |") == 2
+    assert "seeds per tuning: " in planned.stdout
     assert (tmp_path / "reports" / "same" / "budget_n100.png").stat().st_size > 10_000
     # Tuning replicates: runs named and tagged by tuning, each with its own sampler seed.
     names = {r.info.run_name for r in found}

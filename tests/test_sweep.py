@@ -17,8 +17,8 @@ from helpers import REPO, assert_budget_met_exactly, runs, stores, trial_states
 
 from mnist_study.analysis.collect import collect
 from mnist_study.analysis.publish import markers, write_report
-from mnist_study.analysis.report import summarize
-from mnist_study.analysis.sweep import at_size, resolution_verdict, val_loss_turn
+from mnist_study.analysis.report import summarize, verdict
+from mnist_study.analysis.sweep import at_size, val_loss_turn
 from mnist_study.errors import ConfigError, SpecError
 from mnist_study.study.records import study_names
 from mnist_study.study.runner import RunOptions, run_study
@@ -157,21 +157,25 @@ def test_report_rows_per_variant_and_size_recomputed_from_mlflow(sweep):
     assert body in readme.read_text()
 
 
-def test_resolution_verdict_tells_resolved_from_bounded():
+def test_the_verdict_has_one_rule_for_test_accuracy_and_gap():
     import pandas as pd
 
+    nan = float("nan")
     table = pd.DataFrame(
         {
             "variant": ["baseline", "augmentation", "dropout", "sgd_momentum"],
-            "diff_vs_baseline": [float("nan"), 0.05, 0.004, -0.03],
-            "diff_ci95": [float("nan"), 0.01, 0.006, 0.01],
-            "p_holm": [float("nan"), 0.001, 0.4, 0.002],
+            "diff_vs_baseline": [nan, 0.05, 0.004, -0.03],
+            "diff_ci95": [nan, 0.01, 0.006, 0.01],
+            "p_holm": [nan, 0.001, 0.4, 0.002],
+            "acc_gap_last": [0.08, 0.05, 0.07, 0.09],
+            "gap_p_holm": [nan, 0.005, 0.03, 0.2],  # dropout's 0.03 passes 0.05, not 0.01
         }
     )
-    text = resolution_verdict(table)
+    text = verdict(table)
     assert "raise it: augmentation +5.00 ± 1.00" in text
     assert "lower it: sgd_momentum -3.00 ± 1.00" in text
     assert "dropout < 1.00" in text
+    assert "shrunk by augmentation; widened by none" in text
 
 
 @pytest.mark.slow

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from mnist_study.analysis import figures
 from mnist_study.analysis.collect import StudyData
-from mnist_study.analysis.report import checks, summarize, test_accs, verdict
+from mnist_study.analysis.luck import LUCK_LEGEND, tuning_section
+from mnist_study.analysis.report import checks, replicated, summarize, test_accs, verdict
 from mnist_study.analysis.tables import TABLE_LEGEND, markdown_table
 
 SEED_LINE = (
@@ -31,5 +32,11 @@ def ablation_section(data: StudyData, out: Path) -> tuple[list[str], dict[str, P
     figures.test_figure(table, per_seed, pngs["test_acc"])
     figures.gap_figure(table, pngs["gap"])
     figures.tuning_figure(data.runs, data.variants, pngs["tuning"])
-    lines = [markdown_table(table), "", verdict(table), "", SEED_LINE, "", TABLE_LEGEND]
-    return lines, pngs, checks(data, table)
+    lines, found = [markdown_table(table), ""], checks(data, table)
+    if replicated(data):
+        section, problems = tuning_section(data.runs, table, data.variants)
+        lines, found = lines + section, found + problems
+    lines += [verdict(table), "", SEED_LINE, "", TABLE_LEGEND]
+    if replicated(data):
+        lines += ["", LUCK_LEGEND]
+    return lines, pngs, found

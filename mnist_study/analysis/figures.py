@@ -55,6 +55,12 @@ def curves_figure(
     plt.close(fig)
 
 
+def bar(r) -> list[list[float]]:
+    """A row's 95% interval as matplotlib's (below, above) error, in points: clipped to
+    [0, 100]% as the table prints it."""
+    return [[(r.test_acc_mean - r.test_acc_low) * 100], [(r.test_acc_high - r.test_acc_mean) * 100]]
+
+
 def test_figure(table: pd.DataFrame, per_seed: dict[str, list[float]], path: Path) -> None:
     """Test accuracy per variant: mean with 95% CI, and each seed as a dot."""
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(table) + 1.5))
@@ -62,7 +68,7 @@ def test_figure(table: pd.DataFrame, per_seed: dict[str, list[float]], path: Pat
     for i, r in enumerate(table.itertuples()):
         if math.isnan(r.test_acc_mean):
             continue
-        err = 0 if math.isnan(r.test_acc_ci95) else r.test_acc_ci95 * 100
+        err = [[0], [0]] if math.isnan(r.test_acc_low) else bar(r)
         ax.errorbar(
             r.test_acc_mean * 100, i, xerr=err, fmt="o", capsize=4, color=palette[r.variant]
         )
@@ -81,7 +87,7 @@ def test_figure(table: pd.DataFrame, per_seed: dict[str, list[float]], path: Pat
     ax.set_yticks(range(len(table)), list(table.variant))
     ax.invert_yaxis()
     ax.set_xlabel("test accuracy (%)")
-    ax.set_title("Test accuracy: mean ± 95% CI over final seeds (dots: seeds)")
+    ax.set_title("Test accuracy: mean, 95% interval as in the table (dots: seeds)")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -149,7 +155,7 @@ def tuning_figure(runs: pd.DataFrame, variants: list[str], path: Path) -> None:
 
 def learning_curve_figure(tables: dict[int, pd.DataFrame], path: Path) -> None:
     """Across training-set sizes (log axis), one line per variant: test accuracy (mean,
-    95% CI over seeds) and the train − validation accuracy gap at the last point."""
+    95% interval as in the tables) and the train − validation accuracy gap at the last point."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
     sizes = sorted(tables)
     variants = list(dict.fromkeys(v for t in tables.values() for v in t.variant))
@@ -159,7 +165,8 @@ def learning_curve_figure(tables: dict[int, pd.DataFrame], path: Path) -> None:
         # A small horizontal offset per variant keeps the error bars apart.
         xs = [n * 1.025 ** (i - len(variants) / 2) for n in sizes]
         acc = [r.test_acc_mean * 100 for r in rows]
-        err = [0 if math.isnan(r.test_acc_ci95) else r.test_acc_ci95 * 100 for r in rows]
+        bars = [[[0], [0]] if math.isnan(r.test_acc_low) else bar(r) for r in rows]
+        err = [[b[0][0] for b in bars], [b[1][0] for b in bars]]
         left.errorbar(xs, acc, yerr=err, marker="o", ms=4, capsize=3, label=v, color=palette[v])
         right.plot(xs, [r.acc_gap_last * 100 for r in rows], marker="o", ms=4, color=palette[v])
     for ax in (left, right):
@@ -169,7 +176,7 @@ def learning_curve_figure(tables: dict[int, pd.DataFrame], path: Path) -> None:
         ax.set_xlabel("training images")
         ax.grid(alpha=0.3)
     left.set_ylabel("test accuracy (%)")
-    left.set_title("Test accuracy: mean ± 95% CI over final seeds")
+    left.set_title("Test accuracy: mean, 95% interval as in the tables")
     right.axhline(0, color="black", lw=0.8)
     right.set_ylabel("train − validation accuracy (points)")
     right.set_title("Generalization gap at the last evaluation")

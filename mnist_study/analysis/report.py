@@ -1,9 +1,10 @@
 """The comparison report of a study, built from MLflow alone (any store, local or server).
 
-One row per variant: tuned hyperparameters, test accuracy with its 95% CI over the
-final seeds, the difference from the baseline with Welch's p, the generalization gap at
-the last and at the best-validation epoch, trial outcomes and time. Plus figures and the
-tuning playbook's sanity checks.
+One row per variant: tuned hyperparameters, test accuracy with its 95% interval, the
+difference from the baseline by compare() (the tuning as the unit where each cell was
+tuned several times, else Welch over seeds), the generalization gap at the last and at
+the best-validation epoch, trial outcomes and time. Plus figures and the tuning
+playbook's sanity checks, and the verdict rule: resolved at Holm-adjusted p < ALPHA.
 """
 
 from __future__ import annotations
@@ -15,8 +16,19 @@ import statistics
 import pandas as pd
 
 from mnist_study.analysis.collect import StudyData
-from mnist_study.analysis.luck import comparisons, test_acc_groups
-from mnist_study.analysis.significance import TuningLuck, holm, interval, welch_half_width, welch_p
+from mnist_study.analysis.luck import test_acc_groups
+from mnist_study.analysis.significance import (
+    compare,
+    holm,
+    interval,
+    same_sign_pairs,
+    seeds_only,
+    welch_p,
+)
+
+ALPHA = 0.01
+"""Holm-adjusted p below which a comparison counts as resolved: the one verdict rule of
+every report (test accuracy and gap alike)."""
 
 
 def per_seed_gaps(curves: pd.DataFrame, variant: str, epoch: int | None) -> dict[str, list]:
@@ -50,37 +62,48 @@ def replicated(data: StudyData) -> bool:
 
 
 def summarize(data: StudyData) -> pd.DataFrame:
-    """One row per variant: its test accuracy and its difference from the baseline (the
-    interval carrying tuning luck where the study tuned each cell several times), the
+    """One row per variant: its test accuracy and its difference from the baseline by
+    compare() (the tuning the unit where the study tuned each cell several times), the
     gaps, its trials and time; p-values Holm-adjusted over the variants."""
-    luck = comparisons(data.runs, data.variants) if replicated(data) else {}
-    base_accs = test_accs(data.runs, "baseline")
+    base = test_acc_groups(data.runs, "baseline")
     base_gaps = per_seed_gaps(data.curves, "baseline", None).get("acc_gap", [])
-    rows = []
-    for variant in data.variants:
-        rows.append(variant_row(data, variant, base_accs, base_gaps))
-        if variant in luck:  # the comparison carries tuning luck
-            rows[-1] |= luck_columns(luck[variant])
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame([variant_row(data, variant, base, base_gaps) for variant in data.variants])
     table["p_holm"] = holm(table.p_diff)
     table["gap_p_holm"] = holm(table.gap_p_welch)
     return table
 
 
-def variant_row(data: StudyData, variant: str, base_accs: list, base_gaps: list) -> dict:
-    """A variant's row, its comparison over seeds alone (Welch)."""
+def acc_interval(tunings: list[list[float]]) -> tuple[float, float, float, str]:
+    """(mean, low, high, level) of an arm's test accuracy: over its tunings' means (t with
+    R - 1 df) when tuned several times, else over its seeds; clipped to [0, 1]."""
+    means = [statistics.mean(t) for t in tunings if t]
+    values, level = means, "tunings"
+    if len(means) < 2:
+        values, level = [a for t in tunings for a in t], "seeds"
+    if not values:
+        return math.nan, math.nan, math.nan, level
+    mean, half = interval(values)
+    return mean, max(0.0, mean - half), min(1.0, mean + half), level
+
+
+def variant_row(data: StudyData, variant: str, base: list, base_gaps: list) -> dict:
+    """A variant's row, its comparison with the baseline by compare()."""
     runs = data.runs
     mine = runs[runs["tags.variant"] == variant] if not runs.empty else runs
     parent = mine[mine["tags.role"] == "variant"] if not mine.empty else mine
     tune = mine[mine["tags.role"] == "tune"] if not mine.empty else mine
-    accs = test_accs(runs, variant)
-    mean, half = interval(accs) if accs else (math.nan, math.nan)
+    groups = test_acc_groups(runs, variant)
+    mean, low, high, level = acc_interval(groups)
     last = per_seed_gaps(data.curves, variant, None)
     best_epoch = best_val_epoch(data.curves, variant)
     best = per_seed_gaps(data.curves, variant, best_epoch) if best_epoch else {}
     states = tune["tags.optuna_state"].value_counts() if not tune.empty else {}
     tuned = tuned_points(parent)
-    seeds_p = welch_p(accs, base_accs) if variant != "baseline" else math.nan
+    other = variant != "baseline" and groups and base
+    found = compare(groups, base) if other else None
+    seeds = seeds_only(groups, base) if other else None
+    agree, pairs = same_sign_pairs(groups, base) if other else (0, 0)
+    nan = math.nan
     return {
         "variant": variant,
         "change": description(data, variant),
@@ -89,12 +112,20 @@ def variant_row(data: StudyData, variant: str, base_accs: list, base_gaps: list)
             for k in sorted(tuned, key=lambda k: (k != "lr", k))
         ),
         "test_acc_mean": mean,
-        "test_acc_ci95": half,
-        "n": len(accs),
-        "diff_vs_baseline": mean - statistics.mean(base_accs) if base_accs and accs else math.nan,
-        "diff_ci95": welch_half_width(accs, base_accs) if variant != "baseline" else math.nan,
-        "p_welch": seeds_p,
-        "p_diff": seeds_p,
+        "test_acc_low": low,
+        "test_acc_high": high,
+        "test_acc_level": level,
+        "n": sum(len(g) for g in groups),
+        "tunings": len(groups),
+        "diff_vs_baseline": found.delta if found else nan,
+        "diff_low": found.low if found else nan,
+        "diff_high": found.high if found else nan,
+        "diff_ci95": found.half_width if found else nan,
+        "p_diff": found.p if found else nan,
+        "level": found.level if found else level,
+        "seed_ci95": seeds.half_width if seeds else nan,
+        "same_sign": agree,
+        "tuning_pairs": pairs,
         "train_acc_last": avg(last.get("train_acc")),
         "val_acc_last": avg(last.get("val_acc")),
         "acc_gap_last": avg(last.get("acc_gap")),
@@ -110,21 +141,6 @@ def variant_row(data: StudyData, variant: str, base_accs: list, base_gaps: list)
         "trials_failed": int(states.get("FAIL", 0)),
         "train_s_per_run": run_seconds(data.curves, variant),
         "tuned_params": tuned,
-    }
-
-
-def luck_columns(luck: TuningLuck) -> dict:
-    """The comparison over tunings and seeds (hierarchical bootstrap), in place of Welch's."""
-    return {
-        "diff_vs_baseline": luck.diff,
-        "diff_ci95": luck.half_width,
-        "p_diff": luck.p,
-        "diff_low": luck.low,
-        "diff_high": luck.high,
-        "seed_ci95": luck.seed_half_width,
-        "p_better": luck.p_better,
-        "same_sign": luck.same_sign,
-        "tunings": luck.tunings,
     }
 
 
@@ -209,28 +225,39 @@ def at_edge(value: float, low: float, high: float, log: bool, share: float = 0.0
     return value - low < share * span or high - value < share * span
 
 
-def verdict(table: pd.DataFrame) -> str:
-    """From the numbers: who closes the gap, who beats seed noise on test, judged by
-    Holm-adjusted Welch p-values (uncorrected ones named alongside)."""
-    rest = table[table.variant != "baseline"]
-    base_gap = table.loc[table.variant == "baseline", "acc_gap_last"].mean()
+def verdict(table: pd.DataFrame, alpha: float = ALPHA) -> str:
+    """Each variant against the baseline, by the one rule (Holm p < alpha): test accuracy
+    raised or lowered, else the largest effect its interval allows; and the train−val
+    accuracy gap shrunk or widened (Welch over the final seeds)."""
+    rest = table[(table.variant != "baseline") & table.diff_vs_baseline.notna()]
+    if rest.empty:
+        return "Resolved: no comparisons yet."
 
-    def passing(p_column: str, sign_ok: pd.Series) -> str:
-        strict = rest[(rest[p_column] < 0.05) & sign_ok].variant.tolist()
-        uncorrected = {"p_holm": "p_diff", "gap_p_holm": "gap_p_welch"}[p_column]
-        loose = rest[(rest[uncorrected] < 0.05) & sign_ok]
-        loose = [v for v in loose.variant if v not in strict]
-        text = ", ".join(strict) or "none"
-        return text + (f" (uncorrected p<0.05 only: {', '.join(loose)})" if loose else "")
+    def shown(r) -> str:
+        return f"{r.variant} {r.diff_vs_baseline * 100:+.2f} ± {r.diff_ci95 * 100:.2f}"
 
-    test = "the hierarchical bootstrap" if "p_better" in table else "Welch's t-test over the seeds"
-    parts = [
-        f"Test accuracy by {test}, the gap by Welch's t-test over the seeds, each "
-        f"Holm-adjusted for {len(rest)} comparisons with the baseline, p<0.05. "
-        "Shrink the train−val accuracy gap: " + passing("gap_p_holm", rest.acc_gap_last < base_gap),
-        "raise test accuracy beyond seed noise: " + passing("p_holm", rest.diff_vs_baseline > 0),
+    resolved = rest.p_holm < alpha
+    up = [shown(r) for r in rest[resolved & (rest.diff_vs_baseline > 0)].itertuples()]
+    down = [shown(r) for r in rest[resolved & (rest.diff_vs_baseline < 0)].itertuples()]
+    bounds = [
+        f"{r.variant} < {(abs(r.diff_vs_baseline) + r.diff_ci95) * 100:.2f}"
+        for r in rest[~resolved].itertuples()
     ]
-    worse = rest[(rest.p_holm < 0.05) & (rest.diff_vs_baseline < 0)].variant.tolist()
-    if worse:
-        parts.append("lower it: " + ", ".join(worse))
+    base_gap = table.loc[table.variant == "baseline", "acc_gap_last"].mean()
+    gap = rest[rest.gap_p_holm < alpha]
+    shrink = gap[gap.acc_gap_last < base_gap].variant.tolist()
+    widen = gap[gap.acc_gap_last > base_gap].variant.tolist()
+    parts = [
+        f"Resolved (Holm p<{alpha:g}), points of test accuracy: raise it: "
+        + (", ".join(up) or "none"),
+        "lower it: " + (", ".join(down) or "none"),
+    ]
+    if bounds:
+        parts.append(
+            "not resolved, so any effect is below (|Δ| + half-width, points): " + ", ".join(bounds)
+        )
+    parts.append(
+        f"train−val accuracy gap resolved (Holm p<{alpha:g}, Welch over final seeds): "
+        f"shrunk by {', '.join(shrink) or 'none'}; widened by {', '.join(widen) or 'none'}"
+    )
     return "; ".join(parts) + "."

@@ -1,5 +1,5 @@
 """The statistics of a comparison: over seeds (intervals, Welch's test, Holm's correction),
-over tunings and seeds (a hierarchical bootstrap), and of a tuning budget (expected best)."""
+with the tuning as the unit (compare), and of a tuning budget (expected best)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import special, stats
 
 
 def interval(values: list[float]) -> tuple[float, float]:
@@ -29,17 +29,6 @@ def welch_p(a: list[float], b: list[float]) -> float:
     if statistics.pvariance(a) == 0 and statistics.pvariance(b) == 0:
         return 1.0 if statistics.mean(a) == statistics.mean(b) else 0.0
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-
-
-def welch_half_width(a: list[float], b: list[float]) -> float:
-    """Half-width of the 95% Welch interval of mean(a) - mean(b): the resolution of the
-    comparison. A difference inside it cannot be told from zero with these seeds."""
-    if len(a) < 2 or len(b) < 2:
-        return math.nan
-    if statistics.pvariance(a) == 0 and statistics.pvariance(b) == 0:
-        return 0.0
-    low, high = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
-    return float(high - low) / 2
 
 
 def holm(ps: pd.Series) -> pd.Series:
@@ -68,91 +57,96 @@ def paired_tost(a: list[float], b: list[float], margin: float) -> tuple[float, f
 
 
 @dataclass(frozen=True)
-class TuningLuck:
-    """A variant against the baseline when each arm was tuned several times."""
+class Comparison:
+    """A variant against the baseline: the difference of means, its 95% interval and p."""
 
-    diff: float
-    """Difference of the arms' mean test accuracy (all seeds of all tunings)."""
+    delta: float
+    """Variant - baseline: of the tunings' mean accuracies (each tuning weighs the same),
+    or of the seeds' where an arm was tuned once."""
     low: float
     high: float
-    """95% interval of `diff`: tunings resampled, then seeds within each."""
+    """The 95% interval of `delta` (Welch)."""
     p: float
-    """Two-sided bootstrap p of diff = 0, (k + 1) / (draws + 1) at least."""
-    seed_low: float
-    seed_high: float
-    """The same interval with tunings held fixed: seeds resampled within each."""
-    p_better: float
-    """P(a run of the variant beats one of the baseline), over all pairs, ties half."""
-    same_sign: int
-    """Of the variant's tunings, how many differ from the baseline in diff's direction."""
-    tunings: int
+    """Two-sided p of delta = 0 (Welch)."""
+    df: float
+    """Welch-Satterthwaite degrees of freedom."""
+    level: str
+    """"tunings": the tuning is the unit (its luck counted); "seeds": one tuning per arm,
+    so the interval is over seeds alone and leaves the luck of tuning out."""
 
     @property
     def half_width(self) -> float:
-        return max(self.high - self.diff, self.diff - self.low)
-
-    @property
-    def seed_half_width(self) -> float:
-        return max(self.seed_high - self.diff, self.diff - self.seed_low)
+        return (self.high - self.low) / 2
 
 
-def arm_means(groups: list[np.ndarray], picks: np.ndarray | None, u: np.ndarray) -> np.ndarray:
-    """Each bootstrap draw's mean of one arm. `groups`: its tunings' seed values; `picks`
-    (draws x tunings): which tuning fills each place, None for every tuning in place;
-    `u` (draws x tunings x most seeds): uniforms that pick the seeds within each place,
-    shared by both ways so that identical tunings give identical draws."""
-    total, count = np.zeros(len(u)), np.zeros(len(u))
-    everyone = np.arange(len(u))
-    for place in range(len(groups)):
-        if picks is None:
-            fills = [(everyone, groups[place])]
-        else:
-            fills = [(np.flatnonzero(picks[:, place] == j), g) for j, g in enumerate(groups)]
-        for rows, values in fills:
-            chosen = values[(u[rows, place, : len(values)] * len(values)).astype(int)]
-            total[rows] += chosen.sum(axis=1)
-            count[rows] += len(values)
-    return total / count
+def welch_parts(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean difference, its standard error, Welch-Satterthwaite df) on the last axis."""
+    nx, ny = x.shape[-1], y.shape[-1]
+    vx, vy = x.var(-1, ddof=1) / nx, y.var(-1, ddof=1) / ny
+    with np.errstate(divide="ignore", invalid="ignore"):
+        df = (vx + vy) ** 2 / (vx**2 / (nx - 1) + vy**2 / (ny - 1))
+    return x.mean(-1) - y.mean(-1), np.sqrt(vx + vy), df
 
 
-def tuning_luck(
-    variant: list[list[float]], baseline: list[list[float]], draws: int = 10_000, seed: int = 0
-) -> TuningLuck:
-    """Hierarchical bootstrap of the difference of means (variant - baseline): in each
-    draw, each arm's tunings are drawn with replacement, then seeds with replacement
-    within each drawn tuning. Bouthillier et al. (MLSys 2021): tuning adds about as much
-    variance as initialization, and an interval over seeds alone is too narrow."""
-    arms = [[np.asarray(g, float) for g in arm if len(g)] for arm in (variant, baseline)]
-    means, seed_means = [], []
-    for k, groups in enumerate(arms):
-        widest = max(len(g) for g in groups)
-        picks = np.random.default_rng([seed, 0, k]).integers(0, len(groups), (draws, len(groups)))
-        u = np.random.default_rng([seed, 1, k]).random((draws, len(groups), widest))
-        means.append(arm_means(groups, picks, u))
-        seed_means.append(arm_means(groups, None, u))
-    flat = [np.concatenate(groups) for groups in arms]
-    diff = float(flat[0].mean() - flat[1].mean())
-    d, ds = means[0] - means[1], seed_means[0] - seed_means[1]
-    # Sums in another order differ in the last bits: a difference that small is a tie.
-    below, above = int((d <= 1e-12).sum()), int((d >= -1e-12).sum())
-    pairs = flat[0][:, None] - flat[1][None, :]
-    sign = np.sign(diff)
-    return TuningLuck(
-        diff=diff,
-        low=float(np.quantile(d, 0.025)),
-        high=float(np.quantile(d, 0.975)),
-        p=min(1.0, 2 * (min(below, above) + 1) / (draws + 1)),
-        seed_low=float(np.quantile(ds, 0.025)),
-        seed_high=float(np.quantile(ds, 0.975)),
-        p_better=float((pairs > 0).mean() + 0.5 * (pairs == 0).mean()),
-        same_sign=int(sum(np.sign(g.mean() - flat[1].mean()) == sign for g in arms[0])),
-        tunings=len(arms[0]),
-    )
+def welch(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Welch's t on the last axis of x and y (any leading axes: simulated tables):
+    (mean difference, 95% low, 95% high, two-sided p, df). With no spread in either
+    arm the difference is exact: the interval is a point and p is 0 or 1."""
+    delta, se, df = welch_parts(x, y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # scipy.special's t functions: 60x faster than stats.t's, for simulated tables
+        half = special.stdtrit(df, 0.975) * se
+        p = 2 * special.stdtr(df, -np.abs(delta) / se)
+    exact = se == 0
+    half = np.where(exact, 0.0, half)
+    p = np.where(exact, np.where(delta == 0, 1.0, 0.0), p)
+    return delta, delta - half, delta + half, p, np.where(exact, np.inf, df)
+
+
+def compare(variant, baseline) -> Comparison:
+    """The variant against the baseline, each a sequence of tunings, each tuning a
+    sequence of its final seeds' test accuracies (any unit; the result in the same).
+
+    With at least two tunings in each arm the tuning is the unit of inference: Welch's t
+    on the tunings' mean accuracies, which in a balanced design is the REML fit of
+    accuracy ~ arm + (1 | tuning) with each arm's own tuning variance and Satterthwaite
+    df. With one tuning in an arm, Welch over all seeds: its interval leaves out the luck
+    of tuning (the level says so). Fewer than two values in an arm: NaN."""
+    arms = [[np.asarray(t, float) for t in arm if len(t)] for arm in (variant, baseline)]
+    if min(len(arm) for arm in arms) >= 2:
+        values, level = [np.array([t.mean() for t in arm]) for arm in arms], "tunings"
+    else:
+        values = [np.concatenate(arm) if arm else np.array([]) for arm in arms]
+        level = "seeds"
+    if min(len(v) for v in values) < 2:
+        nan = math.nan
+        return Comparison(nan, nan, nan, nan, nan, level)
+    delta, low, high, p, df = (float(v) for v in welch(values[0], values[1]))
+    return Comparison(delta, low, high, p, df, level)
+
+
+def seeds_only(variant, baseline) -> Comparison:
+    """The same comparison with every seed a unit, tunings ignored: what an analysis
+    that forgets tuning luck would print, shown beside compare() for contrast."""
+    flat = [[[a for t in arm for a in t]] for arm in (variant, baseline)]
+    return compare(*flat)
+
+
+def same_sign_pairs(variant, baseline) -> tuple[int, int]:
+    """(pairs of a variant tuning and a baseline tuning whose means differ in the sign of
+    the overall difference, all pairs)."""
+    mv = [statistics.mean(t) for t in variant if len(t)]
+    mb = [statistics.mean(t) for t in baseline if len(t)]
+    sign = np.sign(statistics.mean(mv) - statistics.mean(mb)) if mv and mb else 0
+    agree = sum(np.sign(a - b) == sign != 0 for a in mv for b in mb)
+    return int(agree), len(mv) * len(mb)
 
 
 def expected_best(values: list[float], n: int) -> float:
-    """Dodge et al. (EMNLP 2019): the expected best of n trials drawn with replacement
-    from these N: sum over the sorted values v_i of v_i ((i/N)^n - ((i-1)/N)^n)."""
+    """The expected best of n of these N trials drawn without replacement: sum over the
+    sorted values v_i of v_i C(i-1, n-1) / C(N, n). At n = N it is the observed best
+    (Dodge et al. 2019 draw with replacement, which lies below it and bends the curve
+    up at the end)."""
     v = np.sort(np.asarray(values, float))
-    i = np.arange(1, len(v) + 1) / len(v)
-    return float((v * (i**n - (i - 1 / len(v)) ** n)).sum())
+    weights = np.array([math.comb(i - 1, n - 1) for i in range(1, len(v) + 1)], float)
+    return float((v * weights).sum() / math.comb(len(v), n))

@@ -1,6 +1,7 @@
 """The report of a training-set-size sweep: the ablation table at each size, learning
-curves across sizes, whether the baseline overfits, and per size which effects the
-seeds resolve and how small the rest must be."""
+curves across sizes, whether the baseline overfits, and per size which effects are
+resolved and how small the rest must be (with several tunings: the variance components,
+the calibration check and the plan)."""
 
 from __future__ import annotations
 
@@ -16,15 +17,12 @@ from mnist_study.analysis.luck import (
     LUCK_LEGEND,
     budget_checks,
     budget_curves,
-    luck_table,
     mean_curve,
+    tuning_section,
 )
+from mnist_study.analysis.plan import plan_lines, size_facts
 from mnist_study.analysis.report import checks, replicated, summarize, verdict
 from mnist_study.analysis.tables import TABLE_LEGEND, markdown_table
-
-ALPHA = 0.01
-"""Holm-adjusted p below which a comparison counts as resolved (stricter than the
-ablation table's 0.05: the sweep makes a claim per size, several sizes at once)."""
 
 
 def at_size(data: StudyData, n: int) -> StudyData:
@@ -58,35 +56,6 @@ def overfit_line(curves: pd.DataFrame) -> str:
     return f"Baseline validation loss: still falling at the end ({last:.3f}): no overfitting."
 
 
-def resolution_verdict(table: pd.DataFrame, alpha: float = ALPHA) -> str:
-    """Each variant against the baseline: resolved (Holm p < alpha, the 95% interval of
-    the difference excludes 0) or, if not, the largest effect the interval allows."""
-    rest = table[(table.variant != "baseline") & table.diff_vs_baseline.notna()]
-    if rest.empty:
-        return "Resolution: no comparisons yet."
-
-    def shown(r) -> str:
-        return f"{r.variant} {r.diff_vs_baseline * 100:+.2f} ± {r.diff_ci95 * 100:.2f}"
-
-    resolved = (rest.p_holm < alpha) & (rest.diff_vs_baseline.abs() > rest.diff_ci95)
-    up = [shown(r) for r in rest[resolved & (rest.diff_vs_baseline > 0)].itertuples()]
-    down = [shown(r) for r in rest[resolved & (rest.diff_vs_baseline < 0)].itertuples()]
-    bounds = [
-        f"{r.variant} < {(abs(r.diff_vs_baseline) + r.diff_ci95) * 100:.2f}"
-        for r in rest[~resolved].itertuples()
-    ]
-    parts = [
-        f"Resolved (Holm p<{alpha:g}), points of test accuracy: raise it: "
-        + (", ".join(up) or "none"),
-        "lower it: " + (", ".join(down) or "none"),
-    ]
-    if bounds:
-        parts.append(
-            "not resolved, so any effect is below (|Δ| + resolution, points): " + ", ".join(bounds)
-        )
-    return "; ".join(parts) + "."
-
-
 def sweep_section(data: StudyData, out: Path) -> tuple[list[str], dict[str, Path], list[str]]:
     """A table per size with its verdicts, the learning-curve figure, curves at every
     size: (lines, figures, checks)."""
@@ -118,8 +87,14 @@ def sweep_section(data: StudyData, out: Path) -> tuple[list[str], dict[str, Path
             "",
         ]
         if replicated(part):
-            lines += [luck_table(table), ""]
-        lines += [resolution_verdict(table), "", verdict(table), ""]
+            section, problems = tuning_section(part.runs, table, data.variants, f"n={n}: ")
+            lines += section
+            found += problems
+            facts = size_facts(part.runs, data.variants, n)
+            if facts is not None:
+                s = data.spec.settings
+                lines += [*plan_lines(facts, s.trials, seed_counts=(len(s.seeds),)), ""]
+        lines += [verdict(table), ""]
         budget = budget_curves(part.runs)
         found += budget_checks(budget, f"n={n}: ")
         if replicated(part) and not budget.empty:

@@ -14,13 +14,17 @@ def pct(x: float, digits: int = 2) -> str:
 def markdown_table(table: pd.DataFrame, point: str = "epoch") -> str:
     """`point`: what the best-validation column counts (epoch, or optimizer step)."""
     head = (
-        "| variant | change | tuned | test acc (95% CI) | n | Δ test, points ± resolution (p) "
+        "| variant | change | tuned | test acc [95%] | n | Δ test, points ± half-width (p) "
         f"| train acc | val acc | acc gap last / best | loss gap last / best | best {point} "
         "| trials C/P/F | s/run |"
     )
     lines = [head, "|" + "---|" * 13]
     for r in table.itertuples():
-        ci = "" if math.isnan(r.test_acc_ci95) else f" ± {r.test_acc_ci95 * 100:.2f}"
+        ci = (
+            ""
+            if math.isnan(r.test_acc_low)
+            else f" [{r.test_acc_low * 100:.2f}, {r.test_acc_high * 100:.2f}]"
+        )
         test = "–" if math.isnan(r.test_acc_mean) else f"{r.test_acc_mean:.2%}{ci}"
         diff = (
             ""
@@ -44,13 +48,13 @@ def markdown_table(table: pd.DataFrame, point: str = "epoch") -> str:
 
 
 TABLE_LEGEND = (
-    "Test accuracy: mean ± 95% t-interval over final seeds. Δ test: difference "
-    "from the baseline ± the half-width of its 95% Welch interval, the resolution "
-    "of the comparison: an effect smaller than it cannot be told from zero with "
-    "these seeds. p: Welch's t-test against the baseline's seeds, and "
-    "Holm-adjusted over all variants. "
-    "Gaps: train − validation accuracy and validation − train loss, at the last "
-    "and at the best-validation point. "
-    "Trials C/P/F: complete / pruned / failed. s/run: training time of one "
-    "final run."
+    "Test acc: mean [95% t-interval, clipped to 0–100%]: over the tunings' means where "
+    "each cell was tuned several times (their luck counted), else over the final seeds "
+    "of its one tuning (tuning luck left out). Δ test: difference from the baseline ± "
+    "the half-width of its 95% Welch interval, with p and Holm's p over all variants: "
+    "Welch on the tunings' means where both arms were tuned several times, else Welch "
+    "over the final seeds (an interval that leaves the luck of tuning out). n: final "
+    "runs. Gaps: train − validation accuracy and validation − train loss, at the last "
+    "and at the best-validation point. Trials C/P/F: complete / pruned / failed. s/run: "
+    "training time of one final run."
 )

@@ -1,0 +1,139 @@
+"""What a study would take: from a finished study's variance components and its measured
+seconds per run, the smallest effect each design (R tunings x n seeds per cell) detects
+at 80% power under the verdict rule, its runs and its wall time on W workers."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import pandas as pd
+
+from mnist_study.analysis.luck import test_acc_groups
+from mnist_study.analysis.report import ALPHA
+from mnist_study.analysis.variance import components, detectable_effect, pooled_seed_var
+
+POWER = 0.8
+TUNINGS = (3, 5, 8, 10, 15, 20)
+SEEDS = (2, 4, 8)
+WIDE = 64
+"""The larger worker count the plan shows beside this machine's cores."""
+
+
+@dataclass(frozen=True)
+class SizeFacts:
+    """What the plan needs of one training-set size of a pilot study."""
+
+    size: int | None
+    cells: int
+    tuning_var: float
+    """Mean over the arms of their between-tuning variance (accuracy, squared)."""
+    seed_var: float
+    tune_s: dict[str, float]
+    """Per cell: mean seconds of one tuning run (pruned ones included)."""
+    final_s: dict[str, float]
+    """Per cell: mean seconds of one final run."""
+
+
+def size_facts(runs: pd.DataFrame, variants: list[str], size: int | None) -> SizeFacts | None:
+    """The pilot's facts at one size; None where no arm has two tunings with finals."""
+    part = runs if size is None else runs[runs.train_size == size]
+    arms = [components(test_acc_groups(part, v)) for v in variants]
+    arms = [a for a in arms if a.tunings >= 2]
+    if not arms:
+        return None
+    done = part[part.status.isin(["FINISHED"]) & part.end_time.notna()]
+    seconds = (done.end_time - done.start_time).dt.total_seconds()
+    by_role = {
+        role: seconds[done["tags.role"] == role].groupby(done["tags.variant"]).mean().to_dict()
+        for role in ("tune", "final")
+    }
+    return SizeFacts(
+        size=size,
+        cells=len(variants),
+        tuning_var=sum(a.tuning_var for a in arms) / len(arms),
+        seed_var=pooled_seed_var(arms),
+        tune_s=by_role["tune"],
+        final_s=by_role["final"],
+    )
+
+
+def wall_seconds(facts: SizeFacts, tunings: int, seeds: int, trials: int, workers: int) -> float:
+    """At least the larger of: all the work spread over the workers, and the longest
+    chain (a tuning's trials one after another, then one final run; its seeds run side by
+    side)."""
+    cells = list(facts.tune_s) or ["?"]
+    tune = {c: facts.tune_s.get(c, math.nan) for c in cells}
+    final = {c: facts.final_s.get(c, tune[c]) for c in cells}
+    work = sum(tunings * (trials * tune[c] + seeds * final[c]) for c in cells)
+    chain = max(trials * tune[c] + final[c] for c in cells)
+    return max(work / workers, chain)
+
+
+def plan_rows(
+    facts: SizeFacts, trials: int, workers: tuple[int, ...], seed_counts: tuple[int, ...]
+) -> list[dict]:
+    comparisons = max(1, facts.cells - 1)
+    rows = []
+    for tunings in TUNINGS:
+        for seeds in seed_counts:
+            mean_var = facts.tuning_var + facts.seed_var / seeds
+            effect = detectable_effect(mean_var, tunings, ALPHA / comparisons, POWER)
+            row = {
+                "tunings": tunings,
+                "seeds": seeds,
+                "effect": effect,
+                "runs": facts.cells * tunings * (trials + seeds),
+            }
+            for w in workers:
+                row[f"wall_{w}"] = wall_seconds(facts, tunings, seeds, trials, w)
+            rows.append(row)
+    return rows
+
+
+def hours(seconds: float) -> str:
+    if math.isnan(seconds):
+        return "–"
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
+def plan_lines(
+    facts: SizeFacts,
+    trials: int,
+    workers: tuple[int, ...] | None = None,
+    seed_counts: tuple[int, ...] = SEEDS,
+) -> list[str]:
+    """The design table at one size, in Markdown."""
+    workers = workers or (os.cpu_count() or 1, WIDE)
+    comparisons = max(1, facts.cells - 1)
+    where = f"{facts.size:,} training images" if facts.size else "this study"
+    lines = [
+        f"Plan at {where}: tuning sd {math.sqrt(facts.tuning_var) * 100:.2f}, seed sd "
+        f"{math.sqrt(facts.seed_var) * 100:.2f} points (pooled over the arms); the smallest "
+        f"Δ detected with {POWER:.0%} power at Holm-adjusted p < {ALPHA:g} over "
+        f"{comparisons} comparisons (Welch on tuning means, simulated), {trials} trials per "
+        f"tuning, wall time at least the larger of work / workers and one tuning's chain:",
+        "",
+        "| tunings R | seeds n | detectable Δ, points | runs | "
+        + " | ".join(f"wall on {w} workers" for w in workers)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(workers),
+    ]
+    for r in plan_rows(facts, trials, workers, seed_counts):
+        walls = " | ".join(hours(r[f"wall_{w}"]) for w in workers)
+        lines.append(
+            f"| {r['tunings']} | {r['seeds']} | {r['effect'] * 100:.2f} | {r['runs']:,} | {walls} |"
+        )
+    return lines
+
+
+def smallest_design(facts: SizeFacts, effect: float, seeds: int) -> int | None:
+    """The fewest tunings (of TUNINGS, then up to 100) whose detectable Δ is at most
+    `effect` with `seeds` seeds per tuning."""
+    comparisons = max(1, facts.cells - 1)
+    mean_var = facts.tuning_var + facts.seed_var / seeds
+    for tunings in range(2, 101):
+        if detectable_effect(mean_var, tunings, ALPHA / comparisons, POWER) <= effect:
+            return tunings
+    return None
