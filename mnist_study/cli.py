@@ -157,6 +157,11 @@ def add_study_commands(sub) -> None:
         help="also write the results into this Markdown page, between the study's markers "
         "(a new page is made), figures beside it in figures/STUDY/; e.g. docs/ablations.md",
     )
+    p.add_argument(
+        "--tunings",
+        type=int,
+        help="report a stage: only every cell's first N tunings (a study runs in rounds)",
+    )
     p.set_defaults(func=commands.cmd_report)
     p = sub.add_parser(
         "plan", help="power and cost of designs (tunings x seeds) from a finished study's spread"

@@ -209,8 +209,10 @@ def cmd_report(args: argparse.Namespace) -> int:
             f"no study {study!r} in {args.tracking_uri}; run it first "
             f"(mnist-study run SPEC) or pass --tracking-uri"
         )
+    if args.tunings is not None and args.tunings < 1:
+        raise ConfigError(f"--tunings {args.tunings}: must be at least 1")
     before = args.page.read_text() if args.page and args.page.exists() else None
-    body = write_report(args.tracking_uri, study, args.out, args.page, args.storage)
+    body = write_report(args.tracking_uri, study, args.out, args.page, args.storage, args.tunings)
     print(body)
     page = ""
     if args.page:

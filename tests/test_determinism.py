@@ -148,3 +148,51 @@ def test_one_worker_three_workers_and_a_killed_resumed_run_agree_exactly(tmp_pat
     some = results[1]["same.sgd.n100.t0"]
     assert len(some) == 3 and len({str(p) for _, p, _, _ in some}) == 3
     assert results[1]["same.sgd.n100.t0"] != results[1]["same.sgd.n100.t1"]
+
+
+GROW = """
+name = "grow"
+[study]
+trials = 2
+seeds = [0]
+startup_trials = 1
+tunings = 2
+[defaults]
+steps = 5
+evals = 1
+batch_size = 16
+train_size = 100
+val_size = 100
+train_eval_size = 100
+test_size = 200
+threads = 1
+[variants.baseline]
+search.lr = { low = 1e-3, high = 3e-2, log = true }
+[variants.dropout]
+search.lr = { low = 1e-3, high = 3e-2, log = true }
+search.dropout = { low = 0.1, high = 0.5 }
+"""
+
+
+@pytest.mark.slow
+def test_an_extended_study_is_the_larger_study_run_fresh(tmp_path, mnist_root):
+    """Started with 2 tunings and seed 0, then raised to 3 tunings and seeds 0 and 1:
+    it keeps every finished unit, runs only the new ones, and ends with the same trials,
+    points, values and test accuracies as the larger spec run from scratch."""
+    path = tmp_path / "grow.toml"
+    path.write_text(GROW)
+    small = load_spec(path)
+    tracking, storage = stores(tmp_path / "grown")
+    run_study(small, RunOptions(tracking, storage, str(mnist_root), log_models=False))
+    first = outcome(small, storage)
+    path.write_text(GROW.replace("tunings = 2", "tunings = 3").replace("[0]", "[0, 1]"))
+    large = load_spec(path)
+    run_study(large, RunOptions(tracking, storage, str(mnist_root), log_models=False))
+    grown = outcome(large, storage)
+    assert all(grown[name] == first[name] for name in first if not name.endswith(".final"))
+    assert_budget_met_exactly(tracking, storage, large)
+    fresh_tracking, fresh_storage = stores(tmp_path / "fresh")
+    run_study(large, RunOptions(fresh_tracking, fresh_storage, str(mnist_root), log_models=False))
+    assert grown == outcome(large, fresh_storage)
+    body = write_report(tracking, "grow", tmp_path / "reports", storage=storage)
+    assert "extended after it started: study.tunings 2 -> 3, study.seeds + [1]" in body

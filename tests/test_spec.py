@@ -291,3 +291,34 @@ def test_the_tiny_spec_cannot_raise_a_check_whatever_its_trials_score(tmp_path):
             for key, value in point.items():
                 r = tuning.cell.search[key]
                 assert not at_edge(value, r.low, r.high, r.log), (tuning.key, key, value)
+
+
+def test_raising_tunings_or_adding_seeds_alone_extends_a_study(tmp_path):
+    """Those two changes alone are accepted (and said); with anything else, or from a
+    study tuned once (its runs carry no tuning index), the study is still refused."""
+    from mnist_study.study.records import refuse_changed_study
+
+    path = tmp_path / "grow.toml"
+    path.write_text(GOOD.replace("trials = 2", "trials = 2\ntunings = 3\nseeds = [0, 1]"))
+    recorded = load_spec(path).record()
+
+    def again(text: str):
+        path.write_text(text)
+        return refuse_changed_study(load_spec(path), recorded, "store")
+
+    start = GOOD.replace("trials = 2", "trials = 2\ntunings = 3\nseeds = [0, 1]")
+    assert again(start) is None
+    assert again(start.replace("tunings = 3", "tunings = 8")) == "study.tunings 3 -> 8"
+    both = start.replace("tunings = 3", "tunings = 5").replace("[0, 1]", "[0, 1, 2]")
+    assert again(both) == "study.tunings 3 -> 5, study.seeds + [2]"
+    for other in (
+        start.replace("tunings = 3", "tunings = 2"),  # fewer: finished units would be dropped
+        start.replace("[0, 1]", "[0, 2]"),  # seed 1 dropped
+        start.replace("tunings = 3", "tunings = 8").replace("trials = 2", "trials = 3"),
+    ):
+        with pytest.raises(SpecError, match=r"\(\[study\]\).*adding study.seeds alone"):
+            again(other)
+    path.write_text(GOOD)
+    recorded = load_spec(path).record()
+    with pytest.raises(SpecError, match=r"study.tunings 1 -> 2: a study tuned once"):
+        again(GOOD.replace("trials = 2", "trials = 2\ntunings = 2"))

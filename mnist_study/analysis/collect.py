@@ -3,6 +3,7 @@ Optuna's record where it is given: the runs the report may count, and why any ar
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from mnist_study.study.legacy import (
 from mnist_study.study.records import OptunaSide, open_runs_of_ended_trials, optuna_side
 from mnist_study.study.spec import StudySpec
 from mnist_study.study.storage import connect, storage_exists
+from mnist_study.study.tracking import EXTENDED_TAG
 
 CURVES = ("train_loss", "val_loss", "train_acc", "val_acc", "epoch_seconds")
 
@@ -33,11 +35,18 @@ class StudyData:
     curves: pd.DataFrame  # final runs: variant, seed, epoch, metric, value
     variants: list[str]
     problems: list[str] = field(default_factory=list)
+    stage: str = ""
+    """Where the report reads part of a study (its first K tunings), which part."""
+    extended: str = ""
+    """How the study was extended after it started ('study.tunings 3 -> 8'), if it was."""
 
 
-def collect(tracking_uri: str, study: str, storage: str | None = None) -> StudyData:
+def collect(
+    tracking_uri: str, study: str, storage: str | None = None, tunings: int | None = None
+) -> StudyData:
     """Everything the report reads: the recorded spec, the runs it may count (with the
-    problems found on the way), and the final runs' curves."""
+    problems found on the way), and the final runs' curves; with `tunings`, only those
+    of every cell's first `tunings` tunings (a stage of a study that runs in rounds)."""
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(study)
     if exp is None:
@@ -68,6 +77,13 @@ def collect(tracking_uri: str, study: str, storage: str | None = None) -> StudyD
     runs = upgrade_runs(runs)
     runs, found = counted_runs(runs, spec, optuna_record(storage, spec))
     problems += found
+    stage = ""
+    if tunings is not None and spec is not None and tunings < spec.settings.tunings:
+        stage = f"the first {tunings} of its {spec.settings.tunings} tunings per cell"
+        runs = runs[runs.tuning < tunings]
+        spec = dataclasses.replace(
+            spec, settings=dataclasses.replace(spec.settings, tunings=tunings)
+        )
     finals = runs[runs["tags.role"] == "final"]
     rows = []
     for _, run in finals.iterrows():
@@ -89,7 +105,9 @@ def collect(tracking_uri: str, study: str, storage: str | None = None) -> StudyD
     )
     seen = list(dict.fromkeys(runs["tags.variant"].dropna()))
     variants = [v.name for v in spec.variants] if spec else seen
-    return StudyData(study, spec, runs, curves, variants, problems)
+    return StudyData(
+        study, spec, runs, curves, variants, problems, stage, exp.tags.get(EXTENDED_TAG, "")
+    )
 
 
 def optuna_record(storage: str | None, spec: StudySpec | None) -> OptunaSide | str:

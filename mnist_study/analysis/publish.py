@@ -80,8 +80,11 @@ def provenance_line(data: StudyData, report: str = "") -> str:
     wall = f"{busy:.0f} min wall time"
     if span - busy > 1:
         wall += f" with runs in progress, {span:.0f} min including pauses between resumes"
+    stage = f"; read here: {data.stage}" if data.stage else ""
+    if data.extended:
+        stage += f"; extended after it started: {data.extended}"
     return (
-        f"Study `{data.name}` ({budget}{len(children)} runs), {commit}, "
+        f"Study `{data.name}` ({budget}{len(children)} runs{stage}), {commit}, "
         f"{cpu}, {workers} worker(s), {threads} thread(s) per run; runs from "
         f"{start:%Y-%m-%d %H:%M} to {end:%H:%M} UTC ({wall}). "
         f"Command: `{recorded_command(data.runs, data.name, workers)}`, then "
@@ -126,13 +129,17 @@ def write_report(
     out_root: Path,
     page: Path | None = None,
     storage: str | None = None,
+    tunings: int | None = None,
 ) -> str:
     """Write reports/<study>/ (results.md, CSV, figures), log them to MLflow, and (with
-    `page`) replace the study's section in that Markdown page. Returns the section."""
-    data = collect(tracking_uri, study, storage)
+    `page`) replace the study's section in that Markdown page. Returns the section.
+    With `tunings`, a stage: every cell's first `tunings` tunings alone."""
+    data = collect(tracking_uri, study, storage, tunings)
     out = out_root / study
     out.mkdir(parents=True, exist_ok=True)
     report = report_command(study, tracking_uri, storage)
+    if data.stage:
+        report += f" --tunings {tunings}"
     lines, pngs, found = [provenance_line(data, report), ""], {}, list(data.problems)
     if data.variants and data.spec is not None and data.spec.settings.train_sizes:
         body, pngs, found = sweep_section(data, out)

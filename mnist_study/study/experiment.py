@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from mnist_study.errors import ConfigError
 from mnist_study.study.files import check_writable_folder, file_lock
 from mnist_study.study.sqlite_store import build_store, check_store_file, creation_lock, sqlite_file
-from mnist_study.study.tracking import EXPERIMENT_KIND, SPEC_TAG
+from mnist_study.study.tracking import EXPERIMENT_KIND, EXTENDED_TAG, SPEC_TAG
 
 # MLflow 3.x's UI opens a bare experiment or run link in its GenAI mode whatever the
 # experiment's tags; this query keeps it in Model-training mode (checked in Chromium).
@@ -78,11 +78,11 @@ def prepare_store(
     experiment: str,
     description: str = "",
     spec_tag: str = "",
-    check_recorded: Callable[[dict[str, str]], None] | None = None,
+    check_recorded: Callable[[dict[str, str]], str | None] | None = None,
 ) -> str:
     """Create the database and the experiment once, before any worker starts; an
-    existing experiment's recorded spec is first passed to `check_recorded` (which
-    raises to refuse it).
+    existing experiment's recorded spec is first passed to `check_recorded`, which
+    raises to refuse it or returns what it accepts as an extension (then recorded).
 
     Several processes creating a fresh SQLite store at once race on its tables (two
     commands started together): they take turns under a lock beside the database, so
@@ -103,14 +103,23 @@ def create_experiment(
     experiment: str,
     description: str,
     spec_tag: str,
-    check_recorded: Callable[[dict[str, str]], None] | None = None,
+    check_recorded: Callable[[dict[str, str]], str | None] | None = None,
 ) -> str:
     database = sqlite_file(tracking_uri)
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is not None:
-        if check_recorded is not None:
-            check_recorded(found.tags)
+        extension = check_recorded(found.tags) if check_recorded is not None else None
+        if extension:  # the larger budget is now the study's, and the report says so
+            before = found.tags.get(EXTENDED_TAG)
+            client.set_experiment_tag(found.experiment_id, SPEC_TAG, spec_tag)
+            client.set_experiment_tag(
+                found.experiment_id,
+                EXTENDED_TAG,
+                f"{before}; {extension}" if before else extension,
+            )
+            if description:
+                client.set_experiment_tag(found.experiment_id, "mlflow.note.content", description)
         return found.experiment_id
     location = None  # a tracking server (http) decides where artifacts go
     if database is not None:

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from mnist_study.errors import ConfigError, SpecError, StoresDisagree
 from mnist_study.study.experiment import find_experiment
 from mnist_study.study.legacy import spec_from_record
-from mnist_study.study.spec import StudySpec, Tuning, design
+from mnist_study.study.spec import StudySettings, StudySpec, Tuning, design
 
 
 def study_names(spec: StudySpec, tuning: Tuning) -> tuple[str, str]:
@@ -128,23 +128,32 @@ def reconcile_runs(spec: StudySpec, storage, tracker) -> None:
             tracker.end(run_id, Outcome.WORKER_DIED, "left RUNNING after its trial failed")
 
 
-def refuse_changed_study(spec: StudySpec, recorded_text: str | None, where: str) -> None:
+def refuse_changed_study(spec: StudySpec, recorded_text: str | None, where: str) -> str | None:
     """A study resumed under the same name must be the study that was started: a changed
-    budget or search space would mix trials of two designs in one table."""
+    budget or search space would mix trials of two designs in one table. Raising
+    study.tunings or adding study.seeds, and nothing else, extends it: the finished units
+    are what a fresh run of the larger spec gives (proposals follow from the tuning's
+    seed and its own trials), so they are kept. Returns that extension, said in a line."""
     if not recorded_text:
-        return
+        return None
     try:
         old = spec_from_record(recorded_text, spec.path)
     except (ConfigError, ValueError):
-        return  # written by an older version of this tool: nothing to compare against
+        return None  # written by an older version of this tool: nothing to compare against
+    extension = extended(old.settings, spec.settings)
     changed = [
         label
         for label, a, b in (
             ("[study]", old.settings, spec.settings),
             ("[defaults]", design(old.defaults), design(spec.defaults)),
         )
-        if a != b
+        if a != b and not (label == "[study]" and extension)
     ]
+    if old.settings.tunings == 1 < spec.settings.tunings and "[study]" in changed:
+        changed[changed.index("[study]")] = (
+            f"[study] with study.tunings 1 -> {spec.settings.tunings}: a study tuned once "
+            "names its runs without a tuning index, so it cannot gain tunings"
+        )
     old_variants = {v.name: v for v in old.variants}
     changed += [  # a new description only rewords the report: not a change of design
         f"variants.{v.name}"
@@ -159,6 +168,23 @@ def refuse_changed_study(spec: StudySpec, recorded_text: str | None, where: str)
     if changed:
         raise SpecError(
             f"{spec.path}: changed since study {spec.name!r} started in {where} "
-            f"({', '.join(changed)}); restore the file to resume it, or set a new "
+            f"({', '.join(changed)}); restore the file to resume it (raising study.tunings "
+            f"or adding study.seeds alone extends it), or set a new "
             f'name = "..." at its top to start a new study'
         )
+    return extension
+
+
+def extended(old: StudySettings, new: StudySettings) -> str | None:
+    """'study.tunings 3 -> 8' (and/or the seeds added) where `new` only raises the
+    tunings of a study tuned several times or adds final seeds; else None."""
+    same = dataclasses.replace(new, tunings=old.tunings, seeds=old.seeds) == old
+    grows = new.tunings >= old.tunings and set(new.seeds) >= set(old.seeds)
+    if not same or not grows or new == old or (old.tunings == 1 < new.tunings):
+        return None
+    parts = []
+    if new.tunings != old.tunings:
+        parts.append(f"study.tunings {old.tunings} -> {new.tunings}")
+    if set(new.seeds) != set(old.seeds):
+        parts.append(f"study.seeds + {sorted(set(new.seeds) - set(old.seeds))}")
+    return ", ".join(parts)

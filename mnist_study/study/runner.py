@@ -44,7 +44,9 @@ def preflight(spec: StudySpec, opts: RunOptions) -> None:
     check_tracking_uri(opts.tracking_uri)
     st.check_storage_location(opts.storage)
     recorded = recorded_spec_text(experiment_tags(opts.tracking_uri, spec.name) or {})
-    refuse_changed_study(spec, recorded, opts.tracking_uri)
+    extension = refuse_changed_study(spec, recorded, opts.tracking_uri)
+    if extension:
+        print(f"extending study {spec.name!r}: {extension}; its finished units are kept")
 
 
 OBJECTIVE = "validation accuracy at the last evaluation"

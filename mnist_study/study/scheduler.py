@@ -25,7 +25,7 @@ from mnist_study.study.outcome import Outcome
 from mnist_study.study.proposals import FixedPoint, distributions, propose
 from mnist_study.study.records import study_names
 from mnist_study.study.spec import StudySpec, Tuning, Variant
-from mnist_study.study.tracking import Tracker
+from mnist_study.study.tracking import METRIC_NAMES, Tracker
 
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 TAKEN = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
@@ -159,8 +159,6 @@ class Scheduler:
         """Record the cell's outcome on its parent run, once: per tuning its best trial
         and point (prefixed t0., t1., ... when the cell is tuned several times)."""
         parent = self.tracker.parent_run(cell)
-        if self.tracker.run_status(parent) == "FINISHED":
-            return []
         tags, params, accs, best_vals = {}, {}, [], []
         for tuning in self.tunings_of(cell):
             best = best_trial(self.tune[tuning.key])
@@ -176,6 +174,11 @@ class Scheduler:
             if best is not None:
                 best_vals.append(best.value)
                 params |= {f"{prefix}best_{k}": v for k, v in best.params.items()}
+        recorded = self.tracker.client.get_run(parent).data.metrics.get(METRIC_NAMES["n_final"])
+        # Closed with as many final runs as now: done. Fewer: the study was extended
+        # since, and the cell is closed again with the larger budget's outcome.
+        if self.tracker.run_status(parent) == "FINISHED" and recorded == (len(accs) or None):
+            return []
         self.tracker.set_tags(parent, tags)
         self.tracker.log_params(parent, params)
         if accs:

@@ -25,6 +25,7 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # MLflow's UI groups a run's charts by the prefix before '/': accuracy and loss each
 # get a section with train, validation (and test) side by side. Code and history dicts
 # use the short names; these are the names in MLflow, written and read only through here.
+EXTENDED_TAG = "mnist_study.extended"  # each accepted extension: "study.tunings 3 -> 8"
 SPEC_TAG = "mnist_study.spec"  # a summary line, then the resolved spec (JSON) a study started with
 
 
