@@ -28,8 +28,7 @@ SETTINGS = [
     (tunings, ratio, base_ratio)
     for tunings in (3, 5)
     for ratio in (0, 1, 2, 4)
-    for base_ratio in (ratio, ratio / 2)  # equal, then unequal tuning variance per arm
-    if not (ratio == 0 and base_ratio == 0 and tunings == 5)
+    for base_ratio in dict.fromkeys((ratio, ratio / 2))  # equal, then unequal per arm
 ]
 
 
