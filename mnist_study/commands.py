@@ -65,7 +65,7 @@ def train_seed(cfg: TrainConfig, splits, test: bool, tracker) -> dict[str, float
 
     print(
         f"seed {cfg.seed}: {len(splits.train_x):,} train / {len(splits.val_x):,} val images, "
-        + (f"{cfg.steps} steps" if cfg.steps else f"{cfg.epochs} epochs")
+        + cfg.length
         + f", batch {cfg.batch_size}, {cfg.precision}"
     )
     run = TrackedRun()

@@ -322,3 +322,17 @@ def test_raising_tunings_or_adding_seeds_alone_extends_a_study(tmp_path):
     recorded = load_spec(path).record()
     with pytest.raises(SpecError, match=r"study.tunings 1 -> 2: a study tuned once"):
         again(GOOD.replace("trials = 2", "trials = 2\ntunings = 2"))
+
+
+def test_one_place_says_what_a_runs_points_count():
+    """`evals` alone also indexes a run by optimizer step (train() logs steps): every
+    table, figure and console line takes the word from TrainConfig.axis."""
+    from mnist_study.training.config import TrainConfig
+    from mnist_study.training.train import evaluation_points, last_point
+
+    assert TrainConfig().axis == "epoch" and TrainConfig().length == "5 epochs"
+    only_evals = TrainConfig(epochs=2, evals=3, batch_size=10)
+    assert only_evals.axis == "step" and only_evals.length == "2 epochs"
+    assert last_point(only_evals, 100) == evaluation_points(only_evals, 100)[-1] == 20
+    assert TrainConfig(steps=600).axis == "step"
+    assert TrainConfig(steps=600).length == "600 optimizer steps"

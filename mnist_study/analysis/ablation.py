@@ -28,11 +28,14 @@ def ablation_section(data: StudyData, out: Path) -> tuple[list[str], dict[str, P
         "gap": out / "gap.png",
         "tuning": out / "tuning.png",
     }
-    figures.curves_figure(data.curves, data.variants, pngs["curves"])
+    axis = data.spec.defaults.axis if data.spec else "epoch"
+    figures.curves_figure(
+        data.curves, data.variants, pngs["curves"], "optimizer step" if axis == "step" else axis
+    )
     figures.test_figure(table, per_seed, pngs["test_acc"])
     figures.gap_figure(table, pngs["gap"])
     figures.tuning_figure(data.runs, data.variants, pngs["tuning"])
-    lines, found = [markdown_table(table), ""], checks(data, table)
+    lines, found = [markdown_table(table, axis), ""], checks(data, table)
     if replicated(data):
         section, problems = tuning_section(data.runs, table, data.variants)
         lines, found = lines + section, found + problems

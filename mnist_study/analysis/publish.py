@@ -60,7 +60,6 @@ def provenance_line(data: StudyData, report: str = "") -> str:
     budget = ""
     if data.spec:
         s, d = data.spec.settings, data.spec.defaults
-        length = f"{d.steps} optimizer steps" if d.steps else f"{d.epochs} epochs"
         sizes = (
             f"{', '.join(f'{n:,}' for n in s.train_sizes)} train images (one cell each)"
             if s.train_sizes
@@ -72,7 +71,7 @@ def provenance_line(data: StudyData, report: str = "") -> str:
             each = f"{s.tunings} tunings (sampler seeds {sampler_seeds}) x ({each})"
         budget = (
             f"{each} per "
-            f"{'cell' if s.train_sizes else 'variant'}, {length}, batch {d.batch_size}, "
+            f"{'cell' if s.train_sizes else 'variant'}, {d.length}, batch {d.batch_size}, "
             f"{sizes}, {d.val_size:,} validation images, {d.precision}; "
         )
     span = (end - start).total_seconds() / 60 if pd.notna(end) else math.nan

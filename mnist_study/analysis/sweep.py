@@ -44,13 +44,13 @@ def val_loss_turn(curves: pd.DataFrame, variant: str = "baseline") -> tuple[int,
     return int(mean.idxmin()), float(mean.min()), float(mean.iloc[-1])
 
 
-def overfit_line(curves: pd.DataFrame) -> str:
+def overfit_line(curves: pd.DataFrame, axis: str) -> str:
     step, low, last = val_loss_turn(curves)
     if math.isnan(low):
         return "Baseline validation loss: no final runs yet."
     if last > low:
         return (
-            f"Baseline validation loss: lowest {low:.3f} at step {step}, {last:.3f} at the "
+            f"Baseline validation loss: lowest {low:.3f} at {axis} {step}, {last:.3f} at the "
             f"end (+{last / low - 1:.0%}): it turned up, the net overfits at this size."
         )
     return f"Baseline validation loss: still falling at the end ({last:.3f}): no overfitting."
@@ -59,7 +59,7 @@ def overfit_line(curves: pd.DataFrame) -> str:
 def sweep_section(data: StudyData, out: Path) -> tuple[list[str], dict[str, Path], list[str]]:
     """A table per size with its verdicts, the learning-curve figure, curves at every
     size: (lines, figures, checks)."""
-    sizes = data.spec.settings.train_sizes
+    sizes, axis = data.spec.settings.train_sizes, data.spec.defaults.axis
     tables, found, lines = {}, list(data.problems), []
     pngs = {"learning_curve": out / "learning_curve.png"} if len(sizes) > 1 else {}
     for n in sizes:
@@ -75,15 +75,15 @@ def sweep_section(data: StudyData, out: Path) -> tuple[list[str], dict[str, Path
             part.curves,
             data.variants,
             pngs[f"curves_n{n}"],
-            x="optimizer step" if data.spec.defaults.steps else "epoch",
+            x="optimizer step" if axis == "step" else "epoch",
             title=f"{n:,} training images: final runs, mean over seeds, band = min–max",
         )
         lines += [
             f"#### {n:,} training images",
             "",
-            markdown_table(table, "step" if data.spec.defaults.steps else "epoch"),
+            markdown_table(table, axis),
             "",
-            overfit_line(part.curves),
+            overfit_line(part.curves, axis),
             "",
         ]
         if replicated(part):

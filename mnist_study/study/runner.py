@@ -55,12 +55,11 @@ OBJECTIVE = "validation accuracy at the last evaluation"
 def experiment_description(spec: StudySpec) -> str:
     """What the MLflow UI shows atop the study: its question, budget and how to run it."""
     s, d = spec.settings, spec.defaults
-    length = f"{d.steps} optimizer steps" if d.steps else f"{d.epochs} epochs"
     return (
         f"{spec.resolved.get('description', '')}\n\n"
         f"{len(spec.variants)} variants at {', '.join(f'{n:,}' for n in spec.sizes)} training "
         f"images; each cell tuned by Optuna ({s.trials} trials), then {len(s.seeds)} seeds "
-        f"on the test set; {length}, batch {d.batch_size}.\n\n"
+        f"on the test set; {d.length}, batch {d.batch_size}.\n\n"
         f"Spec: `{spec.path}`. Run: `mnist-study run {spec.path} --workers auto`; "
         f"report: `mnist-study report {spec.path}`."
     ).strip()

@@ -12,7 +12,7 @@ from mnist_study.study.outcome import Outcome
 from mnist_study.study.tracking import Tracker
 from mnist_study.training.config import TrainConfig
 from mnist_study.training.dataset import Splits
-from mnist_study.training.train import by_steps, evaluate_test, last_point, train
+from mnist_study.training.train import evaluate_test, last_point, train
 
 
 @dataclass(frozen=True)
@@ -33,15 +33,10 @@ class TrackedRun:
             self.tracker.end(self.run_id, outcome, reason, trial=self.trial)
 
 
-def point_name(cfg: TrainConfig) -> str:
-    """What a run's evaluation points count: optimizer steps, or epochs."""
-    return "step" if by_steps(cfg) else "epoch"
-
-
 def point_line(cfg: TrainConfig, point: int, last: int, m: dict[str, float]) -> str:
     """The console line of one evaluation point."""
     return (
-        f"  {point_name(cfg)} {point}/{last}  train acc {m['train_acc']:.4f} "
+        f"  {cfg.axis} {point}/{last}  train acc {m['train_acc']:.4f} "
         f"loss {m['train_loss']:.4f}"
         f" | val acc {m['val_acc']:.4f} loss {m['val_loss']:.4f} | {m['epoch_seconds']:.1f}s"
     )

@@ -26,7 +26,7 @@ from mnist_study.study.signals import (
     stopping_on_signals,
 )
 from mnist_study.study.spec import StudySpec, Variant
-from mnist_study.study.tracked_run import TrackedRun, point_line, point_name, train_tracked
+from mnist_study.study.tracked_run import TrackedRun, point_line, train_tracked
 from mnist_study.study.tracking import Tracker
 from mnist_study.training.dataset import load_splits
 from mnist_study.training.train import resolve_device
@@ -181,7 +181,7 @@ class Worker:
                 trial.report(m["val_acc"], point)
                 # At the last point the work is done: keep it as a complete trial.
                 if point < last and trial.should_prune():
-                    raise optuna.TrialPruned(f"median pruner at {point_name(cfg)} {point}")
+                    raise optuna.TrialPruned(f"median pruner at {cfg.axis} {point}")
 
         def tell(outcome: Outcome, reason: str, final: dict[str, float]) -> None:
             if outcome is not Outcome.COMPLETE:

@@ -109,6 +109,17 @@ class TrainConfig:
     threads: int = 0
     """CPU threads for torch (0 = torch's default: one per core)."""
 
+    @property
+    def axis(self) -> str:
+        """What a run's evaluation points count, the one word every console line, table
+        and figure uses: "step" (optimizer steps, with `steps` or `evals`) or "epoch"."""
+        return "step" if self.steps or self.evals else "epoch"
+
+    @property
+    def length(self) -> str:
+        """How long a run trains, as the console and the reports say it."""
+        return f"{self.steps} optimizer steps" if self.steps else f"{self.epochs} epochs"
+
     def replace(self, source: str = "config", **changes: object) -> TrainConfig:
         """A copy with `changes` applied; unknown keys and wrong types raise ConfigError."""
         hints = typing.get_type_hints(TrainConfig)

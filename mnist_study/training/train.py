@@ -113,15 +113,10 @@ def evaluation_points(cfg: TrainConfig, n_train: int) -> list[int]:
     return sorted({min(total, per_epoch * e) for e in range(1, math.ceil(total / per_epoch) + 1)})
 
 
-def by_steps(cfg: TrainConfig) -> bool:
-    """Whether a run's curve is indexed by optimizer step (else by epoch)."""
-    return bool(cfg.steps or cfg.evals)
-
-
 def last_point(cfg: TrainConfig, n_train: int) -> int:
     """The index (MLflow step) of a run's last evaluation, where its test metrics go."""
     points = evaluation_points(cfg, n_train)
-    return points[-1] if by_steps(cfg) else len(points)
+    return points[-1] if cfg.axis == "step" else len(points)
 
 
 @torch.no_grad()
@@ -194,7 +189,7 @@ def train(
         }
         result.history.append(metrics)
         if on_epoch is not None:
-            on_epoch(point if by_steps(cfg) else number, metrics)
+            on_epoch(point if cfg.axis == "step" else number, metrics)
     return result
 
 
