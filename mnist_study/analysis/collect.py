@@ -20,7 +20,7 @@ from mnist_study.study.legacy import (
 from mnist_study.study.records import OptunaSide, open_runs_of_ended_trials, optuna_side
 from mnist_study.study.spec import StudySpec
 from mnist_study.study.storage import connect, storage_exists
-from mnist_study.study.tracking import EXTENDED_TAG
+from mnist_study.study.tracking import EXTENDED_TAG, Role
 
 CURVES = ("train_loss", "val_loss", "train_acc", "val_acc", "epoch_seconds")
 
@@ -84,7 +84,7 @@ def collect(
         spec = dataclasses.replace(
             spec, settings=dataclasses.replace(spec.settings, tunings=tunings)
         )
-    finals = runs[runs["tags.role"] == "final"]
+    finals = runs[runs["tags.role"] == Role.FINAL]
     rows = []
     for _, run in finals.iterrows():
         for metric in CURVES:
@@ -132,7 +132,7 @@ def counted_runs(
     run left out is named in the checks, so duplicates can never narrow an interval
     unseen; so is every failed trial that has no run to show for it."""
     problems = [side] if isinstance(side, str) else []
-    children = runs["tags.role"].isin(["tune", "final"])
+    children = runs["tags.role"].isin([Role.TUNE, Role.FINAL])
     if not isinstance(side, str):
         if side.runless:
             problems.append(
@@ -156,7 +156,7 @@ def counted_runs(
         runs = runs[~orphans]
     runs = runs.sort_values("start_time")
     keep = pd.Series(True, index=runs.index)
-    finished_finals = (runs["tags.role"] == "final") & (runs.status == "FINISHED")
+    finished_finals = (runs["tags.role"] == Role.FINAL) & (runs.status == "FINISHED")
     for (cell, _), mine in runs[finished_finals].groupby(["cell", "tuning"]):
         seeds = mine["tags.seed"].astype(int)
         if spec is not None:
@@ -174,7 +174,7 @@ def counted_runs(
                 f"{sorted(set(seeds[repeated]))}: only the first of each counted"
             )
             keep[mine.index[repeated]] = False
-    tune = runs[runs["tags.role"] == "tune"]
+    tune = runs[runs["tags.role"] == Role.TUNE]
     repeated = tune.duplicated(["cell", "tuning", "tags.optuna_trial"])
     if repeated.any():
         problems.append(

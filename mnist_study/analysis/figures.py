@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from mnist_study.study.tracking import Role
+
 TITLES = {
     "train_loss": "train loss (clean pass)",
     "val_loss": "validation loss",
@@ -119,7 +121,7 @@ def tuning_figure(runs: pd.DataFrame, variants: list[str], path: Path) -> None:
     cols = 4
     rows = max(1, math.ceil(len(variants) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(11, 2.6 * rows + 0.6), squeeze=False)
-    tune = runs[runs["tags.role"] == "tune"] if not runs.empty else runs
+    tune = runs[runs["tags.role"] == Role.TUNE] if not runs.empty else runs
     last = int(tune["tags.optuna_trial"].astype(int).max()) if not tune.empty else 1
     for ax, v in zip(axes.flat, variants, strict=False):
         mine = tune[tune["tags.variant"] == v].copy() if not tune.empty else tune

@@ -18,6 +18,7 @@ from mnist_study.analysis.variance import (
     components,
     width_ratio_without_luck,
 )
+from mnist_study.study.tracking import Role
 
 RISE = 0.001
 """A cell whose expected best validation accuracy still rises by this much (0.1 points)
@@ -30,7 +31,7 @@ def test_acc_groups(runs: pd.DataFrame, variant: str) -> list[list[float]]:
         return []
     ok = runs[
         (runs["tags.variant"] == variant)
-        & (runs["tags.role"] == "final")
+        & (runs["tags.role"] == Role.FINAL)
         & (runs["status"] == "FINISHED")
         & runs["metrics.test_acc"].notna()
     ]
@@ -133,7 +134,7 @@ def budget_curves(runs: pd.DataFrame) -> pd.DataFrame:
     if runs.empty:
         return pd.DataFrame(columns=["variant", "train_size", "tuning", "trials", "expected"])
     tune = runs[
-        (runs["tags.role"] == "tune") & runs["tags.optuna_state"].isin(["COMPLETE", "PRUNED"])
+        (runs["tags.role"] == Role.TUNE) & runs["tags.optuna_state"].isin(["COMPLETE", "PRUNED"])
     ]
     rows = []
     for (variant, size, tuning), g in tune.groupby(

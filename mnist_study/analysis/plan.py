@@ -13,6 +13,7 @@ import pandas as pd
 from mnist_study.analysis.luck import test_acc_groups
 from mnist_study.analysis.report import ALPHA
 from mnist_study.analysis.variance import components, detectable_effect, pooled_seed_var
+from mnist_study.study.tracking import Role
 
 POWER = 0.8
 TUNINGS = (3, 5, 8, 10, 15, 20)
@@ -47,15 +48,15 @@ def size_facts(runs: pd.DataFrame, variants: list[str], size: int | None) -> Siz
     seconds = (done.end_time - done.start_time).dt.total_seconds()
     by_role = {
         role: seconds[done["tags.role"] == role].groupby(done["tags.variant"]).mean().to_dict()
-        for role in ("tune", "final")
+        for role in (Role.TUNE, Role.FINAL)
     }
     return SizeFacts(
         size=size,
         cells=len(variants),
         tuning_var=sum(a.tuning_var for a in arms) / len(arms),
         seed_var=pooled_seed_var(arms),
-        tune_s=by_role["tune"],
-        final_s=by_role["final"],
+        tune_s=by_role[Role.TUNE],
+        final_s=by_role[Role.FINAL],
     )
 
 

@@ -19,6 +19,7 @@ from mnist_study.errors import SpecError
 from mnist_study.study.experiment import ui_link
 from mnist_study.study.files import DEFAULT_TRACKING_URI, store_flags
 from mnist_study.study.legacy import recorded_command
+from mnist_study.study.tracking import Role
 
 
 def markers(study: str) -> tuple[str, str]:
@@ -46,7 +47,7 @@ def provenance_line(data: StudyData, report: str = "") -> str:
     runs = data.runs
     if runs.empty:
         return f"Study `{data.name}`: no runs yet."
-    children = runs[runs["tags.role"].isin(["tune", "final"])]
+    children = runs[runs["tags.role"].isin([Role.TUNE, Role.FINAL])]
     start, end = children.start_time.min(), children.end_time.max()
     commits = children["tags.git_commit"].value_counts()
     commit = (
@@ -184,13 +185,15 @@ def log_report_run(tracking_uri: str, study: str, folder: Path, body: str, comma
     again, it is updated in place, never duplicated."""
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(study)
-    found = client.search_runs([experiment.experiment_id], "tags.role = 'report'", max_results=1)
+    found = client.search_runs(
+        [experiment.experiment_id], f"tags.role = '{Role.REPORT}'", max_results=1
+    )
     if found:
         run_id = found[0].info.run_id
     else:
         source = {"mlflow.source.name": command, "mlflow.source.type": "LOCAL"}
         run = client.create_run(
-            experiment.experiment_id, run_name="report", tags={"role": "report", **source}
+            experiment.experiment_id, run_name="report", tags={"role": Role.REPORT, **source}
         )
         run_id = run.info.run_id
     note = body
@@ -212,7 +215,7 @@ def log_report_run(tracking_uri: str, study: str, folder: Path, body: str, comma
 
 def log_figures(tracking_uri: str, data: StudyData, paths: list[Path]) -> None:
     client = MlflowClient(tracking_uri)
-    parents = data.runs[data.runs["tags.role"] == "variant"]
+    parents = data.runs[data.runs["tags.role"] == Role.VARIANT]
     for run_id in parents.run_id:
         for path in paths:
             client.log_artifact(run_id, str(path), "report")

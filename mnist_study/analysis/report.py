@@ -25,6 +25,7 @@ from mnist_study.analysis.significance import (
     seeds_only,
     welch_p,
 )
+from mnist_study.study.tracking import Role
 
 ALPHA = 0.01
 """Holm-adjusted p below which a comparison counts as resolved: the one verdict rule of
@@ -90,8 +91,8 @@ def variant_row(data: StudyData, variant: str, base: list, base_gaps: list) -> d
     """A variant's row, its comparison with the baseline by compare()."""
     runs = data.runs
     mine = runs[runs["tags.variant"] == variant] if not runs.empty else runs
-    parent = mine[mine["tags.role"] == "variant"] if not mine.empty else mine
-    tune = mine[mine["tags.role"] == "tune"] if not mine.empty else mine
+    parent = mine[mine["tags.role"] == Role.VARIANT] if not mine.empty else mine
+    tune = mine[mine["tags.role"] == Role.TUNE] if not mine.empty else mine
     groups = test_acc_groups(runs, variant)
     mean, low, high, level = acc_interval(groups)
     last = per_seed_gaps(data.curves, variant, None)

@@ -15,6 +15,7 @@ from mnist_study.errors import ConfigError, SpecError, StoresDisagree
 from mnist_study.study.experiment import find_experiment
 from mnist_study.study.legacy import spec_from_record
 from mnist_study.study.spec import StudySettings, StudySpec, Tuning, design
+from mnist_study.study.tracking import Role
 
 
 def study_names(spec: StudySpec, tuning: Tuning) -> tuple[str, str]:
@@ -72,9 +73,10 @@ def mlflow_children(tracking_uri: str, experiment: str) -> dict[str, str] | None
     if exp is None:
         return None
     found = MlflowClient(tracking_uri).search_runs(
-        [exp.experiment_id], "tags.role != 'variant'", max_results=50_000
+        [exp.experiment_id], f"tags.role != '{Role.VARIANT}'", max_results=50_000
     )
-    return {r.info.run_id: r.info.status for r in found if r.data.tags["role"] in ("tune", "final")}
+    units = (Role.TUNE, Role.FINAL)
+    return {r.info.run_id: r.info.status for r in found if r.data.tags["role"] in units}
 
 
 def check_stores_agree(

@@ -25,7 +25,7 @@ from mnist_study.study.outcome import Outcome
 from mnist_study.study.proposals import FixedPoint, distributions, propose
 from mnist_study.study.records import study_names
 from mnist_study.study.spec import StudySpec, Tuning, Variant
-from mnist_study.study.tracking import METRIC_NAMES, Tracker
+from mnist_study.study.tracking import METRIC_NAMES, Role, Tracker
 
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 TAKEN = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
@@ -37,7 +37,7 @@ class Unit:
 
     study: optuna.Study
     tuning: Tuning  # its cell (the variant, at one size in a sweep) and which tuning
-    role: str  # "tune" or "final"
+    role: Role  # TUNE or FINAL
     trial: optuna.Trial
     slot: int | None = None  # a tuning trial's place in its tuning: 0, 1, ...
     seed: int | None = None
@@ -123,7 +123,7 @@ class Scheduler:
             if free and best_trial(study) is not None:
                 trial = st.claim_trial(self.final[tuning.key], {"worker": self.index})
                 trial.set_user_attr("seed", free[0])
-                return Unit(self.final[tuning.key], tuning, "final", trial, seed=free[0])
+                return Unit(self.final[tuning.key], tuning, Role.FINAL, trial, seed=free[0])
             if count(finals, (TrialState.RUNNING,)):
                 waiting = True
         return Idle.WAIT if waiting else Idle.DONE
@@ -137,7 +137,7 @@ class Scheduler:
             distributions(tuning.cell),
         )
         trial.set_user_attr("slot", slot)
-        return Unit(study, tuning, "tune", trial, slot=slot)
+        return Unit(study, tuning, Role.TUNE, trial, slot=slot)
 
     def tunings_of(self, cell: Variant) -> list[Tuning]:
         return [t for t in self.spec.tunings if t.cell.key == cell.key]

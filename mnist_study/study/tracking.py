@@ -5,6 +5,7 @@ ids, so several worker processes can log into the same store without shared stat
 
 from __future__ import annotations
 
+import enum
 import logging
 import tempfile
 import time
@@ -22,11 +23,22 @@ from mnist_study.training.config import TrainConfig
 PARENT_TAG = "mlflow.parentRunId"
 # The MLflow 3 UI opens an experiment by its kind: training runs, not GenAI traces.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+EXTENDED_TAG = "mnist_study.extended"  # each accepted extension: "study.tunings 3 -> 8"
+SPEC_TAG = "mnist_study.spec"  # a summary line, then the resolved spec (JSON) a study started with
+
+
+class Role(enum.StrEnum):
+    """A run's `role` tag: what it is to the study."""
+
+    TUNE = "tune"  # a tuning trial
+    FINAL = "final"  # a final seed, the only runs that see the test set
+    VARIANT = "variant"  # a cell's parent run
+    REPORT = "report"  # the study's comparison, one per study
+
+
 # MLflow's UI groups a run's charts by the prefix before '/': accuracy and loss each
 # get a section with train, validation (and test) side by side. Code and history dicts
 # use the short names; these are the names in MLflow, written and read only through here.
-EXTENDED_TAG = "mnist_study.extended"  # each accepted extension: "study.tunings 3 -> 8"
-SPEC_TAG = "mnist_study.spec"  # a summary line, then the resolved spec (JSON) a study started with
 
 
 METRIC_NAMES = {
@@ -61,8 +73,8 @@ class Tracker:
         """The cell's parent run, created once (callers hold the claim lock) with the
         data its runs read (`cfg`: the cell's configuration) and their `source` tags, so
         that the UI's Dataset and Source columns are filled for it too."""
-        query = f"tags.role = 'variant' and tags.variant = '{cell.name}'"
-        tags = {"role": "variant", "variant": cell.name, "mlflow.note.content": cell.description}
+        query = f"tags.role = '{Role.VARIANT}' and tags.variant = '{cell.name}'"
+        tags = {"role": Role.VARIANT, "variant": cell.name, "mlflow.note.content": cell.description}
         if cell.train_size is not None:
             query += f" and tags.train_size = '{cell.train_size}'"
             tags |= {"cell": cell.key, "train_size": str(cell.train_size)}

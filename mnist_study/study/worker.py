@@ -27,7 +27,7 @@ from mnist_study.study.signals import (
 )
 from mnist_study.study.spec import StudySpec, Variant
 from mnist_study.study.tracked_run import TrackedRun, point_line, train_tracked
-from mnist_study.study.tracking import Tracker
+from mnist_study.study.tracking import Role, Tracker
 from mnist_study.training.dataset import load_splits
 from mnist_study.training.train import resolve_device
 
@@ -134,7 +134,7 @@ class Worker:
         (name, params, config, run id)."""
         study, variant, trial, tuning = unit.study, unit.variant, unit.trial, unit.tuning
         extra = {"tuning": tuning.index, "sampler_seed": tuning.sampler_seed}
-        if unit.role == "tune":
+        if unit.role == Role.TUNE:
             params = dict(trial.params)
             name = f"{tuning.key}/trial-{unit.slot}"
             extra |= {"slot": unit.slot, "proposal_seed": proposal_seed(tuning, unit.slot)}
@@ -162,7 +162,7 @@ class Worker:
             name,
             cfg,
             {k: str(v) for k, v in tags.items()},
-            test=unit.role == "final",
+            test=unit.role == Role.FINAL,
         )
         return name, params, cfg, run_id
 
@@ -177,7 +177,7 @@ class Worker:
             stop_if_signalled()
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 raise Interrupted("parent process died")
-            if unit.role == "tune":
+            if unit.role == Role.TUNE:
                 trial.report(m["val_acc"], point)
                 # At the last point the work is done: keep it as a complete trial.
                 if point < last and trial.should_prune():
@@ -189,11 +189,11 @@ class Worker:
                 trial.set_user_attr("prune_reason" if pruned else "fail_reason", reason)
                 study.tell(trial, state=outcome.trial_state)
                 return
-            if unit.role == "final":
+            if unit.role == Role.FINAL:
                 trial.set_user_attr("test_acc", final["test_acc"])
             study.tell(trial, final["val_acc"])
 
-        final = unit.role == "final"
+        final = unit.role == Role.FINAL
         try:
             result = train_tracked(
                 cfg,
