@@ -99,7 +99,11 @@ def variant_row(data: StudyData, variant: str, base: list, base_gaps: list) -> d
     best_epoch = best_val_epoch(data.curves, variant)
     best = per_seed_gaps(data.curves, variant, best_epoch) if best_epoch else {}
     states = tune["tags.optuna_state"].value_counts() if not tune.empty else {}
-    tuned = tuned_points(parent)
+    variant_spec = (
+        next((v for v in data.spec.variants if v.name == variant), None) if data.spec else None
+    )
+    finals = mine[mine["tags.role"] == Role.FINAL] if not mine.empty else mine
+    tuned = tuned_from_finals(finals, variant_spec.search) if variant_spec else tuned_points(parent)
     other = variant != "baseline" and groups and base
     found = compare(groups, base) if other else None
     seeds = seeds_only(groups, base) if other else None
@@ -155,6 +159,18 @@ def tuned_points(parent: pd.DataFrame) -> dict[str, list[float]]:
         match = re.fullmatch(r"params\.(?:t\d+\.)?best_(\w+)", col)
         if match and pd.notna(parent.iloc[0][col]):
             tuned.setdefault(match[1], []).append(float(parent.iloc[0][col]))
+    return tuned
+
+
+def tuned_from_finals(finals: pd.DataFrame, keys) -> dict[str, list[float]]:
+    """Each tuning's point from its final runs (they train with it), in tuning order: the
+    tunings the table counts, also while the cell's parent is still open."""
+    tuned: dict[str, list[float]] = {}
+    for _, runs in sorted(finals.groupby("tuning"), key=lambda item: item[0]):
+        for key in keys:
+            values = runs.get(f"params.{key}", pd.Series(dtype=object)).dropna()
+            if not values.empty:
+                tuned.setdefault(key, []).append(float(values.iloc[0]))
     return tuned
 
 
