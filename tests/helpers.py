@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -68,6 +69,13 @@ def run_main(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
         except SystemExit as exc:  # argparse's refusals
             code = exc.code
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (the OS's pick, released at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def stores(tmp_path: Path) -> tuple[str, str]:

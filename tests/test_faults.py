@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from helpers import (
     TINY,
     assert_budget_met_exactly,
     cli,
+    free_port,
     run_main,
     runs,
     stores,
@@ -350,15 +350,9 @@ def test_report_counts_one_run_per_seed_and_names_what_it_left_out(finished, tmp
     assert list(summarize(collect(tracking, "tiny", storage)).n) == [2, 2]
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_tracking_server_fails_fast(tmp_path):
     (tmp_path / "tiny.toml").write_text(TINY)
-    uri = f"http://127.0.0.1:{closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     started = time.time()
     done = run_main(*run_args(tmp_path / "tiny.toml", uri, str(tmp_path / "o.journal")))
     assert time.time() - started < 30

@@ -8,20 +8,13 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 
 import pytest
-from helpers import TINY, assert_budget_met_exactly, run_two_workers
+from helpers import TINY, assert_budget_met_exactly, free_port, run_two_workers
 
 from mnist_study.study.spec import load_spec
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from scipy import stats
 from mnist_study.analysis.collect import collect
 from mnist_study.analysis.publish import busy_minutes, markers, seed_ranges, write_report
 from mnist_study.analysis.report import summarize
-from mnist_study.analysis.significance import holm
 from mnist_study.study.experiment import prepare_store
 
 MARK_START, MARK_END = markers("smoke")
@@ -138,12 +137,6 @@ def test_wall_time_leaves_out_pauses_between_resumes():
     assert busy_minutes(starts, ends) == pytest.approx(30)
 
 
-def test_holm_adjusts_for_several_comparisons():
-    adjusted = holm(pd.Series([0.01, 0.04, math.nan, 0.03]))
-    assert adjusted.tolist()[:2] == pytest.approx([0.03, 0.06])
-    assert math.isnan(adjusted[2]) and adjusted[3] == pytest.approx(0.06)
-
-
 def test_runs_recorded_under_the_short_metric_names_still_read(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -157,21 +150,6 @@ def test_runs_recorded_under_the_short_metric_names_still_read(tmp_path):
     client.log_metric(new, "accuracy/validation", 0.8, step=1)
     assert [m.value for m in metric_history(client, old, "val_acc")] == [0.9]
     assert [m.value for m in metric_history(client, new, "val_acc")] == [0.8]
-
-
-def test_paired_tost_is_two_one_sided_t_tests():
-    from mnist_study.analysis.significance import paired_tost
-
-    a = [0.9901, 0.9893, 0.9910, 0.9889, 0.9902, 0.9897]
-    b = [0.9899, 0.9897, 0.9905, 0.9892, 0.9900, 0.9894]
-    d = [x - y for x, y in zip(a, b, strict=True)]
-    mean, half, p = paired_tost(a, b, 0.001)
-    lower = stats.ttest_1samp(d, -0.001, alternative="greater").pvalue
-    upper = stats.ttest_1samp(d, 0.001, alternative="less").pvalue
-    assert p == pytest.approx(max(lower, upper)) and p < 0.05
-    low, high = stats.ttest_1samp(d, 0).confidence_interval(0.90)
-    assert (mean, half) == pytest.approx(((low + high) / 2, (high - low) / 2))
-    assert paired_tost(a, b, 0.0001)[2] > 0.05  # a margin too tight to show
 
 
 def test_seed_lists_read_as_ranges():

@@ -8,14 +8,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
 import pytest
-from helpers import TINY, assert_budget_met_exactly, cli, run_two_workers
+from helpers import TINY, assert_budget_met_exactly, cli, free_port, run_two_workers
 
 from mnist_study.analysis.publish import write_report
 from mnist_study.study.spec import load_spec
@@ -23,9 +22,7 @@ from mnist_study.study.spec import load_spec
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--workers", "1"]
     cmd += ["--artifacts-destination", str(tmp_path / "artifacts")]

@@ -9,10 +9,11 @@ import math
 import statistics
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats
 
-from mnist_study.analysis.significance import compare, expected_best, seeds_only
+from mnist_study.analysis.significance import compare, expected_best, holm, paired_tost, seeds_only
 from mnist_study.analysis.variance import calibrate, components, detectable_effect
 
 SEED_SD = 0.3  # points, as at 300 training images
@@ -142,3 +143,22 @@ def test_plan_wall_time_is_the_larger_of_spread_work_and_one_chain():
         <= 0.01
         < detectable_effect(mean_var, fewest - 1, 0.01)
     )
+
+
+def test_holm_adjusts_for_several_comparisons():
+    adjusted = holm(pd.Series([0.01, 0.04, math.nan, 0.03]))
+    assert adjusted.tolist()[:2] == pytest.approx([0.03, 0.06])
+    assert math.isnan(adjusted[2]) and adjusted[3] == pytest.approx(0.06)
+
+
+def test_paired_tost_is_two_one_sided_t_tests():
+    a = [0.9901, 0.9893, 0.9910, 0.9889, 0.9902, 0.9897]
+    b = [0.9899, 0.9897, 0.9905, 0.9892, 0.9900, 0.9894]
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    mean, half, p = paired_tost(a, b, 0.001)
+    lower = stats.ttest_1samp(d, -0.001, alternative="greater").pvalue
+    upper = stats.ttest_1samp(d, 0.001, alternative="less").pvalue
+    assert p == pytest.approx(max(lower, upper)) and p < 0.05
+    low, high = stats.ttest_1samp(d, 0).confidence_interval(0.90)
+    assert (mean, half) == pytest.approx(((low + high) / 2, (high - low) / 2))
+    assert paired_tost(a, b, 0.0001)[2] > 0.05  # a margin too tight to show
