@@ -82,10 +82,10 @@ def tuning_section(
     arms = {v: components(test_acc_groups(runs, v)) for v in variants}
     arms = {v: a for v, a in arms.items() if a.tunings >= 2}
     lines = [comparison_table(table), "", components_table(arms), ""]
-    if "baseline" not in arms or len(arms) < 2:
+    rest = table[(table.variant != "baseline") & table.diff_ci95.notna()]
+    if "baseline" not in arms or len(arms) < 2 or rest.empty:
         return lines, []
     base, others = arms["baseline"], [a for v, a in arms.items() if v != "baseline"]
-    rest = table[(table.variant != "baseline") & table.diff_ci95.notna()]
     observed = rest.diff_ci95.mean() / rest.seed_ci95.mean()
     lines += [
         f"Intervals with the tuning as the unit are {observed:.1f}x as wide as those over "
