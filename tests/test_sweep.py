@@ -150,7 +150,8 @@ def test_report_rows_per_variant_and_size_recomputed_from_mlflow(sweep):
     readme.write_text(f"# R\n\n{start}\nold\n{end}\n")
     body = write_report(tracking, spec.name, tmp / "reports", readme, storage)
     assert body.count("#### ") == 2 and "#### 100 training images" in body
-    assert "Resolved (Holm p<0.01)" in body and "Baseline validation loss" in body
+    assert "Resolved (Holm p<0.01; over the seeds of one tuning" in body
+    assert "Baseline validation loss" in body
     csv = (tmp / "reports" / "sweep" / "results.csv").read_text().splitlines()
     assert len(csv) == 1 + 2 * 2
     assert (tmp / "reports" / "sweep" / "learning_curve.png").stat().st_size > 10_000
@@ -169,9 +170,11 @@ def test_the_verdict_has_one_rule_for_test_accuracy_and_gap():
             "p_holm": [nan, 0.001, 0.4, 0.002],
             "acc_gap_last": [0.08, 0.05, 0.07, 0.09],
             "gap_p_holm": [nan, 0.005, 0.03, 0.2],  # dropout's 0.03 passes 0.05, not 0.01
+            "level": ["tunings"] * 4,
         }
     )
     text = verdict(table)
+    assert text.startswith("Resolved (Holm p<0.01; the tuning the unit)")
     assert "raise it: augmentation +5.00 ± 1.00" in text
     assert "lower it: sgd_momentum -3.00 ± 1.00" in text
     assert "dropout < 1.00" in text

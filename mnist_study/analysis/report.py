@@ -264,8 +264,13 @@ def verdict(table: pd.DataFrame, alpha: float = ALPHA) -> str:
     gap = rest[rest.gap_p_holm < alpha]
     shrink = gap[gap.acc_gap_last < base_gap].variant.tolist()
     widen = gap[gap.acc_gap_last > base_gap].variant.tolist()
+    unit = (
+        "the tuning the unit"
+        if (rest.level == "tunings").all()
+        else "over the seeds of one tuning: tuning luck left out"
+    )
     parts = [
-        f"Resolved (Holm p<{alpha:g}), points of test accuracy: raise it: "
+        f"Resolved (Holm p<{alpha:g}; {unit}), points of test accuracy: raise it: "
         + (", ".join(up) or "none"),
         "lower it: " + (", ".join(down) or "none"),
     ]

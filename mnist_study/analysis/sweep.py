@@ -23,6 +23,7 @@ from mnist_study.analysis.luck import (
 from mnist_study.analysis.plan import plan_lines, size_facts
 from mnist_study.analysis.report import checks, replicated, summarize, verdict
 from mnist_study.analysis.tables import TABLE_LEGEND, markdown_table
+from mnist_study.study.tracking import Role
 
 
 def at_size(data: StudyData, n: int) -> StudyData:
@@ -61,9 +62,13 @@ def sweep_section(data: StudyData, out: Path) -> tuple[list[str], dict[str, Path
     size: (lines, figures, checks)."""
     sizes, axis = data.spec.settings.train_sizes, data.spec.defaults.axis
     tables, found, lines = {}, list(data.problems), []
-    pngs = {"learning_curve": out / "learning_curve.png"} if len(sizes) > 1 else {}
+    pngs = {}
     for n in sizes:
         part = at_size(data, n)
+        if part.runs[part.runs["tags.role"] != Role.VARIANT].empty:
+            lines += [f"#### {n:,} training images", "", "Not started yet.", ""]
+            found.append(f"n={n}: not started")
+            continue
         table = summarize(part)
         tables[n] = table
         found += [f"n={n}: {c}" for c in checks(part, table)]
@@ -108,10 +113,12 @@ def sweep_section(data: StudyData, out: Path) -> tuple[list[str], dict[str, Path
                 pngs[f"budget_n{n}"],
                 f"{n:,} training images: expected best of n trials, mean over tunings",
             )
-    pd.concat(
-        [t.drop(columns=["tuned_params"]).assign(train_size=n) for n, t in tables.items()]
-    ).to_csv(out / "results.csv", index=False)
-    if "learning_curve" in pngs:  # one size is a point, not a curve
+    if tables:
+        pd.concat(
+            [t.drop(columns=["tuned_params"]).assign(train_size=n) for n, t in tables.items()]
+        ).to_csv(out / "results.csv", index=False)
+    if len(tables) > 1:  # one size is a point, not a curve
+        pngs = {"learning_curve": out / "learning_curve.png", **pngs}
         figures.learning_curve_figure(tables, pngs["learning_curve"])
     lines.append(TABLE_LEGEND)
     if replicated(data):
