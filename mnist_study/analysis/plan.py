@@ -129,12 +129,20 @@ def plan_lines(
     return lines
 
 
-def smallest_design(facts: SizeFacts, effect: float, seeds: int) -> int | None:
-    """The fewest tunings (of TUNINGS, then up to 100) whose detectable Δ is at most
-    `effect` with `seeds` seeds per tuning."""
+def smallest_design(facts: SizeFacts, effect: float, seeds: int, most: int = 100) -> int | None:
+    """The fewest tunings (2 to `most`) whose detectable Δ is at most `effect` with
+    `seeds` seeds per tuning; None if even `most` do not. Bisection: more tunings
+    detect less."""
     comparisons = max(1, facts.cells - 1)
     mean_var = facts.tuning_var + facts.seed_var / seeds
-    for tunings in range(2, 101):
-        if detectable_effect(mean_var, tunings, ALPHA / comparisons, POWER) <= effect:
-            return tunings
-    return None
+
+    def enough(tunings: int) -> bool:
+        return detectable_effect(mean_var, tunings, ALPHA / comparisons, POWER) <= effect
+
+    if not enough(most):
+        return None
+    low, high = 2, most  # enough(high) holds
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if enough(middle) else (middle + 1, high)
+    return high
