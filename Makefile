@@ -56,10 +56,10 @@ data: $(BIN)/.installed ## fetch and verify MNIST into data/MNIST/raw
 train: data ## train one configuration, e.g. make train ARGS="--batchnorm --epochs 3"
 	@$(BIN)/mnist-study --data-root $(DATA) train $(ARGS)
 
-test: data ## run the tests (CPU, ~80 s on 2 cores; real MNIST and stores in tmp dirs), slow ones apart
+test: data ## run the tests (CPU, 1.5 to 2.5 min on 2 cores; real MNIST and stores in tmp dirs), slow ones apart
 	@$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_JOBS) --dist loadfile --durations=10 $(ARGS)
 
-test-slow: data ## the slow tests: determinism, killed workers and sweeps, signals, concurrent commands, PostgreSQL, mlflow server (~7 min on 2 cores)
+test-slow: data ## the slow tests: determinism, killed workers and sweeps, signals, concurrent commands, PostgreSQL, mlflow server (7 to 12 min on 2 cores)
 	@$(BIN)/python -m pytest -q -m slow -n $(SLOW_TEST_JOBS) --dist load --durations=10 $(ARGS)
 
 lint: $(BIN)/.installed ## ruff (lint, formatting) and import-linter (imports go down: cli, analysis, study, training; no circles)
