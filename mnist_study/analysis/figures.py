@@ -57,10 +57,12 @@ def curves_figure(
     plt.close(fig)
 
 
-def bar(r) -> list[list[float]]:
-    """A row's 95% interval as matplotlib's (below, above) error, in points: clipped to
-    [0, 100]% as the table prints it."""
-    return [[(r.test_acc_mean - r.test_acc_low) * 100], [(r.test_acc_high - r.test_acc_mean) * 100]]
+def bar(r) -> tuple[float, float]:
+    """A row's 95% interval as (below, above) the mean in points, clipped to [0, 100]%
+    as the table prints it; (0, 0) without one."""
+    if math.isnan(r.test_acc_low):
+        return 0.0, 0.0
+    return (r.test_acc_mean - r.test_acc_low) * 100, (r.test_acc_high - r.test_acc_mean) * 100
 
 
 def test_figure(table: pd.DataFrame, per_seed: dict[str, list[float]], path: Path) -> None:
@@ -70,7 +72,7 @@ def test_figure(table: pd.DataFrame, per_seed: dict[str, list[float]], path: Pat
     for i, r in enumerate(table.itertuples()):
         if math.isnan(r.test_acc_mean):
             continue
-        err = [[0], [0]] if math.isnan(r.test_acc_low) else bar(r)
+        err = [[side] for side in bar(r)]
         ax.errorbar(
             r.test_acc_mean * 100, i, xerr=err, fmt="o", capsize=4, color=palette[r.variant]
         )
@@ -167,8 +169,7 @@ def learning_curve_figure(tables: dict[int, pd.DataFrame], path: Path) -> None:
         # A small horizontal offset per variant keeps the error bars apart.
         xs = [n * 1.025 ** (i - len(variants) / 2) for n in sizes]
         acc = [r.test_acc_mean * 100 for r in rows]
-        bars = [[[0], [0]] if math.isnan(r.test_acc_low) else bar(r) for r in rows]
-        err = [[b[0][0] for b in bars], [b[1][0] for b in bars]]
+        err = list(zip(*(bar(r) for r in rows), strict=True))  # (below..., above...)
         left.errorbar(xs, acc, yerr=err, marker="o", ms=4, capsize=3, label=v, color=palette[v])
         right.plot(xs, [r.acc_gap_last * 100 for r in rows], marker="o", ms=4, color=palette[v])
     for ax in (left, right):

@@ -36,6 +36,15 @@ class SizeFacts:
     final_s: dict[str, float]
     """Per cell: mean seconds of one final run."""
 
+    @property
+    def comparisons(self) -> int:
+        return max(1, self.cells - 1)
+
+    def detectable(self, tunings: int, seeds: int) -> float:
+        """The smallest Δ R tunings x n seeds per cell detect under the verdict rule."""
+        mean_var = self.tuning_var + self.seed_var / seeds
+        return detectable_effect(mean_var, tunings, ALPHA / self.comparisons, POWER)
+
 
 def size_facts(runs: pd.DataFrame, variants: list[str], size: int | None) -> SizeFacts | None:
     """The pilot's facts at one size; None where no arm has two tunings with finals."""
@@ -75,16 +84,13 @@ def wall_seconds(facts: SizeFacts, tunings: int, seeds: int, trials: int, worker
 def plan_rows(
     facts: SizeFacts, trials: int, workers: tuple[int, ...], seed_counts: tuple[int, ...]
 ) -> list[dict]:
-    comparisons = max(1, facts.cells - 1)
     rows = []
     for tunings in TUNINGS:
         for seeds in seed_counts:
-            mean_var = facts.tuning_var + facts.seed_var / seeds
-            effect = detectable_effect(mean_var, tunings, ALPHA / comparisons, POWER)
             row = {
                 "tunings": tunings,
                 "seeds": seeds,
-                "effect": effect,
+                "effect": facts.detectable(tunings, seeds),
                 "runs": facts.cells * tunings * (trials + seeds),
             }
             for w in workers:
@@ -107,13 +113,12 @@ def plan_lines(
 ) -> list[str]:
     """The design table at one size, in Markdown."""
     workers = workers or (os.cpu_count() or 1, WIDE)
-    comparisons = max(1, facts.cells - 1)
     where = f"{facts.size:,} training images" if facts.size else "this study"
     lines = [
         f"Plan at {where}: tuning sd {math.sqrt(facts.tuning_var) * 100:.2f}, seed sd "
         f"{math.sqrt(facts.seed_var) * 100:.2f} points (pooled over the arms); the smallest "
         f"Δ detected with {POWER:.0%} power at Holm-adjusted p < {ALPHA:g} over "
-        f"{comparisons} comparisons (Welch on tuning means, simulated), {trials} trials per "
+        f"{facts.comparisons} comparisons (Welch on tuning means, simulated), {trials} trials per "
         f"tuning, wall time at least the larger of work / workers and one tuning's chain:",
         "",
         "| tunings R | seeds n | detectable Δ, points | runs | "
@@ -133,11 +138,9 @@ def smallest_design(facts: SizeFacts, effect: float, seeds: int, most: int = 100
     """The fewest tunings (2 to `most`) whose detectable Δ is at most `effect` with
     `seeds` seeds per tuning; None if even `most` do not. Bisection: more tunings
     detect less."""
-    comparisons = max(1, facts.cells - 1)
-    mean_var = facts.tuning_var + facts.seed_var / seeds
 
     def enough(tunings: int) -> bool:
-        return detectable_effect(mean_var, tunings, ALPHA / comparisons, POWER) <= effect
+        return facts.detectable(tunings, seeds) <= effect
 
     if not enough(most):
         return None

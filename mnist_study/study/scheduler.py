@@ -174,10 +174,11 @@ class Scheduler:
             if best is not None:
                 best_vals.append(best.value)
                 params |= {f"{prefix}best_{k}": v for k, v in best.params.items()}
-        recorded = self.tracker.client.get_run(parent).data.metrics.get(METRIC_NAMES["n_final"])
+        closed = self.tracker.client.get_run(parent)
+        recorded = closed.data.metrics.get(METRIC_NAMES["n_final"])
         # Closed with as many final runs as now: done. Fewer: the study was extended
         # since, and the cell is closed again with the larger budget's outcome.
-        if self.tracker.run_status(parent) == "FINISHED" and recorded == (len(accs) or None):
+        if closed.info.status == "FINISHED" and recorded == (len(accs) or None):
             return []
         self.tracker.set_tags(parent, tags)
         self.tracker.log_params(parent, params)
