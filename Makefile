@@ -62,7 +62,7 @@ test: data ## run the tests (CPU, 1.5 to 2.5 min on 2 cores; real MNIST and stor
 test-slow: data ## the slow tests: determinism, killed workers and sweeps, signals, concurrent commands, PostgreSQL, mlflow server (7 to 12 min on 2 cores)
 	@$(BIN)/python -m pytest -q -m slow -n $(SLOW_TEST_JOBS) --dist load --durations=10 $(ARGS)
 
-lint: $(BIN)/.installed ## ruff (lint, formatting) and import-linter (imports go down: cli, analysis, study, training; no circles)
+lint: $(BIN)/.installed ## ruff (lint, formatting) and import-linter (imports go down: cli, analysis, study, tracking, training; MLflow in tracking alone; no circles)
 	@$(BIN)/ruff check .
 	@$(BIN)/ruff format --check .
 	@$(BIN)/lint-imports --no-cache

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mnist_study import commands
 from mnist_study.errors import ConfigError, DataError
-from mnist_study.study.files import DEFAULT_STORAGE, DEFAULT_TRACKING_URI
+from mnist_study.store_paths import DEFAULT_STORAGE, DEFAULT_TRACKING_URI
 from mnist_study.training.config import TrainConfig, field_docs
 
 DEFAULT_DATA_ROOT = Path("data")

@@ -10,7 +10,7 @@ import sys
 import typing
 
 from mnist_study.errors import ConfigError
-from mnist_study.study.files import DEFAULT_TRACKING_URI
+from mnist_study.store_paths import DEFAULT_TRACKING_URI
 from mnist_study.training.config import TrainConfig
 
 
@@ -41,11 +41,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     splits = load_splits(args.data_root, base)
     tracker = None
     if args.mlflow:
-        from mnist_study.study.experiment import check_tracking_uri, prepare_store
-        from mnist_study.study.tracking import Tracker
+        from mnist_study.tracking.runs import Tracker
+        from mnist_study.tracking.store import check_tracking_uri, experiment_store
 
         check_tracking_uri(args.tracking_uri)
-        tracker = Tracker(args.tracking_uri, prepare_store(args.tracking_uri, args.mlflow))
+        with experiment_store(args.tracking_uri) as store:
+            tracker = Tracker(args.tracking_uri, store.open(args.mlflow))
     finals = [train_seed(base.replace(seed=seed), splits, args.test, tracker) for seed in seeds]
     if len(seeds) > 1:
         keys = ["train_acc", "val_acc"] + (["test_acc"] if args.test else [])
@@ -60,8 +61,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def train_seed(cfg: TrainConfig, splits, test: bool, tracker) -> dict[str, float]:
     """One run of `train`: a line per evaluation point, optionally mirrored to MLflow."""
-    from mnist_study.study.tracked_run import TrackedRun, point_line, train_tracked
-    from mnist_study.training.train import resolve_device
+    from mnist_study.tracking.names import Role
+    from mnist_study.tracking.tracked_run import TrackedRun, train_tracked
 
     print(
         f"seed {cfg.seed}: {len(splits.train_x):,} train / {len(splits.val_x):,} val images, "
@@ -70,17 +71,11 @@ def train_seed(cfg: TrainConfig, splits, test: bool, tracker) -> dict[str, float
     )
     run = TrackedRun()
     if tracker is not None:
-        from mnist_study.study.provenance import provenance
+        from mnist_study.tracking.provenance import provenance
 
-        tags = {"role": "train", **provenance(cfg, str(resolve_device(cfg)), "mnist-study train")}
+        tags = {"role": Role.TRAIN, **provenance(cfg, "mnist-study train")}
         run = TrackedRun(tracker, tracker.create_run(f"train/seed-{cfg.seed}", cfg, tags, test))
-    final = train_tracked(
-        cfg,
-        lambda: splits,
-        run,
-        test=test,
-        on_point=lambda point, last, m: print(point_line(cfg, point, last, m)),
-    )
+    final = train_tracked(cfg, splits, run, test)
     if test:
         print(f"  test acc {final['test_acc']:.4f} loss {final['test_loss']:.4f}")
     return final
@@ -110,14 +105,15 @@ def cmd_precision(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from mnist_study.errors import StudyIncomplete, WorkerRefused
+    from mnist_study.study.optuna_storage import optuna_storage
     from mnist_study.study.processes import cap_threads
-    from mnist_study.study.runner import RunOptions, run_study
+    from mnist_study.study.runner import run_study
     from mnist_study.study.signals import Interrupted
     from mnist_study.study.spec import load_spec
-    from mnist_study.study.storage import check_storage_url
+    from mnist_study.study.worker import RunOptions
 
     spec = load_spec(args.spec)
-    check_storage_url(args.storage)
+    optuna_storage(args.storage)  # refuses an unsupported address
     if not 0 <= args.threads <= 1024:
         raise ConfigError(f"--threads {args.threads}: must be in [0, 1024] (0: automatic)")
     opts = RunOptions(
@@ -180,31 +176,28 @@ def choose_workers(value: str, spec) -> int:
 
 def cmd_studies(args: argparse.Namespace) -> int:
     """Each study in the store with its address in the MLflow UI."""
-    from mlflow.tracking import MlflowClient
-
-    from mnist_study.study.experiment import check_tracking_uri, ui_link
+    from mnist_study.tracking.names import ui_link
+    from mnist_study.tracking.store import check_tracking_uri, studies
 
     check_tracking_uri(args.tracking_uri, must_exist=True)
-    found = MlflowClient(args.tracking_uri).search_experiments(filter_string="name != 'Default'")
-    for exp in found:
-        print(f"  {exp.name:<12} {ui_link(exp.experiment_id, ui=args.ui)}")
+    found = studies(args.tracking_uri)
+    for name, experiment_id in found:
+        print(f"  {name:<12} {ui_link(experiment_id, ui=args.ui)}")
     if not found:
         print("  no studies yet: make quick, or make ablations")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from mlflow.tracking import MlflowClient
-
     from mnist_study.analysis.publish import write_report
-    from mnist_study.study.experiment import check_tracking_uri
     from mnist_study.study.spec import load_spec
+    from mnist_study.tracking.store import check_tracking_uri, find_experiment
 
     study = str(args.study)
     if study.endswith(".toml"):
         study = load_spec(study).name
     check_tracking_uri(args.tracking_uri, must_exist=True)
-    if MlflowClient(args.tracking_uri).get_experiment_by_name(study) is None:
+    if find_experiment(args.tracking_uri, study) is None:
         raise ConfigError(
             f"no study {study!r} in {args.tracking_uri}; run it first "
             f"(mnist-study run SPEC) or pass --tracking-uri"
@@ -227,8 +220,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     detect --effect with the spec's seeds."""
     from mnist_study.analysis.collect import collect
     from mnist_study.analysis.plan import plan_lines, size_facts, smallest_design
-    from mnist_study.study.experiment import check_tracking_uri
     from mnist_study.study.spec import load_spec
+    from mnist_study.tracking.store import check_tracking_uri
 
     spec = load_spec(args.spec)
     pilot = args.pilot or spec.name

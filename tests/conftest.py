@@ -32,9 +32,10 @@ def smoke_study(tmp_path_factory, worker_id, mnist_root):
     """experiments/smoke.toml run once, in-process, into real stores in a tmp dir. Under
     pytest-xdist (make test runs 2 processes) the first process to need it runs it and
     the others wait for it, then read the same stores."""
-    from mnist_study.study.files import file_lock
-    from mnist_study.study.runner import RunOptions, run_study
+    from mnist_study.store_paths import file_lock
+    from mnist_study.study.runner import run_study
     from mnist_study.study.spec import load_spec
+    from mnist_study.study.worker import RunOptions
 
     shared = tmp_path_factory.getbasetemp()
     if worker_id != "master":  # each process has its own basetemp under the session's

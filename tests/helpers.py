@@ -14,9 +14,10 @@ from pathlib import Path
 import optuna
 from mlflow.tracking import MlflowClient
 
-from mnist_study.study.records import study_names
+from mnist_study.study.optuna_storage import optuna_storage
 from mnist_study.study.spec import StudySpec
-from mnist_study.study.storage import open_storage
+from mnist_study.study.stores import study_names
+from mnist_study.tracking.store import experiment_store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,7 +91,7 @@ def runs(tracking_uri: str, experiment: str):
 
 def trial_states(storage: str, spec: StudySpec) -> dict[str, Counter]:
     """Per Optuna study name: Counter of trial state names."""
-    opened = open_storage(storage)
+    opened = optuna_storage(storage).open()
     out = {}
     for tuning in spec.tunings:
         for name in study_names(spec, tuning):
@@ -150,3 +151,9 @@ def shrink(spec: StudySpec, **overrides: object) -> StudySpec:
     return dataclasses.replace(
         spec, settings=settings, defaults=spec.defaults.replace("shrink", **small, **overrides)
     )
+
+
+def new_experiment(tracking_uri: str, name: str) -> str:
+    """An experiment as `mnist-study train --mlflow NAME` creates it (the store too)."""
+    with experiment_store(tracking_uri) as store:
+        return store.open(name)

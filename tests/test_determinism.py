@@ -14,11 +14,12 @@ import pytest
 from helpers import REPO, assert_budget_met_exactly, run_main, stores
 
 from mnist_study.analysis.publish import write_report
+from mnist_study.study.optuna_storage import optuna_storage
 from mnist_study.study.proposals import propose
-from mnist_study.study.records import study_names
-from mnist_study.study.runner import RunOptions, run_study
+from mnist_study.study.runner import run_study
 from mnist_study.study.spec import load_spec, parse_spec
-from mnist_study.study.storage import open_storage
+from mnist_study.study.stores import study_names
+from mnist_study.study.worker import RunOptions
 
 # 2 sizes x 3 variants x 2 tunings: 12 tunings of 3 trials and 2 seeds, 10 steps of 16
 # images a run.
@@ -53,7 +54,7 @@ search.momentum = { low = 0.5, high = 0.95 }
 def outcome(spec, storage: str) -> dict:
     """Per Optuna study: each finished trial's (slot, point, value, state), in slot
     order, or each final seed's test accuracy."""
-    opened = open_storage(storage)
+    opened = optuna_storage(storage).open()
     out = {}
     for tuning in spec.tunings:
         tune, final = study_names(spec, tuning)

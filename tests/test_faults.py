@@ -33,12 +33,14 @@ from mnist_study.analysis.collect import collect
 from mnist_study.analysis.publish import write_report
 from mnist_study.analysis.report import summarize
 from mnist_study.errors import ConfigError
+from mnist_study.study.optuna_storage import SignalSafeJournal, optuna_storage
 from mnist_study.study.processes import GPU_WORKERS, auto_workers, cap_workers, worker_cap
-from mnist_study.study.records import study_names
-from mnist_study.study.runner import RunOptions, run_study
+from mnist_study.study.runner import run_study
 from mnist_study.study.signals import Interrupted, stopping_on_signals
 from mnist_study.study.spec import load_spec
-from mnist_study.study.storage import SignalSafeJournal, connect, open_storage, process_is_gone
+from mnist_study.study.stores import study_names
+from mnist_study.study.trials import process_is_gone
+from mnist_study.study.worker import RunOptions
 
 # One variant, trials long enough (seconds) to be killed mid-way.
 SLOW = """
@@ -168,7 +170,7 @@ def wait_for_running_trial(storage: str, study: str, worker: int | None, timeout
     while time.time() < deadline:
         time.sleep(0.3)
         try:  # read only, as any Optuna client would; one reader reads only what is new
-            opened = opened or connect(storage)
+            opened = opened or optuna_storage(storage).connect()
             names = [n for n in optuna.get_all_study_names(opened) if fnmatch(n, study)]
             trials = [
                 t for n in names for t in optuna.load_study(study_name=n, storage=opened).trials
@@ -220,7 +222,7 @@ def test_a_killed_worker_is_reaped_and_the_others_finish(tmp_path, index, sig, h
     states = trial_states(storage, spec)
     assert sum(s["FAIL"] for s in states.values()) == 1
     name = next(n for n, s in states.items() if s["FAIL"])
-    study = optuna.load_study(study_name=name, storage=open_storage(storage))
+    study = optuna.load_study(study_name=name, storage=optuna_storage(storage).open())
     dead = next(t for t in study.trials if t.state.name == "FAIL")
     reason = "worker died" if sig == signal.SIGKILL else "interrupted"
     assert dead.number == victim.number and reason in dead.user_attrs["fail_reason"]
@@ -241,7 +243,7 @@ def test_sigterm_stops_like_ctrl_c_and_says_how_to_resume(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143
     assert "run the same command again to resume" in err and "Traceback" not in err
-    study = optuna.load_study(study_name="slow.baseline", storage=open_storage(storage))
+    study = optuna.load_study(study_name="slow.baseline", storage=optuna_storage(storage).open())
     trial = study.trials[victim.number]
     assert trial.state.name == "FAIL" and trial.user_attrs["fail_reason"] == "interrupted"
     client, _ = runs(tracking, "slow")
@@ -268,7 +270,7 @@ def test_a_signal_to_the_parent_alone_stops_every_worker(tmp_path, sig):
     assert sum(s["COMPLETE"] + s["PRUNED"] for s in states.values()) < budget  # stopped early
     _, found = runs(tracking, "slow")
     assert not [r for r in found if r.info.status == "RUNNING" and r.data.tags["role"] != "variant"]
-    opened = open_storage(storage)
+    opened = optuna_storage(storage).open()
     failed = [
         t
         for name in states
@@ -322,7 +324,7 @@ def test_two_commands_on_fresh_stores_share_the_budget_with_the_specs_proposals(
         assert p.returncode == 0, err[-2000:]
     spec = load_spec(path)
     assert_budget_met_exactly(tracking, storage, spec)
-    opened = open_storage(storage)
+    opened = optuna_storage(storage).open()
     for tuning in spec.tunings:
         trials = optuna.load_study(study_name=f"pair.{tuning.cell.name}", storage=opened).trials
         assert [t.user_attrs["slot"] for t in trials] == [0, 1, 2, 3]
@@ -463,7 +465,7 @@ def test_a_worker_killed_between_claiming_and_recording_its_run(tmp_path, mnist_
     creating the run but before recording its id on the trial. On resume both trials are
     FAIL and redone; the run found by its tags is linked and KILLED, none stays RUNNING;
     the report names the trial with no run."""
-    from mnist_study.study.runner import create_stores
+    from mnist_study.study.stores import StudyStores
     from mnist_study.study.worker import Worker
 
     path = tmp_path / "tiny.toml"
@@ -471,9 +473,9 @@ def test_a_worker_killed_between_claiming_and_recording_its_run(tmp_path, mnist_
     spec = load_spec(path)
     tracking, storage = stores(tmp_path)
     opts = RunOptions(tracking, storage, str(mnist_root), quiet=True, log_models=False)
-    worker = Worker(spec, opts, create_stores(spec, opts), 0)
-    (no_run, _), (with_run, _) = worker.scheduler.next_unit(), worker.scheduler.next_unit()
-    orphan = worker.open_run(with_run)[3]  # created; its id never reaches the trial
+    worker = Worker(spec, opts, StudyStores(spec, tracking, storage).create(), 0)
+    (no_run, _), (with_run, _) = worker.next_unit(), worker.next_unit()
+    orphan = worker.create_run(with_run)[3]  # created; its id never reaches the trial
     for unit in (no_run, with_run):
         unit.study._storage.set_trial_system_attr(unit.trial._trial_id, "pid", dead_pid())
 
@@ -484,7 +486,7 @@ def test_a_worker_killed_between_claiming_and_recording_its_run(tmp_path, mnist_
         tune, final = study_names(spec, tuning)
         assert states[tune]["COMPLETE"] + states[tune]["PRUNED"] == spec.settings.trials
         assert states[final] == {"COMPLETE": len(spec.settings.seeds)}
-    opened = open_storage(storage)
+    opened = optuna_storage(storage).open()
     failed = {
         (name, t.number): t
         for name in trial_states(storage, spec)
@@ -590,11 +592,11 @@ def test_a_store_half_built_by_a_kill_is_refused_in_one_line(tmp_path, capsys):
 def test_a_new_store_is_built_aside_and_renamed_into_place(tmp_path):
     """What a kill during a build leaves is a `.building` file, never a half-built store:
     the next command builds afresh beside it."""
-    from mnist_study.study.experiment import prepare_store
+    from tests.helpers import new_experiment
 
     tracking = stores(tmp_path)[0]
     (tmp_path / "mlflow.db.building").write_bytes(b"SQLite format 3\x00 and then a kill")
-    experiment = prepare_store(tracking, "fresh")
+    experiment = new_experiment(tracking, "fresh")
     assert not (tmp_path / "mlflow.db.building").exists()
     assert MlflowClient(tracking).get_experiment(experiment).name == "fresh"
 
@@ -617,7 +619,7 @@ def test_a_corrupt_store_is_refused_in_one_line(finished, tmp_path, capsys):
 def test_two_designs_under_one_name_cannot_both_pass_the_check(tmp_path, mnist_root):
     """Started at once, both commands pass the preflight (nothing is recorded yet); the
     spec is compared again where it is recorded, under the store's lock."""
-    from mnist_study.study.runner import create_stores, preflight
+    from mnist_study.study.runner import preflight
 
     first, second = tmp_path / "a" / "pair.toml", tmp_path / "b" / "pair.toml"
     for path, text in (
@@ -629,39 +631,38 @@ def test_two_designs_under_one_name_cannot_both_pass_the_check(tmp_path, mnist_r
     tracking, storage = stores(tmp_path)
     opts = RunOptions(tracking, storage, str(mnist_root))
     specs = load_spec(first), load_spec(second)
-    for spec in specs:
-        preflight(spec, opts)
-    create_stores(specs[0], opts)
+    first_stores, second_stores = (preflight(spec, opts) for spec in specs)
+    first_stores.create()
     with pytest.raises(ConfigError, match=r"changed since study 'pair' started"):
-        create_stores(specs[1], opts)
+        second_stores.create()
 
 
 def test_a_trial_of_another_host_is_waited_on_aloud_then_presumed_dead(tmp_path, mnist_root):
     """A resume on a host with another name (a restarted container) cannot test the old
     pid: it says whose trial it waits on, and takes the trial back once it is silent for
     STALE_AFTER_S (minutes), proposing the same point again."""
-    from mnist_study.study.runner import create_stores
     from mnist_study.study.scheduler import Idle
-    from mnist_study.study.storage import STALE_AFTER_S
+    from mnist_study.study.stores import StudyStores
+    from mnist_study.study.trials import STALE_AFTER_S
     from mnist_study.study.worker import Worker
 
     (tmp_path / "tiny.toml").write_text(TINY.split("[variants.batchnorm]")[0])  # baseline
     spec = load_spec(tmp_path / "tiny.toml")
     tracking, storage = stores(tmp_path)
     opts = RunOptions(tracking, storage, str(mnist_root), quiet=True, log_models=False)
-    worker = Worker(spec, opts, create_stores(spec, opts), 0)
-    unit, _ = worker.scheduler.next_unit()
+    worker = Worker(spec, opts, StudyStores(spec, tracking, storage).create(), 0)
+    unit, _ = worker.next_unit()
     storage_ = unit.study._storage
     storage_.set_trial_system_attr(unit.trial._trial_id, "host", "old-container")
     storage_.set_trial_system_attr(unit.trial._trial_id, "heartbeat", time.time() - 30)
-    assert worker.scheduler.next_unit()[0] is Idle.WAIT
+    assert worker.next_unit()[0] is Idle.WAIT
     [line] = worker.scheduler.waiting_on
     assert f"waiting on tiny.baseline#{unit.trial.number}, run by pid" in line
     assert "host old-container, last seen 30 s ago" in line
     storage_.set_trial_system_attr(
         unit.trial._trial_id, "heartbeat", time.time() - STALE_AFTER_S - 1
     )
-    again, _ = worker.scheduler.next_unit()
+    again, _ = worker.next_unit()
     assert unit.study.trials[unit.trial.number].state.name == "FAIL"
     assert (again.slot, again.trial.params) == (unit.slot, unit.trial.params)
 
@@ -669,22 +670,22 @@ def test_a_trial_of_another_host_is_waited_on_aloud_then_presumed_dead(tmp_path,
 @pytest.mark.parametrize("how", ["deleted", "replaced"])
 def test_a_journal_deleted_or_replaced_mid_study_stops_the_worker(tmp_path, mnist_root, how):
     from mnist_study.errors import StorageLost
-    from mnist_study.study.runner import create_stores
+    from mnist_study.study.stores import StudyStores
     from mnist_study.study.worker import Worker
 
     (tmp_path / "tiny.toml").write_text(TINY)
     spec = load_spec(tmp_path / "tiny.toml")
     tracking, storage = stores(tmp_path)
     opts = RunOptions(tracking, storage, str(mnist_root), quiet=True, log_models=False)
-    worker = Worker(spec, opts, create_stores(spec, opts), 0)
-    worker.scheduler.next_unit()
+    worker = Worker(spec, opts, StudyStores(spec, tracking, storage).create(), 0)
+    worker.next_unit()
     if how == "deleted":
         os.unlink(storage)
     else:
         shutil.copy(storage, storage + ".copy")
         os.replace(storage + ".copy", storage)
     with pytest.raises(StorageLost, match=f"the Optuna journal was {how}"):
-        worker.scheduler.next_unit()
+        worker.next_unit()
 
 
 def test_a_run_left_running_after_its_trial_ended_is_named_then_closed(finished, tmp_path):
@@ -719,4 +720,6 @@ def test_a_signal_inside_a_journal_write_waits_for_the_write(tmp_path):
     assert stopped.value.signum == signal.SIGTERM
     assert not Path(str(path) + ".lock").exists(), "the journal's lock was left behind"
     assert not list(tmp_path.glob("*.rename"))
-    assert optuna.get_all_study_names(connect(str(path))) == ["s"], "the write was lost"
+    assert optuna.get_all_study_names(optuna_storage(str(path)).connect()) == ["s"], (
+        "the write was lost"
+    )

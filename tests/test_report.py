@@ -14,7 +14,7 @@ from scipy import stats
 from mnist_study.analysis.collect import collect
 from mnist_study.analysis.publish import busy_minutes, markers, seed_ranges, write_report
 from mnist_study.analysis.report import summarize
-from mnist_study.study.experiment import prepare_store
+from tests.helpers import new_experiment
 
 MARK_START, MARK_END = markers("smoke")
 README = f"# Title\n\nintro\n\n{MARK_START}\nold results\n{MARK_END}\n\n## After\n"
@@ -124,7 +124,7 @@ def test_a_new_page_is_made_with_the_studys_markers(smoke_report):
 
 def test_empty_study_says_what_is_missing(tmp_path):
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
-    prepare_store(tracking, "empty")
+    new_experiment(tracking, "empty")
     body = write_report(tracking, "empty", tmp_path / "reports")
     assert "no runs" in body
 
@@ -140,16 +140,16 @@ def test_wall_time_leaves_out_pauses_between_resumes():
 def test_runs_recorded_under_the_short_metric_names_still_read(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from mnist_study.study.legacy import metric_history
+    from mnist_study.tracking.legacy import metric_history
 
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(tracking)
-    old = client.create_run(prepare_store(tracking, "old")).info.run_id
+    old = client.create_run(new_experiment(tracking, "old")).info.run_id
     client.log_metric(old, "val_acc", 0.9, step=1)
-    new = client.create_run(prepare_store(tracking, "old")).info.run_id
+    new = client.create_run(new_experiment(tracking, "old")).info.run_id
     client.log_metric(new, "accuracy/validation", 0.8, step=1)
-    assert [m.value for m in metric_history(client, old, "val_acc")] == [0.9]
-    assert [m.value for m in metric_history(client, new, "val_acc")] == [0.8]
+    assert [m.value for m in metric_history(tracking, old, "val_acc")] == [0.9]
+    assert [m.value for m in metric_history(tracking, new, "val_acc")] == [0.8]
 
 
 def test_seed_lists_read_as_ranges():

@@ -26,15 +26,16 @@ from helpers import (
 from mlflow.tracking import MlflowClient
 
 from mnist_study.analysis.publish import write_report
-from mnist_study.study.experiment import create_experiment, find_experiment
-from mnist_study.study.files import file_lock
-from mnist_study.study.legacy import recorded_spec_text
-from mnist_study.study.records import study_names
-from mnist_study.study.runner import RunOptions, run_study
+from mnist_study.store_paths import file_lock
+from mnist_study.study.optuna_storage import optuna_storage
+from mnist_study.study.runner import run_study
 from mnist_study.study.spec import load_spec
-from mnist_study.study.sqlite_store import creation_lock, sqlite_file
-from mnist_study.study.storage import connect, open_storage
-from mnist_study.study.tracking import Tracker
+from mnist_study.study.stores import study_names
+from mnist_study.study.worker import RunOptions
+from mnist_study.tracking.legacy import recorded_spec_text
+from mnist_study.tracking.runs import Tracker
+from mnist_study.tracking.sqlite_store import creation_lock, sqlite_file
+from mnist_study.tracking.store import ExperimentStore, find_experiment
 from mnist_study.training.config import TrainConfig
 
 
@@ -237,7 +238,9 @@ def test_interrupted_mid_trial_then_resumed(tmp_path, sig):
         time.sleep(0.2)
         if not os.path.exists(storage):
             continue
-        opened = opened or connect(storage)  # one reader: it reads only what is new
+        opened = (
+            opened or optuna_storage(storage).connect()
+        )  # one reader: it reads only what is new
         try:
             study = optuna.load_study(study_name="kill.first", storage=opened)
         except KeyError:
@@ -262,7 +265,7 @@ def test_interrupted_mid_trial_then_resumed(tmp_path, sig):
     assert states["kill.first"]["COMPLETE"] + states["kill.first"]["PRUNED"] == 2
     assert states["kill.second"]["COMPLETE"] + states["kill.second"]["PRUNED"] == 2
     assert states["kill.first.final"] == states["kill.second.final"] == {"COMPLETE": 1}
-    study = optuna.load_study(study_name="kill.first", storage=open_storage(storage))
+    study = optuna.load_study(study_name="kill.first", storage=optuna_storage(storage).open())
     failed = next(t for t in study.trials if t.state.name == "FAIL")
     reason = "interrupted" if sig == signal.SIGINT else "worker died"
     assert failed.number == killed_trial and reason in failed.user_attrs["fail_reason"]
@@ -332,7 +335,7 @@ def test_optuna_studies_say_what_they_are(smoke_study):
     """optuna-dashboard lists tuning and final-seed studies alike: their metric name and
     `role` attribute tell them apart."""
     spec, _, storage = smoke_study
-    opened = open_storage(storage)
+    opened = optuna_storage(storage).open()
     for tuning in spec.tunings:
         tune, final = (
             optuna.load_study(study_name=n, storage=opened) for n in study_names(spec, tuning)
@@ -372,13 +375,13 @@ def test_a_command_looking_at_a_store_being_created_waits_for_it(tmp_path):
     tracking = stores(tmp_path)[0]
     database = sqlite_file(tracking)
     found = []
-    with file_lock(creation_lock(database)):  # as prepare_store holds it while creating
+    with file_lock(creation_lock(database)):  # as experiment_store holds it while creating
         database.touch()
         looking = threading.Thread(target=lambda: found.append(find_experiment(tracking, "s")))
         looking.start()
         looking.join(timeout=1)
         assert looking.is_alive()  # waiting, not reading a store that has no tables yet
-        created = create_experiment(tracking, "s", "", "")
+        created = ExperimentStore(tracking).open("s")  # what experiment_store yields
     looking.join(timeout=60)
     assert [e.experiment_id for e in found] == [created]
 

@@ -20,10 +20,11 @@ from mnist_study.analysis.publish import markers, write_report
 from mnist_study.analysis.report import summarize, verdict
 from mnist_study.analysis.sweep import at_size, val_loss_turn
 from mnist_study.errors import ConfigError, SpecError
-from mnist_study.study.records import study_names
-from mnist_study.study.runner import RunOptions, run_study
+from mnist_study.study.optuna_storage import optuna_storage
+from mnist_study.study.runner import run_study
 from mnist_study.study.spec import load_spec, parse_spec
-from mnist_study.study.storage import open_storage
+from mnist_study.study.stores import study_names
+from mnist_study.study.worker import RunOptions
 
 SWEEP = """
 name = "sweep"
@@ -220,7 +221,7 @@ def test_a_sweep_killed_mid_way_is_reported_partial_then_resumes(tmp_path):
     _, found = runs(tracking, "sweep")
     assert not [r for r in found if r.info.status == "RUNNING"]
     killed = {r.info.run_id for r in found if r.info.status == "KILLED"}
-    opened = open_storage(storage)
+    opened = optuna_storage(storage).open()
     failed = [
         t
         for name in states

@@ -8,7 +8,7 @@ import pytest
 
 from mnist_study.errors import Diverged
 from mnist_study.training.config import TrainConfig
-from mnist_study.training.train import evaluate_test, evaluation_points, train
+from mnist_study.training.train import Training, evaluate_test, evaluation_points, train
 
 SMALL = TrainConfig(train_size=1000, val_size=500, train_eval_size=500, epochs=2, threads=1)
 KEYS = {
@@ -28,9 +28,8 @@ def without_time(history):
 
 
 def test_history_has_one_entry_per_epoch_with_all_metrics(small_splits):
-    seen = []
-    result = train(SMALL, small_splits, on_epoch=lambda e, m: seen.append(e))
-    assert seen == [1, 2]
+    result = Training(SMALL, small_splits)
+    assert [point for point, _ in result] == [1, 2] and result.last == 2
     assert [set(m) for m in result.history] == [KEYS, KEYS]
     assert result.history[-1]["lr"] == SMALL.lr
     assert all(0 <= m["val_acc"] <= 1 for m in result.history)
@@ -111,13 +110,8 @@ def test_evaluation_points_by_epoch_or_spread_over_steps():
 def test_steps_train_exactly_like_epochs_and_log_at_each_point(small_splits):
     per_epoch = -(-len(small_splits.train_x) // SMALL.batch_size)
     by_epoch = train(SMALL, small_splits)
-    seen = []
-    by_step = train(
-        SMALL.replace(steps=2 * per_epoch, evals=2),
-        small_splits,
-        on_epoch=lambda point, m: seen.append(point),
-    )
-    assert seen == [per_epoch, 2 * per_epoch]
+    by_step = Training(SMALL.replace(steps=2 * per_epoch, evals=2), small_splits)
+    assert [point for point, _ in by_step] == [per_epoch, 2 * per_epoch]
     assert without_time(by_step.history) == without_time(by_epoch.history)
     for a, b in zip(by_epoch.model.parameters(), by_step.model.parameters(), strict=True):
         assert a.equal(b)

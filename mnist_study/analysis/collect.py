@@ -8,19 +8,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from mlflow.tracking import MlflowClient
 
 from mnist_study.errors import SpecError
-from mnist_study.study.legacy import (
-    metric_history,
-    recorded_spec_text,
-    spec_from_record,
-    upgrade_runs,
-)
-from mnist_study.study.records import OptunaSide, open_runs_of_ended_trials, optuna_side
+from mnist_study.study.optuna_storage import optuna_storage
+from mnist_study.study.recorded_spec import spec_from_record
 from mnist_study.study.spec import StudySpec
-from mnist_study.study.storage import connect, storage_exists
-from mnist_study.study.tracking import EXTENDED_TAG, Role
+from mnist_study.study.stores import OptunaSide, open_runs_of_ended_trials, optuna_side
+from mnist_study.tracking.legacy import metric_history, recorded_spec_text, upgrade_runs
+from mnist_study.tracking.names import EXTENDED_TAG, Role
+from mnist_study.tracking.runs import runs_frame
+from mnist_study.tracking.store import find_experiment
 
 CURVES = ("train_loss", "val_loss", "train_acc", "val_acc", "epoch_seconds")
 
@@ -47,8 +44,7 @@ def collect(
     """Everything the report reads: the recorded spec, the runs it may count (with the
     problems found on the way), and the final runs' curves; with `tunings`, only those
     of every cell's first `tunings` tunings (a stage of a study that runs in rounds)."""
-    client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(study)
+    exp = find_experiment(tracking_uri, study)
     if exp is None:
         return StudyData(
             study,
@@ -63,13 +59,13 @@ def collect(
         spec = spec_from_record(recorded_spec_text(exp.tags) or "", Path(f"{study}.toml"))
     except (SpecError, ValueError) as exc:
         problems.append(f"study spec not readable from the experiment ({exc})")
-    runs = runs_frame(client, exp.experiment_id)
+    runs = runs_frame(tracking_uri, exp.experiment_id)
     if runs.empty:
         return StudyData(study, spec, runs, pd.DataFrame(), [], problems + ["no runs recorded yet"])
     # A run reaped after its worker died ends when it was reaped, perhaps long after; its
     # last logged epoch is when it really stopped (the study's wall time depends on it).
     for i in runs.index[runs.status == "KILLED"]:
-        history = metric_history(client, runs.at[i, "run_id"], "epoch_seconds")
+        history = metric_history(tracking_uri, runs.at[i, "run_id"], "epoch_seconds")
         last = max((m.timestamp for m in history), default=None)
         runs.at[i, "end_time"] = (
             pd.Timestamp(last, unit="ms", tz="UTC") if last else runs.at[i, "start_time"]
@@ -88,7 +84,7 @@ def collect(
     rows = []
     for _, run in finals.iterrows():
         for metric in CURVES:
-            for m in metric_history(client, run.run_id, metric):
+            for m in metric_history(tracking_uri, run.run_id, metric):
                 rows.append(
                     (
                         run["tags.variant"],
@@ -116,9 +112,10 @@ def optuna_record(storage: str | None, spec: StudySpec | None) -> OptunaSide | s
     created."""
     if storage is None or spec is None:
         return "no Optuna storage given: runs not cross-checked against trials"
-    if not storage_exists(storage):
+    found = optuna_storage(storage)
+    if not found.exists():
         return f"Optuna storage {storage} not found: runs not cross-checked against trials"
-    side = optuna_side(connect(storage), spec)
+    side = optuna_side(found.connect(), spec)
     if side.trials == 0:
         return f"Optuna storage {storage} holds no trials of this study: runs not cross-checked"
     return side
@@ -183,30 +180,3 @@ def counted_runs(
         )
         keep[tune.index[repeated]] = False
     return runs[keep].sort_index(), problems
-
-
-def runs_frame(client: MlflowClient, experiment_id: str) -> pd.DataFrame:
-    """The experiment's runs, one row each, in mlflow.search_runs' columns (run_id,
-    status, start_time, end_time, metrics.*, params.*, tags.*), read through `client`:
-    mlflow.search_runs reads MLflow's process-wide tracking URI."""
-    rows, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], max_results=10_000, page_token=token)
-        for run in page:
-            info, data = run.info, run.data
-            rows.append(
-                {
-                    "run_id": info.run_id,
-                    "experiment_id": info.experiment_id,
-                    "status": info.status,
-                    "artifact_uri": info.artifact_uri,
-                    "start_time": pd.to_datetime(info.start_time, unit="ms", utc=True),
-                    "end_time": pd.to_datetime(info.end_time, unit="ms", utc=True),
-                    **{f"metrics.{k}": v for k, v in data.metrics.items()},
-                    **{f"params.{k}": v for k, v in data.params.items()},
-                    **{f"tags.{k}": v for k, v in data.tags.items()},
-                }
-            )
-        token = page.token
-        if not token:
-            return pd.DataFrame(rows)

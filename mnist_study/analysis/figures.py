@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from mnist_study.study.tracking import Role
+from mnist_study.tracking.names import Role
 
 TITLES = {
     "train_loss": "train loss (clean pass)",

@@ -18,7 +18,7 @@ from mnist_study.analysis.variance import (
     components,
     width_ratio_without_luck,
 )
-from mnist_study.study.tracking import Role
+from mnist_study.tracking.names import Role
 
 RISE = 0.001
 """A cell whose expected best validation accuracy still rises by this much (0.1 points)

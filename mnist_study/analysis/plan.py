@@ -13,7 +13,7 @@ import pandas as pd
 from mnist_study.analysis.luck import test_acc_groups
 from mnist_study.analysis.report import ALPHA
 from mnist_study.analysis.variance import components, detectable_effect, pooled_seed_var
-from mnist_study.study.tracking import Role
+from mnist_study.tracking.names import Role
 
 POWER = 0.8
 TUNINGS = (3, 5, 8, 10, 15, 20)

@@ -10,16 +10,15 @@ import shlex
 from pathlib import Path
 
 import pandas as pd
-from mlflow.tracking import MlflowClient
 
 from mnist_study.analysis.ablation import ablation_section
 from mnist_study.analysis.collect import StudyData, collect
 from mnist_study.analysis.sweep import sweep_section
 from mnist_study.errors import SpecError
-from mnist_study.study.experiment import ui_link
-from mnist_study.study.files import DEFAULT_TRACKING_URI, store_flags
-from mnist_study.study.legacy import recorded_command
-from mnist_study.study.tracking import Role
+from mnist_study.store_paths import DEFAULT_TRACKING_URI, store_flags
+from mnist_study.tracking.legacy import recorded_command
+from mnist_study.tracking.names import Role
+from mnist_study.tracking.report_run import log_figures, log_report_run
 
 
 def markers(study: str) -> tuple[str, str]:
@@ -148,7 +147,8 @@ def write_report(
         body, pngs, found = ablation_section(data, out)
         lines += body
     if pngs:
-        log_figures(tracking_uri, data, list(pngs.values()))
+        parents = data.runs[data.runs["tags.role"] == Role.VARIANT]
+        log_figures(tracking_uri, list(parents.run_id), list(pngs.values()))
     lines += ["", "**Checks**: " + ("none raised." if not found else "")]
     lines += [f"- {c}" for c in found]
     body = "\n".join(lines)
@@ -171,51 +171,3 @@ def write_report(
     if page is not None:
         replace_section(page, body, study)
     return body
-
-
-REPORT_LINK = "Comparison (tables, verdicts, figures):"
-# MLflow keeps at most 8,000 characters of a tag; the description shows what fits.
-DESCRIPTION_CHARS = 7_500
-
-
-def log_report_run(tracking_uri: str, study: str, folder: Path, body: str, command: str) -> str:
-    """The comparison inside MLflow: one run of the study's experiment, role `report`,
-    holding the report's Markdown, CSV and figures as artifacts and the report as its
-    description (which the UI renders); the experiment's description links to it. Run
-    again, it is updated in place, never duplicated."""
-    client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name(study)
-    found = client.search_runs(
-        [experiment.experiment_id], f"tags.role = '{Role.REPORT}'", max_results=1
-    )
-    if found:
-        run_id = found[0].info.run_id
-    else:
-        source = {"mlflow.source.name": command, "mlflow.source.type": "LOCAL"}
-        run = client.create_run(
-            experiment.experiment_id, run_name="report", tags={"role": Role.REPORT, **source}
-        )
-        run_id = run.info.run_id
-    note = body
-    if len(note) > DESCRIPTION_CHARS:
-        note = note[:DESCRIPTION_CHARS].rsplit("\n\n", 1)[0] + "\n\n(continued in results.md)"
-    client.set_tag(run_id, "mlflow.note.content", note)
-    for path in sorted(folder.iterdir()):
-        client.log_artifact(run_id, str(path))
-    client.set_terminated(run_id, "FINISHED")
-    description = experiment.tags.get("mlflow.note.content", "").split(f"\n\n{REPORT_LINK}")[0]
-    link = ui_link(experiment.experiment_id, f"runs/{run_id}")
-    client.set_experiment_tag(
-        experiment.experiment_id,
-        "mlflow.note.content",
-        f"{description}\n\n{REPORT_LINK} [the `report` run]({link}).",
-    )
-    return run_id
-
-
-def log_figures(tracking_uri: str, data: StudyData, paths: list[Path]) -> None:
-    client = MlflowClient(tracking_uri)
-    parents = data.runs[data.runs["tags.role"] == Role.VARIANT]
-    for run_id in parents.run_id:
-        for path in paths:
-            client.log_artifact(run_id, str(path), "report")

@@ -25,7 +25,7 @@ from mnist_study.analysis.significance import (
     seeds_only,
     welch_p,
 )
-from mnist_study.study.tracking import Role
+from mnist_study.tracking.names import Role
 
 ALPHA = 0.01
 """Holm-adjusted p below which a comparison counts as resolved: the one verdict rule of

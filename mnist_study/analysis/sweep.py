@@ -23,7 +23,7 @@ from mnist_study.analysis.luck import (
 from mnist_study.analysis.plan import plan_lines, size_facts
 from mnist_study.analysis.report import checks, replicated, summarize, verdict
 from mnist_study.analysis.tables import TABLE_LEGEND, markdown_table
-from mnist_study.study.tracking import Role
+from mnist_study.tracking.names import Role
 
 
 def at_size(data: StudyData, n: int) -> StudyData:

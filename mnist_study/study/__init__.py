@@ -1,5 +1,5 @@
 """Running a study.
 
-Spec files, the two stores (Optuna record, MLflow mirror) and their agreement, worker
-processes, and the units they claim and track. Imports training, never analysis.
+Spec files, Optuna's record and its agreement with MLflow's mirror, worker processes,
+and the units they claim and run. Imports tracking and training, never analysis.
 """

@@ -1,6 +1,6 @@
-"""One worker process of a study: takes the units its scheduler claims and runs each as a
-tracked run (tracked_run.py), adding what Optuna needs: the proposed point, the pruner
-at each evaluation, and the trial's outcome told before the run is closed."""
+"""One worker process of a study: under the claim lock it reaps dead workers' trials,
+closes finished cells and claims the next unit; then it runs that unit's whole life
+(run_unit), read top to bottom like Optuna's own `_run_trial`."""
 
 from __future__ import annotations
 
@@ -12,24 +12,25 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
-from mnist_study.study import storage as st
+from mnist_study.store_paths import store_flags
+from mnist_study.study import trials as tr
 from mnist_study.study.console import Console
-from mnist_study.study.files import store_flags
-from mnist_study.study.outcome import Outcome
 from mnist_study.study.proposals import proposal_seed
-from mnist_study.study.provenance import provenance
-from mnist_study.study.scheduler import Idle, Scheduler, Unit, best_trial, progress_counts
+from mnist_study.study.scheduler import Idle, Scheduler, Unit
 from mnist_study.study.signals import (
     Interrupted,
     signals_deferred,
     stop_if_signalled,
     stopping_on_signals,
 )
-from mnist_study.study.spec import StudySpec, Variant
-from mnist_study.study.tracked_run import TrackedRun, point_line, train_tracked
-from mnist_study.study.tracking import Role, Tracker
+from mnist_study.study.spec import StudySpec
+from mnist_study.study.stores import StudyStores, best_trial
+from mnist_study.tracking.names import Role
+from mnist_study.tracking.outcome import Outcome
+from mnist_study.tracking.provenance import provenance
+from mnist_study.tracking.tracked_run import point_line
 from mnist_study.training.dataset import load_splits
-from mnist_study.training.train import resolve_device
+from mnist_study.training.train import Training, evaluate_test
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ class RunOptions:
 
 
 class Worker:
-    """Runs the units its scheduler claims until none is left, one at a time."""
+    """Runs the units it claims until none is left, one at a time."""
 
     def __init__(
         self,
@@ -76,19 +77,20 @@ class Worker:
         parent_pid: int | None = None,
     ):
         self.spec, self.opts, self.index, self.parent_pid = spec, opts, index, parent_pid
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.tracker = Tracker(opts.tracking_uri, experiment_id)
-        self.scheduler = Scheduler(spec, opts.storage, self.tracker, index, self.open_parent)
+        self.stores = StudyStores(spec, opts.tracking_uri, opts.storage)
+        self.stores.attach(experiment_id)
+        self.scheduler = Scheduler(spec, self.stores, index)
         self.console = Console(index, opts.workers, opts.quiet)
-        self.say = self.console.say
+        self.closed: set[str] = set()  # cells whose parent run this worker saw closed
+        self.parents: dict[str, str] = {}  # cell -> its MLflow parent run
 
     def loop(self) -> None:
         with stopping_on_signals():
             while True:
                 stop_if_signalled()
-                unit, finished = self.scheduler.next_unit()
+                unit, finished = self.next_unit()
                 for line in finished:
-                    self.say(line, force=True)
+                    self.console.say(line, force=True)
                 if unit is Idle.DONE:
                     break
                 if unit is Idle.WAIT:  # others run the trial the next unit depends on
@@ -96,69 +98,101 @@ class Worker:
                     time.sleep(1)
                     continue
                 self.run_unit(unit)
-        self.say(f"worker {self.index}: nothing left to do", force=True)
+        self.console.say(f"worker {self.index}: nothing left to do", force=True)
 
-    def open_parent(self, cell: Variant) -> str:
-        cfg = self.spec.config_for(cell, {})
-        source = provenance(cfg, str(resolve_device(cfg)), self.opts.command(self.spec.path))
-        mlflow_tags = {k: v for k, v in source.items() if k.startswith("mlflow.")}
-        return self.tracker.parent_run(cell, cfg, mlflow_tags)
+    def next_unit(self) -> tuple[Unit | Idle, list[str]]:
+        """The next unit (or WAIT, DONE) and a line for each cell it found finished."""
+        with self.stores.claim_lock():
+            self.stores.reap()
+            finished = self.stores.close_finished_cells(self.closed)
+            unit = self.scheduler.claim()
+            if isinstance(unit, Unit) and unit.cell.key not in self.parents:
+                command = self.opts.command(self.spec.path)
+                self.parents[unit.cell.key] = self.stores.parent_run(unit.cell, command)
+            return unit, finished
 
     def run_unit(self, unit: Unit) -> None:
+        """A unit's whole life: its point and configuration, its MLflow run linked to its
+        trial, trained with a heartbeat, a line and the pruner at each evaluation point,
+        the test set on a final seed, then the trial told its outcome, before the run is
+        closed: Optuna's record is written before MLflow's mirror, so a crash between
+        them leaves a run the next resume closes, never a run closed for an open trial."""
+        study, trial, tracker = unit.study, unit.trial, self.stores.tracker
+        final = unit.role == Role.FINAL
+        run_id = None
         try:
             # A signal between the run's creation and its link would leave a killed run
             # that its FAIL trial does not name: it is raised once both are written.
             with signals_deferred():
-                name, params, cfg, run_id = self.open_run(unit)
-                st.set_trial_system_attrs(
-                    unit.study, st.trial_id(unit.trial), {"mlflow_run_id": run_id}
-                )
-        except BaseException as exc:  # stopped before the run was linked: record it now
+                name, params, cfg, run_id = self.create_run(unit)
+                tr.set_system_attrs(study, trial, {"mlflow_run_id": run_id})
+            shown = ", ".join(
+                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+            )
+            progress = self.console.progress(*self.stores.progress())
+            self.console.say(f"{progress} {name}: {shown}", force=True)
+            splits = load_splits(self.opts.data_root, cfg)
+            training = Training(cfg, splits)
+            for point, metrics in training:
+                tracker.log_metrics(run_id, metrics, step=point)
+                tr.mark_alive(study, trial)
+                self.console.say("  " + point_line(cfg, point, training.last, metrics))
+                stop_if_signalled()
+                if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                    raise Interrupted("parent process died")
+                if not final:
+                    trial.report(metrics["val_acc"], point)
+                    # At the last point the work is done: keep it as a complete trial.
+                    if point < training.last and trial.should_prune():
+                        raise optuna.TrialPruned(f"median pruner at {cfg.axis} {point}")
+            result = dict(training.history[-1])
+            if final:
+                test = evaluate_test(training.model, splits, cfg)
+                tracker.log_metrics(run_id, test, step=training.last)
+                result |= test
+                if self.opts.log_models:
+                    tracker.log_model(run_id, training.model)
+        except BaseException as exc:  # pruned, diverged, Ctrl-C, a killed parent, a bug
             outcome = Outcome.of(exc)
-            unit.trial.set_user_attr("fail_reason", outcome.reason(exc))
-            unit.study.tell(unit.trial, state=TrialState.FAIL)
-            orphan = self.tracker.trial_run(unit.study.study_name, unit.trial.number)
-            if orphan is not None:
-                self.tracker.end(orphan, outcome, outcome.reason(exc))
-            raise
-        shown = ", ".join(
-            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
-        )
-        done = progress_counts(self.spec, self.scheduler.storage)
-        self.say(f"{self.console.progress(*done)} {name}: {shown}", force=True)
-        self.train_unit(unit, cfg, run_id)
+            pruned = outcome.trial_state == TrialState.PRUNED
+            trial.set_user_attr("prune_reason" if pruned else "fail_reason", outcome.reason(exc))
+            study.tell(trial, state=outcome.trial_state)
+            if run_id is None:  # stopped before the run was linked: found by its tags
+                run_id = tracker.trial_run(study.study_name, trial.number)
+            if run_id is not None:
+                tracker.end(run_id, outcome, outcome.reason(exc))
+            if not pruned:
+                raise
+            self.console.say(f"    pruned: {outcome.reason(exc)}", force=True)
+            return
+        if final:
+            trial.set_user_attr("test_acc", result["test_acc"])
+        study.tell(trial, result["val_acc"])
+        tracker.end(run_id, Outcome.COMPLETE)
+        if final:
+            self.console.say(f"    test acc {result['test_acc']:.4f}", force=True)
 
-    def open_run(self, unit: Unit) -> tuple[str, dict, object, str]:
-        """The unit's point, config and MLflow run, tagged with its Optuna trial (which
-        is how the reaper finds the run if the worker dies before recording its id):
-        (name, params, config, run id)."""
-        study, variant, trial, tuning = unit.study, unit.variant, unit.trial, unit.tuning
-        extra = {"tuning": tuning.index, "sampler_seed": tuning.sampler_seed}
-        if unit.role == Role.TUNE:
-            params = dict(trial.params)
-            name = f"{tuning.key}/trial-{unit.slot}"
-            extra |= {"slot": unit.slot, "proposal_seed": proposal_seed(tuning, unit.slot)}
-        else:
-            best = best_trial(self.scheduler.tune[tuning.key])
-            params = dict(best.params, seed=unit.seed)
-            name = f"{tuning.key}/seed-{unit.seed}"
-            extra |= {"seed": unit.seed, "tuned_by_trial": best.user_attrs.get("slot")}
-        cfg = self.spec.config_for(variant, params)
+    def create_run(self, unit: Unit) -> tuple[str, dict, object, str]:
+        """The unit's MLflow run, tagged with its Optuna trial (which is how the reaper
+        finds it if the worker dies before the run's id is on the trial): (name, params,
+        config, run id)."""
+        name, params, extra = self.point(unit)
+        cfg = self.spec.config_for(unit.cell, params)
         cfg = cfg.replace(threads=self.opts.threads or cfg.threads or 1)
         tags = {
-            "variant": variant.name,
-            "cell": variant.key,
+            "variant": unit.cell.name,
+            "cell": unit.cell.key,
             "train_size": cfg.train_size,
             "role": unit.role,
-            "optuna_study": study.study_name,
-            "optuna_trial": trial.number,
+            "optuna_study": unit.study.study_name,
+            "optuna_trial": unit.trial.number,
             "optuna_state": "RUNNING",
             "workers": self.opts.workers,
             **extra,
-            **provenance(cfg, str(resolve_device(cfg)), self.opts.command(self.spec.path)),
+            **provenance(cfg, self.opts.command(self.spec.path)),
         }
-        run_id = self.tracker.child_run(
-            self.scheduler.parents[variant.key],
+        run_id = self.stores.tracker.child_run(
+            self.parents[unit.cell.key],
             name,
             cfg,
             {k: str(v) for k, v in tags.items()},
@@ -166,48 +200,14 @@ class Worker:
         )
         return name, params, cfg, run_id
 
-    def train_unit(self, unit: Unit, cfg, run_id: str) -> None:
-        """The tracked run, with Optuna's part: the pruner at each point, the trial told
-        its outcome (and a final seed's test accuracy) before the run is closed."""
-        study, trial = unit.study, unit.trial
-
-        def on_point(point: int, last: int, m: dict[str, float]) -> None:
-            st.mark_alive(study, trial)
-            self.say("  " + point_line(cfg, point, last, m))
-            stop_if_signalled()
-            if self.parent_pid is not None and os.getppid() != self.parent_pid:
-                raise Interrupted("parent process died")
-            if unit.role == Role.TUNE:
-                trial.report(m["val_acc"], point)
-                # At the last point the work is done: keep it as a complete trial.
-                if point < last and trial.should_prune():
-                    raise optuna.TrialPruned(f"median pruner at {cfg.axis} {point}")
-
-        def tell(outcome: Outcome, reason: str, final: dict[str, float]) -> None:
-            if outcome is not Outcome.COMPLETE:
-                pruned = outcome.trial_state == TrialState.PRUNED
-                trial.set_user_attr("prune_reason" if pruned else "fail_reason", reason)
-                study.tell(trial, state=outcome.trial_state)
-                return
-            if unit.role == Role.FINAL:
-                trial.set_user_attr("test_acc", final["test_acc"])
-            study.tell(trial, final["val_acc"])
-
-        final = unit.role == Role.FINAL
-        try:
-            result = train_tracked(
-                cfg,
-                lambda: load_splits(self.opts.data_root, cfg),
-                TrackedRun(self.tracker, run_id, trial=True),
-                test=final,
-                log_model=final and self.opts.log_models,
-                on_point=on_point,
-                before_end=tell,
-            )
-        except BaseException as exc:
-            if Outcome.of(exc).trial_state != TrialState.PRUNED:
-                raise
-            self.say(f"    pruned: {Outcome.of(exc).reason(exc)}", force=True)
-            return
-        if final:
-            self.say(f"    test acc {result['test_acc']:.4f}", force=True)
+    def point(self, unit: Unit) -> tuple[str, dict, dict]:
+        """(run name, params, tags) of a unit: a tuning trial's proposed point, or the
+        tuning's best point with a final seed."""
+        tuning = unit.tuning
+        extra = {"tuning": tuning.index, "sampler_seed": tuning.sampler_seed}
+        if unit.role == Role.TUNE:
+            extra |= {"slot": unit.slot, "proposal_seed": proposal_seed(tuning, unit.slot)}
+            return f"{tuning.key}/trial-{unit.slot}", dict(unit.trial.params), extra
+        best = best_trial(self.stores.tune[tuning.key])
+        extra |= {"seed": unit.seed, "tuned_by_trial": best.user_attrs.get("slot")}
+        return f"{tuning.key}/seed-{unit.seed}", dict(best.params, seed=unit.seed), extra

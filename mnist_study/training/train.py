@@ -12,8 +12,7 @@ import functools
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -134,19 +133,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfi
     return loss_sum.item() / len(x), correct.item() / len(x)  # one sync per pass
 
 
-@dataclass
-class TrainResult:
-    model: nn.Module
-    history: list[dict[str, float]] = field(default_factory=list)
-
-
-def train(
-    cfg: TrainConfig,
-    splits: Splits,
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-) -> TrainResult:
-    """Train `cfg`; call on_epoch(point, metrics) at each evaluation point: the epoch
-    number, or with `steps`/`evals` the optimizer step (see evaluation_points).
+class Training:
+    """One run of `cfg`, stepped by its caller: `for point, metrics in run: ...`, each
+    evaluation point in turn (the epoch number, or with `steps`/`evals` the optimizer
+    step; see evaluation_points); then `run.model` and `run.history`. A caller stops it
+    early by raising (the pruner, a signal) or by leaving the loop.
 
     Metrics per point: train_loss/train_acc (clean eval-mode pass over a fixed training
     subset, so dropout and augmentation do not hide the gap), train_loss_running (mean
@@ -154,43 +145,58 @@ def train(
     point, evaluation left out), optimizer_steps (so far).
     Raises Diverged if the loss stops being finite. The test set is not touched.
     """
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg)
-    if device.type == "cpu":
-        keep_freed_memory()
-    splits = splits.to(device)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg).to(device=device, memory_format=torch.channels_last)
-    graph = cfg.cuda_graph and device.type == "cuda"
-    optimizer = make_optimizer(cfg, model, capturable=graph)
-    order = torch.Generator().manual_seed(cfg.seed)
-    augment_rng = torch.Generator().manual_seed(cfg.seed + 1) if cfg.augment else None
-    result = TrainResult(model)
-    batches = batch_order(len(splits.train_x), cfg.batch_size, order, device)
-    stepper = Stepper(model, optimizer, splits.train_x, splits.train_y, cfg, graph)
-    done = 0
-    for number, point in enumerate(evaluation_points(cfg, len(splits.train_x)), 1):
-        started = time.perf_counter()
-        running = stepper.steps(batches, augment_rng, point - done)  # ends in a sync
-        seconds = time.perf_counter() - started
-        done = point
-        train_loss, train_acc = evaluate(model, splits.train_eval_x, splits.train_eval_y, cfg)
-        val_loss, val_acc = evaluate(model, splits.val_x, splits.val_y, cfg)
-        metrics = {
-            "train_loss": train_loss,
-            "train_acc": train_acc,
-            "train_loss_running": running,
-            "val_loss": val_loss,
-            "val_acc": val_acc,
-            "lr": optimizer.param_groups[0]["lr"],
-            "epoch_seconds": seconds,
-            "optimizer_steps": point,
-        }
-        result.history.append(metrics)
-        if on_epoch is not None:
-            on_epoch(point if cfg.axis == "step" else number, metrics)
-    return result
+
+    def __init__(self, cfg: TrainConfig, splits: Splits):
+        self.cfg = cfg
+        self.device = resolve_device(cfg)
+        self.splits = splits.to(self.device)
+        self.points = evaluation_points(cfg, len(splits.train_x))
+        self.last = last_point(cfg, len(splits.train_x))  # the MLflow step of its end
+        self.history: list[dict[str, float]] = []
+
+    def __iter__(self) -> Iterator[tuple[int, dict[str, float]]]:
+        cfg, splits, device = self.cfg, self.splits, self.device
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if device.type == "cpu":
+            keep_freed_memory()
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg).to(device=device, memory_format=torch.channels_last)
+        self.model = model
+        graph = cfg.cuda_graph and device.type == "cuda"
+        optimizer = make_optimizer(cfg, model, capturable=graph)
+        order = torch.Generator().manual_seed(cfg.seed)
+        augment_rng = torch.Generator().manual_seed(cfg.seed + 1) if cfg.augment else None
+        batches = batch_order(len(splits.train_x), cfg.batch_size, order, device)
+        stepper = Stepper(model, optimizer, splits.train_x, splits.train_y, cfg, graph)
+        done = 0
+        for number, point in enumerate(self.points, 1):
+            started = time.perf_counter()
+            running = stepper.steps(batches, augment_rng, point - done)  # ends in a sync
+            seconds = time.perf_counter() - started
+            done = point
+            train_loss, train_acc = evaluate(model, splits.train_eval_x, splits.train_eval_y, cfg)
+            val_loss, val_acc = evaluate(model, splits.val_x, splits.val_y, cfg)
+            metrics = {
+                "train_loss": train_loss,
+                "train_acc": train_acc,
+                "train_loss_running": running,
+                "val_loss": val_loss,
+                "val_acc": val_acc,
+                "lr": optimizer.param_groups[0]["lr"],
+                "epoch_seconds": seconds,
+                "optimizer_steps": point,
+            }
+            self.history.append(metrics)
+            yield (point if cfg.axis == "step" else number), metrics
+
+
+def train(cfg: TrainConfig, splits: Splits) -> Training:
+    """Train `cfg` to its end, unobserved (see Training)."""
+    run = Training(cfg, splits)
+    for _ in run:
+        pass
+    return run
 
 
 def evaluate_test(model: nn.Module, splits: Splits, cfg: TrainConfig) -> dict[str, float]:

@@ -1,31 +1,26 @@
 """A study's MLflow store and experiment: the address checked before anything is written
 (scheme, folder, an SQLite file's integrity, a server that answers), the store and the
-experiment created once, and the spec an existing experiment recorded."""
+experiment created once, and the experiments it holds."""
 
 from __future__ import annotations
 
+import contextlib
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
+from mlflow.entities import Experiment
 from mlflow.tracking import MlflowClient
 
 from mnist_study.errors import ConfigError
-from mnist_study.study.files import check_writable_folder, file_lock
-from mnist_study.study.sqlite_store import build_store, check_store_file, creation_lock, sqlite_file
-from mnist_study.study.tracking import EXPERIMENT_KIND, EXTENDED_TAG, SPEC_TAG
-
-# MLflow 3.x's UI opens a bare experiment or run link in its GenAI mode whatever the
-# experiment's tags; this query keeps it in Model-training mode (checked in Chromium).
-MODEL_TRAINING = "workflowType=machine_learning"
-
-
-def ui_link(experiment_id: str, page: str = "runs", ui: str = "") -> str:
-    """A page of an experiment in MLflow's UI, in Model-training mode: its runs table,
-    or `page` (`runs/RUN_ID`, ...); relative (for a description) unless `ui` is given."""
-    base = f"{ui.rstrip('/')}/" if ui else ""
-    return f"{base}#/experiments/{experiment_id}/{page}?{MODEL_TRAINING}"
-
+from mnist_study.store_paths import check_writable_folder, file_lock
+from mnist_study.tracking.names import EXPERIMENT_KIND, EXTENDED_TAG, NOTE_TAG, SPEC_TAG
+from mnist_study.tracking.sqlite_store import (
+    build_store,
+    check_store_file,
+    creation_lock,
+    sqlite_file,
+)
 
 SCHEMES = ("sqlite:///", "postgresql://", "postgresql+psycopg://", "http://", "https://")
 
@@ -73,68 +68,70 @@ def check_server(tracking_uri: str, timeout_s: float = 5) -> None:
         ) from None
 
 
-def prepare_store(
-    tracking_uri: str,
-    experiment: str,
-    description: str = "",
-    spec_tag: str = "",
-    check_recorded: Callable[[dict[str, str]], str | None] | None = None,
-) -> str:
-    """Create the database and the experiment once, before any worker starts; an
-    existing experiment's recorded spec is first passed to `check_recorded`, which
-    raises to refuse it or returns what it accepts as an extension (then recorded).
+class ExperimentStore:
+    """The store while its experiments are looked up and created (see experiment_store)."""
 
-    Several processes creating a fresh SQLite store at once race on its tables (two
-    commands started together): they take turns under a lock beside the database, so
-    the spec that one records is the spec the other compares with.
-    """
+    def __init__(self, tracking_uri: str):
+        self.uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+
+    def tags(self, experiment: str) -> dict[str, str] | None:
+        found = self.client.get_experiment_by_name(experiment)
+        return None if found is None else found.tags
+
+    def open(
+        self,
+        experiment: str,
+        description: str = "",
+        spec_tag: str = "",
+        extension: str | None = None,
+    ) -> str:
+        """The experiment's id, created with its kind, description and spec tag; an
+        existing one that is `extension` of its recorded spec records the larger spec
+        (and the extension, which its report says)."""
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None:
+            if extension:
+                before = found.tags.get(EXTENDED_TAG)
+                for key, value in (
+                    (SPEC_TAG, spec_tag),
+                    (EXTENDED_TAG, f"{before}; {extension}" if before else extension),
+                    (NOTE_TAG, description),
+                ):
+                    if value:
+                        self.client.set_experiment_tag(found.experiment_id, key, value)
+            return found.experiment_id
+        database = sqlite_file(self.uri)
+        location = None  # a tracking server (http) decides where artifacts go
+        if database is not None:
+            location = ((database.parent / "artifacts").resolve() / experiment).as_uri()
+        elif not self.uri.startswith(("http://", "https://")):  # a database: local folder
+            location = (Path("mlruns/artifacts").resolve() / experiment).as_uri()
+        tags = dict(EXPERIMENT_KIND)
+        if description:
+            tags[NOTE_TAG] = description
+        if spec_tag:
+            tags[SPEC_TAG] = spec_tag
+        return self.client.create_experiment(experiment, artifact_location=location, tags=tags)
+
+
+@contextlib.contextmanager
+def experiment_store(tracking_uri: str) -> Iterator[ExperimentStore]:
+    """The store, built if it is a new SQLite file, held while the caller looks up,
+    compares and creates experiments: several processes creating a fresh SQLite store at
+    once race on its tables, and two commands started together with one study name must
+    not both record their spec. They take turns under a lock beside the database."""
     database = sqlite_file(tracking_uri)
-    args = (tracking_uri, experiment, description, spec_tag, check_recorded)
     if database is None:
-        return create_experiment(*args)
+        yield ExperimentStore(tracking_uri)
+        return
     with file_lock(creation_lock(database)):
         if not database.exists():
             build_store(database)
-        return create_experiment(*args)
+        yield ExperimentStore(tracking_uri)
 
 
-def create_experiment(
-    tracking_uri: str,
-    experiment: str,
-    description: str,
-    spec_tag: str,
-    check_recorded: Callable[[dict[str, str]], str | None] | None = None,
-) -> str:
-    database = sqlite_file(tracking_uri)
-    client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is not None:
-        extension = check_recorded(found.tags) if check_recorded is not None else None
-        if extension:  # the larger budget is now the study's, and the report says so
-            before = found.tags.get(EXTENDED_TAG)
-            client.set_experiment_tag(found.experiment_id, SPEC_TAG, spec_tag)
-            client.set_experiment_tag(
-                found.experiment_id,
-                EXTENDED_TAG,
-                f"{before}; {extension}" if before else extension,
-            )
-            if description:
-                client.set_experiment_tag(found.experiment_id, "mlflow.note.content", description)
-        return found.experiment_id
-    location = None  # a tracking server (http) decides where artifacts go
-    if database is not None:
-        location = ((database.parent / "artifacts").resolve() / experiment).as_uri()
-    elif not tracking_uri.startswith(("http://", "https://")):  # a database: local folder
-        location = (Path("mlruns/artifacts").resolve() / experiment).as_uri()
-    tags = dict(EXPERIMENT_KIND)
-    if description:
-        tags["mlflow.note.content"] = description
-    if spec_tag:
-        tags[SPEC_TAG] = spec_tag
-    return client.create_experiment(experiment, artifact_location=location, tags=tags)
-
-
-def find_experiment(tracking_uri: str, experiment: str):
+def find_experiment(tracking_uri: str, experiment: str) -> Experiment | None:
     """The experiment, or None; a SQLite store that does not exist yet is not created
     just to look."""
     database = sqlite_file(tracking_uri)
@@ -152,3 +149,9 @@ def experiment_tags(tracking_uri: str, experiment: str) -> dict[str, str] | None
     """The tags of the experiment, if it exists (its recorded spec among them)."""
     found = find_experiment(tracking_uri, experiment)
     return None if found is None else found.tags
+
+
+def studies(tracking_uri: str) -> list[tuple[str, str]]:
+    """(name, id) of every experiment in the store but MLflow's Default."""
+    found = MlflowClient(tracking_uri).search_experiments(filter_string="name != 'Default'")
+    return [(e.name, e.experiment_id) for e in found]

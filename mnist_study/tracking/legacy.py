@@ -4,17 +4,11 @@ which records need it; nothing else in the package knows the old forms.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pandas as pd
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from mnist_study.study.spec import StudySpec, parse_raw, parse_spec
-from mnist_study.study.tracking import METRIC_NAMES, SPEC_TAG
-
-NOTE = "mlflow.note.content"
+from mnist_study.tracking.names import METRIC_NAMES, NOTE_TAG, SPEC_TAG
 
 
 def recorded_spec_text(tags: dict[str, str]) -> str | None:
@@ -23,20 +17,13 @@ def recorded_spec_text(tags: dict[str, str]) -> str | None:
     experiments: the tag held the JSON alone; before the tag, the description held the
     spec file's TOML."""
     value = tags.get(SPEC_TAG)
-    return value.rpartition("\n")[2] if value else tags.get(NOTE)
+    return value.rpartition("\n")[2] if value else tags.get(NOTE_TAG)
 
 
-def spec_from_record(text: str, path: Path) -> StudySpec:
-    """The spec a study recorded when it started: resolved JSON; from versions before
-    the spec tag, the file's TOML text."""
-    if text.lstrip().startswith("{"):
-        return parse_raw(json.loads(text), path)
-    return parse_spec(text, path)
-
-
-def metric_history(client: MlflowClient, run_id: str, name: str) -> list[Metric]:
+def metric_history(tracking_uri: str, run_id: str, name: str) -> list[Metric]:
     """A metric's history under its MLflow name, or the short name that runs recorded
     before the names were grouped."""
+    client = MlflowClient(tracking_uri)
     return client.get_metric_history(run_id, METRIC_NAMES.get(name, name)) or (
         client.get_metric_history(run_id, name) if name in METRIC_NAMES else []
     )

@@ -1,62 +1,24 @@
-"""MLflow bookkeeping: one experiment per study, a parent run per variant, a child run
-per trial and per final seed. Everything goes through MlflowClient with explicit run
-ids, so several worker processes can log into the same store without shared state.
+"""A study's runs in MLflow: a parent run per cell, a child run per trial and per final
+seed, found, written and ended by id. Everything goes through MlflowClient with explicit
+run ids, so several worker processes can log into the same store without shared state.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import tempfile
 import time
 
+import pandas as pd
 import torch
 from mlflow.entities import DatasetInput, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mnist_study.study.outcome import Outcome
-from mnist_study.study.provenance import mnist_inputs
-from mnist_study.study.spec import Variant
+from mnist_study.tracking.names import METRIC_NAMES, NOTE_TAG, PARENT_TAG, Role
+from mnist_study.tracking.outcome import Outcome
+from mnist_study.tracking.provenance import mnist_inputs
 from mnist_study.training.config import TrainConfig
-
-PARENT_TAG = "mlflow.parentRunId"
-# The MLflow 3 UI opens an experiment by its kind: training runs, not GenAI traces.
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-EXTENDED_TAG = "mnist_study.extended"  # each accepted extension: "study.tunings 3 -> 8"
-SPEC_TAG = "mnist_study.spec"  # a summary line, then the resolved spec (JSON) a study started with
-
-
-class Role(enum.StrEnum):
-    """A run's `role` tag: what it is to the study."""
-
-    TUNE = "tune"  # a tuning trial
-    FINAL = "final"  # a final seed, the only runs that see the test set
-    VARIANT = "variant"  # a cell's parent run
-    REPORT = "report"  # the study's comparison, one per study
-
-
-# MLflow's UI groups a run's charts by the prefix before '/': accuracy and loss each
-# get a section with train, validation (and test) side by side. Code and history dicts
-# use the short names; these are the names in MLflow, written and read only through here.
-
-
-METRIC_NAMES = {
-    "train_acc": "accuracy/train",
-    "val_acc": "accuracy/validation",
-    "test_acc": "accuracy/test",
-    "train_loss": "loss/train",
-    "train_loss_running": "loss/train_running",
-    "val_loss": "loss/validation",
-    "test_loss": "loss/test",
-    "lr": "optimizer/lr",
-    "optimizer_steps": "optimizer/steps",
-    "epoch_seconds": "time/train_seconds",
-    "test_acc_mean": "final/test_acc_mean",
-    "test_acc_std": "final/test_acc_std",
-    "n_final": "final/seeds",
-    "best_val_acc": "final/best_val_acc",
-}
 
 
 class Tracker:
@@ -68,22 +30,27 @@ class Tracker:
         return self.client.search_runs([self.experiment_id], filter_string, max_results=5000)
 
     def parent_run(
-        self, cell: Variant, cfg: TrainConfig | None = None, source: dict[str, str] | None = None
+        self,
+        name: str,
+        variant: str,
+        train_size: int | None,
+        description: str = "",
+        cfg: TrainConfig | None = None,
+        source: dict[str, str] | None = None,
     ) -> str:
-        """The cell's parent run, created once (callers hold the claim lock) with the
-        data its runs read (`cfg`: the cell's configuration) and their `source` tags, so
-        that the UI's Dataset and Source columns are filled for it too."""
-        query = f"tags.role = '{Role.VARIANT}' and tags.variant = '{cell.name}'"
-        tags = {"role": Role.VARIANT, "variant": cell.name, "mlflow.note.content": cell.description}
-        if cell.train_size is not None:
-            query += f" and tags.train_size = '{cell.train_size}'"
-            tags |= {"cell": cell.key, "train_size": str(cell.train_size)}
+        """The parent run of a cell (`variant`, at `train_size` in a sweep), created once
+        (callers hold the claim lock) with the data its runs read (`cfg`: the cell's
+        configuration) and their `source` tags, so that the UI's Dataset and Source
+        columns are filled for it too."""
+        query = f"tags.role = '{Role.VARIANT}' and tags.variant = '{variant}'"
+        tags = {"role": Role.VARIANT, "variant": variant, NOTE_TAG: description}
+        if train_size is not None:
+            query += f" and tags.train_size = '{train_size}'"
+            tags |= {"cell": name, "train_size": str(train_size)}
         found = self.runs(query)
         if found:
             return found[0].info.run_id
-        run = self.client.create_run(
-            self.experiment_id, run_name=cell.key, tags=tags | (source or {})
-        )
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags | (source or {}))
         if cfg is not None:
             self.log_inputs(run.info.run_id, mnist_inputs(cfg, test=True))
         return run.info.run_id
@@ -135,8 +102,10 @@ class Tracker:
         if params:
             self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
-    def run_status(self, run_id: str) -> str:
-        return self.client.get_run(run_id).info.status
+    def status_and_metric(self, run_id: str, metric: str) -> tuple[str, float | None]:
+        """A run's status and the last value of one of its metrics (its MLflow name)."""
+        run = self.client.get_run(run_id)
+        return run.info.status, run.data.metrics.get(metric)
 
     def set_tags(self, run_id: str, tags: dict[str, object]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -175,3 +144,40 @@ class Tracker:
             tags[key] = reason[:500]
         self.set_tags(run_id, tags)
         self.finish(run_id, outcome.run_status)
+
+
+def unit_runs(tracking_uri: str, experiment_id: str) -> dict[str, str]:
+    """run id -> status of a study's tuning and final runs."""
+    found = MlflowClient(tracking_uri).search_runs(
+        [experiment_id], f"tags.role != '{Role.VARIANT}'", max_results=50_000
+    )
+    units = (Role.TUNE, Role.FINAL)
+    return {r.info.run_id: r.info.status for r in found if r.data.tags["role"] in units}
+
+
+def runs_frame(tracking_uri: str, experiment_id: str) -> pd.DataFrame:
+    """The experiment's runs, one row each, in mlflow.search_runs' columns (run_id,
+    status, start_time, end_time, metrics.*, params.*, tags.*), read through `client`:
+    mlflow.search_runs reads MLflow's process-wide tracking URI."""
+    client = MlflowClient(tracking_uri)
+    rows, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], max_results=10_000, page_token=token)
+        for run in page:
+            info, data = run.info, run.data
+            rows.append(
+                {
+                    "run_id": info.run_id,
+                    "experiment_id": info.experiment_id,
+                    "status": info.status,
+                    "artifact_uri": info.artifact_uri,
+                    "start_time": pd.to_datetime(info.start_time, unit="ms", utc=True),
+                    "end_time": pd.to_datetime(info.end_time, unit="ms", utc=True),
+                    **{f"metrics.{k}": v for k, v in data.metrics.items()},
+                    **{f"params.{k}": v for k, v in data.params.items()},
+                    **{f"tags.{k}": v for k, v in data.tags.items()},
+                }
+            )
+        token = page.token
+        if not token:
+            return pd.DataFrame(rows)

@@ -1,15 +1,17 @@
-"""The files both stores keep on one machine: where they go by default, a check that
-their folder can be written, and the inter-process lock that guards them. Free of torch,
-MLflow and Optuna, so that `mnist-study --help` and argument errors import nothing heavy."""
+"""Where a study's two stores go on one machine by default, the flags that name others,
+a check that a store's folder can be written, and the inter-process lock that guards
+them. Free of torch, MLflow and Optuna, so that `mnist-study --help` and argument errors
+import nothing heavy."""
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from filelock import FileLock
 
 from mnist_study.errors import ConfigError
 
@@ -40,14 +42,11 @@ def check_writable_folder(path: Path, what: str) -> None:
 
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive flock on `path` (created if needed), released on exit or death."""
+    """An exclusive lock on `path` (its folder created if needed), released on exit or
+    death; not re-entrant across calls (each takes its own descriptor)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with FileLock(path, preserve_lock_file=True):
+        yield
 
 
 def store_flags(tracking_uri: str, storage: str | None) -> list[str]:

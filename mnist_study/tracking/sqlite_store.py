@@ -14,7 +14,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from mnist_study.errors import ConfigError
-from mnist_study.study.files import file_lock
+from mnist_study.store_paths import file_lock
 
 
 def sqlite_file(tracking_uri: str) -> Path | None:

@@ -18,6 +18,7 @@ from mlflow.entities import DatasetInput, InputTag
 from mnist_study.training.config import MNIST_TEST_IMAGES, TrainConfig
 from mnist_study.training.data import checksums
 from mnist_study.training.machine import cpu_model
+from mnist_study.training.train import resolve_device
 
 # Where the MNIST files come from; ours are byte-identical (their MD5s are checked).
 MNIST_ORIGIN = "http://yann.lecun.com/exdb/mnist/"
@@ -43,7 +44,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def provenance(cfg: TrainConfig, device: str, source: str) -> dict[str, str]:
+def provenance(cfg: TrainConfig, source: str) -> dict[str, str]:
     """Tags saying what made a run: MLflow's own source tags (shown by its UI), the dirty
     flag beside them in git_commit, versions, device, and the data's checksums."""
     commit = git_commit()
@@ -58,7 +59,7 @@ def provenance(cfg: TrainConfig, device: str, source: str) -> dict[str, str]:
         "torchvision_version": importlib.metadata.version("torchvision"),
         "optuna_version": optuna.__version__,
         "mlflow_version": mlflow.__version__,
-        "device": device,
+        "device": str(resolve_device(cfg)),
         "precision": cfg.precision,
         "threads": str(cfg.threads or torch.get_num_threads()),
         "host": platform.node(),

@@ -1,0 +1,325 @@
+"""Both records of one study in one object: Optuna's storage says what is done, MLflow
+mirrors it (curves, tags, models). Checked once before anything is written, created
+(or found on a resume and shown to agree), reconciled, reaped of dead workers' trials;
+and each cell's parent run, opened before its first unit and closed with the cell's
+outcome after its last.
+
+If one record is lost or replaced, running on would redo the whole study beside the old
+runs, and a report would count every seed twice: refused instead.
+"""
+
+from __future__ import annotations
+
+import statistics
+import warnings
+from dataclasses import dataclass, field
+
+import optuna
+from optuna.trial import TrialState
+
+from mnist_study.errors import StoresDisagree
+from mnist_study.study import trials as tr
+from mnist_study.study.optuna_storage import optuna_storage
+from mnist_study.study.recorded_spec import experiment_description, refuse_changed_study, spec_tag
+from mnist_study.study.spec import StudySpec, Tuning, Variant
+from mnist_study.tracking.legacy import recorded_spec_text
+from mnist_study.tracking.names import METRIC_NAMES
+from mnist_study.tracking.outcome import Outcome
+from mnist_study.tracking.provenance import provenance
+from mnist_study.tracking.runs import Tracker, unit_runs
+from mnist_study.tracking.store import check_tracking_uri, experiment_store, find_experiment
+
+DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+OBJECTIVE = "validation accuracy at the last evaluation"
+
+
+def study_names(spec: StudySpec, tuning: Tuning) -> tuple[str, str]:
+    """A tuning's Optuna studies: its trials, and its final seeds."""
+    tune = f"{spec.name}.{tuning.cell.key}" + (f".t{tuning.index}" if tuning.replicated else "")
+    return tune, f"{tune}.final"
+
+
+@dataclass
+class OptunaSide:
+    trials: int
+    """Trials of this spec's studies, in any state."""
+    run_ids: dict[str, str]
+    """MLflow run id -> 'study#trial' for every trial that has one."""
+    states: dict[str, str] = field(default_factory=dict)
+    """MLflow run id -> the state of its trial (COMPLETE, PRUNED, FAIL, RUNNING)."""
+    runless: list[str] = field(default_factory=list)
+    """'study#trial' of FAIL trials with no run: their worker died between claiming the
+    trial and creating its run."""
+
+
+def optuna_side(storage: optuna.storages.BaseStorage, spec: StudySpec) -> OptunaSide:
+    existing = set(optuna.get_all_study_names(storage))
+    side = OptunaSide(0, {})
+    for name in (n for t in spec.tunings for n in study_names(spec, t) if n in existing):
+        for t in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False):
+            side.trials += 1
+            if "mlflow_run_id" in t.system_attrs:
+                side.run_ids[t.system_attrs["mlflow_run_id"]] = f"{name}#{t.number}"
+                side.states[t.system_attrs["mlflow_run_id"]] = t.state.name
+            elif t.state == TrialState.FAIL:
+                side.runless.append(f"{name}#{t.number}")
+    return side
+
+
+def open_runs_of_ended_trials(side: OptunaSide, runs: dict[str, str]) -> list[str]:
+    """Run ids RUNNING in MLflow whose trial has ended (its worker wrote the trial's end
+    but not the run's: a full disk, a deleted experiment, a kill in between)."""
+    return [
+        r
+        for r, status in runs.items()
+        if status == "RUNNING" and side.states.get(r, "RUNNING") != "RUNNING"
+    ]
+
+
+class StudyStores:
+    """A study's Optuna storage and MLflow experiment, as one record."""
+
+    def __init__(self, spec: StudySpec, tracking_uri: str, storage_url: str):
+        self.spec, self.tracking_uri = spec, tracking_uri
+        self.optuna = optuna_storage(storage_url)
+        self.tracker: Tracker | None = None  # once the experiment exists
+        self.tune: dict[str, optuna.Study] = {}  # tuning key -> its trials' study
+        self.final: dict[str, optuna.Study] = {}  # tuning key -> its final seeds' study
+
+    def check(self) -> str | None:
+        """Refuse bad addresses and a changed spec before either store is written;
+        returns the extension of the recorded spec this one is, if it is one."""
+        check_tracking_uri(self.tracking_uri)
+        self.optuna.check()
+        found = find_experiment(self.tracking_uri, self.spec.name)
+        recorded = recorded_spec_text(found.tags) if found else None
+        return refuse_changed_study(self.spec, recorded, self.tracking_uri)
+
+    def create(self) -> str:
+        """The MLflow experiment and the tunings' Optuna studies, created once (or found,
+        on a resume, after checking that the two records agree); returns the
+        experiment's id."""
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        if not self.optuna.exists():  # refuse before creating an empty one
+            self.agree(OptunaSide(0, {}))
+        storage = self.optuna.open()
+        # Under the claim lock: a second command started at once waits, then sees the
+        # first's studies as existing ones (and never races MLflow's table creation).
+        with self.optuna.claim_lock():
+            self.agree(optuna_side(storage, self.spec))
+            with experiment_store(self.tracking_uri) as store:
+                # Compared again where the spec is recorded: two commands started at
+                # once with different designs under one name both passed check().
+                recorded = recorded_spec_text(store.tags(self.spec.name) or {})
+                extension = refuse_changed_study(self.spec, recorded, self.tracking_uri)
+                experiment_id = store.open(
+                    self.spec.name,
+                    experiment_description(self.spec),
+                    spec_tag(self.spec),
+                    extension,
+                )
+            self.tracker = Tracker(self.tracking_uri, experiment_id)
+            self.reconcile(storage)
+            for tuning in self.spec.tunings:
+                for name, (metric, role) in zip(
+                    study_names(self.spec, tuning), study_roles(tuning), strict=True
+                ):
+                    study = optuna.create_study(
+                        storage=storage, study_name=name, direction="maximize", load_if_exists=True
+                    )
+                    if not study.metric_names:
+                        with warnings.catch_warnings():  # "experimental" since Optuna 3.2
+                            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                            study.set_metric_names([metric])
+                        study.set_user_attr("role", role)
+        return experiment_id
+
+    def agree(self, side: OptunaSide) -> None:
+        """Raise StoresDisagree (one line: which store, what to do) unless both records
+        hold the same study, or neither holds it yet."""
+        found = find_experiment(self.tracking_uri, self.spec.name)
+        runs = unit_runs(self.tracking_uri, found.experiment_id) if found else {}
+        url, where = self.optuna.url, self.tracking_uri
+        name = repr(self.spec.name)
+        fresh = f'or set a new name = "..." at the top of {self.spec.path} to start a new study'
+        if runs and side.trials == 0:
+            raise StoresDisagree(
+                f"MLflow ({where}) holds {len(runs)} runs of study {name} but the Optuna "
+                f"storage {url} has none of its trials (deleted or replaced?); restore {url} "
+                f"to resume, {fresh} (running on would duplicate every run)"
+            )
+        missing = [r for r in side.run_ids if r not in runs]
+        if missing:
+            raise StoresDisagree(
+                f"the Optuna storage {url} holds {side.trials} trials of study {name} but "
+                f"{len(missing)} of their MLflow runs are not in {where} (deleted or "
+                f"replaced?); restore the MLflow store to resume, {fresh}"
+            )
+        unknown = [
+            r for r, status in runs.items() if status == "FINISHED" and r not in side.run_ids
+        ]
+        if unknown:
+            raise StoresDisagree(
+                f"MLflow ({where}) holds {len(unknown)} finished runs of study {name} that "
+                f"match no trial in the Optuna storage {url} (an older or another copy of "
+                f"it?); restore the matching storage, {fresh}"
+            )
+
+    def reconcile(self, storage: optuna.storages.BaseStorage) -> None:
+        """On resume, close every run left RUNNING whose trial has ended, as its trial
+        ended. A FAIL trial's run is KILLED; a COMPLETE or PRUNED one's is FINISHED, since
+        its metrics were logged before the trial was told (call under the claim lock)."""
+        by_state = {"COMPLETE": Outcome.COMPLETE, "PRUNED": Outcome.PRUNED}
+        side = optuna_side(storage, self.spec)
+        runs = unit_runs(self.tracking_uri, self.tracker.experiment_id)
+        for run_id in open_runs_of_ended_trials(side, runs):
+            outcome = by_state.get(side.states[run_id], Outcome.WORKER_DIED)
+            reason = "" if outcome in by_state.values() else "left RUNNING after its trial failed"
+            self.tracker.end(run_id, outcome, reason)
+
+    def attach(self, experiment_id: str) -> None:
+        """Load the studies create() made (a worker's view of them)."""
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.tracker = Tracker(self.tracking_uri, experiment_id)
+        storage = self.optuna.open()
+        self.journal = self.optuna.identity()
+        s = self.spec.settings
+        pruner = (
+            optuna.pruners.MedianPruner(n_startup_trials=s.startup_trials, n_warmup_steps=1)
+            if s.pruner == "median"
+            else optuna.pruners.NopPruner()
+        )
+        for tuning in self.spec.tunings:
+            tune, final = study_names(self.spec, tuning)
+            self.tune[tuning.key] = optuna.load_study(
+                study_name=tune, storage=storage, pruner=pruner
+            )
+            self.final[tuning.key] = optuna.load_study(study_name=final, storage=storage)
+
+    def claim_lock(self):
+        """Held while a worker reaps, closes cells and claims the next unit; refuses to
+        go on once the journal it opened was deleted or replaced."""
+        self.optuna.check_same(self.journal)
+        return self.optuna.claim_lock()
+
+    def reap(self) -> None:
+        """Mark trials of dead workers FAIL and their MLflow runs KILLED (under the claim
+        lock). A worker killed after creating its run but before recording the run's id
+        on the trial leaves a run only its tags name: found by them, linked, then closed.
+        One killed before creating it leaves a FAIL trial with no run, which the report
+        counts."""
+        for study in (s for k in self.tune for s in (self.tune[k], self.final[k])):
+            for t in tr.dead_trials(study):
+                run_id = t.system_attrs.get("mlflow_run_id")
+                if run_id is None:
+                    run_id = self.tracker.trial_run(study.study_name, t.number)
+                    if run_id is not None:
+                        tr.set_system_attrs(study, t, {"mlflow_run_id": run_id})
+                reason = tr.death_reason(t)
+                tr.fail_trial(study, t, reason)
+                if run_id is not None:
+                    self.tracker.end(run_id, Outcome.WORKER_DIED, reason)
+
+    def progress(self) -> tuple[int, int]:
+        """(units done, units in the budget), counted in Optuna's record."""
+        s, done = self.spec.settings, 0
+        for key, tune in self.tune.items():
+            done += min(s.trials, sum(t.state in DONE for t in tune.trials))
+            seeds = {t.user_attrs.get("seed") for t in self.final[key].trials if t.state in DONE}
+            done += len(seeds & set(s.seeds))
+        return done, len(self.spec.tunings) * (s.trials + len(s.seeds))
+
+    def parent_run(self, cell: Variant, command: str) -> str:
+        """The cell's parent run, created before its first unit (under the claim lock, or
+        two processes may both create it) with the cell's data and source."""
+        cfg = self.spec.config_for(cell, {})
+        source = {k: v for k, v in provenance(cfg, command).items() if k.startswith("mlflow.")}
+        return self.tracker.parent_run(
+            cell.key, cell.name, cell.train_size, cell.description, cfg, source
+        )
+
+    def close_finished_cells(self, closed: set[str]) -> list[str]:
+        """Record each newly finished cell's outcome on its parent run (per tuning its best
+        trial and point, prefixed t0., t1., ... when tuned several times); a line each."""
+        lines = []
+        for cell in self.spec.cells:
+            tunings = [t for t in self.spec.tunings if t.cell.key == cell.key]
+            if cell.key in closed or not all(self.tuning_done(t) for t in tunings):
+                continue
+            closed.add(cell.key)
+            tags, params, accs, best_vals = {}, {}, [], []
+            for tuning in tunings:
+                best = best_trial(self.tune[tuning.key])
+                finals = self.final[tuning.key].get_trials(
+                    deepcopy=False, states=(TrialState.COMPLETE,)
+                )
+                accs += [t.user_attrs["test_acc"] for t in finals]
+                prefix = f"t{tuning.index}." if tuning.replicated else ""
+                tags[f"{prefix}best_trial"] = (
+                    best.user_attrs.get("slot", best.number)
+                    if best
+                    else "none (no trial completed)"
+                )
+                tags[f"{prefix}final_seeds"] = ",".join(str(t.user_attrs["seed"]) for t in finals)
+                if best is not None:
+                    best_vals.append(best.value)
+                    params |= {f"{prefix}best_{k}": v for k, v in best.params.items()}
+            parent = self.tracker.parent_run(cell.key, cell.name, cell.train_size, cell.description)
+            status, recorded = self.tracker.status_and_metric(parent, METRIC_NAMES["n_final"])
+            # Closed with as many final runs as now: done. Fewer: the study was extended
+            # since, and the cell is closed again with the larger budget's outcome.
+            if status == "FINISHED" and recorded == (len(accs) or None):
+                continue
+            self.tracker.set_tags(parent, tags)
+            self.tracker.log_params(parent, params)
+            if accs:
+                self.tracker.log_metrics(
+                    parent,
+                    {
+                        "test_acc_mean": statistics.mean(accs),
+                        "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                        "n_final": len(accs),
+                        "best_val_acc": statistics.mean(best_vals),
+                    },
+                    step=0,
+                )
+            self.tracker.finish(parent)
+            lines.append(f"{cell.key}: done; test acc {fmt_accs(accs)}")
+        return lines
+
+    def tuning_done(self, tuning: Tuning) -> bool:
+        """All its trials ended, and its final seeds complete (or no trial to seed them)."""
+        s = self.spec.settings
+        tune = self.tune[tuning.key].get_trials(deepcopy=False)
+        finals = self.final[tuning.key].get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        seeds = {t.user_attrs.get("seed") for t in finals}
+        no_best = best_trial(self.tune[tuning.key]) is None
+        return sum(t.state in DONE for t in tune) >= s.trials and (no_best or seeds >= set(s.seeds))
+
+
+def study_roles(tuning: Tuning) -> tuple[tuple[str, str], tuple[str, str]]:
+    """(metric name, role) of a tuning's two Optuna studies, as optuna-dashboard shows
+    them: the tuning, and its final seeds (trials only in name: one per seed)."""
+    which = f"{tuning.cell.key}, tuning {tuning.index} (sampler seed {tuning.sampler_seed})"
+    return (
+        (OBJECTIVE, f"tuning of {which}"),
+        (
+            f"{OBJECTIVE} of a final seed (its test accuracy: user attribute test_acc)",
+            f"final seeds of {which}: not a tuning; one trial per seed",
+        ),
+    )
+
+
+def best_trial(study: optuna.Study):
+    """The best complete trial; a tie goes to the earlier slot (trial numbers also count
+    failed trials, which depend on crashes)."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    key = lambda t: (t.value, -t.user_attrs.get("slot", t.number))  # noqa: E731
+    return max(complete, key=key) if complete else None
+
+
+def fmt_accs(accs: list[float]) -> str:
+    if not accs:
+        return "no final run completed"
+    sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    return f"{statistics.mean(accs):.4f} ± {sd:.4f} (n={len(accs)})"

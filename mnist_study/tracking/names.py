@@ -1,0 +1,55 @@
+"""The names a study writes into MLflow and reads back: run roles, metric names, tag
+keys, and links into MLflow's UI. Free of MLflow, so that anything may import them."""
+
+from __future__ import annotations
+
+import enum
+
+PARENT_TAG = "mlflow.parentRunId"
+NOTE_TAG = "mlflow.note.content"  # a run's or an experiment's description (Markdown)
+# The MLflow 3 UI opens an experiment by its kind: training runs, not GenAI traces.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+EXTENDED_TAG = "mnist_study.extended"  # each accepted extension: "study.tunings 3 -> 8"
+SPEC_TAG = "mnist_study.spec"  # a summary line, then the resolved spec (JSON) a study started with
+
+
+class Role(enum.StrEnum):
+    """A run's `role` tag: what it is to the study."""
+
+    TUNE = "tune"  # a tuning trial
+    FINAL = "final"  # a final seed, the only runs that see the test set
+    VARIANT = "variant"  # a cell's parent run
+    REPORT = "report"  # the study's comparison, one per study
+    TRAIN = "train"  # a run of `mnist-study train --mlflow`, no study's
+
+
+# MLflow's UI groups a run's charts by the prefix before '/': accuracy and loss each
+# get a section with train, validation (and test) side by side. Code and history dicts
+# use the short names; these are the names in MLflow, written and read only through here.
+METRIC_NAMES = {
+    "train_acc": "accuracy/train",
+    "val_acc": "accuracy/validation",
+    "test_acc": "accuracy/test",
+    "train_loss": "loss/train",
+    "train_loss_running": "loss/train_running",
+    "val_loss": "loss/validation",
+    "test_loss": "loss/test",
+    "lr": "optimizer/lr",
+    "optimizer_steps": "optimizer/steps",
+    "epoch_seconds": "time/train_seconds",
+    "test_acc_mean": "final/test_acc_mean",
+    "test_acc_std": "final/test_acc_std",
+    "n_final": "final/seeds",
+    "best_val_acc": "final/best_val_acc",
+}
+
+# MLflow 3.x's UI opens a bare experiment or run link in its GenAI mode whatever the
+# experiment's tags; this query keeps it in Model-training mode (checked in Chromium).
+MODEL_TRAINING = "workflowType=machine_learning"
+
+
+def ui_link(experiment_id: str, page: str = "runs", ui: str = "") -> str:
+    """A page of an experiment in MLflow's UI, in Model-training mode: its runs table,
+    or `page` (`runs/RUN_ID`, ...); relative (for a description) unless `ui` is given."""
+    base = f"{ui.rstrip('/')}/" if ui else ""
+    return f"{base}#/experiments/{experiment_id}/{page}?{MODEL_TRAINING}"
