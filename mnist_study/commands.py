@@ -22,7 +22,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from mnist_study.training.data import fetch, raw_dir
+    from mnist_study.training.mnist_files import fetch, raw_dir
 
     source = fetch(args.data_root)
     print(f"MNIST ready in {raw_dir(args.data_root)} ({source}; checksums verified)")
@@ -30,7 +30,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mnist_study.training.dataset import load_splits
+    from mnist_study.training.splits import load_splits
     from mnist_study.training.train import check_device
 
     base = config_from_args(args)
@@ -71,10 +71,8 @@ def train_seed(cfg: TrainConfig, splits, test: bool, tracker) -> dict[str, float
     )
     run = TrackedRun()
     if tracker is not None:
-        from mnist_study.tracking.provenance import provenance
-
-        tags = {"role": Role.TRAIN, **provenance(cfg, "mnist-study train")}
-        run = TrackedRun(tracker, tracker.create_run(f"train/seed-{cfg.seed}", cfg, tags, test))
+        name, tags = f"train/seed-{cfg.seed}", {"role": Role.TRAIN}
+        run = TrackedRun(tracker, tracker.create_run(name, cfg, tags, test, "mnist-study train"))
     final = train_tracked(cfg, splits, run, test)
     if test:
         print(f"  test acc {final['test_acc']:.4f} loss {final['test_loss']:.4f}")

@@ -12,7 +12,7 @@ DATA_ROOT = REPO / "data"
 
 @pytest.fixture(scope="session")
 def mnist_root() -> Path:
-    from mnist_study.training.data import fetch
+    from mnist_study.training.mnist_files import fetch
 
     fetch(DATA_ROOT)
     return DATA_ROOT
@@ -22,16 +22,16 @@ def mnist_root() -> Path:
 def small_splits(mnist_root):
     """Real MNIST, shrunk: 1,000 training images, 500 validation."""
     from mnist_study.training.config import TrainConfig
-    from mnist_study.training.dataset import load_splits
+    from mnist_study.training.splits import load_splits
 
     return load_splits(mnist_root, TrainConfig(train_size=1000, val_size=500, train_eval_size=500))
 
 
 @pytest.fixture(scope="session")
-def smoke_study(tmp_path_factory, worker_id, mnist_root):
+def smoke_original(tmp_path_factory, worker_id, mnist_root):
     """experiments/smoke.toml run once, in-process, into real stores in a tmp dir. Under
     pytest-xdist (make test runs 2 processes) the first process to need it runs it and
-    the others wait for it, then read the same stores."""
+    the others wait for it. Tests read copies of it (smoke_study), never this."""
     from mnist_study.store_paths import file_lock
     from mnist_study.study.runner import run_study
     from mnist_study.study.spec import load_spec
@@ -48,4 +48,14 @@ def smoke_study(tmp_path_factory, worker_id, mnist_root):
             tmp.mkdir(exist_ok=True)
             run_study(spec, RunOptions(tracking, storage, str(mnist_root)))
             (tmp / "done").touch()
-    return spec, tracking, storage
+    return spec, tmp
+
+
+@pytest.fixture
+def smoke_study(smoke_original, tmp_path):
+    """This test's own copy of the smoke study's stores: (spec, tracking URI, storage)."""
+    from helpers import copy_stores
+
+    spec, original = smoke_original
+    copy = copy_stores(original, tmp_path / "smoke")
+    return spec, f"sqlite:///{copy}/mlflow.db", str(copy / "optuna.journal")

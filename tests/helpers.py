@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 from collections import Counter
@@ -157,3 +159,21 @@ def new_experiment(tracking_uri: str, name: str) -> str:
     """An experiment as `mnist-study train --mlflow NAME` creates it (the store too)."""
     with experiment_store(tracking_uri) as store:
         return store.open(name)
+
+
+def copy_stores(source: Path, target: Path) -> Path:
+    """A folder holding a study's stores (mlflow.db, optuna.journal, artifacts/), copied
+    whole, its MLflow artifact locations pointed into the copy: a test may then change
+    the copy, run on it or report into it without touching what other tests read."""
+    shutil.copytree(source, target)
+    database = target / "mlflow.db"
+    if database.exists():
+        old, new = source.resolve().as_uri(), target.resolve().as_uri()
+        with sqlite3.connect(database) as con:
+            con.execute(
+                "UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)",
+                (old, new),
+            )
+            con.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))
+        con.close()
+    return target

@@ -19,6 +19,7 @@ from helpers import (
     TINY,
     assert_budget_met_exactly,
     cli,
+    copy_stores,
     free_port,
     run_main,
     runs,
@@ -33,13 +34,12 @@ from mnist_study.analysis.collect import collect
 from mnist_study.analysis.publish import write_report
 from mnist_study.analysis.report import summarize
 from mnist_study.errors import ConfigError
-from mnist_study.study.optuna_storage import SignalSafeJournal, optuna_storage
+from mnist_study.study.optuna_storage import SignalSafeJournal, optuna_storage, process_is_gone
 from mnist_study.study.processes import GPU_WORKERS, auto_workers, cap_workers, worker_cap
 from mnist_study.study.runner import run_study
 from mnist_study.study.signals import Interrupted, stopping_on_signals
 from mnist_study.study.spec import load_spec
 from mnist_study.study.stores import study_names
-from mnist_study.study.trials import process_is_gone
 from mnist_study.study.worker import RunOptions
 
 # One variant, trials long enough (seconds) to be killed mid-way.
@@ -87,8 +87,7 @@ def finished(tmp_path_factory, mnist_root) -> Path:
 
 
 def copy_of(finished: Path, tmp_path: Path) -> tuple[Path, str, str]:
-    root = tmp_path / "copy"
-    shutil.copytree(finished, root)
+    root = copy_stores(finished, tmp_path / "copy")
     tracking, storage = stores(root)
     return root / "tiny.toml", tracking, storage
 
@@ -303,7 +302,7 @@ def test_ctrl_c_to_a_background_command_with_workers_says_interrupted(tmp_path):
 def test_two_commands_on_fresh_stores_share_the_budget_with_the_specs_proposals(tmp_path):
     """Two commands at once: the budget is spent exactly, and every trial's point is the
     one its slot's seed and the trials before it give (what one command would propose)."""
-    from mnist_study.study.proposals import propose
+    from mnist_study.study.scheduler import propose
 
     path = tmp_path / "pair.toml"
     path.write_text(TINY.replace("trials = 2", "trials = 4", 1))
@@ -592,7 +591,7 @@ def test_a_store_half_built_by_a_kill_is_refused_in_one_line(tmp_path, capsys):
 def test_a_new_store_is_built_aside_and_renamed_into_place(tmp_path):
     """What a kill during a build leaves is a `.building` file, never a half-built store:
     the next command builds afresh beside it."""
-    from tests.helpers import new_experiment
+    from helpers import new_experiment
 
     tracking = stores(tmp_path)[0]
     (tmp_path / "mlflow.db.building").write_bytes(b"SQLite format 3\x00 and then a kill")
@@ -641,9 +640,9 @@ def test_a_trial_of_another_host_is_waited_on_aloud_then_presumed_dead(tmp_path,
     """A resume on a host with another name (a restarted container) cannot test the old
     pid: it says whose trial it waits on, and takes the trial back once it is silent for
     STALE_AFTER_S (minutes), proposing the same point again."""
+    from mnist_study.study.optuna_storage import STALE_AFTER_S
     from mnist_study.study.scheduler import Idle
     from mnist_study.study.stores import StudyStores
-    from mnist_study.study.trials import STALE_AFTER_S
     from mnist_study.study.worker import Worker
 
     (tmp_path / "tiny.toml").write_text(TINY.split("[variants.batchnorm]")[0])  # baseline

@@ -8,22 +8,22 @@ import statistics
 
 import pandas as pd
 import pytest
-from helpers import runs
+from helpers import copy_stores, new_experiment, runs
 from scipy import stats
 
 from mnist_study.analysis.collect import collect
 from mnist_study.analysis.publish import busy_minutes, markers, seed_ranges, write_report
 from mnist_study.analysis.report import summarize
-from tests.helpers import new_experiment
 
 MARK_START, MARK_END = markers("smoke")
 README = f"# Title\n\nintro\n\n{MARK_START}\nold results\n{MARK_END}\n\n## After\n"
 
 
 @pytest.fixture(scope="module")
-def smoke_report(smoke_study, tmp_path_factory):
-    spec, tracking, _ = smoke_study
+def smoke_report(smoke_original, tmp_path_factory):
+    spec, original = smoke_original
     out = tmp_path_factory.mktemp("report")
+    tracking = f"sqlite:///{copy_stores(original, out / 'smoke')}/mlflow.db"
     readme = out / "README.md"
     readme.write_text(README)
     body = write_report(tracking, spec.name, out / "reports", readme)

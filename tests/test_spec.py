@@ -10,7 +10,7 @@ from helpers import REPO, TINY, run_main
 
 from mnist_study.analysis.report import at_edge
 from mnist_study.errors import ConfigError, SpecError
-from mnist_study.study.proposals import distributions, propose
+from mnist_study.study.scheduler import distributions, propose
 from mnist_study.study.spec import load_spec
 
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.toml"))

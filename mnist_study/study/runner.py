@@ -15,7 +15,7 @@ from mnist_study.study.signals import Interrupted
 from mnist_study.study.spec import StudySpec
 from mnist_study.study.stores import StudyStores
 from mnist_study.study.worker import RunOptions, Worker
-from mnist_study.training.dataset import load_splits
+from mnist_study.training.splits import load_splits
 from mnist_study.training.train import check_device
 
 

@@ -1,10 +1,11 @@
 """Which unit of a study comes next, claimed as an Optuna trial (under the claim lock, which
 the worker holds): in rounds (claim_order), a tuning's trials one at a time, then its
-final seeds.
+final seeds; and the point each trial tries.
 
 Determinism: within a tuning, trials run one after another, each proposed from the
-tuning's earlier trials alone (proposals.py), and the pruner compares it with those
-alone; a trial redone after a crash proposes the same point. Workers run other tunings
+tuning's earlier trials alone (propose: the k-th trial's TPE sampler is seeded from the
+tuning's seed and k, and sees only the trials before it), and the pruner compares it
+with those alone; a trial redone after a crash proposes the same point. Workers run other tunings
 meanwhile. So every proposal and metric follows from the spec, whatever the number of
 workers or their timing.
 """
@@ -12,13 +13,13 @@ workers or their timing.
 from __future__ import annotations
 
 import enum
+import hashlib
 from dataclasses import dataclass
 
 import optuna
 from optuna.trial import TrialState
 
-from mnist_study.study import trials as tr
-from mnist_study.study.proposals import FixedPoint, distributions, propose
+from mnist_study.study.optuna_storage import claim_trial, waiting_line
 from mnist_study.study.spec import StudySpec, Tuning, Variant
 from mnist_study.study.stores import DONE, StudyStores, best_trial
 from mnist_study.tracking.names import Role
@@ -63,7 +64,7 @@ class Scheduler:
             running = [t for t in tune if t.state == TrialState.RUNNING]
             if running:  # trials of a tuning run one at a time
                 waiting = True
-                lines = (tr.waiting_line(study.study_name, t) for t in running)
+                lines = (waiting_line(study.study_name, t) for t in running)
                 self.waiting_on += [line for line in lines if line]
                 continue
             done = [t for t in tune if t.state in DONE]
@@ -73,7 +74,7 @@ class Scheduler:
             taken = {t.user_attrs.get("seed") for t in finals if t.state in TAKEN}
             free = [s for s in self.spec.settings.seeds if s not in taken]
             if free and best_trial(study) is not None:
-                trial = tr.claim_trial(self.stores.final[tuning.key], {"worker": self.index})
+                trial = claim_trial(self.stores.final[tuning.key], {"worker": self.index})
                 trial.set_user_attr("seed", free[0])
                 return Unit(self.stores.final[tuning.key], tuning, Role.FINAL, trial, seed=free[0])
             if any(t.state == TrialState.RUNNING for t in finals):
@@ -83,7 +84,7 @@ class Scheduler:
     def claim_trial(self, tuning: Tuning, done: list) -> Unit:
         study, slot = self.stores.tune[tuning.key], len(done)
         study.sampler = FixedPoint(propose(tuning, done, self.spec.settings.startup_trials))
-        trial = tr.claim_trial(
+        trial = claim_trial(
             study,
             {"sampler_seed": tuning.sampler_seed, "worker": self.index},
             distributions(tuning.cell),
@@ -98,3 +99,49 @@ def claim_order(spec: StudySpec) -> list[Tuning]:
     complete smaller study of every variant, and one extended by more tunings adds rounds."""
     size = {n: i for i, n in enumerate(spec.settings.train_sizes)}
     return sorted(spec.tunings, key=lambda t: (size.get(t.cell.train_size, 0), t.index))
+
+
+def proposal_seed(tuning: Tuning, slot: int) -> int:
+    """The sampler seed of one trial: a function of the tuning's seed and the trial's
+    place. Not of the cell: every variant's k-th random startup trial then tries the
+    same learning rate (common random numbers make the comparisons sharper)."""
+    text = f"{tuning.sampler_seed}/{slot}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
+
+
+def propose(tuning: Tuning, done: list, startup_trials: int) -> dict[str, float | int]:
+    """The point of the tuning's next trial, from its finished trials alone (copied into
+    a study in memory, numbered 0, 1, ... whatever failed between them)."""
+    sampler = optuna.samplers.TPESampler(
+        seed=proposal_seed(tuning, len(done)), n_startup_trials=startup_trials
+    )
+    scratch = optuna.create_study(direction="maximize", sampler=sampler)
+    scratch.add_trials(done)
+    return scratch.ask(distributions(tuning.cell)).params
+
+
+class FixedPoint(optuna.samplers.BaseSampler):
+    """Gives the trial the point `propose` chose: the study's own sampler would see all
+    its trials, failed and running ones too."""
+
+    def __init__(self, params: dict[str, float | int]):
+        self.params = params
+
+    def infer_relative_search_space(self, study, trial):
+        return {}
+
+    def sample_relative(self, study, trial, search_space):
+        return {}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.params[param_name]
+
+
+def distributions(cell: Variant) -> dict[str, optuna.distributions.BaseDistribution]:
+    out = {}
+    for key, r in cell.search.items():
+        if r.integer:
+            out[key] = optuna.distributions.IntDistribution(int(r.low), int(r.high), log=r.log)
+        else:
+            out[key] = optuna.distributions.FloatDistribution(r.low, r.high, log=r.log)
+    return out

@@ -18,14 +18,18 @@ import optuna
 from optuna.trial import TrialState
 
 from mnist_study.errors import StoresDisagree
-from mnist_study.study import trials as tr
-from mnist_study.study.optuna_storage import optuna_storage
+from mnist_study.study.optuna_storage import (
+    dead_trials,
+    death_reason,
+    fail_trial,
+    optuna_storage,
+    set_system_attrs,
+)
 from mnist_study.study.recorded_spec import experiment_description, refuse_changed_study, spec_tag
 from mnist_study.study.spec import StudySpec, Tuning, Variant
 from mnist_study.tracking.legacy import recorded_spec_text
 from mnist_study.tracking.names import METRIC_NAMES
 from mnist_study.tracking.outcome import Outcome
-from mnist_study.tracking.provenance import provenance
 from mnist_study.tracking.runs import Tracker, unit_runs
 from mnist_study.tracking.store import check_tracking_uri, experiment_store, find_experiment
 
@@ -209,14 +213,14 @@ class StudyStores:
         One killed before creating it leaves a FAIL trial with no run, which the report
         counts."""
         for study in (s for k in self.tune for s in (self.tune[k], self.final[k])):
-            for t in tr.dead_trials(study):
+            for t in dead_trials(study):
                 run_id = t.system_attrs.get("mlflow_run_id")
                 if run_id is None:
                     run_id = self.tracker.trial_run(study.study_name, t.number)
                     if run_id is not None:
-                        tr.set_system_attrs(study, t, {"mlflow_run_id": run_id})
-                reason = tr.death_reason(t)
-                tr.fail_trial(study, t, reason)
+                        set_system_attrs(study, t, {"mlflow_run_id": run_id})
+                reason = death_reason(t)
+                fail_trial(study, t, reason)
                 if run_id is not None:
                     self.tracker.end(run_id, Outcome.WORKER_DIED, reason)
 
@@ -233,9 +237,8 @@ class StudyStores:
         """The cell's parent run, created before its first unit (under the claim lock, or
         two processes may both create it) with the cell's data and source."""
         cfg = self.spec.config_for(cell, {})
-        source = {k: v for k, v in provenance(cfg, command).items() if k.startswith("mlflow.")}
         return self.tracker.parent_run(
-            cell.key, cell.name, cell.train_size, cell.description, cfg, source
+            cell.key, cell.name, cell.train_size, cell.description, cfg, command
         )
 
     def close_finished_cells(self, closed: set[str]) -> list[str]:

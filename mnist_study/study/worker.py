@@ -13,10 +13,9 @@ import optuna
 from optuna.trial import TrialState
 
 from mnist_study.store_paths import store_flags
-from mnist_study.study import trials as tr
 from mnist_study.study.console import Console
-from mnist_study.study.proposals import proposal_seed
-from mnist_study.study.scheduler import Idle, Scheduler, Unit
+from mnist_study.study.optuna_storage import mark_alive, set_system_attrs
+from mnist_study.study.scheduler import Idle, Scheduler, Unit, proposal_seed
 from mnist_study.study.signals import (
     Interrupted,
     signals_deferred,
@@ -27,10 +26,8 @@ from mnist_study.study.spec import StudySpec
 from mnist_study.study.stores import StudyStores, best_trial
 from mnist_study.tracking.names import Role
 from mnist_study.tracking.outcome import Outcome
-from mnist_study.tracking.provenance import provenance
-from mnist_study.tracking.tracked_run import point_line
-from mnist_study.training.dataset import load_splits
-from mnist_study.training.train import Training, evaluate_test
+from mnist_study.training.splits import load_splits
+from mnist_study.training.train import Training, evaluate_test, point_line
 
 
 @dataclass(frozen=True)
@@ -125,7 +122,7 @@ class Worker:
             # that its FAIL trial does not name: it is raised once both are written.
             with signals_deferred():
                 name, params, cfg, run_id = self.create_run(unit)
-                tr.set_system_attrs(study, trial, {"mlflow_run_id": run_id})
+                set_system_attrs(study, trial, {"mlflow_run_id": run_id})
             shown = ", ".join(
                 f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
             )
@@ -135,7 +132,7 @@ class Worker:
             training = Training(cfg, splits)
             for point, metrics in training:
                 tracker.log_metrics(run_id, metrics, step=point)
-                tr.mark_alive(study, trial)
+                mark_alive(study, trial)
                 self.console.say("  " + point_line(cfg, point, training.last, metrics))
                 stop_if_signalled()
                 if self.parent_pid is not None and os.getppid() != self.parent_pid:
@@ -189,14 +186,14 @@ class Worker:
             "optuna_state": "RUNNING",
             "workers": self.opts.workers,
             **extra,
-            **provenance(cfg, self.opts.command(self.spec.path)),
         }
-        run_id = self.stores.tracker.child_run(
-            self.parents[unit.cell.key],
+        run_id = self.stores.tracker.create_run(
             name,
             cfg,
-            {k: str(v) for k, v in tags.items()},
-            test=unit.role == Role.FINAL,
+            tags,
+            unit.role == Role.FINAL,
+            self.opts.command(self.spec.path),
+            parent_id=self.parents[unit.cell.key],
         )
         return name, params, cfg, run_id
 

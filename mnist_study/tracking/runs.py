@@ -1,24 +1,37 @@
-"""A study's runs in MLflow: a parent run per cell, a child run per trial and per final
-seed, found, written and ended by id. Everything goes through MlflowClient with explicit
-run ids, so several worker processes can log into the same store without shared state.
+"""Runs in MLflow: a study's parent run per cell and child run per trial and per final
+seed (or a run of `mnist-study train`), found, written and ended by id, each tagged with
+what made it (the command and commit as MLflow's source tags, versions, device, machine,
+and the data it read as MLflow datasets with the files' MD5s). Everything goes through
+MlflowClient with explicit run ids, so several worker processes can log into the same
+store without shared state.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.metadata
 import logging
+import platform
+import subprocess
 import tempfile
 import time
+from pathlib import Path
 
+import mlflow
+import optuna
 import pandas as pd
 import torch
-from mlflow.entities import DatasetInput, Metric, Param, RunTag
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mnist_study.tracking.names import METRIC_NAMES, NOTE_TAG, PARENT_TAG, Role
 from mnist_study.tracking.outcome import Outcome
-from mnist_study.tracking.provenance import mnist_inputs
-from mnist_study.training.config import TrainConfig
+from mnist_study.training.config import MNIST_TEST_IMAGES, TrainConfig
+from mnist_study.training.machine import cpu_model
+from mnist_study.training.mnist_files import checksums
+from mnist_study.training.train import resolve_device
 
 
 class Tracker:
@@ -36,12 +49,12 @@ class Tracker:
         train_size: int | None,
         description: str = "",
         cfg: TrainConfig | None = None,
-        source: dict[str, str] | None = None,
+        command: str = "",
     ) -> str:
         """The parent run of a cell (`variant`, at `train_size` in a sweep), created once
         (callers hold the claim lock) with the data its runs read (`cfg`: the cell's
-        configuration) and their `source` tags, so that the UI's Dataset and Source
-        columns are filled for it too."""
+        configuration) and their source tags (the `command` that runs them), so that the
+        UI's Dataset and Source columns are filled for it too."""
         query = f"tags.role = '{Role.VARIANT}' and tags.variant = '{variant}'"
         tags = {"role": Role.VARIANT, "variant": variant, NOTE_TAG: description}
         if train_size is not None:
@@ -50,7 +63,9 @@ class Tracker:
         found = self.runs(query)
         if found:
             return found[0].info.run_id
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags | (source or {}))
+        if cfg is not None:
+            tags |= {k: v for k, v in provenance(cfg, command).items() if k.startswith("mlflow.")}
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         if cfg is not None:
             self.log_inputs(run.info.run_id, mnist_inputs(cfg, test=True))
         return run.info.run_id
@@ -63,14 +78,21 @@ class Tracker:
         )
         return found[0].info.run_id if found else None
 
-    def child_run(
-        self, parent_id: str, name: str, cfg: TrainConfig, tags: dict[str, str], test: bool
+    def create_run(
+        self,
+        name: str,
+        cfg: TrainConfig,
+        tags: dict[str, object],
+        test: bool,
+        command: str,
+        parent_id: str | None = None,
     ) -> str:
-        return self.create_run(name, cfg, {PARENT_TAG: parent_id, **tags}, test)
-
-    def create_run(self, name: str, cfg: TrainConfig, tags: dict[str, str], test: bool) -> str:
-        """A run with the full resolved configuration as params and the data it reads as
-        inputs (`test`: the test set too)."""
+        """A run with `tags` and what made it (the `command` that runs it), the full
+        resolved configuration as params and the data it reads as inputs (`test`: the
+        test set too); a child of `parent_id` if given."""
+        tags = {k: str(v) for k, v in tags.items()} | provenance(cfg, command)
+        if parent_id is not None:
+            tags[PARENT_TAG] = parent_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         params = [Param(k, str(v)) for k, v in cfg.as_params().items()]
         self.client.log_batch(run.info.run_id, params=params)
@@ -181,3 +203,79 @@ def runs_frame(tracking_uri: str, experiment_id: str) -> pd.DataFrame:
         token = page.token
         if not token:
             return pd.DataFrame(rows)
+
+
+# Where the MNIST files come from; ours are byte-identical (their MD5s are checked).
+MNIST_ORIGIN = "http://yann.lecun.com/exdb/mnist/"
+TRAIN_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
+TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+@functools.cache
+def git_commit() -> str:
+    try:
+        repo = Path(__file__).resolve().parents[2]
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def provenance(cfg: TrainConfig, source: str) -> dict[str, str]:
+    """Tags saying what made a run: MLflow's own source tags (shown by its UI), the dirty
+    flag beside them in git_commit, versions, device, and the data's checksums."""
+    commit = git_commit()
+    tags = {
+        "mlflow.source.name": source,
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.git.commit": commit.removesuffix("-dirty"),
+        "git_commit": commit,
+        "torch_version": torch.__version__,
+        # Its version from the package metadata: importing torchvision costs seconds
+        # (it pulls in torch._dynamo), in every worker, and nothing here uses it.
+        "torchvision_version": importlib.metadata.version("torchvision"),
+        "optuna_version": optuna.__version__,
+        "mlflow_version": mlflow.__version__,
+        "device": str(resolve_device(cfg)),
+        "precision": cfg.precision,
+        "threads": str(cfg.threads or torch.get_num_threads()),
+        "host": platform.node(),
+        "cpu": cpu_model(),
+    }
+    tags |= {f"mnist_md5.{name}": md5 for name, md5 in checksums().items()}
+    return tags
+
+
+def mnist_inputs(cfg: TrainConfig, test: bool) -> list[DatasetInput]:
+    """MNIST as MLflow datasets, one per context (train, validation, and test on final
+    runs), each with a digest of the files' MD5s and the split that cut it."""
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    md5 = checksums()
+    split = f"val_size={cfg.val_size},split_seed={cfg.split_seed}"
+
+    def dataset(context: str, name: str, files: tuple[str, ...], cut: str) -> DatasetInput:
+        digest = hashlib.sha256(",".join([*(md5[f] for f in files), cut]).encode())
+        meta = MetaDataset(HTTPDatasetSource(MNIST_ORIGIN), name, digest.hexdigest()[:20])
+        return DatasetInput(meta._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)])
+
+    out = [
+        dataset(
+            "train", f"mnist-train-{cfg.train_size}", TRAIN_FILES, f"{split},n={cfg.train_size}"
+        ),
+        dataset("validation", f"mnist-validation-{cfg.val_size}", TRAIN_FILES, split),
+    ]
+    if test:  # the whole test set's digest as before subsets of it could be scored
+        cut = "test" if cfg.test_size == MNIST_TEST_IMAGES else f"test,n={cfg.test_size}"
+        out.append(dataset("test", f"mnist-test-{cfg.test_size}", TEST_FILES, cut))
+    return out

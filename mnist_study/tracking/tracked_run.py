@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from mnist_study.tracking.outcome import Outcome
 from mnist_study.tracking.runs import Tracker
 from mnist_study.training.config import TrainConfig
-from mnist_study.training.dataset import Splits
-from mnist_study.training.train import Training, evaluate_test
+from mnist_study.training.splits import Splits
+from mnist_study.training.train import Training, evaluate_test, point_line
 
 
 @dataclass(frozen=True)
@@ -28,15 +28,6 @@ class TrackedRun:
     def end(self, outcome: Outcome, reason: str = "") -> None:
         if self.run_id is not None:
             self.tracker.end(self.run_id, outcome, reason, trial=False)
-
-
-def point_line(cfg: TrainConfig, point: int, last: int, m: dict[str, float]) -> str:
-    """The console line of one evaluation point."""
-    return (
-        f"  {cfg.axis} {point}/{last}  train acc {m['train_acc']:.4f} "
-        f"loss {m['train_loss']:.4f}"
-        f" | val acc {m['val_acc']:.4f} loss {m['val_loss']:.4f} | {m['epoch_seconds']:.1f}s"
-    )
 
 
 def train_tracked(cfg: TrainConfig, splits: Splits, run: TrackedRun, test: bool) -> dict:

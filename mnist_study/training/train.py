@@ -20,8 +20,8 @@ from torch import nn
 
 from mnist_study.errors import ConfigError
 from mnist_study.training.config import TrainConfig
-from mnist_study.training.dataset import Splits
 from mnist_study.training.model import build_model
+from mnist_study.training.splits import Splits
 from mnist_study.training.step import Stepper, autocast
 
 # Larger eval batches thrash a CPU's cache (conv1 activations of 2048 images are
@@ -197,6 +197,15 @@ def train(cfg: TrainConfig, splits: Splits) -> Training:
     for _ in run:
         pass
     return run
+
+
+def point_line(cfg: TrainConfig, point: int, last: int, m: dict[str, float]) -> str:
+    """The console line of one evaluation point."""
+    return (
+        f"  {cfg.axis} {point}/{last}  train acc {m['train_acc']:.4f} "
+        f"loss {m['train_loss']:.4f}"
+        f" | val acc {m['val_acc']:.4f} loss {m['val_loss']:.4f} | {m['epoch_seconds']:.1f}s"
+    )
 
 
 def evaluate_test(model: nn.Module, splits: Splits, cfg: TrainConfig) -> dict[str, float]:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from mnist_study.training.config import TrainConfig
-from mnist_study.training.data import load_arrays
+from mnist_study.training.mnist_files import load_arrays
 
 # The usual MNIST pixel statistics (of the 60k training images, after /255).
 MEAN, STD = 0.1307, 0.3081
