@@ -165,6 +165,7 @@ def test_the_report_is_one_run_inside_mlflow_linked_from_the_experiment(smoke_re
     [report] = [r for r in found if r.data.tags["role"] == "report"]
     assert report.info.status == "FINISHED"
     assert report.data.tags["mlflow.note.content"] == body
+    assert report.data.tags["mlflow.source.name"].startswith("mnist-study report smoke")
     logged = {a.path for a in client.list_artifacts(report.info.run_id)}
     assert {"results.md", "results.csv", "curves.png", "test_acc.png"} <= logged
     experiment = client.get_experiment_by_name(spec.name)
