@@ -59,3 +59,16 @@ def smoke_study(smoke_original, tmp_path):
     spec, original = smoke_original
     copy = copy_stores(original, tmp_path / "smoke")
     return spec, f"sqlite:///{copy}/mlflow.db", str(copy / "optuna.journal")
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory, mnist_root) -> Path:
+    """A finished tiny study (its own process, now gone): spec and both stores in one
+    folder, which tests copy (copy_of) to change."""
+    from helpers import TINY, cli, run_args, stores
+
+    root = tmp_path_factory.mktemp("finished")
+    (root / "tiny.toml").write_text(TINY)
+    done = cli(*run_args(root / "tiny.toml", *stores(root)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return root

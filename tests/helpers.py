@@ -10,7 +10,9 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from collections import Counter
+from fnmatch import fnmatch
 from pathlib import Path
 
 import optuna
@@ -47,28 +49,27 @@ search.lr = { low = 1e-3, high = 3e-3, log = true }
 """
 
 
-def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mnist_study", "--data-root", str(REPO / "data"), *args],
-        capture_output=True,
-        text=True,
-        cwd=kwargs.pop("cwd", REPO),
-        **kwargs,
-    )
+def command(*args: str) -> list[str]:
+    """`mnist-study ARGS` as a new process's command line, on the repo's MNIST."""
+    return [sys.executable, "-m", "mnist_study", "--data-root", str(REPO / "data"), *args]
 
 
-def run_main(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """`mnist-study ARGS` in this process: its exit code and what it printed, as cli()
-    returns them, without a new interpreter's seconds of imports. For arguments and
-    refusals; cli() stays for what needs a process (signals, kills, two commands)."""
-    from mnist_study import cli as command
+def cli(*args: str, process: bool = True, cwd: Path | None = None, **kwargs):
+    """`mnist-study ARGS`: its exit code and what it printed, as a CompletedProcess. In a
+    new process (what signals, kills and two commands need), or with `process=False` in
+    this one, without a new interpreter's seconds of imports (arguments, refusals)."""
+    if process:
+        return subprocess.run(
+            command(*args), capture_output=True, text=True, cwd=cwd or REPO, **kwargs
+        )
+    from mnist_study import cli as main
 
     out, err = io.StringIO(), io.StringIO()
     argv = ["--data-root", str(REPO / "data"), *args]
     redirect = contextlib.redirect_stdout(out), contextlib.redirect_stderr(err)
     with contextlib.chdir(cwd or REPO), redirect[0], redirect[1]:
         try:
-            code = command.main(argv)
+            code = main.main(argv)
         except SystemExit as exc:  # argparse's refusals
             code = exc.code
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
@@ -177,3 +178,95 @@ def copy_stores(source: Path, target: Path) -> Path:
             con.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))
         con.close()
     return target
+
+
+# One variant, trials long enough (seconds) to be killed mid-way.
+SLOW = """
+[study]
+trials = 3
+seeds = [0]
+startup_trials = 1
+[defaults]
+epochs = 3
+train_size = 2000
+val_size = 200
+train_eval_size = 200
+test_size = 500
+[variants.baseline]
+search.lr = { low = 1e-3, high = 3e-3, log = true }
+"""
+
+
+SLOW2 = (
+    SLOW
+    + """
+[variants.batchnorm]
+set = { batchnorm = true }
+search.lr = { low = 1e-3, high = 3e-3, log = true }
+"""
+)
+
+
+def one_line_error(done: subprocess.CompletedProcess, *needles: str) -> None:
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.startswith("mnist-study: error: ") and done.stderr.count("\n") == 1
+    for needle in needles:
+        assert needle in done.stderr, done.stderr
+
+
+def copy_of(finished: Path, tmp_path: Path) -> tuple[Path, str, str]:
+    root = copy_stores(finished, tmp_path / "copy")
+    tracking, storage = stores(root)
+    return root / "tiny.toml", tracking, storage
+
+
+def run_args(spec: Path, tracking: str, storage: str, *more: str) -> list[str]:
+    return ["run", str(spec), "--tracking-uri", tracking, "--storage", storage, "--quiet", *more]
+
+
+def wait_for_running_trial(storage: str, study: str, worker: int | None, timeout: float = 120):
+    """A RUNNING trial of `worker` (any if None) with its MLflow run started and no epoch
+    reported yet (so that a signal sent now lands before it ends), in the Optuna study
+    `study` or, with a trailing '*', in any study whose name starts so."""
+    deadline = time.time() + timeout
+    opened = None
+    while time.time() < deadline:
+        time.sleep(0.3)
+        try:  # read only, as any Optuna client would; one reader reads only what is new
+            opened = opened or optuna_storage(storage).connect()
+            names = [n for n in optuna.get_all_study_names(opened) if fnmatch(n, study)]
+            trials = [
+                t for n in names for t in optuna.load_study(study_name=n, storage=opened).trials
+            ]
+        except (KeyError, ValueError):
+            continue
+        for t in trials:
+            mine = worker is None or t.system_attrs.get("worker") == worker
+            started = "mlflow_run_id" in t.system_attrs and not t.intermediate_values
+            if t.state.name == "RUNNING" and started and mine:
+                return t
+    raise AssertionError(f"no trial of worker {worker} reached mid-training in time")
+
+
+def start_slow_study(tmp_path, *args: str, text: str = SLOW, **popen):
+    """The SLOW study (or `text`) started in the background on fresh stores in tmp_path:
+    (process, spec path, tracking URI, Optuna storage)."""
+    path = tmp_path / "slow.toml"
+    path.write_text(text)
+    tracking, storage = stores(tmp_path)
+    proc = subprocess.Popen(
+        command(*run_args(path, tracking, storage, *args)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        **popen,
+    )
+    return proc, path, tracking, storage
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been collected."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    return gone.pid

@@ -7,11 +7,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 
 import optuna
 import pytest
-from helpers import REPO, assert_budget_met_exactly, run_main, stores
+from helpers import REPO, assert_budget_met_exactly, cli, command, stores
 
 from mnist_study.analysis.publish import write_report
 from mnist_study.study.optuna_storage import optuna_storage
@@ -107,7 +106,7 @@ def test_one_worker_three_workers_and_a_killed_resumed_run_agree_exactly(tmp_pat
     assert body.count("| tunings R | seeds n | detectable Δ, points | runs |") == 2
     assert " of 4 |" in body  # tuning pairs: 2 variant tunings x 2 baseline tunings
     # The plan from this study, as `mnist-study plan` prints it.
-    planned = run_main("plan", str(path), "--tracking-uri", tracking, "--workers", "2,64")
+    planned = cli("plan", str(path), "--tracking-uri", tracking, "--workers", "2,64", process=False)
     assert planned.returncode == 0, planned.stderr
     assert planned.stdout.count("wall on 2 workers | wall on 64 workers |") == 2
     assert "seeds per tuning: " in planned.stdout
@@ -125,10 +124,10 @@ def test_one_worker_three_workers_and_a_killed_resumed_run_agree_exactly(tmp_pat
     assert {r.data.tags["threads"] for r in found if r.data.tags["role"] != "variant"} == {"1"}
 
     tracking, storage = stores(tmp_path / "killed")
-    cmd = [
-        sys.executable, "-m", "mnist_study", "--data-root", str(mnist_root), "run", str(path),
-        "--tracking-uri", tracking, "--storage", storage, "--workers", "2", "--quiet",
-    ]  # fmt: skip
+    cmd = command(
+        "run", str(path), "--tracking-uri", tracking, "--storage", storage, "--workers", "2",
+        "--quiet",
+    )  # fmt: skip
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
         start_new_session=True,

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from helpers import run_main
+from helpers import cli
 
 from mnist_study.errors import DataError
 from mnist_study.training.mnist_files import (
@@ -118,7 +118,7 @@ def test_cli_refuses_corrupt_dataset_before_training(tmp_path):
 
     for name in MNIST_FILES:
         write_atomic(raw_dir(tmp_path) / name, b"not mnist")
-    done = run_main("--data-root", str(tmp_path), "train", "--epochs", "1")
+    done = cli("--data-root", str(tmp_path), "train", "--epochs", "1", process=False)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "MD5" in lines[0] and "expected" in lines[0]
@@ -126,7 +126,7 @@ def test_cli_refuses_corrupt_dataset_before_training(tmp_path):
 
 
 def test_cli_refuses_bad_config_value(tmp_path):
-    done = run_main("--data-root", str(tmp_path), "train", "--dropout", "1.5")
+    done = cli("--data-root", str(tmp_path), "train", "--dropout", "1.5", process=False)
     assert done.returncode == 2
     assert done.stderr.strip() == (
         "mnist-study: error: command line: dropout = 1.5; must be in [0, 1)"

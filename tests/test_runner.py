@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +16,7 @@ from helpers import (
     REPO,
     assert_budget_met_exactly,
     cli,
-    run_main,
+    command,
     runs,
     shrink,
     stores,
@@ -184,7 +183,7 @@ def test_resuming_with_a_changed_study_file_is_refused(smoke_study, tmp_path):
     changed = tmp_path / "changed" / "smoke.toml"
     changed.parent.mkdir()
     changed.write_text(original.replace("trials = 2", "trials = 3", 1))
-    done = run_main("run", str(changed), *args)
+    done = cli("run", str(changed), *args, process=False)
     assert done.returncode == 2
     assert done.stderr.startswith(f"mnist-study: error: {changed}: changed since study 'smoke'")
     assert "([study])" in done.stderr and len(done.stderr.strip().splitlines()) == 1
@@ -193,7 +192,7 @@ def test_resuming_with_a_changed_study_file_is_refused(smoke_study, tmp_path):
     reworded = tmp_path / "smoke.toml"
     text = original + '[variants.baseline]\ndescription = "reworded"\n'
     reworded.write_text('# reworded\ndescription = "reworded"\n' + text)
-    done = run_main("run", str(reworded), *args)
+    done = cli("run", str(reworded), *args, process=False)
     assert done.returncode == 0, done.stderr
     assert len(runs(tracking, spec.name)[1]) == before
 
@@ -224,7 +223,7 @@ def test_interrupted_mid_trial_then_resumed(tmp_path, sig):
     tracking, storage = stores(tmp_path)
     args = ["run", str(path), "--tracking-uri", tracking, "--storage", storage, "--quiet"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mnist_study", "--data-root", str(REPO / "data"), *args],
+        command(*args),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         cwd=REPO,
@@ -255,7 +254,7 @@ def test_interrupted_mid_trial_then_resumed(tmp_path, sig):
     assert "first: tuning incomplete (1 of 2 trials)" in body
     assert "second: not started" in body and "Traceback" not in body
 
-    done = run_main(*args)
+    done = cli(*args, process=False)
     assert done.returncode == 0, done.stderr
     spec = load_spec(path)
     states = trial_states(storage, spec)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from helpers import REPO, TINY, run_main
+from helpers import REPO, TINY, cli
 
 from mnist_study.analysis.report import at_edge
 from mnist_study.errors import ConfigError, SpecError
@@ -145,13 +145,14 @@ def test_bad_file_is_refused_naming_file_and_key(tmp_path, case):
 def test_cli_refuses_bad_file_with_exit_2_and_writes_nothing(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text(BAD["inverted range"][0])
-    done = run_main(
+    done = cli(
         "run",
         str(path),
         "--tracking-uri",
         f"sqlite:///{tmp_path}/m/mlflow.db",
         "--storage",
         str(tmp_path / "o" / "optuna.journal"),
+        process=False,
     )
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and f"error: {path}" in done.stderr

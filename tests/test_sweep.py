@@ -9,11 +9,10 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 
 import optuna
 import pytest
-from helpers import REPO, assert_budget_met_exactly, runs, stores, trial_states
+from helpers import REPO, assert_budget_met_exactly, command, runs, stores, trial_states
 
 from mnist_study.analysis.collect import collect
 from mnist_study.analysis.publish import markers, write_report
@@ -192,7 +191,7 @@ def test_a_sweep_killed_mid_way_is_reported_partial_then_resumes(tmp_path):
     path.write_text(SWEEP.replace("steps = 30", "steps = 40"))  # units last a second or more
     tracking, storage = stores(tmp_path)
     args = ["run", str(path), "--tracking-uri", tracking, "--storage", storage]
-    cmd = [sys.executable, "-m", "mnist_study", "--data-root", str(REPO / "data"), *args]
+    cmd = command(*args)
     proc = subprocess.Popen(
         [*cmd, "--workers", "2", "--quiet"],
         stdout=subprocess.PIPE,

@@ -63,10 +63,10 @@ def test_baseline_learns_end_to_end(small_splits):
 
 
 def test_train_command_logs_each_seed_to_mlflow(tmp_path):
-    from helpers import run_main, runs
+    from helpers import cli, runs
 
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
-    done = run_main(
+    done = cli(
         "train",
         "--train-size",
         "300",
@@ -84,6 +84,7 @@ def test_train_command_logs_each_seed_to_mlflow(tmp_path):
         "solo",
         "--tracking-uri",
         tracking,
+        process=False,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("  epoch ") == 4 and "2 seeds (mean ± sd)" in done.stdout

@@ -23,7 +23,7 @@ def worker_cap() -> tuple[int, str]:
     cores = usable_cores()
     cap, why = cores, f"{cores} cores"
     memory = available_memory()
-    if memory is not None and memory // WORKER_MEMORY_BYTES < cap:
+    if memory // WORKER_MEMORY_BYTES < cap:
         cap = max(1, memory // WORKER_MEMORY_BYTES)
         why = f"{memory / 2**30:.1f} GiB of free memory at ~{WORKER_MEMORY_BYTES / 2**30:.1f} each"
     return cap, why

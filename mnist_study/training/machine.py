@@ -7,15 +7,12 @@ import os
 import platform
 from pathlib import Path
 
+import psutil
 
-def available_memory() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+
+def available_memory() -> int:
+    """Bytes the OS could give new processes without swapping (Linux: MemAvailable)."""
+    return psutil.virtual_memory().available
 
 
 def cpu_model() -> str:
@@ -39,6 +36,6 @@ def cpu_model() -> str:
 
 
 def usable_cores() -> int:
-    """The cores this process may run on (its affinity), at least 1."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, cores or 1)
+    """The cores this process may run on (its affinity; macOS has none: all), at least 1."""
+    affinity = psutil.Process().cpu_affinity() if hasattr(psutil.Process, "cpu_affinity") else []
+    return max(1, len(affinity) or psutil.cpu_count() or 1)

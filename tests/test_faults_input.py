@@ -1,0 +1,69 @@
+"""Bad input from the command line or the environment (a flag, a missing GPU, a server
+that does not answer), refused in one line before anything is written."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from helpers import (
+    TINY,
+    cli,
+    free_port,
+    one_line_error,
+    run_args,
+    stores,
+)
+
+
+def test_unreachable_tracking_server_fails_fast(tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY)
+    uri = f"http://127.0.0.1:{free_port()}"
+    started = time.time()
+    done = cli(*run_args(tmp_path / "tiny.toml", uri, str(tmp_path / "o.journal")), process=False)
+    assert time.time() - started < 30
+    one_line_error(done, uri, "does not answer")
+    assert not (tmp_path / "o.journal").exists()
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--tracking-uri", "ftp://host/x"], "unsupported"),
+        (["--tracking-uri", "sqlite:///{tmp}/file/mlflow.db"], "cannot write there"),
+        (["--storage", "{tmp}/file/optuna.journal"], "cannot write there"),
+        (["--storage", "{tmp}"], "is a folder"),
+        (["--threads", "-1"], "--threads -1"),
+        (["--workers", "0"], "--workers 0"),
+        (["--workers", "many"], "--workers many: must be 'auto' or"),
+    ],
+    ids=[
+        "scheme",
+        "tracking-folder",
+        "storage-folder",
+        "storage-is-folder",
+        "threads",
+        "workers",
+        "workers-word",
+    ],
+)
+def test_bad_command_line_is_refused_before_any_write(tmp_path, args, needle):
+    (tmp_path / "tiny.toml").write_text(TINY)
+    (tmp_path / "file").write_text("a file where a folder should be")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    defaults = ["--tracking-uri", f"sqlite:///{tmp_path}/m/mlflow.db"]
+    defaults += ["--storage", str(tmp_path / "o" / "optuna.journal")]
+    done = cli("run", str(tmp_path / "tiny.toml"), *defaults, *args, process=False)
+    one_line_error(done, needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "tiny.toml"]
+
+
+def test_cuda_without_a_gpu_is_refused_before_any_write(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    (tmp_path / "gpu.toml").write_text(TINY.replace("[defaults]", '[defaults]\ndevice = "cuda"'))
+    done = cli(*run_args(tmp_path / "gpu.toml", *stores(tmp_path / "s")), process=False)
+    one_line_error(done, "device = 'cuda'", "no CUDA GPU")
+    assert not (tmp_path / "s").exists()

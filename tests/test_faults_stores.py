@@ -1,0 +1,279 @@
+"""Faults in a study's stores: a lost, replaced, torn, corrupt, half-built or locked store,
+or two designs under one name; each refused in one line or repaired, never rerun
+beside the old runs. Real stores in tmp dirs, tiny real-MNIST specs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import (
+    TINY,
+    cli,
+    copy_of,
+    one_line_error,
+    run_args,
+    runs,
+    stores,
+    trial_states,
+)
+from mlflow.tracking import MlflowClient
+
+from mnist_study.analysis.collect import collect
+from mnist_study.analysis.publish import write_report
+from mnist_study.analysis.report import summarize
+from mnist_study.errors import ConfigError
+from mnist_study.study.runner import run_study
+from mnist_study.study.spec import load_spec
+from mnist_study.study.worker import RunOptions
+
+
+def test_lost_optuna_storage_is_refused_not_rerun(finished, tmp_path):
+    spec, tracking, storage = copy_of(finished, tmp_path)
+    before = len(runs(tracking, "tiny")[1])
+    os.remove(storage)
+    done = cli(*run_args(spec, tracking, storage), process=False)
+    one_line_error(done, "Optuna storage", storage, "none of its trials", "restore", "new name")
+    assert len(runs(tracking, "tiny")[1]) == before
+    assert not Path(storage).exists()  # the refusal creates no empty storage
+
+
+def test_lost_mlflow_store_is_refused(finished, tmp_path):
+    spec, tracking, storage = copy_of(finished, tmp_path)
+    database = Path(tracking.removeprefix("sqlite:///"))
+    database.unlink()
+    for _ in range(2):  # the second attempt must not find a half-made store
+        done = cli(*run_args(spec, tracking, storage), process=False)
+        one_line_error(done, "MLflow runs are not in", "restore the MLflow store")
+        assert not database.exists()
+
+
+def test_replaced_optuna_storage_is_refused(finished, tmp_path, mnist_root):
+    """Another run's journal in place of this one's: the finished runs match no trial."""
+    spec, tracking, storage = copy_of(finished, tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "tiny.toml").write_text(TINY.replace("trials = 2", "trials = 1", 1))
+    other_tracking, other_storage = stores(other)
+    run_study(
+        load_spec(other / "tiny.toml"),
+        RunOptions(other_tracking, other_storage, str(mnist_root), log_models=False),
+    )
+    shutil.copy(other_storage, storage)
+    done = cli(*run_args(spec, tracking, storage), process=False)
+    one_line_error(done, "not in")
+
+
+def test_torn_journal_is_repaired_with_a_backup_and_resumes(finished, tmp_path):
+    spec, tracking, storage = copy_of(finished, tmp_path)
+    journal = Path(storage)
+    # Undo the last finished unit the way a crash mid-write leaves it: half a record.
+    lines = journal.read_bytes().splitlines(keepends=True)
+    last_tell = max(i for i, line in enumerate(lines) if b'"state":1' in line)
+    journal.write_bytes(b"".join(lines[:last_tell]) + lines[last_tell][:25])
+    done = cli(*run_args(spec, tracking, storage), process=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "last record was cut short" in done.stdout
+    backups = list(journal.parent.glob("optuna.journal.torn-*"))
+    assert len(backups) == 1 and backups[0].read_bytes().endswith(lines[last_tell][:25])
+    # The study is whole again and readable by any Optuna client.
+    assert journal.read_bytes().endswith(b"\n")
+    states = trial_states(storage, load_spec(spec))
+    assert all(s["COMPLETE"] + s["PRUNED"] == 2 for s in states.values())
+    assert sum(s["FAIL"] for s in states.values()) == 1  # the unit whose end was torn off
+
+
+def test_journal_corrupt_before_its_end_is_refused(finished, tmp_path):
+    spec, tracking, storage = copy_of(finished, tmp_path)
+    journal = Path(storage)
+    lines = journal.read_bytes().splitlines(keepends=True)
+    lines[3] = lines[3][:10] + lines[4]  # a torn record glued to the next one
+    journal.write_bytes(b"".join(lines))
+    one_line_error(
+        cli(*run_args(spec, tracking, storage), process=False), "record 4 is corrupt", storage
+    )
+
+
+def test_report_counts_one_run_per_seed_and_names_what_it_left_out(finished, tmp_path):
+    _, tracking, storage = copy_of(finished, tmp_path)
+    client, found = runs(tracking, "tiny")
+    final = next(r for r in found if r.data.tags["role"] == "final")
+    tags = {k: v for k, v in final.data.tags.items() if k != "mlflow.runName"}
+    for copied in (tags, {**tags, "seed": "7"}):  # a duplicate, an extra seed
+        copy = client.create_run(final.info.experiment_id, run_name="copy", tags=copied)
+        client.log_metric(copy.info.run_id, "accuracy/test", 0.5)
+        client.set_terminated(copy.info.run_id)
+    alone = summarize(collect(tracking, "tiny"))
+    assert list(alone.n) == [2, 2]
+    body = write_report(tracking, "tiny", tmp_path / "reports")
+    assert "duplicate final run(s) of seeds [" in body and "seeds [7] not in the spec" in body
+    crossed = write_report(tracking, "tiny", tmp_path / "reports", storage=storage)
+    assert "2 MLflow run(s) match no Optuna trial" in crossed
+    assert list(summarize(collect(tracking, "tiny", storage)).n) == [2, 2]
+
+
+def test_report_never_creates_a_store(tmp_path):
+    done = cli(
+        "report", "tiny", "--tracking-uri", f"sqlite:///{tmp_path}/typo/mlflow.db", process=False
+    )
+    one_line_error(done, "no MLflow store at")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("record", [b'{"hello": 1}', b'{"op_code": 99}', b"[1, 2, 3]"])
+def test_journal_lines_that_are_json_but_no_record_are_refused(finished, tmp_path, record):
+    spec, tracking, storage = copy_of(finished, tmp_path)
+    lines = Path(storage).read_bytes().splitlines(keepends=True)
+    Path(storage).write_bytes(b"".join(lines[:5] + [record + b"\n"] + lines[5:]))
+    done = cli(*run_args(spec, tracking, storage), process=False)
+    code, err = done.returncode, done.stderr
+    assert code == 2 and err.count("\n") == 1
+    assert f"{storage}: record 6 is corrupt" in err
+
+
+def test_a_stale_lock_from_a_relative_journal_path_is_refused_not_waited_on(finished, tmp_path):
+    """Optuna's lock is a symlink to the journal; made from a relative path it points
+    nowhere, and Optuna would retry forever. It is named in one line instead."""
+    spec, tracking, storage = copy_of(finished, tmp_path)
+    lock = Path(storage + ".lock")
+    os.symlink("copy/optuna.journal", lock)  # what a relative path left behind
+    done = cli(*run_args(spec, tracking, storage), process=False)
+    code, err = done.returncode, done.stderr
+    assert code == 2 and err.count("\n") == 1
+    assert f"{lock}: a stale lock" in err and "remove" in err
+
+
+@pytest.mark.slow
+def test_a_stale_lock_on_the_absolute_journal_path_is_broken(finished, tmp_path):
+    """Journals are opened by absolute path, so Optuna breaks a stale lock after its 30 s
+    grace period: a lock held by a process killed with SIGKILL delays, never hangs."""
+    spec, tracking, storage = copy_of(finished, tmp_path)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from optuna.storages.journal import JournalFileSymlinkLock\n"
+            "JournalFileSymlinkLock(sys.argv[1]).acquire(); print('held', flush=True)\n"
+            "time.sleep(600)",
+            str(Path(storage).resolve()),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline() == "held\n"
+    holder.kill()
+    holder.wait()
+    assert os.path.islink(storage + ".lock")
+    done = cli(*run_args(spec, tracking, storage), timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not os.path.lexists(storage + ".lock")
+
+
+def test_a_store_half_built_by_a_kill_is_refused_in_one_line(tmp_path):
+    """Killed while MLflow created its tables (as older versions could be): the store has
+    some tables and no schema version. Named, with what to do, before anything runs."""
+    import sqlalchemy
+    from mlflow.store.tracking.dbmodels.initial_models import Base
+
+    (tmp_path / "tiny.toml").write_text(TINY)
+    tracking, storage = stores(tmp_path)
+    Base.metadata.create_all(sqlalchemy.create_engine(tracking))  # tables, no migrations
+    for args in (
+        run_args(tmp_path / "tiny.toml", tracking, storage),
+        ["report", "tiny", "--tracking-uri", tracking],
+    ):
+        done = cli(*args, process=False)
+        code, err = done.returncode, done.stderr
+        assert code == 2 and err.count("\n") == 1, err
+        assert "unfinished MLflow store" in err and "holds no runs: remove it" in err
+    assert not Path(storage).exists()
+
+
+def test_a_new_store_is_built_aside_and_renamed_into_place(tmp_path):
+    """What a kill during a build leaves is a `.building` file, never a half-built store:
+    the next command builds afresh beside it."""
+    from helpers import new_experiment
+
+    tracking = stores(tmp_path)[0]
+    (tmp_path / "mlflow.db.building").write_bytes(b"SQLite format 3\x00 and then a kill")
+    experiment = new_experiment(tracking, "fresh")
+    assert not (tmp_path / "mlflow.db.building").exists()
+    assert MlflowClient(tracking).get_experiment(experiment).name == "fresh"
+
+
+def test_a_corrupt_store_is_refused_in_one_line(finished, tmp_path):
+    spec, tracking, storage = copy_of(finished, tmp_path)
+    database = Path(tracking.removeprefix("sqlite:///"))
+    data = bytearray(database.read_bytes())
+    data[200:4096] = b"\x5a" * (4096 - 200)  # the schema page
+    database.write_bytes(bytes(data))
+    for args in (
+        run_args(spec, tracking, storage),
+        ["report", "tiny", "--tracking-uri", tracking],
+    ):
+        done = cli(*args, process=False)
+        code, err = done.returncode, done.stderr
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"{database} is corrupt" in err and "restore it from a backup" in err
+
+
+def test_two_designs_under_one_name_cannot_both_pass_the_check(tmp_path, mnist_root):
+    """Started at once, both commands pass the preflight (nothing is recorded yet); the
+    spec is compared again where it is recorded, under the store's lock."""
+    from mnist_study.study.runner import preflight
+
+    first, second = tmp_path / "a" / "pair.toml", tmp_path / "b" / "pair.toml"
+    for path, text in (
+        (first, TINY),
+        (second, TINY.replace("trials = 2", "trials = 3", 1)),  # more seeds would extend it
+    ):
+        path.parent.mkdir()
+        path.write_text(text)
+    tracking, storage = stores(tmp_path)
+    opts = RunOptions(tracking, storage, str(mnist_root))
+    specs = load_spec(first), load_spec(second)
+    first_stores, second_stores = (preflight(spec, opts) for spec in specs)
+    first_stores.create()
+    with pytest.raises(ConfigError, match=r"changed since study 'pair' started"):
+        second_stores.create()
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_journal_deleted_or_replaced_mid_study_stops_the_worker(tmp_path, mnist_root, how):
+    from mnist_study.errors import StorageLost
+    from mnist_study.study.stores import StudyStores
+    from mnist_study.study.worker import Worker
+
+    (tmp_path / "tiny.toml").write_text(TINY)
+    spec = load_spec(tmp_path / "tiny.toml")
+    tracking, storage = stores(tmp_path)
+    opts = RunOptions(tracking, storage, str(mnist_root), quiet=True, log_models=False)
+    worker = Worker(spec, opts, StudyStores(spec, tracking, storage).create(), 0)
+    worker.next_unit()
+    if how == "deleted":
+        os.unlink(storage)
+    else:
+        shutil.copy(storage, storage + ".copy")
+        os.replace(storage + ".copy", storage)
+    with pytest.raises(StorageLost, match=f"the Optuna journal was {how}"):
+        worker.next_unit()
+
+
+def test_a_run_left_running_after_its_trial_ended_is_named_then_closed(finished, tmp_path):
+    spec, tracking, storage = copy_of(finished, tmp_path)
+    client, found = runs(tracking, "tiny")
+    final = next(r for r in found if r.data.tags["role"] == "final")
+    client.update_run(final.info.run_id, status="RUNNING")
+    body = write_report(tracking, "tiny", tmp_path / "reports", storage=storage)
+    assert "1 MLflow run(s) still RUNNING although their trial ended" in body
+    assert "none raised" not in body
+    done = cli(*run_args(spec, tracking, storage), process=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert client.get_run(final.info.run_id).info.status == "FINISHED"
+    body = write_report(tracking, "tiny", tmp_path / "reports", storage=storage)
+    assert "still RUNNING" not in body
