@@ -31,7 +31,12 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileSymlinkLock
 
 from mnist_study.analysis.publish import write_report
-from mnist_study.study.optuna_storage import SignalSafeJournal, optuna_storage, process_is_gone
+from mnist_study.study.optuna_storage import (
+    SignalSafeJournal,
+    optuna_storage,
+    process_is_gone,
+    set_system_attrs,
+)
 from mnist_study.study.runner import run_study
 from mnist_study.study.signals import Interrupted, stopping_on_signals
 from mnist_study.study.spec import load_spec
@@ -198,7 +203,7 @@ def test_a_worker_killed_between_claiming_and_recording_its_run(tmp_path, mnist_
     (no_run, _), (with_run, _) = worker.next_unit(), worker.next_unit()
     orphan = worker.create_run(with_run)[3]  # created; its id never reaches the trial
     for unit in (no_run, with_run):
-        unit.study._storage.set_trial_system_attr(unit.trial._trial_id, "pid", dead_pid())
+        set_system_attrs(unit.study, unit.trial, {"pid": dead_pid()})
 
     run_study(spec, opts)
 
@@ -248,16 +253,13 @@ def test_a_trial_of_another_host_is_waited_on_aloud_then_presumed_dead(tmp_path,
     opts = RunOptions(tracking, storage, str(mnist_root), quiet=True, log_models=False)
     worker = Worker(spec, opts, StudyStores(spec, tracking, storage).create(), 0)
     unit, _ = worker.next_unit()
-    storage_ = unit.study._storage
-    storage_.set_trial_system_attr(unit.trial._trial_id, "host", "old-container")
-    storage_.set_trial_system_attr(unit.trial._trial_id, "heartbeat", time.time() - 30)
+    set_system_attrs(unit.study, unit.trial, {"host": "old-container"})
+    set_system_attrs(unit.study, unit.trial, {"heartbeat": time.time() - 30})
     assert worker.next_unit()[0] is Idle.WAIT
     [line] = worker.scheduler.waiting_on
     assert f"waiting on tiny.baseline#{unit.trial.number}, run by pid" in line
     assert "host old-container, last seen 30 s ago" in line
-    storage_.set_trial_system_attr(
-        unit.trial._trial_id, "heartbeat", time.time() - STALE_AFTER_S - 1
-    )
+    set_system_attrs(unit.study, unit.trial, {"heartbeat": time.time() - STALE_AFTER_S - 1})
     again, _ = worker.next_unit()
     assert unit.study.trials[unit.trial.number].state.name == "FAIL"
     assert (again.slot, again.trial.params) == (unit.slot, unit.trial.params)
