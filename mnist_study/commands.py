@@ -107,7 +107,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from mnist_study.study.processes import cap_threads
     from mnist_study.study.runner import run_study
     from mnist_study.study.signals import Interrupted
-    from mnist_study.study.spec import load_spec
+    from mnist_study.study.spec_file import load_spec
     from mnist_study.study.worker import RunOptions
 
     spec = load_spec(args.spec)
@@ -188,7 +188,7 @@ def cmd_studies(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from mnist_study.analysis.publish import write_report
-    from mnist_study.study.spec import load_spec
+    from mnist_study.study.spec_file import load_spec
     from mnist_study.tracking.store import check_tracking_uri, find_experiment
 
     study = str(args.study)
@@ -218,7 +218,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     detect --effect with the spec's seeds."""
     from mnist_study.analysis.collect import collect
     from mnist_study.analysis.plan import plan_lines, size_facts, smallest_design
-    from mnist_study.study.spec import load_spec
+    from mnist_study.study.spec_file import load_spec
     from mnist_study.tracking.store import check_tracking_uri
 
     spec = load_spec(args.spec)

@@ -34,7 +34,7 @@ def smoke_original(tmp_path_factory, worker_id, mnist_root):
     the others wait for it. Tests read copies of it (smoke_study), never this."""
     from mnist_study.store_paths import file_lock
     from mnist_study.study.runner import run_study
-    from mnist_study.study.spec import load_spec
+    from mnist_study.study.spec_file import load_spec
     from mnist_study.study.worker import RunOptions
 
     shared = tmp_path_factory.getbasetemp()

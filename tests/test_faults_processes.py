@@ -39,7 +39,7 @@ from mnist_study.study.optuna_storage import (
 )
 from mnist_study.study.runner import run_study
 from mnist_study.study.signals import Interrupted, stopping_on_signals
-from mnist_study.study.spec import load_spec
+from mnist_study.study.spec_file import load_spec
 from mnist_study.study.stores import study_names
 from mnist_study.study.worker import RunOptions
 

@@ -28,7 +28,7 @@ from mnist_study.analysis.publish import write_report
 from mnist_study.analysis.report import summarize
 from mnist_study.errors import ConfigError
 from mnist_study.study.runner import run_study
-from mnist_study.study.spec import load_spec
+from mnist_study.study.spec_file import load_spec
 from mnist_study.study.worker import RunOptions
 
 

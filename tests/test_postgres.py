@@ -14,7 +14,7 @@ import tempfile
 import pytest
 from helpers import TINY, assert_budget_met_exactly, free_port, run_two_workers
 
-from mnist_study.study.spec import load_spec
+from mnist_study.study.spec_file import load_spec
 
 
 @pytest.fixture(scope="module")

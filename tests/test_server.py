@@ -17,7 +17,7 @@ import pytest
 from helpers import TINY, assert_budget_met_exactly, cli, free_port, run_two_workers
 
 from mnist_study.analysis.publish import write_report
-from mnist_study.study.spec import load_spec
+from mnist_study.study.spec_file import load_spec
 
 
 @pytest.fixture

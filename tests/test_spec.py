@@ -11,7 +11,7 @@ from helpers import REPO, TINY, cli
 from mnist_study.analysis.report import at_edge
 from mnist_study.errors import ConfigError, SpecError
 from mnist_study.study.scheduler import distributions, propose
-from mnist_study.study.spec import load_spec
+from mnist_study.study.spec_file import load_spec
 
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.toml"))
 STUDY_VARIANTS = [

@@ -9,7 +9,8 @@ import json
 from pathlib import Path
 
 from mnist_study.errors import ConfigError, SpecError
-from mnist_study.study.spec import StudySettings, StudySpec, design, parse_raw, parse_spec
+from mnist_study.study.spec import StudySettings, StudySpec, design, parse_raw
+from mnist_study.study.spec_file import parse_spec
 
 
 def spec_tag(spec: StudySpec) -> str:

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mnist_study.errors import SpecError
-from mnist_study.study.spec_file import parse_toml, read_spec_text, resolve_base
 from mnist_study.training.config import SEED_MAX, TrainConfig
 
 
@@ -170,16 +169,6 @@ MAX_SIZES = 20
 TOP_KEYS = {"name", "description", "study", "defaults", "variants"}  # and "base", resolved
 VARIANT_KEYS = {"description", "set", "search"}
 RANGE_KEYS = {"low", "high", "log"}
-
-
-def load_spec(path: Path | str) -> StudySpec:
-    """Read and validate a study file (and its base); any problem raises SpecError."""
-    return parse_spec(read_spec_text(Path(path)), Path(path))
-
-
-def parse_spec(text: str, path: Path) -> StudySpec:
-    """A spec from its TOML text; a `base` is read relative to `path`'s folder."""
-    return parse_raw(resolve_base(parse_toml(text, path), path, (path.resolve(),)), path)
 
 
 def parse_raw(raw: dict, path: Path) -> StudySpec:

@@ -1,4 +1,5 @@
-"""Reading a study file: bytes to TOML, with its `base` file merged in beneath it."""
+"""Reading a study file: bytes to TOML, with its `base` file merged in beneath it, then
+the spec validated from it (spec.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,17 @@ import tomllib
 from pathlib import Path
 
 from mnist_study.errors import SpecError
+from mnist_study.study.spec import StudySpec, parse_raw
+
+
+def load_spec(path: Path | str) -> StudySpec:
+    """Read and validate a study file (and its base); any problem raises SpecError."""
+    return parse_spec(read_spec_text(Path(path)), Path(path))
+
+
+def parse_spec(text: str, path: Path) -> StudySpec:
+    """A spec from its TOML text; a `base` is read relative to `path`'s folder."""
+    return parse_raw(resolve_base(parse_toml(text, path), path, (path.resolve(),)), path)
 
 
 def read_spec_text(path: Path) -> str:
