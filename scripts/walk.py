@@ -7,9 +7,11 @@ A stop is a function's first call (later calls are not new reading); properties 
 attributes and are left out. A function is on the walk when one of its arguments is the
 parsed command line, the spec or its parts, the run options, the stores and their
 classes, a unit, a config, the data, a tracker, a console, a path, or one of the
-command's store addresses as a string. A return is a stop in a file already left.
+command's store addresses as a string (`--narrow`: only the command line, the spec and
+its parts, the run options, the configurations made from them, paths and the
+addresses; not the objects that carry them). A return is a stop in a file already left.
 
-    .venv/bin/python scripts/walk.py [--list]
+    .venv/bin/python scripts/walk.py [--list] [--narrow]
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from mnist_study import cli
 from mnist_study.study.console import Console
 from mnist_study.study.optuna_storage import Database, JournalFile
 from mnist_study.study.scheduler import Scheduler, Unit
-from mnist_study.study.spec import StudySpec, Tuning, Variant
+from mnist_study.study.spec import StudySettings, StudySpec, Tuning, Variant
 from mnist_study.study.stores import StudyStores
 from mnist_study.study.worker import RunOptions, Worker
 from mnist_study.tracking.runs import Tracker
@@ -44,6 +46,8 @@ PACKAGE = str(Path(mnist_study.__file__).parent)
 PASSED = (argparse.Namespace, StudySpec, Tuning, Variant, RunOptions, StudyStores, Worker)
 PASSED += (Scheduler, Unit, JournalFile, Database, ExperimentStore, Tracker, Console)
 PASSED += (TrainConfig, Splits, Training, optuna.Study, optuna.Trial, PurePath)
+NARROW = (argparse.Namespace, StudySpec, StudySettings, Tuning, Variant, RunOptions, TrainConfig)
+NARROW += (PurePath,)
 
 
 def is_property(frame, code) -> bool:
@@ -56,7 +60,7 @@ def is_property(frame, code) -> bool:
     return False
 
 
-def walk(folder: Path, data_root: str) -> list[tuple[str, str]]:
+def walk(folder: Path, data_root: str, passed: tuple[type, ...]) -> list[tuple[str, str]]:
     spec = folder / "walk.toml"
     baseline = TINY.split("[variants.batchnorm]")[0]
     spec.write_text(baseline.replace("trials = 2", "trials = 1", 1).replace("[0, 1]", "[0]"))
@@ -73,7 +77,7 @@ def walk(folder: Path, data_root: str) -> list[tuple[str, str]]:
             return
         args = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
         values = [frame.f_locals.get(a) for a in args]
-        if any(isinstance(v, PASSED) or (isinstance(v, str) and v in addresses) for v in values):
+        if any(isinstance(v, passed) or (isinstance(v, str) and v in addresses) for v in values):
             seen.add(key)
             order.append(key)
 
@@ -91,9 +95,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--list", action="store_true", help="print the walk, file by file")
+    parser.add_argument("--narrow", action="store_true", help="follow the command's own values")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
-        order = walk(Path(folder), args.data_root)
+        order = walk(Path(folder), args.data_root, NARROW if args.narrow else PASSED)
     visited, returns, previous, lines = set(), 0, None, []
     for file, function in order:
         if file != previous:
