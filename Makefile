@@ -56,7 +56,7 @@ data: $(BIN)/.installed ## fetch and verify MNIST into data/MNIST/raw
 train: data ## train one configuration, e.g. make train ARGS="--batchnorm --epochs 3"
 	@$(BIN)/mnist-study --data-root $(DATA) train $(ARGS)
 
-test: data ## run the tests (CPU, 1.5 to 2.5 min on 2 cores; real MNIST and stores in tmp dirs), slow ones apart
+test: data ## run the tests (CPU, 1.5 to 3 min on 2 cores; real MNIST and stores in tmp dirs), slow ones apart
 	@$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_JOBS) --dist loadfile --durations=10 $(ARGS)
 
 test-slow: data ## the slow tests: determinism, killed workers and sweeps, signals, concurrent commands, PostgreSQL, mlflow server (7 to 12 min on 2 cores)
