@@ -77,11 +77,8 @@ class JournalFile:
         starts (a hang)."""
         return JournalStorage(SignalSafeJournal(str(self.path.resolve())))
 
-    @contextlib.contextmanager
-    def claim_lock(self) -> Iterator[None]:
-        # Not "<journal>.lock": JournalFileBackend uses that name for its own lock.
-        with file_lock(self.path.with_name(self.path.name + ".claim.lock")):
-            yield
+    def claim_lock(self) -> contextlib.AbstractContextManager[None]:
+        return claim_file_lock(self.path)
 
     def identity(self) -> tuple[int, int] | None:
         """(device, inode) of the file; None while it is missing."""
@@ -128,7 +125,7 @@ class Database:
     @contextlib.contextmanager
     def claim_lock(self) -> Iterator[None]:
         if self.file is not None:
-            with file_lock(self.file.with_name(self.file.name + ".claim.lock")):
+            with claim_file_lock(self.file):
                 yield
             return
         import sqlalchemy
@@ -148,6 +145,12 @@ class Database:
 
     def check_same(self, opened: None) -> None:
         pass
+
+
+def claim_file_lock(store: Path) -> contextlib.AbstractContextManager[None]:
+    """The claim lock of a storage in a local file: an flock beside it (not
+    "<journal>.lock", which JournalFileBackend uses for its own lock)."""
+    return file_lock(store.with_name(store.name + ".claim.lock"))
 
 
 class SignalSafeJournal(JournalFileBackend):
@@ -242,7 +245,7 @@ STALE_AFTER_S = 300
 
 
 def worker_id() -> dict[str, object]:
-    return {"host": socket.gethostname(), "pid": psutil.Process().pid}
+    return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
 def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
@@ -320,5 +323,5 @@ def death_reason(trial: FrozenTrial) -> str:
 def fail_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> None:
     """End another process's trial as FAIL with its reason (a user attribute, which
     Optuna's API sets only through the live Trial of the process that asked for it)."""
-    study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
-    study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    study._storage.set_trial_user_attr(trial_id(trial), "fail_reason", reason)
+    study._storage.set_trial_state_values(trial_id(trial), TrialState.FAIL)

@@ -34,11 +34,11 @@ def preflight(spec: StudySpec, opts: RunOptions) -> StudyStores:
 
 def run_study(spec: StudySpec, opts: RunOptions) -> None:
     """Check inputs and stores, create the studies, then run the workers until done."""
-    experiment_id = preflight(spec, opts).create()
+    stores = preflight(spec, opts)
+    experiment_id = stores.create()
     if opts.workers == 1:
         Worker(spec, opts, experiment_id, 0).loop()
         return
-    stores = StudyStores(spec, opts.tracking_uri, opts.storage)
     stores.attach(experiment_id)
 
     def reap() -> None:  # a dead worker's trial, failed at once (any process may do it)

@@ -105,12 +105,13 @@ class StudyStores:
         experiment's id."""
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         if not self.optuna.exists():  # refuse before creating an empty one
-            self.agree(OptunaSide(0, {}))
+            self.agree(OptunaSide(0, {}), self.mirrored_runs())
         storage = self.optuna.open()
         # Under the claim lock: a second command started at once waits, then sees the
         # first's studies as existing ones (and never races MLflow's table creation).
         with self.optuna.claim_lock():
-            self.agree(optuna_side(storage, self.spec))
+            side, runs = optuna_side(storage, self.spec), self.mirrored_runs()
+            self.agree(side, runs)
             with experiment_store(self.tracking_uri) as store:
                 # Compared again where the spec is recorded: two commands started at
                 # once with different designs under one name both passed check().
@@ -123,7 +124,7 @@ class StudyStores:
                     extension,
                 )
             self.tracker = Tracker(self.tracking_uri, experiment_id)
-            self.reconcile(storage)
+            self.reconcile(side, runs)
             for tuning in self.spec.tunings:
                 for name, (metric, role) in zip(
                     study_names(self.spec, tuning), study_roles(tuning), strict=True
@@ -138,11 +139,14 @@ class StudyStores:
                         study.set_user_attr("role", role)
         return experiment_id
 
-    def agree(self, side: OptunaSide) -> None:
-        """Raise StoresDisagree (one line: which store, what to do) unless both records
-        hold the same study, or neither holds it yet."""
+    def mirrored_runs(self) -> dict[str, str]:
+        """run id -> status of the study's tuning and final runs in MLflow (none yet: {})."""
         found = find_experiment(self.tracking_uri, self.spec.name)
-        runs = unit_runs(self.tracking_uri, found.experiment_id) if found else {}
+        return unit_runs(self.tracking_uri, found.experiment_id) if found else {}
+
+    def agree(self, side: OptunaSide, runs: dict[str, str]) -> None:
+        """Raise StoresDisagree (one line: which store, what to do) unless both records
+        (Optuna's `side`, MLflow's `runs`) hold the same study, or neither holds it yet."""
         url, where = self.optuna.url, self.tracking_uri
         name = repr(self.spec.name)
         fresh = f'or set a new name = "..." at the top of {self.spec.path} to start a new study'
@@ -169,13 +173,12 @@ class StudyStores:
                 f"it?); restore the matching storage, {fresh}"
             )
 
-    def reconcile(self, storage: optuna.storages.BaseStorage) -> None:
+    def reconcile(self, side: OptunaSide, runs: dict[str, str]) -> None:
         """On resume, close every run left RUNNING whose trial has ended, as its trial
         ended. A FAIL trial's run is KILLED; a COMPLETE or PRUNED one's is FINISHED, since
-        its metrics were logged before the trial was told (call under the claim lock)."""
+        its metrics were logged before the trial was told (call under the claim lock,
+        with both records as agree() saw them)."""
         by_state = {"COMPLETE": Outcome.COMPLETE, "PRUNED": Outcome.PRUNED}
-        side = optuna_side(storage, self.spec)
-        runs = unit_runs(self.tracking_uri, self.tracker.experiment_id)
         for run_id in open_runs_of_ended_trials(side, runs):
             outcome = by_state.get(side.states[run_id], Outcome.WORKER_DIED)
             reason = "" if outcome in by_state.values() else "left RUNNING after its trial failed"

@@ -4,6 +4,8 @@ which records need it; nothing else in the package knows the old forms.
 
 from __future__ import annotations
 
+import functools
+
 import pandas as pd
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
@@ -20,10 +22,15 @@ def recorded_spec_text(tags: dict[str, str]) -> str | None:
     return value.rpartition("\n")[2] if value else tags.get(NOTE_TAG)
 
 
+@functools.cache  # a report reads every final run's curves: one client, not one a call
+def client_of(tracking_uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri)
+
+
 def metric_history(tracking_uri: str, run_id: str, name: str) -> list[Metric]:
     """A metric's history under its MLflow name, or the short name that runs recorded
     before the names were grouped."""
-    client = MlflowClient(tracking_uri)
+    client = client_of(tracking_uri)
     return client.get_metric_history(run_id, METRIC_NAMES.get(name, name)) or (
         client.get_metric_history(run_id, name) if name in METRIC_NAMES else []
     )
