@@ -19,11 +19,12 @@ DEFAULT_DATA_ROOT = Path("data")
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field, typed and documented from the config itself."""
-    hints, docs, defaults = typing.get_type_hints(TrainConfig), field_docs(), TrainConfig()
+    docs, defaults = field_docs(), TrainConfig()
     group = parser.add_argument_group(
         "configuration (defaults from mnist_study/training/config.py)"
     )
-    for name, hint in hints.items():
+    for name, field in TrainConfig.model_fields.items():
+        hint = field.annotation
         flag = "--" + name.replace("_", "-")
         default = getattr(defaults, name)
         help_text = f"{docs.get(name, '')} (default: {default})"

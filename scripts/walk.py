@@ -30,7 +30,7 @@ from mnist_study import cli
 from mnist_study.study.console import Console
 from mnist_study.study.optuna_storage import Database, JournalFile
 from mnist_study.study.scheduler import Scheduler, Unit
-from mnist_study.study.spec import StudySettings, StudySpec, Tuning, Variant
+from mnist_study.study.spec import Cell, StudySettings, StudySpec, Tuning, Variant
 from mnist_study.study.stores import StudyStores
 from mnist_study.study.worker import RunOptions, Worker
 from mnist_study.tracking.runs import Tracker
@@ -43,10 +43,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import TINY  # noqa: E402
 
 PACKAGE = str(Path(mnist_study.__file__).parent)
-PASSED = (argparse.Namespace, StudySpec, Tuning, Variant, RunOptions, StudyStores, Worker)
+PASSED = (argparse.Namespace, StudySpec, Tuning, Variant, Cell, RunOptions, StudyStores, Worker)
 PASSED += (Scheduler, Unit, JournalFile, Database, ExperimentStore, Tracker, Console)
 PASSED += (TrainConfig, Splits, Training, optuna.Study, optuna.Trial, PurePath)
-NARROW = (argparse.Namespace, StudySpec, StudySettings, Tuning, Variant, RunOptions, TrainConfig)
+NARROW = (
+    argparse.Namespace,
+    StudySpec,
+    StudySettings,
+    Tuning,
+    Variant,
+    Cell,
+    RunOptions,
+    TrainConfig,
+)
 NARROW += (PurePath,)
 
 

@@ -148,8 +148,8 @@ def shrink(spec: StudySpec, **overrides: object) -> StudySpec:
     if spec.defaults.steps:
         small |= {"steps": 20, "evals": 2}
     sizes = spec.settings.train_sizes[:2]
-    settings = dataclasses.replace(
-        spec.settings, trials=1, seeds=(0,), train_sizes=sizes, tunings=1
+    settings = spec.settings.model_copy(
+        update=dict(trials=1, seeds=(0,), train_sizes=sizes, tunings=1)
     )
     return dataclasses.replace(
         spec, settings=settings, defaults=spec.defaults.replace("shrink", **small, **overrides)

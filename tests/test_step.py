@@ -4,7 +4,6 @@ warm-up before a CUDA graph capture undone exactly."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -70,7 +69,7 @@ def plain_affine(xb, rng, cfg):
     ],
 )
 def test_static_step_gives_the_same_parameters_as_the_plain_step(small_splits, change):
-    cfg = dataclasses.replace(CFG, **change)
+    cfg = CFG.replace(**change)
     x, y = small_splits.train_x, small_splits.train_y
     steps = 40  # 2.5 passes of 1,000 images: includes a short last batch of 40 images
     results = []
@@ -113,7 +112,7 @@ def test_a_nan_mid_pass_is_caught_with_its_step_and_pass(small_splits):
 def test_warm_up_before_capture_is_undone_exactly(small_splits, optimizer):
     """What capture() does before recording, on the CPU: some steps, then restore in
     place (optimizer state first made by them back to a fresh optimizer's)."""
-    cfg = dataclasses.replace(CFG, optimizer=optimizer, lr=0.01, batchnorm=True)
+    cfg = CFG.replace(optimizer=optimizer, lr=0.01, batchnorm=True)
     x, y = small_splits.train_x, small_splits.train_y
     params = []
     for warm in (False, True):
@@ -158,7 +157,7 @@ def test_a_pass_drawn_at_once_is_the_same_as_batch_by_batch():
 def test_augmentation_stopped_mid_pass_resumes_with_the_same_draws(small_splits):
     """A pass's augmentation is drawn at its start: training in pieces that end mid-pass
     (evaluations, `steps`) must give what one go gives."""
-    cfg = dataclasses.replace(CFG, augment=True)
+    cfg = CFG.replace(augment=True)
     x, y = small_splits.train_x, small_splits.train_y
     params = []
     for pieces in ([40], [7, 13, 20]):

@@ -78,7 +78,7 @@ def collect(
         stage = f"the first {tunings} of its {spec.settings.tunings} tunings per cell"
         runs = runs[runs.tuning < tunings]
         spec = dataclasses.replace(
-            spec, settings=dataclasses.replace(spec.settings, tunings=tunings)
+            spec, settings=spec.settings.model_copy(update={"tunings": tunings})
         )
     finals = runs[runs["tags.role"] == Role.FINAL]
     rows = []

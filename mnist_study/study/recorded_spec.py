@@ -96,7 +96,7 @@ def refuse_changed_study(spec: StudySpec, recorded_text: str | None, where: str)
 def extended(old: StudySettings, new: StudySettings) -> str | None:
     """'study.tunings 3 -> 8' (and/or the seeds added) where `new` only raises the
     tunings of a study tuned several times or adds final seeds; else None."""
-    same = dataclasses.replace(new, tunings=old.tunings, seeds=old.seeds) == old
+    same = new.model_copy(update={"tunings": old.tunings, "seeds": old.seeds}) == old
     grows = new.tunings >= old.tunings and set(new.seeds) >= set(old.seeds)
     if not same or not grows or new == old or (old.tunings == 1 < new.tunings):
         return None

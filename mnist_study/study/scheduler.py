@@ -20,9 +20,10 @@ import optuna
 from optuna.trial import TrialState
 
 from mnist_study.study.optuna_storage import claim_trial, waiting_line
-from mnist_study.study.spec import StudySpec, Tuning, Variant
+from mnist_study.study.spec import Cell, StudySpec, Tuning
 from mnist_study.study.stores import DONE, StudyStores, best_trial
 from mnist_study.tracking.names import Role
+from mnist_study.training.config import TrainConfig
 
 TAKEN = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
@@ -39,7 +40,7 @@ class Unit:
     seed: int | None = None
 
     @property
-    def cell(self) -> Variant:
+    def cell(self) -> Cell:
         return self.tuning.cell
 
 
@@ -137,10 +138,10 @@ class FixedPoint(optuna.samplers.BaseSampler):
         return self.params[param_name]
 
 
-def distributions(cell: Variant) -> dict[str, optuna.distributions.BaseDistribution]:
+def distributions(cell: Cell) -> dict[str, optuna.distributions.BaseDistribution]:
     out = {}
     for key, r in cell.search.items():
-        if r.integer:
+        if TrainConfig.model_fields[key].annotation is int:
             out[key] = optuna.distributions.IntDistribution(int(r.low), int(r.high), log=r.log)
         else:
             out[key] = optuna.distributions.FloatDistribution(r.low, r.high, log=r.log)

@@ -23,23 +23,130 @@ search.lr = { low = 1e-4, high = 1e-2, log = true }  # nuisance hyperparameters
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, model_validator
+
 from mnist_study.errors import SpecError
-from mnist_study.training.config import SEED_MAX, TrainConfig
+from mnist_study.training.config import SCHEMA, SEED_MAX, TrainConfig, validated
+
+MAX_SEEDS = 1000
+MAX_SIZES = 20
 
 
-@dataclass(frozen=True)
-class SearchRange:
+def distinct(what: str, kind: type, sort: bool = False) -> BeforeValidator:
+    """A TOML list of distinct values of one kind, as a tuple."""
+
+    def check(value: object) -> tuple:
+        ok = (
+            isinstance(value, list | tuple)
+            and value
+            and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
+        )
+        if not ok or len(set(value)) != len(value):
+            raise ValueError(f"must be a non-empty list of distinct {what}")
+        return tuple(sorted(value) if sort else value)
+
+    return BeforeValidator(check)
+
+
+def seeds_in_range(seeds: tuple[int, ...]) -> tuple[int, ...]:
+    if len(seeds) > MAX_SEEDS or not all(0 <= s <= SEED_MAX for s in seeds):
+        raise ValueError(f"at most {MAX_SEEDS} seeds, each in [0, {SEED_MAX}]")
+    return seeds
+
+
+def few_sizes(sizes: tuple[int, ...]) -> tuple[int, ...]:
+    if len(sizes) > MAX_SIZES:
+        raise ValueError(f"at most {MAX_SIZES} sizes")
+    return sizes
+
+
+def study_name(name: str) -> str:
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise ValueError("must be letters, digits, '-' or '_'")
+    return name
+
+
+class StudySettings(BaseModel):
+    """The [study] table: how the study is run."""
+
+    model_config = SCHEMA
+
+    trials: int = Field(8, ge=1, le=10_000)
+    """Optuna trials per variant (COMPLETE + PRUNED); crashed trials are redone."""
+    seeds: typing.Annotated[
+        tuple[int, ...], distinct("integers", int), AfterValidator(seeds_in_range)
+    ] = (0, 1, 2)
+    """Seeds of the final runs, which alone are evaluated on the test set."""
+    sampler_seed: int = Field(0, ge=0, le=SEED_MAX)
+    """Seed of tuning 0's TPE sampler (tuning r: sampler_seed + r). The k-th trial of a
+    tuning is proposed from (that seed, k) and the tuning's first k-1 trials alone, so
+    proposals never depend on workers, timing or resumes."""
+    tunings: int = Field(1, ge=1, le=100)
+    """Independent tunings per cell, each with its own sampler seed and its own final
+    seeds: the report's intervals then carry the luck of tuning, not only of seeds."""
+    startup_trials: int = Field(4, ge=0, le=10_000)
+    """Random trials before TPE models the space; also the pruner's startup."""
+    pruner: typing.Literal["median", "none"] = "median"
+    """Median pruning on validation accuracy, within a cell's own study only."""
+    train_sizes: typing.Annotated[
+        tuple[int, ...], distinct("integers", int, sort=True), AfterValidator(few_sizes)
+    ] = ()
+    """Training-set sizes to sweep: each (variant, size) is tuned and run on its own."""
+    variants: typing.Annotated[tuple[str, ...], distinct("variant names", str)] = ()
+    """The variants to run, of those defined (empty: all): a follow-up study on a base
+    file runs only the comparisons it was declared for."""
+
+
+class SpecTables(BaseModel):
+    """A study file's top level, its base merged in."""
+
+    model_config = SCHEMA
+
+    name: typing.Annotated[str, AfterValidator(study_name)] = ""
+    """The study's name in both stores (default: the file's name)."""
+    description: str = ""
+    study: dict = {}
+    defaults: dict = {}
+    variants: dict[str, dict] = {}
+
+
+class VariantTable(BaseModel):
+    model_config = SCHEMA
+
+    description: str = ""
+    set: dict = {}
+    """The scientific change: TrainConfig fields."""
+    search: dict[str, dict] = {}
+    """Nuisance hyperparameters Optuna tunes for this variant."""
+
+
+class SearchRange(BaseModel):
+    """One nuisance hyperparameter's range: `{ low = L, high = H, log = true }`."""
+
+    model_config = SCHEMA
+
     low: float
+    """The lowest value tried: write { low = L, high = H }."""
     high: float
+    """The highest value tried: write { low = L, high = H }."""
     log: bool = False
-    integer: bool = False
+
+    @model_validator(mode="after")
+    def _an_interval(self) -> SearchRange:
+        low, high = self.low, self.high
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError(f"low {low} and high {high} must be finite numbers")
+        if not low < high:
+            raise ValueError(f"low {low} must be below high {high}")
+        if self.log and low <= 0:
+            raise ValueError(f"log scale needs low > 0, got {low}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -50,20 +157,44 @@ class Variant:
     search: dict[str, SearchRange]
     """Nuisance hyperparameters Optuna tunes for this variant."""
     description: str = ""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A variant at one training-set size: the unit of tuning, with its own tunings and
+    final seeds. Without a sweep a study's cells are its variants (train_size None)."""
+
+    variant: Variant
     train_size: int | None = None
-    """In a sweep, the training-set size of this cell (None: no sweep)."""
+
+    @property
+    def name(self) -> str:
+        return self.variant.name
 
     @property
     def key(self) -> str:
         """The cell's name in both stores: `dropout`, or `dropout.n300` in a sweep."""
         return self.name if self.train_size is None else f"{self.name}.n{self.train_size}"
 
+    @property
+    def changes(self) -> dict[str, object]:
+        sized = {} if self.train_size is None else {"train_size": self.train_size}
+        return self.variant.changes | sized
+
+    @property
+    def search(self) -> dict[str, SearchRange]:
+        return self.variant.search
+
+    @property
+    def description(self) -> str:
+        return self.variant.description
+
 
 @dataclass(frozen=True)
 class Tuning:
     """One tuning of a cell: its own Optuna study, sampler seed and final seeds."""
 
-    cell: Variant
+    cell: Cell
     index: int
     sampler_seed: int
     replicated: bool
@@ -73,30 +204,6 @@ class Tuning:
     def key(self) -> str:
         """`dropout.n300`, or `dropout.n300/t1` for the second of several tunings."""
         return f"{self.cell.key}/t{self.index}" if self.replicated else self.cell.key
-
-
-@dataclass(frozen=True)
-class StudySettings:
-    trials: int = 8
-    """Optuna trials per variant (COMPLETE + PRUNED); crashed trials are redone."""
-    seeds: tuple[int, ...] = (0, 1, 2)
-    """Seeds of the final runs, which alone are evaluated on the test set."""
-    sampler_seed: int = 0
-    """Seed of tuning 0's TPE sampler (tuning r: sampler_seed + r). The k-th trial of a
-    tuning is proposed from (that seed, k) and the tuning's first k-1 trials alone, so
-    proposals never depend on workers, timing or resumes."""
-    tunings: int = 1
-    """Independent tunings per cell, each with its own sampler seed and its own final
-    seeds: the report's intervals then carry the luck of tuning, not only of seeds."""
-    startup_trials: int = 4
-    """Random trials before TPE models the space; also the pruner's startup."""
-    pruner: typing.Literal["median", "none"] = "median"
-    """Median pruning on validation accuracy, within a cell's own study only."""
-    train_sizes: tuple[int, ...] = ()
-    """Training-set sizes to sweep: each (variant, size) is tuned and run on its own."""
-    variants: tuple[str, ...] = ()
-    """The variants to run, of those defined (empty: all): a follow-up study on a base
-    file runs only the comparisons it was declared for."""
 
 
 @dataclass(frozen=True)
@@ -115,16 +222,11 @@ class StudySpec:
         return self.settings.train_sizes or (self.defaults.train_size,)
 
     @property
-    def cells(self) -> tuple[Variant, ...]:
+    def cells(self) -> tuple[Cell, ...]:
         """The units of tuning: each variant, or in a sweep each (size, variant), the
         smallest size first (its comparisons are the ones the sweep is for)."""
-        if not self.settings.train_sizes:
-            return self.variants
-        return tuple(
-            dataclasses.replace(v, changes={**v.changes, "train_size": n}, train_size=n)
-            for n in self.settings.train_sizes
-            for v in self.variants
-        )
+        sizes = self.settings.train_sizes or (None,)
+        return tuple(Cell(v, n) for n in sizes for v in self.variants)
 
     @property
     def tunings(self) -> tuple[Tuning, ...]:
@@ -143,7 +245,7 @@ class StudySpec:
             self.resolved | {"defaults": design(self.defaults)}, separators=(",", ":")
         )
 
-    def config_for(self, variant: Variant, params: dict[str, object]) -> TrainConfig:
+    def config_for(self, variant: Variant | Cell, params: dict[str, object]) -> TrainConfig:
         return self.defaults.replace(
             f"{self.path}: variants.{variant.name}", **variant.changes, **params
         )
@@ -157,38 +259,20 @@ def design(cfg: TrainConfig) -> dict[str, object]:
     return {k: v for k, v in cfg.as_params().items() if k not in EXECUTION_FIELDS}
 
 
-SETTING_RANGES = {
-    "trials": (1, 10_000),
-    "startup_trials": (0, 10_000),
-    "sampler_seed": (0, SEED_MAX),
-    "tunings": (1, 100),
-}
-MAX_SEEDS = 1000
-MAX_SIZES = 20
-
-TOP_KEYS = {"name", "description", "study", "defaults", "variants"}  # and "base", resolved
-VARIANT_KEYS = {"description", "set", "search"}
-RANGE_KEYS = {"low", "high", "log"}
-
-
 def parse_raw(raw: dict, path: Path) -> StudySpec:
     where = str(path)
-    unknown(raw, TOP_KEYS, where, "")
-    name = raw.get("name", path.stem)
-    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
-        raise SpecError(f"{where}: name = {name!r}; must be letters, digits, '-' or '_'")
-    settings = parse_settings(raw.get("study", {}), where)
-    defaults_table = table(raw.get("defaults", {}), where, "defaults")
-    defaults = TrainConfig().replace(f"{where}: defaults", **defaults_table)
-    variants_table = table(raw.get("variants", {}), where, "variants")
-    if not variants_table:
+    top = validated(SpecTables, where, raw)
+    name = top.name or path.stem
+    settings = validated(StudySettings, where, top.study, "study.")
+    defaults = TrainConfig().replace(f"{where}: defaults", **top.defaults)
+    if not top.variants:
         raise SpecError(f"{where}: variants: none defined; add at least one [variants.NAME]")
+    check_selection(settings.variants, top.variants, where)
     variants = tuple(
         parse_variant(vname, body, defaults, where)
-        for vname, body in variants_table.items()
-        if vname in (settings.variants or variants_table)
+        for vname, body in top.variants.items()
+        if vname in (settings.variants or top.variants)
     )
-    check_selection(settings.variants, variants_table, where)
     check_sweep(settings, defaults, variants, where)
     return StudySpec(name, path, settings, defaults, variants, raw | {"name": name})
 
@@ -210,11 +294,7 @@ def check_sweep(
     settings: StudySettings, defaults: TrainConfig, variants: tuple[Variant, ...], where: str
 ) -> None:
     """Each size must make a valid run, and no variant may fix or tune the swept size."""
-    if not settings.train_sizes:
-        return
-    if len(settings.train_sizes) > MAX_SIZES:
-        raise SpecError(f"{where}: study.train_sizes: at most {MAX_SIZES} sizes")
-    for v in variants:
+    for v in variants if settings.train_sizes else ():
         if "train_size" in v.changes or "train_size" in v.search:
             raise SpecError(
                 f"{where}: variants.{v.name}: sets train_size, which study.train_sizes "
@@ -224,117 +304,34 @@ def check_sweep(
             defaults.replace(f"{where}: study.train_sizes", **v.changes, train_size=n)
 
 
-def table(value: object, where: str, key: str) -> dict:
-    if not isinstance(value, dict):
-        raise SpecError(f"{where}: {key} must be a table, got {type(value).__name__}")
-    return value
-
-
-def unknown(raw: dict, allowed: set[str], where: str, prefix: str) -> None:
-    for key in raw:
-        if key not in allowed:
-            raise SpecError(
-                f"{where}: unknown key '{prefix}{key}'; allowed: {', '.join(sorted(allowed))}"
-            )
-
-
-def parse_settings(raw: object, where: str) -> StudySettings:
-    raw = table(raw, where, "study")
-    hints = typing.get_type_hints(StudySettings)
-    unknown(raw, set(hints), where, "study.")
-    values = {}
-    for key, value in raw.items():
-        if key in ("seeds", "train_sizes", "variants"):
-            item, what = (str, "variant names") if key == "variants" else (int, "integers")
-            ok = (
-                isinstance(value, list)
-                and value
-                and all(isinstance(s, item) and not isinstance(s, bool) for s in value)
-            )
-            if not ok or len(set(value)) != len(value):
-                raise SpecError(
-                    f"{where}: study.{key} = {value!r}; must be a non-empty list of distinct {what}"
-                )
-            values[key] = tuple(sorted(value)) if key == "train_sizes" else tuple(value)
-            continue
-        hint = hints[key]
-        if typing.get_origin(hint) is typing.Literal:
-            if value not in typing.get_args(hint):
-                raise SpecError(
-                    f"{where}: study.{key} = {value!r}; must be one of "
-                    f"{', '.join(map(repr, typing.get_args(hint)))}"
-                )
-        elif not isinstance(value, int) or isinstance(value, bool):
-            raise SpecError(f"{where}: study.{key} = {value!r}; must be an integer")
-        values[key] = value
-    settings = StudySettings(**values)
-    for key, (low, high) in SETTING_RANGES.items():
-        value = getattr(settings, key)
-        if not low <= value <= high:
-            raise SpecError(f"{where}: study.{key} = {value}; must be in [{low}, {high}]")
-    bad_seeds = [s for s in settings.seeds if not 0 <= s <= SEED_MAX]
-    if bad_seeds or len(settings.seeds) > MAX_SEEDS:
-        raise SpecError(
-            f"{where}: study.seeds = {list(settings.seeds)!r}; at most {MAX_SEEDS} seeds, "
-            f"each in [0, {SEED_MAX}]"
-        )
-    return settings
-
-
-def parse_variant(name: str, body: object, defaults: TrainConfig, where: str) -> Variant:
+def parse_variant(name: str, body: dict, defaults: TrainConfig, where: str) -> Variant:
     at = f"variants.{name}"
     if not name.replace("_", "").isalnum():
         raise SpecError(f"{where}: {at}: variant names are letters, digits and '_'")
-    body = table(body, where, at)
-    unknown(body, VARIANT_KEYS, where, f"{at}.")
-    changes = table(body.get("set", {}), where, f"{at}.set")
+    table = validated(VariantTable, where, body, f"{at}.")
     # Validates every key and type of the variant's changes against TrainConfig.
-    cfg = defaults.replace(f"{where}: {at}.set", **changes)
+    cfg = defaults.replace(f"{where}: {at}.set", **table.set)
+    fields = TrainConfig.model_fields
+    numeric = sorted(k for k, f in fields.items() if f.annotation in (float, int))
     search = {}
-    hints = typing.get_type_hints(TrainConfig)
-    for key, spec in table(body.get("search", {}), where, f"{at}.search").items():
+    for key, spec in table.search.items():
         key_at = f"{at}.search.{key}"
-        if hints.get(key) not in (float, int):
-            numeric = sorted(k for k, h in hints.items() if h in (float, int))
+        if key not in numeric:
             raise SpecError(
                 f"{where}: {key_at}: not a numeric config field; searchable: {', '.join(numeric)}"
             )
-        if key in changes:
+        if key in table.set:
             raise SpecError(f"{where}: {key_at}: also fixed in {at}.set; choose one")
-        spec = table(spec, where, key_at)
-        unknown(spec, RANGE_KEYS, where, f"{key_at}.")
-        search[key] = parse_range(spec, hints[key] is int, where, key_at)
-        # Both ends must make a valid config (e.g. dropout < 1).
-        for end in (search[key].low, search[key].high):
-            cfg.replace(f"{where}: {key_at}", **{key: end})
+        search[key] = validated(SearchRange, where, spec, f"{key_at}.")
+        for end in ("low", "high"):
+            # An integer field is searched over integers; both ends must make a valid
+            # config (e.g. dropout < 1).
+            if fields[key].annotation is int and type(spec[end]) is not int:
+                raise SpecError(f"{where}: {key_at}.{end} = {spec[end]!r}; must be an integer")
+            cfg.replace(f"{where}: {key_at}", **{key: spec[end]})
     if not search:
         raise SpecError(
             f"{where}: {at}.search: empty; tune at least lr "
             f"(e.g. search.lr = {{ low = 1e-4, high = 1e-2, log = true }})"
         )
-    return Variant(name, dict(changes), search, str(body.get("description", "")))
-
-
-def parse_range(spec: dict, integer: bool, where: str, at: str) -> SearchRange:
-    for end in ("low", "high"):
-        if end not in spec:
-            raise SpecError(f"{where}: {at}: missing {end!r}; write {{ low = L, high = H }}")
-        value = spec[end]
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or (integer and not isinstance(value, int))
-        ):
-            kind = "an integer" if integer else "a number"
-            raise SpecError(f"{where}: {at}.{end} = {value!r}; must be {kind}")
-    log = spec.get("log", False)
-    if not isinstance(log, bool):
-        raise SpecError(f"{where}: {at}.log = {log!r}; must be true or false")
-    low, high = spec["low"], spec["high"]
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise SpecError(f"{where}: {at}: low {low} and high {high} must be finite numbers")
-    if not low < high:
-        raise SpecError(f"{where}: {at}: low {low} must be below high {high}")
-    if log and low <= 0:
-        raise SpecError(f"{where}: {at}: log scale needs low > 0, got {low}")
-    return SearchRange(low, high, log, integer)
+    return Variant(name, dict(table.set), search, table.description)

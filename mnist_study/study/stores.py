@@ -26,7 +26,7 @@ from mnist_study.study.optuna_storage import (
     set_system_attrs,
 )
 from mnist_study.study.recorded_spec import experiment_description, refuse_changed_study, spec_tag
-from mnist_study.study.spec import StudySpec, Tuning, Variant
+from mnist_study.study.spec import Cell, StudySpec, Tuning
 from mnist_study.tracking.legacy import recorded_spec_text
 from mnist_study.tracking.names import METRIC_NAMES
 from mnist_study.tracking.outcome import Outcome
@@ -236,7 +236,7 @@ class StudyStores:
             done += len(seeds & set(s.seeds))
         return done, len(self.spec.tunings) * (s.trials + len(s.seeds))
 
-    def parent_run(self, cell: Variant, command: str) -> str:
+    def parent_run(self, cell: Cell, command: str) -> str:
         """The cell's parent run, created before its first unit (under the claim lock, or
         two processes may both create it) with the cell's data and source."""
         cfg = self.spec.config_for(cell, {})
