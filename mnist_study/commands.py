@@ -22,7 +22,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from mnist_study.training.mnist_files import fetch, raw_dir
+    from mnist_study.training.mnist_data import fetch, raw_dir
 
     source = fetch(args.data_root)
     print(f"MNIST ready in {raw_dir(args.data_root)} ({source}; checksums verified)")
@@ -30,7 +30,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mnist_study.training.splits import load_splits
+    from mnist_study.training.mnist_data import load_splits
     from mnist_study.training.train import check_device
 
     base = config_from_args(args)
@@ -105,10 +105,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from mnist_study.errors import StudyIncomplete, WorkerRefused
     from mnist_study.study.optuna_storage import optuna_storage
     from mnist_study.study.processes import cap_threads
-    from mnist_study.study.runner import run_study
+    from mnist_study.study.runner import RunOptions, run_study
     from mnist_study.study.signals import Interrupted
     from mnist_study.study.spec_file import load_spec
-    from mnist_study.study.worker import RunOptions
 
     spec = load_spec(args.spec)
     optuna_storage(args.storage)  # refuses an unsupported address

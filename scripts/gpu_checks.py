@@ -20,7 +20,7 @@ import torch
 from mnist_study.errors import Diverged
 from mnist_study.training.bench import ours_images_per_second
 from mnist_study.training.config import TrainConfig
-from mnist_study.training.splits import load_splits
+from mnist_study.training.mnist_data import load_splits
 from mnist_study.training.train import train
 
 # One setting per variant of experiments/ablations.toml, at a typical tuned point.

@@ -29,14 +29,14 @@ import mnist_study
 from mnist_study import cli
 from mnist_study.study.console import Console
 from mnist_study.study.optuna_storage import Database, JournalFile
+from mnist_study.study.runner import RunOptions, Worker
 from mnist_study.study.scheduler import Scheduler, Unit
 from mnist_study.study.spec import Cell, StudySettings, StudySpec, Tuning, Variant
 from mnist_study.study.stores import StudyStores
-from mnist_study.study.worker import RunOptions, Worker
 from mnist_study.tracking.runs import Tracker
 from mnist_study.tracking.store import ExperimentStore
 from mnist_study.training.config import TrainConfig
-from mnist_study.training.splits import Splits
+from mnist_study.training.mnist_data import Splits
 from mnist_study.training.train import Training
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -75,14 +75,16 @@ def walk(folder: Path, data_root: str, passed: tuple[type, ...]) -> list[tuple[s
     spec.write_text(baseline.replace("trials = 2", "trials = 1", 1).replace("[0, 1]", "[0]"))
     tracking, storage = f"sqlite:///{folder}/mlflow.db", str(folder / "optuna.journal")
     addresses = {tracking, storage, data_root, str(spec)}
-    seen, order = set(), []
+    seen, order, started = set(), [], []  # counted from cmd_run on, not the parser's
 
     def profile(frame, event, arg) -> None:
         code = frame.f_code
         if event != "call" or not code.co_filename.startswith(PACKAGE):
             return
         key = (os.path.relpath(code.co_filename, PACKAGE), code.co_qualname)
-        if key in seen or is_property(frame, code):
+        if code.co_qualname == "cmd_run":
+            started.append(True)
+        if not started or key in seen or is_property(frame, code):
             return
         args = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
         values = [frame.f_locals.get(a) for a in args]

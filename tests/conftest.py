@@ -12,7 +12,7 @@ DATA_ROOT = REPO / "data"
 
 @pytest.fixture(scope="session")
 def mnist_root() -> Path:
-    from mnist_study.training.mnist_files import fetch
+    from mnist_study.training.mnist_data import fetch
 
     fetch(DATA_ROOT)
     return DATA_ROOT
@@ -22,7 +22,7 @@ def mnist_root() -> Path:
 def small_splits(mnist_root):
     """Real MNIST, shrunk: 1,000 training images, 500 validation."""
     from mnist_study.training.config import TrainConfig
-    from mnist_study.training.splits import load_splits
+    from mnist_study.training.mnist_data import load_splits
 
     return load_splits(mnist_root, TrainConfig(train_size=1000, val_size=500, train_eval_size=500))
 
@@ -33,9 +33,8 @@ def smoke_original(tmp_path_factory, worker_id, mnist_root):
     pytest-xdist (make test runs 2 processes) the first process to need it runs it and
     the others wait for it. Tests read copies of it (smoke_study), never this."""
     from mnist_study.store_paths import file_lock
-    from mnist_study.study.runner import run_study
+    from mnist_study.study.runner import RunOptions, run_study
     from mnist_study.study.spec_file import load_spec
-    from mnist_study.study.worker import RunOptions
 
     shared = tmp_path_factory.getbasetemp()
     if worker_id != "master":  # each process has its own basetemp under the session's

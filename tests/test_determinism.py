@@ -14,11 +14,10 @@ from helpers import REPO, assert_budget_met_exactly, cli, command, stores
 
 from mnist_study.analysis.publish import write_report
 from mnist_study.study.optuna_storage import optuna_storage
-from mnist_study.study.runner import run_study
+from mnist_study.study.runner import RunOptions, run_study
 from mnist_study.study.scheduler import propose
 from mnist_study.study.spec_file import load_spec, parse_spec
 from mnist_study.study.stores import study_names
-from mnist_study.study.worker import RunOptions
 
 # 2 sizes x 3 variants x 2 tunings: 12 tunings of 3 trials and 2 seeds, 10 steps of 16
 # images a run.

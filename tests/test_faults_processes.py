@@ -37,11 +37,10 @@ from mnist_study.study.optuna_storage import (
     process_is_gone,
     set_system_attrs,
 )
-from mnist_study.study.runner import run_study
+from mnist_study.study.runner import RunOptions, run_study
 from mnist_study.study.signals import Interrupted, stopping_on_signals
 from mnist_study.study.spec_file import load_spec
 from mnist_study.study.stores import study_names
-from mnist_study.study.worker import RunOptions
 
 
 @pytest.mark.slow
@@ -191,8 +190,8 @@ def test_a_worker_killed_between_claiming_and_recording_its_run(tmp_path, mnist_
     creating the run but before recording its id on the trial. On resume both trials are
     FAIL and redone; the run found by its tags is linked and KILLED, none stays RUNNING;
     the report names the trial with no run."""
+    from mnist_study.study.runner import Worker
     from mnist_study.study.stores import StudyStores
-    from mnist_study.study.worker import Worker
 
     path = tmp_path / "tiny.toml"
     path.write_text(TINY)
@@ -243,9 +242,9 @@ def test_a_trial_of_another_host_is_waited_on_aloud_then_presumed_dead(tmp_path,
     pid: it says whose trial it waits on, and takes the trial back once it is silent for
     STALE_AFTER_S (minutes), proposing the same point again."""
     from mnist_study.study.optuna_storage import STALE_AFTER_S
+    from mnist_study.study.runner import Worker
     from mnist_study.study.scheduler import Idle
     from mnist_study.study.stores import StudyStores
-    from mnist_study.study.worker import Worker
 
     (tmp_path / "tiny.toml").write_text(TINY.split("[variants.batchnorm]")[0])  # baseline
     spec = load_spec(tmp_path / "tiny.toml")

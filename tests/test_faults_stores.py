@@ -27,9 +27,8 @@ from mnist_study.analysis.collect import collect
 from mnist_study.analysis.publish import write_report
 from mnist_study.analysis.report import summarize
 from mnist_study.errors import ConfigError
-from mnist_study.study.runner import run_study
+from mnist_study.study.runner import RunOptions, run_study
 from mnist_study.study.spec_file import load_spec
-from mnist_study.study.worker import RunOptions
 
 
 def test_lost_optuna_storage_is_refused_not_rerun(finished, tmp_path):
@@ -246,8 +245,8 @@ def test_two_designs_under_one_name_cannot_both_pass_the_check(tmp_path, mnist_r
 @pytest.mark.parametrize("how", ["deleted", "replaced"])
 def test_a_journal_deleted_or_replaced_mid_study_stops_the_worker(tmp_path, mnist_root, how):
     from mnist_study.errors import StorageLost
+    from mnist_study.study.runner import Worker
     from mnist_study.study.stores import StudyStores
-    from mnist_study.study.worker import Worker
 
     (tmp_path / "tiny.toml").write_text(TINY)
     spec = load_spec(tmp_path / "tiny.toml")

@@ -10,7 +10,7 @@ import pytest
 from helpers import cli
 
 from mnist_study.errors import DataError
-from mnist_study.training.mnist_files import (
+from mnist_study.training.mnist_data import (
     check_file,
     ensure_files,
     idx_bytes,
@@ -114,7 +114,7 @@ def test_check_file_missing(tmp_path):
 
 
 def test_cli_refuses_corrupt_dataset_before_training(tmp_path):
-    from mnist_study.training.mnist_files import MNIST_FILES
+    from mnist_study.training.mnist_data import MNIST_FILES
 
     for name in MNIST_FILES:
         write_atomic(raw_dir(tmp_path) / name, b"not mnist")

@@ -7,7 +7,8 @@ from torch import nn
 
 from mnist_study.training.augment import apply_affine, draw_affine
 from mnist_study.training.config import TrainConfig
-from mnist_study.training.model import SeedCNN, build_model, count_parameters
+from mnist_study.training.model import SeedCNN, count_parameters
+from mnist_study.training.train import build_model
 
 
 def kinds(model: nn.Module) -> list[type]:

@@ -27,10 +27,9 @@ from mlflow.tracking import MlflowClient
 from mnist_study.analysis.publish import write_report
 from mnist_study.store_paths import file_lock
 from mnist_study.study.optuna_storage import optuna_storage
-from mnist_study.study.runner import run_study
+from mnist_study.study.runner import RunOptions, run_study
 from mnist_study.study.spec_file import load_spec
 from mnist_study.study.stores import study_names
-from mnist_study.study.worker import RunOptions
 from mnist_study.tracking.legacy import recorded_spec_text
 from mnist_study.tracking.runs import Tracker
 from mnist_study.tracking.store import ExperimentStore, creation_lock, find_experiment, sqlite_file

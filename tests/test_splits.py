@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from mnist_study.training.config import TrainConfig
-from mnist_study.training.splits import make_splits, stratified_split
+from mnist_study.training.mnist_data import make_splits, stratified_split
 
 
 def test_stratified_split_exact_size_and_class_shares():
@@ -37,7 +37,7 @@ def fake_arrays(n_train=600, n_test=100):
 
 
 def test_real_split_sizes_and_disjointness(mnist_root):
-    from mnist_study.training.splits import load_splits
+    from mnist_study.training.mnist_data import load_splits
 
     s = load_splits(mnist_root, TrainConfig())
     assert (len(s.train_x), len(s.val_x), len(s.test_x)) == (55_000, 5_000, 10_000)
@@ -73,7 +73,7 @@ def test_normalizing_by_table_equals_the_formula_for_every_pixel_value():
     import numpy as np
     import torch
 
-    from mnist_study.training.splits import MEAN, STD, to_tensor
+    from mnist_study.training.mnist_data import MEAN, STD, to_tensor
 
     pixels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
     formula = (torch.from_numpy(pixels.astype(np.float32) / 255.0).unsqueeze(1) - MEAN) / STD

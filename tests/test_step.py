@@ -13,9 +13,8 @@ import torch.nn.functional as F
 from mnist_study.errors import Diverged
 from mnist_study.training.augment import draw_affine
 from mnist_study.training.config import TrainConfig
-from mnist_study.training.model import build_model
 from mnist_study.training.step import SavedState, StaticStep, Stepper
-from mnist_study.training.train import batch_order, make_optimizer
+from mnist_study.training.train import batch_order, build_model, make_optimizer
 
 CFG = TrainConfig(train_size=1000, val_size=500, train_eval_size=500, threads=1)
 

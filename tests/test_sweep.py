@@ -20,10 +20,9 @@ from mnist_study.analysis.report import summarize, verdict
 from mnist_study.analysis.sweep import at_size, val_loss_turn
 from mnist_study.errors import ConfigError, SpecError
 from mnist_study.study.optuna_storage import optuna_storage
-from mnist_study.study.runner import run_study
+from mnist_study.study.runner import RunOptions, run_study
 from mnist_study.study.spec_file import load_spec, parse_spec
 from mnist_study.study.stores import study_names
-from mnist_study.study.worker import RunOptions
 
 SWEEP = """
 name = "sweep"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mnist_study.analysis.significance import paired_tost
 from mnist_study.training.config import TrainConfig
-from mnist_study.training.splits import load_splits
+from mnist_study.training.mnist_data import load_splits
 from mnist_study.training.train import evaluate_test, train
 
 

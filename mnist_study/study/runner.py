@@ -1,22 +1,70 @@
-"""Run a study: tune every variant with Optuna, then train its best settings with N seeds.
-
-Workers (worker.py) claim units of work under a lock, so several workers, or several
-commands, share the budget exactly. Nothing is claimed before every input is checked
-and the two stores (Optuna's record, MLflow's mirror) are shown to agree.
-"""
+"""Run a study: every input and both stores checked (preflight), the studies created,
+then workers (this process, or one process each) claim units of work under a lock until
+none is left, so several workers, or several commands, share the budget exactly. A
+worker runs each unit's whole life (Worker.run_unit), read top to bottom like Optuna's
+own `_run_trial`: link, train, report each point, prune, tell, end."""
 
 from __future__ import annotations
 
+import os
+import shlex
 import sys
+import time
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import TrialState
 
 from mnist_study.errors import StorageLost, StudyIncomplete
+from mnist_study.store_paths import store_flags
+from mnist_study.study.console import Console
+from mnist_study.study.optuna_storage import mark_alive, set_system_attrs
 from mnist_study.study.processes import REFUSED, run_workers
-from mnist_study.study.signals import Interrupted
+from mnist_study.study.scheduler import Idle, Scheduler, Unit, proposal_seed
+from mnist_study.study.signals import (
+    Interrupted,
+    signals_deferred,
+    stop_if_signalled,
+    stopping_on_signals,
+)
 from mnist_study.study.spec import StudySpec
-from mnist_study.study.stores import StudyStores
-from mnist_study.study.worker import RunOptions, Worker
-from mnist_study.training.splits import load_splits
-from mnist_study.training.train import check_device
+from mnist_study.study.stores import StudyStores, best_trial
+from mnist_study.tracking.names import Role
+from mnist_study.tracking.outcome import Outcome
+from mnist_study.training.mnist_data import load_splits
+from mnist_study.training.train import Training, check_device, evaluate_test, point_line
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    tracking_uri: str
+    storage: str
+    data_root: str
+    workers: int = 1
+    threads: int = 0
+    """Threads per run (0: the spec's, else 1). Never derived from the worker count:
+    runs with other thread counts round differently, and results must not depend on
+    how many workers ran them."""
+    quiet: bool = False
+    log_models: bool = True
+
+    def store_args(self) -> list[str]:
+        """The flags that name these stores, where they are not the defaults."""
+        return store_flags(self.tracking_uri, self.storage)
+
+    def command(self, spec_path) -> str:
+        """The command that runs this study into these stores (a run's source tag)."""
+        return shlex.join(
+            [
+                "mnist-study",
+                "run",
+                str(spec_path),
+                *self.store_args(),
+                "--workers",
+                str(self.workers),
+            ]
+            + (["--threads", str(self.threads)] if self.threads else [])
+        )
 
 
 def preflight(spec: StudySpec, opts: RunOptions) -> StudyStores:
@@ -62,3 +110,151 @@ def worker_main(spec, opts, experiment_id, index, parent_pid) -> None:
     except StorageLost as exc:  # one line, and the command stops (exit code 2)
         print(f"mnist-study: error: {exc}", file=sys.stderr, flush=True)
         sys.exit(REFUSED)
+
+
+class Worker:
+    """Runs the units it claims until none is left, one at a time."""
+
+    def __init__(
+        self,
+        spec: StudySpec,
+        opts: RunOptions,
+        experiment_id: str,
+        index: int,
+        parent_pid: int | None = None,
+    ):
+        self.spec, self.opts, self.index, self.parent_pid = spec, opts, index, parent_pid
+        self.stores = StudyStores(spec, opts.tracking_uri, opts.storage)
+        self.stores.attach(experiment_id)
+        self.scheduler = Scheduler(spec, self.stores, index)
+        self.console = Console(index, opts.workers, opts.quiet)
+        self.closed: set[str] = set()  # cells whose parent run this worker saw closed
+        self.parents: dict[str, str] = {}  # cell -> its MLflow parent run
+
+    def loop(self) -> None:
+        with stopping_on_signals():
+            while True:
+                stop_if_signalled()
+                unit, finished = self.next_unit()
+                for line in finished:
+                    self.console.say(line, force=True)
+                if unit is Idle.DONE:
+                    break
+                if unit is Idle.WAIT:  # others run the trial the next unit depends on
+                    self.console.waiting(self.scheduler.waiting_on)
+                    time.sleep(1)
+                    continue
+                self.run_unit(unit)
+        self.console.say(f"worker {self.index}: nothing left to do", force=True)
+
+    def next_unit(self) -> tuple[Unit | Idle, list[str]]:
+        """The next unit (or WAIT, DONE) and a line for each cell it found finished."""
+        with self.stores.claim_lock():
+            self.stores.reap()
+            finished = self.stores.close_finished_cells(self.closed)
+            unit = self.scheduler.claim()
+            if isinstance(unit, Unit) and unit.cell.key not in self.parents:
+                command = self.opts.command(self.spec.path)
+                self.parents[unit.cell.key] = self.stores.parent_run(unit.cell, command)
+            return unit, finished
+
+    def run_unit(self, unit: Unit) -> None:
+        """A unit's whole life: its point and configuration, its MLflow run linked to its
+        trial, trained with a heartbeat, a line and the pruner at each evaluation point,
+        the test set on a final seed, then the trial told its outcome, before the run is
+        closed: Optuna's record is written before MLflow's mirror, so a crash between
+        them leaves a run the next resume closes, never a run closed for an open trial."""
+        study, trial, tracker = unit.study, unit.trial, self.stores.tracker
+        final = unit.role == Role.FINAL
+        run_id = None
+        try:
+            # A signal between the run's creation and its link would leave a killed run
+            # that its FAIL trial does not name: it is raised once both are written.
+            with signals_deferred():
+                name, params, cfg, run_id = self.create_run(unit)
+                set_system_attrs(study, trial, {"mlflow_run_id": run_id})
+            shown = ", ".join(
+                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+            )
+            progress = self.console.progress(*self.stores.progress())
+            self.console.say(f"{progress} {name}: {shown}", force=True)
+            splits = load_splits(self.opts.data_root, cfg)
+            training = Training(cfg, splits)
+            for point, metrics in training:
+                tracker.log_metrics(run_id, metrics, step=point)
+                mark_alive(study, trial)
+                self.console.say("  " + point_line(cfg, point, training.last, metrics))
+                stop_if_signalled()
+                if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                    raise Interrupted("parent process died")
+                if not final:
+                    trial.report(metrics["val_acc"], point)
+                    # At the last point the work is done: keep it as a complete trial.
+                    if point < training.last and trial.should_prune():
+                        raise optuna.TrialPruned(f"median pruner at {cfg.axis} {point}")
+            result = dict(training.history[-1])
+            if final:
+                test = evaluate_test(training.model, splits, cfg)
+                tracker.log_metrics(run_id, test, step=training.last)
+                result |= test
+                if self.opts.log_models:
+                    tracker.log_model(run_id, training.model)
+        except BaseException as exc:  # pruned, diverged, Ctrl-C, a killed parent, a bug
+            outcome = Outcome.of(exc)
+            pruned = outcome.trial_state == TrialState.PRUNED
+            trial.set_user_attr("prune_reason" if pruned else "fail_reason", outcome.reason(exc))
+            study.tell(trial, state=outcome.trial_state)
+            if run_id is None:  # stopped before the run was linked: found by its tags
+                run_id = tracker.trial_run(study.study_name, trial.number)
+            if run_id is not None:
+                tracker.end(run_id, outcome, outcome.reason(exc))
+            if not pruned:
+                raise
+            self.console.say(f"    pruned: {outcome.reason(exc)}", force=True)
+            return
+        if final:
+            trial.set_user_attr("test_acc", result["test_acc"])
+        study.tell(trial, result["val_acc"])
+        tracker.end(run_id, Outcome.COMPLETE)
+        if final:
+            self.console.say(f"    test acc {result['test_acc']:.4f}", force=True)
+
+    def create_run(self, unit: Unit) -> tuple[str, dict, object, str]:
+        """The unit's MLflow run, tagged with its Optuna trial (which is how the reaper
+        finds it if the worker dies before the run's id is on the trial): (name, params,
+        config, run id)."""
+        name, params, extra = self.point(unit)
+        cfg = self.spec.config_for(unit.cell, params)
+        cfg = cfg.replace(threads=self.opts.threads or cfg.threads or 1)
+        tags = {
+            "variant": unit.cell.name,
+            "cell": unit.cell.key,
+            "train_size": cfg.train_size,
+            "role": unit.role,
+            "optuna_study": unit.study.study_name,
+            "optuna_trial": unit.trial.number,
+            "optuna_state": "RUNNING",
+            "workers": self.opts.workers,
+            **extra,
+        }
+        run_id = self.stores.tracker.create_run(
+            name,
+            cfg,
+            tags,
+            unit.role == Role.FINAL,
+            self.opts.command(self.spec.path),
+            parent_id=self.parents[unit.cell.key],
+        )
+        return name, params, cfg, run_id
+
+    def point(self, unit: Unit) -> tuple[str, dict, dict]:
+        """(run name, params, tags) of a unit: a tuning trial's proposed point, or the
+        tuning's best point with a final seed."""
+        tuning = unit.tuning
+        extra = {"tuning": tuning.index, "sampler_seed": tuning.sampler_seed}
+        if unit.role == Role.TUNE:
+            extra |= {"slot": unit.slot, "proposal_seed": proposal_seed(tuning, unit.slot)}
+            return f"{tuning.key}/trial-{unit.slot}", dict(unit.trial.params), extra
+        best = best_trial(self.stores.tune[tuning.key])
+        extra |= {"seed": unit.seed, "tuned_by_trial": best.user_attrs.get("slot")}
+        return f"{tuning.key}/seed-{unit.seed}", dict(best.params, seed=unit.seed), extra

@@ -25,8 +25,8 @@ from mnist_study.study.optuna_storage import (
     optuna_storage,
     set_system_attrs,
 )
-from mnist_study.study.recorded_spec import experiment_description, refuse_changed_study, spec_tag
 from mnist_study.study.spec import Cell, StudySpec, Tuning
+from mnist_study.study.spec_file import experiment_description, refuse_changed_study, spec_tag
 from mnist_study.tracking.legacy import recorded_spec_text
 from mnist_study.tracking.names import METRIC_NAMES
 from mnist_study.tracking.outcome import Outcome

@@ -30,7 +30,7 @@ from mnist_study.tracking.names import METRIC_NAMES, NOTE_TAG, PARENT_TAG, Role
 from mnist_study.tracking.outcome import Outcome
 from mnist_study.training.config import MNIST_TEST_IMAGES, TrainConfig
 from mnist_study.training.machine import cpu_model
-from mnist_study.training.mnist_files import checksums
+from mnist_study.training.mnist_data import checksums
 from mnist_study.training.train import resolve_device
 
 

@@ -1,6 +1,6 @@
 """`mnist-study train`'s run: a line per evaluation point, mirrored to an MLflow run when
 one is given (`--mlflow`), the test set evaluated with `--test`, the run ended with its
-outcome. A study's units have their own life (study/worker.py), which adds Optuna's."""
+outcome. A study's units have their own life (study/runner.py), which adds Optuna's."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from mnist_study.tracking.outcome import Outcome
 from mnist_study.tracking.runs import Tracker
 from mnist_study.training.config import TrainConfig
-from mnist_study.training.splits import Splits
+from mnist_study.training.mnist_data import Splits
 from mnist_study.training.train import Training, evaluate_test, point_line
 
 

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 
 from mnist_study.training.config import TrainConfig
 from mnist_study.training.machine import cpu_model, usable_cores
-from mnist_study.training.model import SeedCNN, build_model, train_flops_per_image
-from mnist_study.training.splits import MEAN, STD, load_splits
+from mnist_study.training.mnist_data import MEAN, STD, load_splits
+from mnist_study.training.model import SeedCNN, train_flops_per_image
 from mnist_study.training.step import Stepper
-from mnist_study.training.train import batch_order, keep_freed_memory, make_optimizer
+from mnist_study.training.train import batch_order, build_model, keep_freed_memory, make_optimizer
 
 WARMUP_STEPS = 20
 

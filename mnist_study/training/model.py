@@ -1,10 +1,9 @@
-"""The seed's CNN and the switches that build each ablation variant."""
+"""The seed's CNN and the switches that build each ablation variant (train.build_model
+sets them from the config)."""
 
 from __future__ import annotations
 
 from torch import nn
-
-from mnist_study.training.config import TrainConfig
 
 
 def conv_block(c_in: int, c_out: int, convs: int, batchnorm: bool) -> nn.Sequential:
@@ -54,10 +53,6 @@ class SeedCNN(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.features(x))
-
-
-def build_model(cfg: TrainConfig) -> SeedCNN:
-    return SeedCNN(cfg.batchnorm, cfg.dropout, cfg.convs_per_block)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -20,8 +20,8 @@ from torch import nn
 
 from mnist_study.errors import ConfigError
 from mnist_study.training.config import TrainConfig
-from mnist_study.training.model import build_model
-from mnist_study.training.splits import Splits
+from mnist_study.training.mnist_data import Splits
+from mnist_study.training.model import SeedCNN
 from mnist_study.training.step import Stepper, autocast
 
 # Larger eval batches thrash a CPU's cache (conv1 activations of 2048 images are
@@ -56,6 +56,10 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(cfg.device)
+
+
+def build_model(cfg: TrainConfig) -> SeedCNN:
+    return SeedCNN(cfg.batchnorm, cfg.dropout, cfg.convs_per_block)
 
 
 def make_optimizer(
