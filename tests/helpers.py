@@ -183,11 +183,11 @@ def copy_stores(source: Path, target: Path) -> Path:
 # One variant, trials long enough (seconds) to be killed mid-way.
 SLOW = """
 [study]
-trials = 3
+trials = 2
 seeds = [0]
 startup_trials = 1
 [defaults]
-epochs = 3
+epochs = 2
 train_size = 2000
 val_size = 200
 train_eval_size = 200

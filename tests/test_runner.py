@@ -201,7 +201,7 @@ KILL_SPEC = """
 trials = 2
 seeds = [0]
 [defaults]
-epochs = 4
+epochs = 2
 train_size = 2000
 val_size = 200
 train_eval_size = 200
@@ -227,7 +227,7 @@ def test_interrupted_mid_trial_then_resumed(tmp_path, sig):
         stderr=subprocess.DEVNULL,
         cwd=REPO,
     )
-    # Wait until a trial is mid-way: RUNNING with one of its 4 epochs reported.
+    # Wait until a trial is mid-way: RUNNING with one of its 2 epochs reported.
     deadline = time.time() + 120
     killed_trial = opened = None
     while killed_trial is None and time.time() < deadline:

@@ -6,7 +6,7 @@ own `_run_trial`: link, train, report each point, prune, tell, end."""
 
 from __future__ import annotations
 
-import os
+import multiprocessing
 import shlex
 import sys
 import time
@@ -102,9 +102,9 @@ def run_study(spec: StudySpec, opts: RunOptions) -> None:
         )
 
 
-def worker_main(spec, opts, experiment_id, index, parent_pid) -> None:
+def worker_main(spec, opts, experiment_id, index) -> None:
     try:
-        Worker(spec, opts, experiment_id, index, parent_pid).loop()
+        Worker(spec, opts, experiment_id, index).loop()
     except Interrupted as exc:  # its trial is already recorded; no traceback
         sys.exit(exc.exit_code)
     except StorageLost as exc:  # one line, and the command stops (exit code 2)
@@ -121,9 +121,10 @@ class Worker:
         opts: RunOptions,
         experiment_id: str,
         index: int,
-        parent_pid: int | None = None,
     ):
-        self.spec, self.opts, self.index, self.parent_pid = spec, opts, index, parent_pid
+        self.spec, self.opts, self.index = spec, opts, index
+        # The command that started this worker process (None: this is the command).
+        self.command_process = multiprocessing.parent_process()
         self.stores = StudyStores(spec, opts.tracking_uri, opts.storage)
         self.stores.attach(experiment_id)
         self.scheduler = Scheduler(spec, self.stores, index)
@@ -185,7 +186,7 @@ class Worker:
                 mark_alive(study, trial)
                 self.console.say("  " + point_line(cfg, point, training.last, metrics))
                 stop_if_signalled()
-                if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                if self.command_process and not self.command_process.is_alive():
                     raise Interrupted("parent process died")
                 if not final:
                     trial.report(metrics["val_acc"], point)
