@@ -140,14 +140,14 @@ def run_two_workers(spec: Path, tracking_uri: str, storage: str, **kwargs):
 def shrink(spec: StudySpec, **overrides: object) -> StudySpec:
     """The same study at a toy size: tiny data (500 test images) in batches of 16, 1 epoch
     (or 20 steps, 2 evaluations), 1 trial, 1 seed, one tuning (test_determinism runs
-    several), and of a sweep its two smallest sizes."""
+    several), and of a sweep its smallest size (test_sweep runs sweeps of two)."""
     small = dict(
         epochs=1, train_size=256, val_size=200, train_eval_size=200, test_size=500, threads=1
     )
     small["batch_size"] = 16
     if spec.defaults.steps:
         small |= {"steps": 20, "evals": 2}
-    sizes = spec.settings.train_sizes[:2]
+    sizes = spec.settings.train_sizes[:1]
     settings = spec.settings.model_copy(
         update=dict(trials=1, seeds=(0,), train_sizes=sizes, tunings=1)
     )
