@@ -143,7 +143,7 @@ class Worker:
                     break
                 if unit is Idle.WAIT:  # others run the trial the next unit depends on
                     self.console.waiting(self.scheduler.waiting_on)
-                    time.sleep(1)
+                    time.sleep(0.5)  # a unit can take about a second at small sizes
                     continue
                 self.run_unit(unit)
         self.console.say(f"worker {self.index}: nothing left to do", force=True)
