@@ -13,9 +13,9 @@ DATA := data
 ARGS ?=
 WORKERS ?= auto
 # Test processes (pytest-xdist): one per core of a CI machine; the slow tests spend part
-# of their time waiting on signals, servers and locks, so two more keep the cores busy.
+# of their time waiting on signals, servers and locks, so one more keeps the cores busy.
 TEST_JOBS ?= 2
-SLOW_TEST_JOBS ?= 4
+SLOW_TEST_JOBS ?= 3
 # The tests' stores (real SQLite files and Optuna journals) on a RAM disk where there is
 # one: both sync to disk at every commit, ~4 ms a sync on this machine's disk, and the
 # tests commit thousands of times. TEST_TMP= keeps them in the usual temporary folder.
