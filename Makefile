@@ -64,7 +64,7 @@ train: data ## train one configuration, e.g. make train ARGS="--batchnorm --epoc
 test: data ## run the tests (CPU, 1.5 to 3 min on 2 cores; real MNIST and stores in tmp dirs), slow ones apart
 	@$(PYTEST) -q -m "not slow" -n $(TEST_JOBS) --dist loadfile --durations=10 $(ARGS)
 
-test-slow: data ## the slow tests: determinism, killed workers and sweeps, signals, concurrent commands, PostgreSQL, mlflow server (7 to 12 min on 2 cores)
+test-slow: data ## the slow tests: determinism, killed workers and sweeps, signals, concurrent commands, PostgreSQL, mlflow server (about 10 min on 2 cores)
 	@$(PYTEST) -q -m slow -n $(SLOW_TEST_JOBS) --dist load --durations=10 $(ARGS)
 
 lint: $(BIN)/.installed ## ruff (lint, formatting) and import-linter (imports go down: cli, analysis, study, tracking, training; MLflow in tracking alone; no circles)
