@@ -1,5 +1,8 @@
 """The `mnist-study` command line: its arguments (the training flags built from the typed
-config) and the dispatch to commands.py; an error meant for the user is one line, exit 2."""
+config) and the dispatch to commands.py. The one error boundary of every command: an
+error meant for the user, a failure of the environment (a file system, a database or a
+server that refuses) or a training that diverged is one line, exit 2, and the traceback
+only with --debug; any other exception is a bug of ours and keeps its traceback."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import typing
 from pathlib import Path
 
 from mnist_study import commands
-from mnist_study.errors import ConfigError, DataError
+from mnist_study.errors import ConfigError, DataError, Diverged
 from mnist_study.store_paths import DEFAULT_STORAGE, DEFAULT_TRACKING_URI
 from mnist_study.training.config import TrainConfig, field_docs
 
@@ -61,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mnist-study",
         description="What actually stops a small CNN from overfitting MNIST? Train one "
         "configuration, run a tuned and seeded study of the variants, report it.",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=bool(os.environ.get("MNIST_STUDY_DEBUG")),
+        help="show the traceback of a failure instead of its one line (also: MNIST_STUDY_DEBUG=1)",
     )
     parser.add_argument(
         "--data-root",
@@ -200,9 +209,35 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError) as exc:
-        print(f"mnist-study: error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        line = environment_error(exc)
+        if line is None or args.debug:
+            raise
+        if len(line) > MESSAGE_CAP:
+            line = line[: MESSAGE_CAP - 1] + "…"
+        print(f"mnist-study: error: {line}", file=sys.stderr)
         return 2
+
+
+MESSAGE_CAP = 500  # characters: a refusal is read at a glance, whatever its value holds
+# The libraries through which the environment fails (a store, a server, a database);
+# matched by module so that `--help` imports none of them.
+OUTSIDE = ("mlflow.", "sqlalchemy.", "psycopg", "requests.", "urllib3.", "optuna.")
+
+
+def environment_error(exc: BaseException) -> str | None:
+    """The one line for a failure that is the user's input or environment, else None."""
+    if isinstance(exc, ConfigError | DataError):
+        return str(exc)
+    if isinstance(exc, Diverged):
+        return f"training diverged: {exc}; lower --lr (or the regularizer's strength)"
+    if isinstance(exc, OSError) and not type(exc).__module__.startswith(OUTSIDE):
+        where = ": ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        return f"{where or type(exc).__name__}: {exc.strerror or exc}"
+    if any(k.__module__.startswith(OUTSIDE) for k in type(exc).__mro__):
+        first = next((s.strip() for s in str(exc).splitlines() if s.strip()), "")
+        return f"{type(exc).__name__}: {first}"
+    return None
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ out of range, in one line that names the source, the key, the value and what is 
 
 from __future__ import annotations
 
+import reprlib
 import typing
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -138,11 +139,27 @@ def validated(model: type[Model], source: str, values: object, prefix: str = "")
         raise ConfigError(refusal(model, source, exc.errors()[0], prefix)) from None
 
 
+SHORT = reprlib.Repr()  # keyword arguments only from Python 3.12
+SHORT.maxstring = SHORT.maxother = 60
+SHORT.maxlist = SHORT.maxtuple = 8
+
+
+class Shown:
+    """A value as a refusal shows it: its repr, cut short (a list of 10,000 seeds)."""
+
+    def __init__(self, value: object):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return SHORT.repr(self.value)
+
+
 def refusal(model: type[BaseModel], source: str, error: dict, prefix: str) -> str:
     loc = error["loc"]
     key = prefix + ".".join(map(str, loc))
     field = model.model_fields.get(str(loc[0])) if loc else None
-    value, kind = error.get("input"), error["type"]
+    raw, kind = error.get("input"), error["type"]
+    value = Shown(raw)
     if kind == "extra_forbidden":
         allowed = ", ".join(sorted(model.model_fields))
         return f"{source}: unknown key '{key}'; allowed: {allowed}"
@@ -157,7 +174,7 @@ def refusal(model: type[BaseModel], source: str, error: dict, prefix: str) -> st
         allowed = ", ".join(map(repr, typing.get_args(field.annotation)))
         return f"{source}: {key} = {value!r}; must be one of {allowed}"
     want = getattr(field.annotation, "__name__", str(field.annotation))
-    return f"{source}: {key} = {value!r} is {type(value).__name__}; must be {want}"
+    return f"{source}: {key} = {value!r} is {type(raw).__name__}; must be {want}"
 
 
 def interval(bounds: list) -> str:
