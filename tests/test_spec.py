@@ -127,6 +127,8 @@ BAD = {
         GOOD.replace("trials = 2", "trials = 2\nvariants = [1]"),
         "study.variants = [1]; must be a non-empty list of distinct variant names",
     ),
+    "missing high": (GOOD.replace(", high = 1e-2", ""), "search.lr.high: missing (The highest"),
+    "variant not a table": ("[variants]\nbaseline = 3\n", "baseline = 3 is int; must be a table"),
     "deep nesting": ("x = " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
 }
 

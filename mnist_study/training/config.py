@@ -166,6 +166,8 @@ def refusal(model: type[BaseModel], source: str, error: dict, prefix: str) -> st
     if kind == "value_error":  # the model's own checks say what is right
         said = str(error["ctx"]["error"])
         return f"{source}: {key} = {value!r}; {said}" if loc else f"{source}: {said}"
+    if kind == "missing" and field is not None and field.description:
+        return f"{source}: {key}: missing ({field.description.rstrip('.')})"
     if field is None or kind == "missing":
         return f"{source}: {key}: {error['msg'].lower()}"
     if kind in OUT_OF_RANGE:
@@ -174,6 +176,7 @@ def refusal(model: type[BaseModel], source: str, error: dict, prefix: str) -> st
         allowed = ", ".join(map(repr, typing.get_args(field.annotation)))
         return f"{source}: {key} = {value!r}; must be one of {allowed}"
     want = getattr(field.annotation, "__name__", str(field.annotation))
+    want = {"dict": "a table", "tuple": "a list"}.get(want, want)  # as TOML says them
     return f"{source}: {key} = {value!r} is {type(raw).__name__}; must be {want}"
 
 
