@@ -170,6 +170,26 @@ def test_unreadable_files_are_refused_in_one_line(tmp_path):
         load_spec(tmp_path)
 
 
+def test_a_fifo_a_device_or_a_huge_file_is_refused_unread(tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)  # reading it would wait for a writer forever
+    huge = tmp_path / "huge.toml"
+    huge.write_text(GOOD + "#" * 2_000_000 + "\n")
+    child = tmp_path / "child.toml"
+    child.write_text('base = "fifo.toml"\n')
+    for path, expected in [
+        (fifo, f"{fifo}: not a regular file"),
+        (Path("/dev/zero"), "/dev/zero: not a regular file"),
+        (huge, "bytes; an experiment file is at most 1,000,000"),
+        (child, f"{fifo}: not a regular file"),
+    ]:
+        with pytest.raises(SpecError) as err:
+            load_spec(path)
+        assert expected in str(err.value) and "\n" not in str(err.value)
+
+
 def test_every_numeric_config_field_has_a_range():
     from mnist_study.training.config import TrainConfig
 

@@ -25,10 +25,21 @@ def parse_spec(text: str, path: Path) -> StudySpec:
     return parse_raw(resolve_base(parse_toml(text, path), path, (path.resolve(),)), path)
 
 
+MAX_SPEC_BYTES = 1_000_000  # a study file is a page of TOML; more is a wrong path
+
+
 def read_spec_text(path: Path) -> str:
     if path.is_dir():
         raise SpecError(f"{path}: is a folder; give an experiment file such as {path}/NAME.toml")
+    # A FIFO or a device would be read forever (or until memory runs out): refused unread.
+    if path.exists() and not path.is_file():
+        raise SpecError(f"{path}: not a regular file; give an experiment file (TOML)")
     try:
+        if path.stat().st_size > MAX_SPEC_BYTES:
+            raise SpecError(
+                f"{path}: {path.stat().st_size:,} bytes; an experiment file is at most "
+                f"{MAX_SPEC_BYTES:,}"
+            )
         data = path.read_bytes()
     except FileNotFoundError:
         raise SpecError(
