@@ -35,10 +35,10 @@ def read_spec_text(path: Path) -> str:
     if path.exists() and not path.is_file():
         raise SpecError(f"{path}: not a regular file; give an experiment file (TOML)")
     try:
-        if path.stat().st_size > MAX_SPEC_BYTES:
+        size = path.stat().st_size
+        if size > MAX_SPEC_BYTES:
             raise SpecError(
-                f"{path}: {path.stat().st_size:,} bytes; an experiment file is at most "
-                f"{MAX_SPEC_BYTES:,}"
+                f"{path}: {size:,} bytes; an experiment file is at most {MAX_SPEC_BYTES:,}"
             )
         data = path.read_bytes()
     except FileNotFoundError:
