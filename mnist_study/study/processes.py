@@ -108,7 +108,8 @@ def run_workers(
     for each worker that died.
     """
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([target.__module__])
+    # torch.optim imports torch._dynamo at a worker's first optimizer: 2-3 s of CPU each.
+    ctx.set_forkserver_preload([target.__module__, "torch._dynamo"])
     alive = {i: ctx.Process(target=target, args=(*args, i), name=f"worker-{i}") for i in range(n)}
     stopped: list[int] = []
     refused = False
