@@ -154,6 +154,12 @@ def add_study_commands(sub) -> None:
         "with other thread counts round differently",
     )
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines, only per run")
+    p.add_argument(
+        "--allow-mixed",
+        action="store_true",
+        help="resume a study on other code, threads, device or data (refused without it: "
+        "one table would mix two studies); recorded, and the report says which runs ran on which",
+    )
     p.set_defaults(func=commands.cmd_run)
 
     p = sub.add_parser("report", help="results table, figures and checks of a study, from MLflow")
@@ -171,6 +177,12 @@ def add_study_commands(sub) -> None:
         "--tunings",
         type=int,
         help="report a stage: only every cell's first N tunings (a study runs in rounds)",
+    )
+    p.add_argument(
+        "--partial",
+        action="store_true",
+        help="write --page from a study (or stage) that is not complete, marked partial "
+        "in its header; without it such a page is left as it was",
     )
     p.set_defaults(func=commands.cmd_report)
     p = sub.add_parser(

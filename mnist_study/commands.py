@@ -92,12 +92,13 @@ def cmd_precision(args: argparse.Namespace) -> int:
     import json
 
     from mnist_study.analysis.precision import compare_precisions
+    from mnist_study.files import write_atomic
 
     if args.seeds < 2 or not 0 < args.margin < 100:
         raise ConfigError("--seeds must be >= 2 and --margin in (0, 100) points")
     result = compare_precisions(args.data_root, args.seeds, args.margin / 100)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_atomic(args.json, json.dumps(result, indent=2) + "\n")
     return 0
 
 
@@ -120,6 +121,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         workers=choose_workers(args.workers, spec),
         threads=cap_threads(args.threads),
         quiet=args.quiet,
+        allow_mixed=args.allow_mixed,
     )
     s = spec.settings
     cells = f" x {len(s.train_sizes)} training-set sizes" if s.train_sizes else ""
@@ -202,7 +204,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.tunings is not None and args.tunings < 1:
         raise ConfigError(f"--tunings {args.tunings}: must be at least 1")
     before = args.page.read_text() if args.page and args.page.exists() else None
-    body = write_report(args.tracking_uri, study, args.out, args.page, args.storage, args.tunings)
+    body = write_report(
+        args.tracking_uri, study, args.out, args.page, args.storage, args.tunings, args.partial
+    )
     print(body)
     page = ""
     if args.page:

@@ -21,6 +21,10 @@ class StorageLost(ConfigError):
     """The journal a study runs on was removed or replaced under it."""
 
 
+class PageRefused(ConfigError):
+    """A page the report will not publish (its study is not complete): left as it was."""
+
+
 class DataError(RuntimeError):
     """Missing or corrupt data; the message is one line and says how to fix it."""
 

@@ -10,13 +10,13 @@ import pytest
 from helpers import cli
 
 from mnist_study.errors import DataError
+from mnist_study.files import write_atomic
 from mnist_study.training.mnist_data import (
     check_file,
     ensure_files,
     idx_bytes,
     raw_dir,
     read_idx,
-    write_atomic,
 )
 
 

@@ -4,15 +4,23 @@ figures, the README section (replaced in place, idempotent), partial studies."""
 from __future__ import annotations
 
 import math
+import resource
+import signal
 import statistics
 
 import pandas as pd
 import pytest
-from helpers import copy_stores, new_experiment, runs
+from helpers import cli, copy_stores, new_experiment, runs
 from scipy import stats
 
 from mnist_study.analysis.collect import collect
-from mnist_study.analysis.publish import busy_minutes, markers, seed_ranges, write_report
+from mnist_study.analysis.publish import (
+    busy_minutes,
+    markers,
+    replace_section,
+    seed_ranges,
+    write_report,
+)
 from mnist_study.analysis.report import summarize
 
 MARK_START, MARK_END = markers("smoke")
@@ -185,3 +193,52 @@ def test_an_interval_is_clipped_to_what_accuracy_can_be():
     assert level == "seeds" and high == 1.0 and 0 < low < mean < high
     mean, low, high, level = acc_interval([[0.90, 0.91], [0.999, 0.998]])
     assert level == "tunings" and high == 1.0 and mean == pytest.approx((0.905 + 0.9985) / 2)
+
+
+def test_a_page_is_left_as_it_was_by_a_study_not_finished_unless_partial(smoke_study, tmp_path):
+    """One final run gone (deleted in the UI, or never run): `report --page` refuses in
+    one line and writes nothing, not even reports/; `--partial` publishes, marked so."""
+    spec, tracking, storage = smoke_study
+    client, found = runs(tracking, spec.name)
+    client.delete_run(next(r for r in found if r.data.tags["role"] == "final").info.run_id)
+    planned = len(spec.cells) * (spec.settings.trials + len(spec.settings.seeds))
+    start, end = markers(spec.name)
+    page = tmp_path / "docs" / "smoke.md"
+    page.parent.mkdir()
+    page.write_text(f"# Mine\n\n{start}\nthe last complete table\n{end}\n\nhandwritten\n")
+    before = page.read_bytes()
+    out = tmp_path / "reports"
+    args = ("report", spec.name, "--tracking-uri", tracking, "--storage", storage)
+    args += ("--page", str(page), "--out", str(out))
+    refused = cli(*args, process=False)
+    assert refused.returncode == 2 and refused.stdout == ""
+    [line] = refused.stderr.strip().splitlines()
+    assert f"{page} left as it was" in line and f"{planned - 1} of its {planned} runs" in line
+    assert "--partial" in line
+    assert page.read_bytes() == before
+    assert not out.exists() and not (page.parent / "figures").exists()
+    published = cli(*args, "--partial", process=False)
+    assert published.returncode == 0, published.stderr
+    text = page.read_text()
+    assert f"**Partial**: {planned - 1} of {planned} runs finished" in text
+    assert "the last complete table" not in text and text.endswith("\n\nhandwritten\n")
+
+
+def test_a_page_write_that_fails_part_way_leaves_the_page_as_it_was(tmp_path):
+    """A disk that fills during the write (here a file-size limit of 4 KB): the error is
+    raised, the old page is intact, and no temporary file is left beside it."""
+    start, end = markers("s")
+    page = tmp_path / "page.md"
+    page.write_text(f"# P\n\n{start}\nold\n{end}\n\nhandwritten after the results\n")
+    before = page.read_bytes()
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, not a kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limit[1]))
+    try:
+        with pytest.raises(OSError, match="File too large"):
+            replace_section(page, "x" * 100_000, "s")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert page.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["page.md"]

@@ -57,6 +57,7 @@ def test_variant_states_only_its_change():
 BAD = {
     "unknown top key": ("[stuudy]\ntrials = 2\n", "unknown key 'stuudy'"),
     "unknown study key": (GOOD.replace("trials = 2", "trails = 2"), "unknown key 'study.trails'"),
+    "mlflow default": ('name = "Default"\n' + GOOD, "name = 'Default'; is MLflow's own experiment"),
     "zero trials": (
         GOOD.replace("trials = 2", "trials = 0"),
         "study.trials = 0; must be in [1, 10000]",

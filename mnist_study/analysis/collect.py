@@ -15,7 +15,7 @@ from mnist_study.study.spec import StudySpec
 from mnist_study.study.spec_file import spec_from_record
 from mnist_study.study.stores import OptunaSide, open_runs_of_ended_trials, optuna_side
 from mnist_study.tracking.legacy import metric_history, recorded_spec_text, upgrade_runs
-from mnist_study.tracking.names import EXTENDED_TAG, Role
+from mnist_study.tracking.names import EXTENDED_TAG, MIXED_TAG, Role
 from mnist_study.tracking.runs import runs_frame
 from mnist_study.tracking.store import find_experiment
 
@@ -36,6 +36,22 @@ class StudyData:
     """Where the report reads part of a study (its first K tunings), which part."""
     extended: str = ""
     """How the study was extended after it started ('study.tunings 3 -> 8'), if it was."""
+    mixed: str = ""
+    """Each change of code, threads, device or data a resume was allowed (--allow-mixed)."""
+
+    def progress(self) -> tuple[int, int]:
+        """(runs finished, runs the spec plans): tuning trials ended (complete or pruned)
+        and final seeds, of every cell's tunings (a stage's alone); (0, 0) without a spec."""
+        if self.spec is None:
+            return 0, 0
+        s = self.spec.settings
+        planned = len(self.spec.cells) * s.tunings * (s.trials + len(s.seeds))
+        if self.runs.empty:
+            return 0, planned
+        ended = self.runs["tags.role"].isin([Role.TUNE, Role.FINAL]) & (
+            self.runs.status == "FINISHED"
+        )
+        return min(int(ended.sum()), planned), planned
 
 
 def collect(
@@ -101,8 +117,17 @@ def collect(
     )
     seen = list(dict.fromkeys(runs["tags.variant"].dropna()))
     variants = [v.name for v in spec.variants] if spec else seen
+    tags = exp.tags
     return StudyData(
-        study, spec, runs, curves, variants, problems, stage, exp.tags.get(EXTENDED_TAG, "")
+        study,
+        spec,
+        runs,
+        curves,
+        variants,
+        problems,
+        stage,
+        tags.get(EXTENDED_TAG, ""),
+        tags.get(MIXED_TAG, ""),
     )
 
 

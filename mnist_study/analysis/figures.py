@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from mnist_study.files import write_atomic
 from mnist_study.tracking.names import Role
 
 TITLES = {
@@ -20,6 +22,14 @@ TITLES = {
     "train_acc": "train accuracy (clean pass)",
     "val_acc": "validation accuracy",
 }
+
+
+def save(fig, path: Path, dpi: int) -> None:
+    """The PNG rendered in memory, then written whole (a failed write keeps the old one)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    write_atomic(path, buffer.getvalue())
 
 
 def colors(variants: list[str]) -> dict[str, tuple]:
@@ -53,8 +63,7 @@ def curves_figure(
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4) or 1, frameon=False)
     fig.suptitle(title or "Final runs per variant: mean over seeds, band = min–max")
     fig.tight_layout(rect=(0, 0.08, 1, 0.97))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 def bar(r) -> tuple[float, float]:
@@ -94,8 +103,7 @@ def test_figure(table: pd.DataFrame, per_seed: dict[str, list[float]], path: Pat
     ax.set_title("Test accuracy: mean, 95% interval as in the table (dots: seeds)")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 def gap_figure(table: pd.DataFrame, path: Path) -> None:
@@ -114,8 +122,7 @@ def gap_figure(table: pd.DataFrame, path: Path) -> None:
     ax.legend(frameon=False, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 def tuning_figure(runs: pd.DataFrame, variants: list[str], path: Path) -> None:
@@ -153,8 +160,7 @@ def tuning_figure(runs: pd.DataFrame, variants: list[str], path: Path) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False)
     fig.suptitle("Tuning history per variant (validation accuracy at the last epoch reached)")
     fig.tight_layout(rect=(0, 0.06, 1, 0.96))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path, dpi=100)
 
 
 def learning_curve_figure(tables: dict[int, pd.DataFrame], path: Path) -> None:
@@ -185,8 +191,7 @@ def learning_curve_figure(tables: dict[int, pd.DataFrame], path: Path) -> None:
     right.set_title("Generalization gap at the last evaluation")
     fig.legend(*left.get_legend_handles_labels(), loc="lower center", ncol=4, frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 def budget_figure(lines: dict[str, pd.Series], path: Path, title: str) -> None:
@@ -208,5 +213,4 @@ def budget_figure(lines: dict[str, pd.Series], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(frameon=False, fontsize=8, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)

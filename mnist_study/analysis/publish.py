@@ -14,7 +14,8 @@ import pandas as pd
 from mnist_study.analysis.ablation import ablation_section
 from mnist_study.analysis.collect import StudyData, collect
 from mnist_study.analysis.sweep import sweep_section
-from mnist_study.errors import SpecError
+from mnist_study.errors import PageRefused, SpecError
+from mnist_study.files import write_atomic
 from mnist_study.store_paths import DEFAULT_TRACKING_URI, store_flags
 from mnist_study.tracking.legacy import recorded_command
 from mnist_study.tracking.names import Role
@@ -56,7 +57,12 @@ def provenance_line(data: StudyData, report: str = "") -> str:
     )
     cpu = children["tags.cpu"].mode().iat[0] if "tags.cpu" in children else "?"
     workers = children["tags.workers"].mode().iat[0] if "tags.workers" in children else "?"
-    threads = children["tags.threads"].mode().iat[0] if "tags.threads" in children else "?"
+    threads = each_value(children, "tags.threads")
+    threads = (
+        f"thread(s) per run {threads}" if "runs)" in threads else f"{threads} thread(s) per run"
+    )
+    device = each_value(children, "tags.device")
+    device = "" if device in ("cpu", "?") else f", device {device}"
     budget = ""
     if data.spec:
         s, d = data.spec.settings, data.spec.defaults
@@ -82,13 +88,26 @@ def provenance_line(data: StudyData, report: str = "") -> str:
     stage = f"; read here: {data.stage}" if data.stage else ""
     if data.extended:
         stage += f"; extended after it started: {data.extended}"
+    if data.mixed:
+        stage += f"; resumed mixed (--allow-mixed): {data.mixed}"
     return (
         f"Study `{data.name}` ({budget}{len(children)} runs{stage}), {commit}, "
-        f"{cpu}, {workers} worker(s), {threads} thread(s) per run; runs from "
+        f"{cpu}{device}, {workers} worker(s), {threads}; runs from "
         f"{start:%Y-%m-%d %H:%M} to {end:%H:%M} UTC ({wall}). "
         f"Command: `{recorded_command(data.runs, data.name, workers)}`, then "
         f"`{report or report_command(data.name, DEFAULT_TRACKING_URI, None)}`."
     )
+
+
+def each_value(runs: pd.DataFrame, column: str) -> str:
+    """A tag's one value over the runs, or each value with its count where they differ
+    (a study resumed mixed): `1`, or `1 (40 runs), 2 (8 runs)`."""
+    if column not in runs:
+        return "?"
+    counts = runs[column].value_counts()
+    if len(counts) == 1:
+        return str(counts.index[0])
+    return ", ".join(f"{value} ({n} runs)" for value, n in counts.items())
 
 
 def busy_minutes(starts: pd.Series, ends: pd.Series) -> float:
@@ -110,15 +129,13 @@ def replace_section(page: Path, body: str, study: str) -> bool:
     """Swap the text between the study's markers (a new page is made with them); True
     if the file changed."""
     start, end = markers(study)
-    if not page.exists():
-        page.write_text(f"# Study `{study}`\n\n{start}\n{end}\n")
-    text = page.read_text()
+    text = page.read_text() if page.exists() else f"# Study `{study}`\n\n{start}\n{end}\n"
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     if not pattern.search(text):
         raise SpecError(f"{page}: no {start} ... {end} markers to replace")
     new = pattern.sub(lambda _: f"{start}\n{body.strip()}\n{end}", text)
-    if new != text:
-        page.write_text(new)
+    if new != text or not page.exists():
+        write_atomic(page, new)
     return new != text
 
 
@@ -129,17 +146,30 @@ def write_report(
     page: Path | None = None,
     storage: str | None = None,
     tunings: int | None = None,
+    partial: bool = False,
 ) -> str:
     """Write reports/<study>/ (results.md, CSV, figures), log them to MLflow, and (with
     `page`) replace the study's section in that Markdown page. Returns the section.
-    With `tunings`, a stage: every cell's first `tunings` tunings alone."""
+    With `tunings`, a stage: every cell's first `tunings` tunings alone. A page is
+    published from a complete study only, unless `partial` (then its header says so);
+    otherwise PageRefused is raised before anything is written."""
     data = collect(tracking_uri, study, storage, tunings)
+    done, planned = data.progress()
+    if page is not None and done < planned and not partial:
+        raise PageRefused(
+            f"{page} left as it was: study {study!r} has {done} of its {planned} runs "
+            f"finished; run it to the end, or report without --page (reports/ alone), or "
+            f"pass --partial to publish it marked partial"
+        )
     out = out_root / study
     out.mkdir(parents=True, exist_ok=True)
     report = report_command(study, tracking_uri, storage)
     if data.stage:
         report += f" --tunings {tunings}"
     lines, pngs, found = [provenance_line(data, report), ""], {}, list(data.problems)
+    if done < planned:
+        lines = [f"**Partial**: {done} of {planned} runs finished; any verdict may change.", ""]
+        lines += [provenance_line(data, report), ""]
     if data.variants and data.spec is not None and data.spec.settings.train_sizes:
         body, pngs, found = sweep_section(data, out)
         lines += body
@@ -160,12 +190,12 @@ def write_report(
         for png in pngs.values():
             target = figure_dir / png.name
             if not target.exists() or target.read_bytes() != png.read_bytes():
-                target.write_bytes(png.read_bytes())
+                write_atomic(target, png.read_bytes())
     if pngs:
         base = page.parent if page is not None else out
         rel = {k: (figure_dir / p.name).relative_to(base) for k, p in pngs.items()}
         body += "\n\n" + "\n\n".join(f"![{k}]({rel[k].as_posix()})" for k in pngs)
-    (out / "results.md").write_text(f"# Study `{study}`\n\n{body}\n")
+    write_atomic(out / "results.md", f"# Study `{study}`\n\n{body}\n")
     if data.spec is not None or not data.runs.empty:
         log_report_run(tracking_uri, study, out, body, report)
     if page is not None:

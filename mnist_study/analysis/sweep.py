@@ -23,6 +23,7 @@ from mnist_study.analysis.luck import (
 from mnist_study.analysis.plan import plan_lines, size_facts
 from mnist_study.analysis.report import checks, replicated, summarize, verdict
 from mnist_study.analysis.tables import TABLE_LEGEND, markdown_table
+from mnist_study.files import write_atomic
 from mnist_study.tracking.names import Role
 
 
@@ -114,9 +115,8 @@ def sweep_section(data: StudyData, out: Path) -> tuple[list[str], dict[str, Path
                 f"{n:,} training images: expected best of n trials, mean over tunings",
             )
     if tables:
-        pd.concat(
-            [t.drop(columns=["tuned_params"]).assign(train_size=n) for n, t in tables.items()]
-        ).to_csv(out / "results.csv", index=False)
+        every = [t.drop(columns=["tuned_params"]).assign(train_size=n) for n, t in tables.items()]
+        write_atomic(out / "results.csv", pd.concat(every).to_csv(index=False))
     if len(tables) > 1:  # one size is a point, not a curve
         pngs = {"learning_curve": out / "learning_curve.png", **pngs}
         figures.learning_curve_figure(tables, pngs["learning_curve"])

@@ -31,6 +31,7 @@ from mnist_study.study.spec import StudySpec
 from mnist_study.study.stores import StudyStores, best_trial
 from mnist_study.tracking.names import Role
 from mnist_study.tracking.outcome import Outcome
+from mnist_study.tracking.runs import study_identity
 from mnist_study.training.mnist_data import load_splits
 from mnist_study.training.train import Training, check_device, evaluate_test, point_line
 
@@ -47,6 +48,8 @@ class RunOptions:
     how many workers ran them."""
     quiet: bool = False
     log_models: bool = True
+    allow_mixed: bool = False
+    """Resume on other code, threads, device or data (recorded; the report says so)."""
 
     def store_args(self) -> list[str]:
         """The flags that name these stores, where they are not the defaults."""
@@ -73,7 +76,9 @@ def preflight(spec: StudySpec, opts: RunOptions) -> StudyStores:
     check_device(spec.defaults, f"{spec.path}: defaults")
     for v in spec.variants:
         check_device(spec.config_for(v, {}), f"{spec.path}: variants.{v.name}")
-    stores = StudyStores(spec, opts.tracking_uri, opts.storage)
+    threads = opts.threads or spec.defaults.threads or 1
+    identity = study_identity(spec.defaults.replace("run", threads=threads))
+    stores = StudyStores(spec, opts.tracking_uri, opts.storage, identity, opts.allow_mixed)
     extension = stores.check()
     if extension:
         print(f"extending study {spec.name!r}: {extension}; its finished units are kept")

@@ -69,6 +69,8 @@ def few_sizes(sizes: tuple[int, ...]) -> tuple[int, ...]:
 def study_name(name: str) -> str:
     if not name.replace("-", "").replace("_", "").isalnum():
         raise ValueError("must be letters, digits, '-' or '_'")
+    if name == "Default":
+        raise ValueError("is MLflow's own experiment, which holds no study; choose another")
     return name
 
 

@@ -10,6 +10,7 @@ runs, and a report would count every seed twice: refused instead.
 
 from __future__ import annotations
 
+import json
 import statistics
 import warnings
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import optuna
 from optuna.trial import TrialState
 
 from mnist_study.errors import StoresDisagree
+from mnist_study.study.identity import identity_change, refuse_other_study
 from mnist_study.study.optuna_storage import (
     dead_trials,
     death_reason,
@@ -26,8 +28,7 @@ from mnist_study.study.optuna_storage import (
     set_system_attrs,
 )
 from mnist_study.study.spec import Cell, StudySpec, Tuning
-from mnist_study.study.spec_file import experiment_description, refuse_changed_study, spec_tag
-from mnist_study.tracking.legacy import recorded_spec_text
+from mnist_study.study.spec_file import experiment_description, spec_tag
 from mnist_study.tracking.names import METRIC_NAMES
 from mnist_study.tracking.outcome import Outcome
 from mnist_study.tracking.runs import Tracker, unit_runs
@@ -83,8 +84,16 @@ def open_runs_of_ended_trials(side: OptunaSide, runs: dict[str, str]) -> list[st
 class StudyStores:
     """A study's Optuna storage and MLflow experiment, as one record."""
 
-    def __init__(self, spec: StudySpec, tracking_uri: str, storage_url: str):
+    def __init__(
+        self,
+        spec: StudySpec,
+        tracking_uri: str,
+        storage_url: str,
+        identity: dict[str, str] | None = None,
+        allow_mixed: bool = False,
+    ):
         self.spec, self.tracking_uri = spec, tracking_uri
+        self.identity, self.allow_mixed = identity or {}, allow_mixed
         self.optuna = optuna_storage(storage_url)
         self.tracker: Tracker | None = None  # once the experiment exists
         self.tune: dict[str, optuna.Study] = {}  # tuning key -> its trials' study
@@ -96,8 +105,12 @@ class StudyStores:
         check_tracking_uri(self.tracking_uri)
         self.optuna.check()
         found = find_experiment(self.tracking_uri, self.spec.name)
-        recorded = recorded_spec_text(found.tags) if found else None
-        return refuse_changed_study(self.spec, recorded, self.tracking_uri)
+        return self.refuse_other_study(found.tags if found else None)
+
+    def refuse_other_study(self, tags: dict[str, str] | None) -> str | None:
+        return refuse_other_study(
+            self.spec, tags, self.tracking_uri, self.identity, self.allow_mixed
+        )
 
     def create(self) -> str:
         """The MLflow experiment and the tunings' Optuna studies, created once (or found,
@@ -115,13 +128,15 @@ class StudyStores:
             with experiment_store(self.tracking_uri) as store:
                 # Compared again where the spec is recorded: two commands started at
                 # once with different designs under one name both passed check().
-                recorded = recorded_spec_text(store.tags(self.spec.name) or {})
-                extension = refuse_changed_study(self.spec, recorded, self.tracking_uri)
+                tags = store.tags(self.spec.name)
+                extension = self.refuse_other_study(tags)
                 experiment_id = store.open(
                     self.spec.name,
                     experiment_description(self.spec),
                     spec_tag(self.spec),
                     extension,
+                    json.dumps(self.identity, sort_keys=True) if self.identity else "",
+                    identity_change(tags, self.identity),
                 )
             self.tracker = Tracker(self.tracking_uri, experiment_id)
             self.reconcile(side, runs)

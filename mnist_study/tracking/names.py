@@ -11,6 +11,8 @@ NOTE_TAG = "mlflow.note.content"  # a run's or an experiment's description (Mark
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 EXTENDED_TAG = "mnist_study.extended"  # each accepted extension: "study.tunings 3 -> 8"
 SPEC_TAG = "mnist_study.spec"  # a summary line, then the resolved spec (JSON) a study started with
+IDENTITY_TAG = "mnist_study.identity"  # JSON: the code, threads, device kind and data it runs on
+MIXED_TAG = "mnist_study.mixed"  # each mix allowed on a resume: "threads 1 -> 2"
 
 
 class Role(enum.StrEnum):

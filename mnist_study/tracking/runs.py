@@ -213,20 +213,39 @@ TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 @functools.cache
 def git_commit() -> str:
+    """HEAD's commit, with `-dirty` when tracked files differ from it."""
+    return code_version().partition("+")[0]
+
+
+@functools.cache
+def code_version() -> str:
+    """HEAD's commit, and for a dirty tree `-dirty+` a hash of its diff, so that two
+    different edits of one commit are two versions."""
+    repo = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=repo, capture_output=True, text=True, check=True
+        ).stdout
+
     try:
-        repo = Path(__file__).resolve().parents[2]
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=repo,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
+        commit = git("rev-parse", "HEAD").strip()
+        diff = git("diff", "HEAD", "--binary")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return f"{commit}-dirty+{hashlib.sha256(diff.encode()).hexdigest()[:12]}" if diff else commit
+
+
+def study_identity(cfg: TrainConfig) -> dict[str, str]:
+    """What a study's numbers are a function of besides its spec and the CPU kind: the
+    code, the threads per run, the device kind and the data (its files' checksums)."""
+    data = hashlib.sha256(",".join(sorted(checksums().values())).encode()).hexdigest()[:12]
+    return {
+        "code": code_version(),
+        "threads": str(cfg.threads or 1),
+        "device": resolve_device(cfg).type,
+        "data": data,
+    }
 
 
 def provenance(cfg: TrainConfig, source: str) -> dict[str, str]:

@@ -23,7 +23,14 @@ from mlflow.tracking import MlflowClient
 
 from mnist_study.errors import ConfigError
 from mnist_study.store_paths import check_writable_folder, file_lock
-from mnist_study.tracking.names import EXPERIMENT_KIND, EXTENDED_TAG, NOTE_TAG, SPEC_TAG
+from mnist_study.tracking.names import (
+    EXPERIMENT_KIND,
+    EXTENDED_TAG,
+    IDENTITY_TAG,
+    MIXED_TAG,
+    NOTE_TAG,
+    SPEC_TAG,
+)
 
 SCHEMES = ("sqlite:///", "postgresql://", "postgresql+psycopg://", "http://", "https://")
 
@@ -88,21 +95,29 @@ class ExperimentStore:
         description: str = "",
         spec_tag: str = "",
         extension: str | None = None,
+        identity: str = "",
+        mixed: str = "",
     ) -> str:
-        """The experiment's id, created with its kind, description and spec tag; an
-        existing one that is `extension` of its recorded spec records the larger spec
-        (and the extension, which its report says)."""
+        """The experiment's id, created with its kind, description, spec tag and
+        identity; an existing one that is `extension` of its recorded spec records the
+        larger spec (and the extension, which its report says), and one resumed on
+        another identity (`mixed`, allowed) records the new one and the change."""
         found = self.client.get_experiment_by_name(experiment)
         if found is not None:
+            updates = {IDENTITY_TAG: identity} if found.tags.get(IDENTITY_TAG) != identity else {}
             if extension:
                 before = found.tags.get(EXTENDED_TAG)
-                for key, value in (
-                    (SPEC_TAG, spec_tag),
-                    (EXTENDED_TAG, f"{before}; {extension}" if before else extension),
-                    (NOTE_TAG, description),
-                ):
-                    if value:
-                        self.client.set_experiment_tag(found.experiment_id, key, value)
+                updates |= {
+                    SPEC_TAG: spec_tag,
+                    EXTENDED_TAG: f"{before}; {extension}" if before else extension,
+                    NOTE_TAG: description,
+                }
+            if mixed:
+                before = found.tags.get(MIXED_TAG)
+                updates[MIXED_TAG] = f"{before}; {mixed}" if before else mixed
+            for key, value in updates.items():
+                if value:
+                    self.client.set_experiment_tag(found.experiment_id, key, value)
             return found.experiment_id
         database = sqlite_file(self.uri)
         location = None  # a tracking server (http) decides where artifacts go
@@ -115,6 +130,8 @@ class ExperimentStore:
             tags[NOTE_TAG] = description
         if spec_tag:
             tags[SPEC_TAG] = spec_tag
+        if identity:
+            tags[IDENTITY_TAG] = identity
         return self.client.create_experiment(experiment, artifact_location=location, tags=tags)
 
 

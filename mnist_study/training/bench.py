@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mnist_study.files import write_atomic
 from mnist_study.training.config import TrainConfig
 from mnist_study.training.machine import cpu_model, usable_cores
 from mnist_study.training.mnist_data import MEAN, STD, load_splits
@@ -272,7 +273,7 @@ def run_bench(
         result["processes"] = process_seconds(root, rounds)
     print(format_table(result))
     if json_path is not None:
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        write_atomic(json_path, json.dumps(result, indent=2) + "\n")
         print(f"wrote {json_path}")
     return result
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import pickle
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from mnist_study.errors import DataError
+from mnist_study.files import write_atomic
 from mnist_study.training.config import TrainConfig
 
 # Published MD5 and size of each uncompressed file.
@@ -68,22 +68,6 @@ def check_file(path: Path, expected_md5: str) -> None:
             f"{path}: MD5 {actual} != expected {expected_md5} (corrupt or truncated); "
             f"delete it and run `mnist-study data` to fetch it again"
         )
-
-
-def write_atomic(path: Path, payload: bytes) -> None:
-    """Write through a temporary file and rename, so a killed write leaves no valid-looking file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; data files are for everyone
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def ensure_files(

@@ -1,0 +1,78 @@
+"""A study's identity: a resume on other code, threads or device is refused in one line
+naming what differs (or, with --allow-mixed, recorded and reported); an experiment that
+holds no study is no study's home. Real stores, the tiny study."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from helpers import TINY, cli, copy_of, new_experiment, one_line_error, run_args, runs, stores
+from mlflow.tracking import MlflowClient
+
+from mnist_study.analysis.publish import write_report
+from mnist_study.tracking.names import IDENTITY_TAG, MIXED_TAG
+from mnist_study.tracking.runs import code_version
+
+
+def recorded_identity(tracking: str) -> dict:
+    return json.loads(MlflowClient(tracking).get_experiment_by_name("tiny").tags[IDENTITY_TAG])
+
+
+def as_if_recorded(tracking: str, **identity: str) -> None:
+    """The identity tag as a study started on other code or another device wrote it."""
+    client = MlflowClient(tracking)
+    found = client.get_experiment_by_name("tiny")
+    tag = json.loads(found.tags[IDENTITY_TAG]) | identity
+    client.set_experiment_tag(found.experiment_id, IDENTITY_TAG, json.dumps(tag))
+
+
+def test_a_study_records_what_its_numbers_are_a_function_of(finished):
+    tracking, _ = stores(finished)
+    assert recorded_identity(tracking) == {
+        "code": code_version(), "threads": "1", "device": "cpu", "data": "c9b60a983961",
+    }  # fmt: skip
+
+
+def test_a_resume_on_other_code_or_device_is_refused_naming_both(finished, tmp_path):
+    spec, tracking, storage = copy_of(finished, tmp_path)
+    before = (len(runs(tracking, "tiny")[1]), Path(storage).read_bytes())
+    as_if_recorded(tracking, code="0" * 40)
+    done = cli(*run_args(spec, tracking, storage), process=False)
+    one_line_error(done, f"code {'0' * 40} -> {code_version()}", "check out the commit")
+    assert "--allow-mixed" in done.stderr
+    as_if_recorded(tracking, code=code_version(), device="cuda")
+    done = cli(*run_args(spec, tracking, storage), process=False)
+    one_line_error(done, "ran with other device (device cuda -> cpu)")
+    assert (len(runs(tracking, "tiny")[1]), Path(storage).read_bytes()) == before
+
+
+def test_other_threads_are_refused_then_allowed_mixed_and_reported(finished, tmp_path):
+    """A study of 1 thread per run resumed with --threads 2: refused. Extended by a seed
+    with --allow-mixed: the new runs run with 2, the mix is recorded, and the report
+    says how many runs ran with each."""
+    spec, tracking, storage = copy_of(finished, tmp_path)
+    before = (len(runs(tracking, "tiny")[1]), Path(storage).read_bytes())
+    done = cli(*run_args(spec, tracking, storage, "--threads", "2"), process=False)
+    one_line_error(done, "ran with other threads (threads 1 -> 2)", "pass the --threads")
+    assert (len(runs(tracking, "tiny")[1]), Path(storage).read_bytes()) == before
+    spec.write_text(TINY.replace("seeds = [0, 1]", "seeds = [0, 1, 2]"))
+    done = cli(*run_args(spec, tracking, storage, "--threads", "2", "--allow-mixed"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert recorded_identity(tracking)["threads"] == "2"
+    tags = MlflowClient(tracking).get_experiment_by_name("tiny").tags
+    assert tags[MIXED_TAG] == "threads 1 -> 2"
+    body = write_report(tracking, "tiny", tmp_path / "reports", storage=storage)
+    assert "resumed mixed (--allow-mixed): threads 1 -> 2" in body
+    assert "thread(s) per run 1 (8 runs), 2 (2 runs);" in body
+
+
+def test_an_experiment_that_holds_no_study_is_refused_before_any_write(tmp_path):
+    """Made first by `mnist-study train --mlflow tiny`: a study named tiny would record
+    no spec there, so a later edit of the spec would go unrefused."""
+    (tmp_path / "tiny.toml").write_text(TINY)
+    tracking, storage = stores(tmp_path)
+    new_experiment(tracking, "tiny")
+    done = cli(*run_args(tmp_path / "tiny.toml", tracking, storage), process=False)
+    one_line_error(done, "MLflow experiment 'tiny'", "holds no study", "another name")
+    assert not Path(storage).exists() and runs(tracking, "tiny")[1] == []
