@@ -187,7 +187,7 @@ trials = 2
 seeds = [0]
 startup_trials = 1
 [defaults]
-epochs = 2
+epochs = 1
 train_size = 2000
 val_size = 200
 train_eval_size = 200

@@ -31,12 +31,8 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileSymlinkLock
 
 from mnist_study.analysis.publish import write_report
-from mnist_study.study.optuna_storage import (
-    SignalSafeJournal,
-    optuna_storage,
-    process_is_gone,
-    set_system_attrs,
-)
+from mnist_study.study.liveness import process_is_gone
+from mnist_study.study.optuna_storage import SignalSafeJournal, optuna_storage, set_system_attrs
 from mnist_study.study.runner import RunOptions, run_study
 from mnist_study.study.signals import Interrupted, stopping_on_signals
 from mnist_study.study.spec_file import load_spec
@@ -237,31 +233,86 @@ def test_a_worker_killed_between_claiming_and_recording_its_run(tmp_path, mnist_
     assert f"{no_run.study.study_name}#{no_run.trial.number}" in body
 
 
-def test_a_trial_of_another_host_is_waited_on_aloud_then_presumed_dead(tmp_path, mnist_root):
-    """A resume on a host with another name (a restarted container) cannot test the old
-    pid: it says whose trial it waits on, and takes the trial back once it is silent for
-    STALE_AFTER_S (minutes), proposing the same point again."""
-    from mnist_study.study.optuna_storage import STALE_AFTER_S
+def tiny_worker(tmp_path, mnist_root):
+    """A worker of the tiny study (baseline alone) on fresh stores, in this process."""
     from mnist_study.study.runner import Worker
-    from mnist_study.study.scheduler import Idle
     from mnist_study.study.stores import StudyStores
 
-    (tmp_path / "tiny.toml").write_text(TINY.split("[variants.batchnorm]")[0])  # baseline
+    (tmp_path / "tiny.toml").write_text(TINY.split("[variants.batchnorm]")[0])
     spec = load_spec(tmp_path / "tiny.toml")
     tracking, storage = stores(tmp_path)
     opts = RunOptions(tracking, storage, str(mnist_root), quiet=True, log_models=False)
-    worker = Worker(spec, opts, StudyStores(spec, tracking, storage).create(), 0)
+    return Worker(spec, opts, StudyStores(spec, tracking, storage).create(), 0)
+
+
+@pytest.mark.parametrize("skew", [-600, 600])
+def test_a_trial_of_another_host_is_waited_on_by_this_hosts_clock(
+    tmp_path, mnist_root, monkeypatch, skew
+):
+    """A trial of another host (a restarted container; its pid cannot be tested), whose
+    clock is 10 minutes off: waited on aloud, never reaped for its heartbeat's value;
+    taken back once silent for the stale limit on this host's clock, its point proposed
+    again."""
+    from mnist_study.study.scheduler import Idle
+
+    worker = tiny_worker(tmp_path, mnist_root)
     unit, _ = worker.next_unit()
     set_system_attrs(unit.study, unit.trial, {"host": "old-container"})
-    set_system_attrs(unit.study, unit.trial, {"heartbeat": time.time() - 30})
+    set_system_attrs(unit.study, unit.trial, {"heartbeat": time.time() + skew})
     assert worker.next_unit()[0] is Idle.WAIT
     [line] = worker.scheduler.waiting_on
     assert f"waiting on tiny.baseline#{unit.trial.number}, run by pid" in line
-    assert "host old-container, last seen 30 s ago" in line
-    set_system_attrs(unit.study, unit.trial, {"heartbeat": time.time() - STALE_AFTER_S - 1})
+    assert "host old-container, no sign for 0 s (presumed dead after 300 s" in line
+    monkeypatch.setenv("MNIST_STUDY_STALE_AFTER_S", "1")
+    set_system_attrs(unit.study, unit.trial, {"heartbeat": time.time() + skew + 1})
+    assert worker.next_unit()[0] is Idle.WAIT  # a new sign: alive, however old it reads
+    time.sleep(1.2)
     again, _ = worker.next_unit()
     assert unit.study.trials[unit.trial.number].state.name == "FAIL"
     assert (again.slot, again.trial.params) == (unit.slot, unit.trial.params)
+
+
+def test_a_reused_pid_is_not_the_trials_owner(tmp_path, mnist_root):
+    """A resume in a fresh PID namespace where the dead worker's pid is this process: the
+    owner's start time tells them apart, so the trial is reaped, not waited on forever."""
+    from mnist_study.study.liveness import process_start
+
+    worker = tiny_worker(tmp_path, mnist_root)
+    unit, _ = worker.next_unit()
+    old = {"pid": os.getpid(), "started": process_start(os.getpid()) - 100}
+    set_system_attrs(unit.study, unit.trial, old)
+    again, _ = worker.next_unit()
+    trial = unit.study.trials[unit.trial.number]
+    assert trial.state.name == "FAIL" and "worker died" in trial.user_attrs["fail_reason"]
+    assert (again.slot, again.trial.params) == (unit.slot, unit.trial.params)
+
+
+@pytest.mark.slow
+def test_a_worker_whose_trial_was_taken_leaves_it_and_goes_on(tmp_path):
+    """Stopped (SIGSTOP) while another process reaped its trial as dead and killed its
+    run, then continued: it writes nothing more to either, says so in a line, and the
+    study ends complete with the trial redone."""
+    from mnist_study.study.optuna_storage import fail_trial
+
+    proc, path, tracking, storage = start_slow_study(tmp_path, "--workers", "1")
+    victim = wait_for_running_trial(storage, "slow.baseline", None)
+    os.kill(proc.pid, signal.SIGSTOP)
+    study = optuna.load_study(study_name="slow.baseline", storage=optuna_storage(storage).open())
+    run_id = victim.system_attrs["mlflow_run_id"]
+    fail_trial(study, victim, "worker died (presumed dead: no sign for 300 s)")
+    client, _ = runs(tracking, "slow")
+    client.set_terminated(run_id, "KILLED")
+    points = len(client.get_metric_history(run_id, "accuracy/validation"))
+    os.kill(proc.pid, signal.SIGCONT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in err, err[-2000:]
+    assert f"slow.baseline#{victim.number} was ended as FAIL by another process" in out
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert len(client.get_metric_history(run_id, "accuracy/validation")) == points
+    states = trial_states(storage, load_spec(path))
+    tuned = states["slow.baseline"]
+    assert tuned["COMPLETE"] + tuned["PRUNED"] == 2 and tuned["FAIL"] == 1
+    assert states["slow.baseline.final"] == {"COMPLETE": 1}
 
 
 class SignalOnRelease(JournalFileSymlinkLock):

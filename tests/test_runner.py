@@ -411,7 +411,7 @@ def test_two_workers_share_the_budget_exactly_and_tag_their_console_lines(tmp_pa
     assert f"complete in MLflow {tracking} and Optuna {storage}" in last
     report = shlex.split(last.split("Report: ")[1].split("   Browse: ")[0])
     assert report[:2] == ["mnist-study", "report"] and tracking in report and storage in report
-    again = cli(*report[1:], cwd=tmp_path)
+    again = cli(*report[1:], cwd=tmp_path, process=False)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "Checks**: none raised" in again.stdout
     assert f"mlflow ui --backend-store-uri {tracking}" in last

@@ -58,6 +58,19 @@ BAD = {
     "unknown top key": ("[stuudy]\ntrials = 2\n", "unknown key 'stuudy'"),
     "unknown study key": (GOOD.replace("trials = 2", "trails = 2"), "unknown key 'study.trails'"),
     "mlflow default": ('name = "Default"\n' + GOOD, "name = 'Default'; is MLflow's own experiment"),
+    "datetime value": (
+        "description = 1979-05-27T07:32:00Z\n" + GOOD,
+        "description = 1979-05-27T07:32:00+00:00 is datetime; must be str",
+    ),
+    "date value": (GOOD + "set = { lr = 1979-05-27 }\n", "lr = 1979-05-27 is date; must be float"),
+    "description too long": (
+        f'description = "{"x" * 25_000}"\n' + GOOD,
+        "description as recorded in MLflow is 25,",
+    ),
+    "variant description too long": (
+        GOOD + f'description = "{"x" * 9_000}"\n',
+        "variants.baseline.description is 9,000 characters; MLflow keeps at most 8,000",
+    ),
     "zero trials": (
         GOOD.replace("trials = 2", "trials = 0"),
         "study.trials = 0; must be in [1, 10000]",

@@ -187,7 +187,8 @@ def test_a_sweep_killed_mid_way_is_reported_partial_then_resumes(tmp_path):
     KILLED, no run is left RUNNING, and a FAIL trial without a run (its worker died
     between claiming it and creating the run) is named in the report's checks."""
     path = tmp_path / "sweep.toml"
-    path.write_text(SWEEP.replace("steps = 30", "steps = 40"))  # units last a second or more
+    # Units of a second or more, with few evaluations (their cost is not under test).
+    path.write_text(SWEEP.replace("steps = 30", "steps = 40").replace("evals = 10", "evals = 2"))
     tracking, storage = stores(tmp_path)
     args = ["run", str(path), "--tracking-uri", tracking, "--storage", storage]
     cmd = command(*args)

@@ -1,15 +1,13 @@
 """Optuna's storage of a study, behind one interface: a journal file (one machine, the
 default) or a database (PostgreSQL for several machines; SQLite for one). Each says
 whether it exists, opens (checked and repaired) or connects (as it is), and holds the
-claim lock under which workers count trials and claim the next one. Then a trial's life
-beyond Optuna's API: claimed as a worker's (host, pid, heartbeat), kept alive at each
-evaluation, failed by any process once its worker is gone. The only module that
+claim lock under which workers count trials and claim the next one. Then what a trial's
+life needs beyond Optuna's API (system attributes, another process's trial read or
+failed). The only module that
 touches Optuna's private attributes.
 
 The journal is Optuna's documented multi-process storage (SQLite under several writers
-fails with "database is locked"). It has no heartbeat, so each trial records its worker
-and a heartbeat time, and a trial whose worker is gone is marked FAIL before work is
-claimed.
+fails with "database is locked"). It has no heartbeat: see liveness.py.
 """
 
 from __future__ import annotations
@@ -19,13 +17,11 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
-import psutil
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import FrozenTrial, TrialState
@@ -237,17 +233,6 @@ def repair_torn_journal(path: Path) -> Path | None:
         lock.release()
 
 
-# A worker on another host is presumed dead when its trial's heartbeat is this old.
-# Heartbeats come at each evaluation: an epoch of full MNIST on one CPU thread takes
-# about 40 s, so 5 minutes leaves room and a dead worker costs minutes, not a quarter
-# hour.
-STALE_AFTER_S = 300
-
-
-def worker_id() -> dict[str, object]:
-    return {"host": socket.gethostname(), "pid": os.getpid()}
-
-
 def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
     return trial._trial_id
 
@@ -259,65 +244,9 @@ def set_system_attrs(study: optuna.Study, trial: optuna.Trial | FrozenTrial, att
         study._storage.set_trial_system_attr(trial_id(trial), key, value)
 
 
-def claim_trial(
-    study: optuna.Study, attrs: dict[str, object], distributions: dict | None = None
-) -> optuna.Trial:
-    """Ask `study` for a trial (its point drawn from `distributions` by the study's
-    sampler), recorded as this process's (host, pid, heartbeat, attrs)."""
-    trial = study.ask(distributions)
-    set_system_attrs(study, trial, worker_id() | attrs)
-    mark_alive(study, trial)
-    return trial
-
-
-def mark_alive(study: optuna.Study, trial: optuna.Trial) -> None:
-    set_system_attrs(study, trial, {"heartbeat": time.time()})
-
-
-def process_is_gone(pid: int) -> bool:
-    """No such process, or a zombie (dead, waiting for its parent to collect it)."""
-    try:
-        return psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
-    except psutil.NoSuchProcess:
-        return True
-    except psutil.AccessDenied:  # alive, another user's
-        return False
-
-
-def last_seen(trial: FrozenTrial) -> float:
-    """Seconds since the trial's worker last marked it alive."""
-    return time.time() - trial.system_attrs.get("heartbeat", trial.datetime_start.timestamp())
-
-
-def waiting_line(study_name: str, trial: FrozenTrial) -> str | None:
-    """What a worker waiting on another host's trial says, or None for this host's."""
-    host, pid = trial.system_attrs.get("host"), trial.system_attrs.get("pid")
-    if host == socket.gethostname():
-        return None
-    return (
-        f"waiting on {study_name}#{trial.number}, run by pid {pid} on host {host}, last seen "
-        f"{last_seen(trial):.0f} s ago (presumed dead after {STALE_AFTER_S} s without a sign)"
-    )
-
-
-def worker_is_dead(trial: FrozenTrial) -> bool:
-    host, pid = trial.system_attrs.get("host"), trial.system_attrs.get("pid")
-    if host == socket.gethostname() and isinstance(pid, int):
-        return process_is_gone(pid)
-    return last_seen(trial) > STALE_AFTER_S
-
-
-def dead_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """RUNNING trials whose worker is gone (call under the claim lock, then fail them)."""
-    return [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if worker_is_dead(t)
-    ]
-
-
-def death_reason(trial: FrozenTrial) -> str:
-    return f"worker died (pid {trial.system_attrs.get('pid')} on {trial.system_attrs.get('host')})"
+def stored_trial(study: optuna.Study, trial: optuna.Trial | FrozenTrial) -> FrozenTrial:
+    """The trial as its storage holds it now (another process may have ended it)."""
+    return study._storage.get_trial(trial_id(trial))
 
 
 def fail_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> None:

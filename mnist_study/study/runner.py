@@ -18,8 +18,9 @@ from optuna.trial import TrialState
 from mnist_study.errors import StorageLost, StudyIncomplete
 from mnist_study.store_paths import store_flags
 from mnist_study.study.console import Console
-from mnist_study.study.optuna_storage import mark_alive, set_system_attrs
-from mnist_study.study.processes import REFUSED, run_workers
+from mnist_study.study.liveness import TrialTaken, mark_alive
+from mnist_study.study.optuna_storage import set_system_attrs
+from mnist_study.study.processes import REFUSED, run_workers, start_fork_server
 from mnist_study.study.scheduler import Idle, Scheduler, Unit, proposal_seed
 from mnist_study.study.signals import (
     Interrupted,
@@ -87,6 +88,8 @@ def preflight(spec: StudySpec, opts: RunOptions) -> StudyStores:
 
 def run_study(spec: StudySpec, opts: RunOptions) -> None:
     """Check inputs and stores, create the studies, then run the workers until done."""
+    if opts.workers > 1:
+        start_fork_server(__name__)  # its imports overlap the checks below
     stores = preflight(spec, opts)
     experiment_id = stores.create()
     if opts.workers == 1:
@@ -187,8 +190,8 @@ class Worker:
             splits = load_splits(self.opts.data_root, cfg)
             training = Training(cfg, splits)
             for point, metrics in training:
+                mark_alive(study, trial)  # first: a trial taken from it gets no more points
                 tracker.log_metrics(run_id, metrics, step=point)
-                mark_alive(study, trial)
                 self.console.say("  " + point_line(cfg, point, training.last, metrics))
                 stop_if_signalled()
                 if self.command_process and not self.command_process.is_alive():
@@ -200,11 +203,15 @@ class Worker:
                         raise optuna.TrialPruned(f"median pruner at {cfg.axis} {point}")
             result = dict(training.history[-1])
             if final:
+                mark_alive(study, trial)  # still this worker's before the test set is scored
                 test = evaluate_test(training.model, splits, cfg)
                 tracker.log_metrics(run_id, test, step=training.last)
                 result |= test
                 if self.opts.log_models:
                     tracker.log_model(run_id, training.model)
+        except TrialTaken as exc:  # its run was closed by whoever ended the trial
+            self.console.say(f"    {exc}: left to it, this worker goes on", force=True)
+            return
         except BaseException as exc:  # pruned, diverged, Ctrl-C, a killed parent, a bug
             outcome = Outcome.of(exc)
             pruned = outcome.trial_state == TrialState.PRUNED

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
-from mnist_study.study.optuna_storage import claim_trial, waiting_line
+from mnist_study.study.liveness import claim_trial, waiting_line
 from mnist_study.study.spec import Cell, StudySpec, Tuning
 from mnist_study.study.stores import DONE, StudyStores, best_trial
 from mnist_study.tracking.names import Role

@@ -22,7 +22,32 @@ def load_spec(path: Path | str) -> StudySpec:
 
 def parse_spec(text: str, path: Path) -> StudySpec:
     """A spec from its TOML text; a `base` is read relative to `path`'s folder."""
-    return parse_raw(resolve_base(parse_toml(text, path), path, (path.resolve(),)), path)
+    spec = parse_raw(resolve_base(parse_toml(text, path), path, (path.resolve(),)), path)
+    check_recordable(spec)
+    return spec
+
+
+# MLflow's limits (mlflow.utils.validation): an experiment's tag value, a run's tag value.
+EXPERIMENT_TAG_CHARS, RUN_TAG_CHARS = 20_000, 8_000
+
+
+def check_recordable(spec: StudySpec) -> None:
+    """Refuse a spec MLflow could not record whole (its JSON and description go into
+    experiment tags, a variant's description onto its parent run), before anything is
+    created."""
+    for v in spec.variants:
+        if len(v.description) > RUN_TAG_CHARS:
+            raise SpecError(
+                f"{spec.path}: variants.{v.name}.description is {len(v.description):,} "
+                f"characters; MLflow keeps at most {RUN_TAG_CHARS:,} on a run: shorten it"
+            )
+    for what, text in (("description", experiment_description(spec)), ("spec", spec_tag(spec))):
+        if len(text) > EXPERIMENT_TAG_CHARS:
+            raise SpecError(
+                f"{spec.path}: the study's {what} as recorded in MLflow is {len(text):,} "
+                f"characters; MLflow keeps at most {EXPERIMENT_TAG_CHARS:,} in an experiment "
+                f"tag: shorten the descriptions"
+            )
 
 
 MAX_SPEC_BYTES = 1_000_000  # a study file is a page of TOML; more is a wrong path

@@ -45,6 +45,13 @@ def check_tracking_uri(tracking_uri: str, must_exist: bool = False) -> None:
         )
     database = sqlite_file(tracking_uri)
     if database is not None:
+        special = sorted(set("?#%") & set(str(database)))
+        if special:  # SQLAlchemy reads them as the URL's query, fragment or an escape
+            raise ConfigError(
+                f"--tracking-uri {tracking_uri}: the path holds {' '.join(special)}, which a "
+                f"database URL does not read as part of a path (MLflow would write elsewhere); "
+                f"use a folder without them"
+            )
         if must_exist and not database.is_file():
             raise ConfigError(
                 f"--tracking-uri {tracking_uri}: no MLflow store at {database}; "

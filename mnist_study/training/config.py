@@ -7,6 +7,7 @@ out of range, in one line that names the source, the key, the value and what is 
 
 from __future__ import annotations
 
+import datetime
 import reprlib
 import typing
 
@@ -145,12 +146,15 @@ SHORT.maxlist = SHORT.maxtuple = 8
 
 
 class Shown:
-    """A value as a refusal shows it: its repr, cut short (a list of 10,000 seeds)."""
+    """A value as a refusal shows it: its repr, cut short (a list of 10,000 seeds); a
+    TOML date or time as it was written."""
 
     def __init__(self, value: object):
         self.value = value
 
     def __repr__(self) -> str:
+        if isinstance(self.value, datetime.date | datetime.time):
+            return self.value.isoformat()
         return SHORT.repr(self.value)
 
 
