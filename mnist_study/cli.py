@@ -59,8 +59,16 @@ def add_storage(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A wrong command line is refused in one line, as every other input is: the error
+    and where the usage is, not the usage itself (its subcommands' parsers are its kind)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="mnist-study",
         description="What actually stops a small CNN from overfitting MNIST? Train one "
         "configuration, run a tuned and seeded study of the variants, report it.",

@@ -40,6 +40,29 @@ def check_writable_folder(path: Path, what: str) -> None:
         ) from None
 
 
+def check_database(url: str, flag: str, timeout_s: int = 5) -> None:
+    """Fail in seconds, not minutes, on a database server that does not answer: one
+    connection with a timeout (MLflow retries its first one for about two minutes)."""
+    import sqlalchemy
+
+    engine = None
+    try:
+        engine = sqlalchemy.create_engine(
+            url, poolclass=sqlalchemy.pool.NullPool, connect_args={"connect_timeout": timeout_s}
+        )
+        with engine.connect():
+            pass
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:
+        cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
+        raise ConfigError(
+            f"{flag} {url}: the database does not answer ({cause}); start it, or check "
+            f"the address and the user"
+        ) from None
+    finally:
+        if engine is not None:
+            engine.dispose()
+
+
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
     """An exclusive lock on `path` (its folder created if needed), released on exit or

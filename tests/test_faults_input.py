@@ -26,6 +26,23 @@ def test_unreachable_tracking_server_fails_fast(tmp_path):
     assert not (tmp_path / "o.journal").exists()
 
 
+@pytest.mark.parametrize("flag", ["--tracking-uri", "--storage"])
+def test_a_database_server_that_does_not_answer_fails_fast(tmp_path, flag):
+    """Nothing listening at a postgresql:// address: one line within seconds (MLflow
+    alone retries for minutes, Optuna prints a traceback), and no other store made."""
+    (tmp_path / "tiny.toml").write_text(TINY)
+    url = f"postgresql://study@127.0.0.1:{free_port()}/db"
+    tracking, storage = stores(tmp_path / "s")
+    given = {"--tracking-uri": tracking, "--storage": storage} | {flag: url}
+    started = time.time()
+    done = cli(
+        "run", str(tmp_path / "tiny.toml"), *(x for kv in given.items() for x in kv), process=False
+    )
+    assert time.time() - started < 30
+    one_line_error(done, f"{flag} {url}: the database does not answer")
+    assert not (tmp_path / "s").exists()
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [

@@ -27,7 +27,7 @@ from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import FrozenTrial, TrialState
 
 from mnist_study.errors import ConfigError, StorageLost
-from mnist_study.store_paths import check_writable_folder, file_lock
+from mnist_study.store_paths import check_database, check_writable_folder, file_lock
 from mnist_study.study.signals import signals_deferred
 
 
@@ -107,6 +107,8 @@ class Database:
     def check(self) -> None:
         if self.file is not None:
             check_writable_folder(self.file, "--storage")
+        else:
+            check_database(self.url, "--storage")
 
     def exists(self) -> bool:
         return self.file is None or self.file.exists()  # a server is assumed to exist

@@ -22,7 +22,7 @@ from mlflow.entities import Experiment
 from mlflow.tracking import MlflowClient
 
 from mnist_study.errors import ConfigError
-from mnist_study.store_paths import check_writable_folder, file_lock
+from mnist_study.store_paths import check_database, check_writable_folder, file_lock
 from mnist_study.tracking.names import (
     EXPERIMENT_KIND,
     EXTENDED_TAG,
@@ -69,6 +69,8 @@ def check_tracking_uri(tracking_uri: str, must_exist: bool = False) -> None:
                 check_store_file(tracking_uri, database)
     elif tracking_uri.startswith(("http://", "https://")):
         check_server(tracking_uri)
+    else:
+        check_database(tracking_uri, "--tracking-uri")
 
 
 def check_server(tracking_uri: str, timeout_s: float = 5) -> None:

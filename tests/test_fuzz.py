@@ -1,0 +1,176 @@
+"""A seeded mutation loop over experiment files, command lines and store places, each
+case the real CLI (in this process) on a tiny study in fresh stores. Every case must end
+in exit 0 with the budget met in both stores and a report, or in exit 2 with at most 3
+lines on stderr, no traceback, and nothing left behind. Cases that ever failed are kept
+in fuzz_cases.json beside this file and replayed first; the loop's seed is printed with
+any failure, so `FUZZ_SEED=N make test-slow ARGS='-k fuzz'` replays a run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+from pathlib import Path
+
+import pytest
+from helpers import assert_budget_met_exactly, cli, stores
+
+from mnist_study.study.spec_file import load_spec
+
+CASES = int(os.environ.get("FUZZ_CASES", 150))
+SEED = int(os.environ.get("FUZZ_SEED", 0))
+KEPT = Path(__file__).with_name("fuzz_cases.json")
+
+BASE = """[study]
+trials = 1
+seeds = [0]
+startup_trials = 1
+[defaults]
+steps = 2
+evals = 1
+batch_size = 16
+train_size = 64
+val_size = 64
+train_eval_size = 64
+test_size = 100
+threads = 1
+[variants.baseline]
+search.lr = { low = 1e-3, high = 3e-3, log = true }
+"""
+
+VALUES = [
+    "0", "-1", "1e308", "nan", "-inf", '"x"', '""', "true", "[]", "[0, 0]", "{}",
+    "1979-05-27", "1979-05-27T07:32:00Z", "07:32:00", '"' + "x" * 30_000 + '"',
+    '"é∂?#%"', "9" * 40, "{ low = 1, high = 0 }", "[[1]]", "0.5", "2",
+]  # fmt: skip
+LINES = [
+    'name = "Default"', 'name = "a?b"', 'name = "' + "n" * 600 + '"', 'name = "ok-name"',
+    'base = "missing.toml"', 'base = "/dev/zero"', 'base = "."', "tunings = 2",
+    "train_sizes = [64, 32]", "epochs = 1", 'pruner = "median"', 'description = "d"',
+    "set = { dropout = 0.5 }", "search.dropout = { low = 0.1, high = 0.5 }",
+    "[variants.dropout]", "[defaults]", "[study]", "sampler_seed = 3", "seeds = [0, 1]",
+    'description = "' + "d" * 25_000 + '"', "lr = 1979-05-27",
+]  # fmt: skip
+FLAGS = [
+    [], [], [], [], [], [], ["--workers", "0"], ["--workers", "-1"], ["--workers", "many"],
+    ["--workers", "1"], ["--threads", "-1"], ["--threads", "1"], ["--threads", "99999"],
+    ["--tracking-uri", "ftp://x"], ["--tracking-uri", "sqlite:///{tmp}/q?x/m.db"],
+    ["--tracking-uri", "sqlite:///{tmp}/50%/m.db"], ["--tracking-uri", "sqlite:///{tmp}/file/m.db"],
+    ["--tracking-uri", "postgresql://u@127.0.0.1:1/x"], ["--storage", "{tmp}"],
+    ["--storage", "{tmp}/file/o.journal"], ["--storage", "postgresql://u@127.0.0.1:1/x"],
+    ["--bogus"], ["--workers"], ["--allow-mixed"],
+]  # fmt: skip
+PLACES = ["file"] * 8 + ["folder", "missing", "fifo", "bytes"]
+
+
+def mutated(rng: random.Random) -> dict:
+    """One case: the experiment file's text, where it is, and the extra flags."""
+    lines = BASE.splitlines()
+    for _ in range(rng.choice([0, 1, 1, 2, 3])):  # some cases change only the command line
+        op = rng.choice(["drop", "dup", "value", "typo", "add", "cut", "char"])
+        i = rng.randrange(len(lines))
+        if op == "drop" and len(lines) > 1:
+            del lines[i]
+        elif op == "dup":
+            lines.insert(i, lines[i])
+        elif op == "value" and "=" in lines[i]:
+            lines[i] = f"{lines[i].split('=')[0]}= {rng.choice(VALUES)}"
+        elif op == "typo" and "=" in lines[i]:
+            j = rng.randrange(lines[i].index("=") or 1)
+            lines[i] = lines[i][:j] + rng.choice("xq_.") + lines[i][j:]
+        elif op == "add":
+            lines.insert(i, rng.choice(LINES))
+        elif op == "cut":
+            text = "\n".join(lines)
+            lines = text[: rng.randrange(1, len(text))].splitlines() or [""]
+        elif op == "char":
+            lines[i] += rng.choice(["\x00", "\\", '"', "[", "é"])
+    return {
+        "text": "\n".join(lines) + "\n",
+        "place": rng.choice(PLACES),
+        "flags": rng.choice(FLAGS),
+    }
+
+
+class CaseHung(BaseException):
+    """A case ran past its time (a read that never ends, a wait on nothing)."""
+
+
+def hung(signum, frame):
+    raise CaseHung
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def run_case(case: dict, root: Path) -> str | None:
+    """Run one case in `root`; None if it behaved, else what went wrong."""
+    root.mkdir()
+    (root / "file").write_text("a file where a folder should be")
+    spec = root / "fuzz.toml"
+    if case["place"] == "folder":
+        spec.mkdir()
+    elif case["place"] == "fifo":
+        os.mkfifo(spec)
+    elif case["place"] == "bytes":
+        spec.write_bytes(b"\xff\xfe" + case["text"].encode())
+    elif case["place"] == "file":
+        spec.write_text(case["text"])
+    tracking, storage = stores(root / "s")
+    flags = [f.replace("{tmp}", str(root)) for f in case["flags"]]
+    before = files_under(root)
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    args = ["run", str(spec), "--tracking-uri", tracking, "--storage", storage, "--quiet", *flags]
+    for i, arg in enumerate(args[:-1]):  # the stores the case names last are those it uses
+        tracking = args[i + 1] if arg == "--tracking-uri" else tracking
+        storage = args[i + 1] if arg == "--storage" else storage
+    try:
+        done = cli(*args, process=False)
+    except CaseHung:
+        return "ran past 120 s"
+    except BaseException as exc:  # a bug: the traceback escaped the error boundary
+        return f"raised {type(exc).__name__}: {str(exc)[:300]}"
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    err = done.stderr.strip().splitlines()
+    if done.returncode == 2:
+        if len(err) > 3 or "Traceback" in done.stderr or not err:
+            return f"exit 2 with {len(err)} lines: {done.stderr[-500:]}"
+        if files_under(root) != before:
+            return (
+                f"refused ({err[-1][:200]}) but left {sorted(set(files_under(root)) - set(before))}"
+            )
+        return None
+    if done.returncode != 0:
+        return f"exit {done.returncode}: {done.stderr[-500:]}"
+    database = Path(tracking.removeprefix("sqlite:///"))
+    if tracking.startswith("sqlite:///") and not database.is_file():
+        return f"exit 0, but no MLflow store at {database}: its runs went elsewhere"
+    try:
+        assert_budget_met_exactly(tracking, storage, load_spec(spec))
+    except AssertionError as exc:
+        return f"exit 0 but the stores disagree: {exc}"
+    report = cli("report", str(spec), "--tracking-uri", tracking, "--storage", storage,
+                 "--out", str(root / "reports"), process=False)  # fmt: skip
+    return None if report.returncode == 0 else f"report exit {report.returncode}: {report.stderr}"
+
+
+@pytest.mark.slow
+def test_every_mutated_case_runs_or_is_refused_in_one_line(tmp_path, mnist_root):
+    kept = json.loads(KEPT.read_text())
+    rng = random.Random(SEED)
+    cases = kept + [mutated(rng) for _ in range(CASES)]
+    failed, outcomes = [], {"ran": 0, "refused": 0}
+    for i, case in enumerate(cases):
+        problem = run_case(case, tmp_path / f"case{i}")
+        if problem:
+            failed.append((i, problem, case))
+        else:
+            outcomes["ran" if (tmp_path / f"case{i}" / "reports").exists() else "refused"] += 1
+    print(f"fuzz: {len(cases)} cases ({len(kept)} kept), seed {SEED}: {outcomes}")
+    shown = [f"case {i}: {p}\n  {json.dumps(c)[:600]}" for i, p, c in failed]
+    assert not failed, f"{len(failed)} of {len(cases)} cases (seed {SEED}):\n" + "\n".join(shown)
