@@ -80,8 +80,18 @@ def train_seed(cfg: TrainConfig, splits, test: bool, tracker) -> dict[str, float
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from mnist_study.store_paths import check_writable_folder
+    from mnist_study.study.spec_file import load_spec
     from mnist_study.training.bench import run_bench
 
+    # Refused before minutes of measuring, not after.
+    for flag, value in (("--steps", args.steps), ("--rounds", args.rounds)):
+        if value < 1:
+            raise ConfigError(f"{flag} {value}: must be at least 1")
+    if args.json:
+        check_writable_folder(args.json, "--json")
+    if args.study_workers:
+        load_spec(args.study_workers)
     run_bench(
         args.data_root, args.steps, args.rounds, args.json, args.study_workers, args.processes
     )
@@ -96,6 +106,10 @@ def cmd_precision(args: argparse.Namespace) -> int:
 
     if args.seeds < 2 or not 0 < args.margin < 100:
         raise ConfigError("--seeds must be >= 2 and --margin in (0, 100) points")
+    if args.json:
+        from mnist_study.store_paths import check_writable_folder
+
+        check_writable_folder(args.json, "--json")
     result = compare_precisions(args.data_root, args.seeds, args.margin / 100)
     if args.json:
         write_atomic(args.json, json.dumps(result, indent=2) + "\n")

@@ -90,3 +90,22 @@ def test_cuda_without_a_gpu_is_refused_before_any_write(tmp_path):
     done = cli(*run_args(tmp_path / "gpu.toml", *stores(tmp_path / "s")), process=False)
     one_line_error(done, "device = 'cuda'", "no CUDA GPU")
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--steps", "0"], "--steps 0: must be at least 1"),
+        (["--rounds", "0"], "--rounds 0: must be at least 1"),
+        (["--json", "{tmp}/file/bench.json"], "--json {tmp}/file/bench.json: cannot write there"),
+        (["--study-workers", "{tmp}/missing.toml"], "missing.toml"),
+    ],
+    ids=["steps", "rounds", "json", "study-workers"],
+)
+def test_bench_refuses_its_arguments_before_it_measures(tmp_path, args, needle):
+    (tmp_path / "file").write_text("a file where a folder should be")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    started = time.time()
+    done = cli("bench", *args, process=False)
+    one_line_error(done, needle.replace("{tmp}", str(tmp_path)))
+    assert time.time() - started < 30 and done.stdout == ""
