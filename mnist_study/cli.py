@@ -226,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow's INFO lines (creating tables, ...) say nothing a user acts on; its warnings
     # stay. An environment variable, so that worker processes inherit it.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # A tracking server that fails (down, or answering 500) is given up on within about
+    # half a minute, not MLflow's 7 retries of up to 2 minutes each; set them to wait longer.
+    for name, value in REMOTE_RETRIES.items():
+        os.environ.setdefault(name, value)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -239,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+REMOTE_RETRIES = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
 MESSAGE_CAP = 500  # characters: a refusal is read at a glance, whatever its value holds
 # The libraries through which the environment fails (a store, a server, a database);
 # matched by module so that `--help` imports none of them.

@@ -3,6 +3,8 @@ that does not answer), refused in one line before anything is written."""
 
 from __future__ import annotations
 
+import http.server
+import threading
 import time
 
 import pytest
@@ -109,3 +111,31 @@ def test_bench_refuses_its_arguments_before_it_measures(tmp_path, args, needle):
     done = cli("bench", *args, process=False)
     one_line_error(done, needle.replace("{tmp}", str(tmp_path)))
     assert time.time() - started < 30 and done.stdout == ""
+
+
+class HealthyButFailing(http.server.BaseHTTPRequestHandler):
+    """A tracking server that says it is healthy and fails every request (500)."""
+
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 500)
+        self.end_headers()
+        self.wfile.write(b"OK" if self.path == "/health" else b"internal error")
+
+    do_POST = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_tracking_server_answering_500_is_given_up_on_in_seconds(tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HealthyButFailing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    started = time.time()
+    try:
+        done = cli(*run_args(tmp_path / "tiny.toml", uri, str(tmp_path / "o.journal")))
+    finally:
+        server.shutdown()
+    assert time.time() - started < 60  # MLflow's own retries: over 4 minutes
+    one_line_error(done, "500")
