@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from mnist_study.analysis.publish import write_report
 from mnist_study.tracking.names import IDENTITY_TAG, MIXED_TAG
-from mnist_study.tracking.runs import code_version
+from mnist_study.tracking.runs import code_version, git_commit
 
 
 def recorded_identity(tracking: str) -> dict:
@@ -31,6 +31,7 @@ def test_a_study_records_what_its_numbers_are_a_function_of(finished):
     tracking, _ = stores(finished)
     assert recorded_identity(tracking) == {
         "code": code_version(), "threads": "1", "device": "cpu", "data": "c9b60a983961",
+        "commit": git_commit(),
     }  # fmt: skip
 
 
@@ -39,7 +40,7 @@ def test_a_resume_on_other_code_or_device_is_refused_naming_both(finished, tmp_p
     before = (len(runs(tracking, "tiny")[1]), Path(storage).read_bytes())
     as_if_recorded(tracking, code="0" * 40)
     done = cli(*run_args(spec, tracking, storage), process=False)
-    one_line_error(done, f"code {'0' * 40} -> {code_version()}", "check out the commit")
+    one_line_error(done, f"code {'0' * 40} -> {code_version()}", "check out a commit with its code")
     assert "--allow-mixed" in done.stderr
     as_if_recorded(tracking, code=code_version(), device="cuda")
     done = cli(*run_args(spec, tracking, storage), process=False)

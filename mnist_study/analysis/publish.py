@@ -166,10 +166,11 @@ def write_report(
     report = report_command(study, tracking_uri, storage)
     if data.stage:
         report += f" --tunings {tunings}"
-    lines, pngs, found = [provenance_line(data, report), ""], {}, list(data.problems)
-    if done < planned:
-        lines = [f"**Partial**: {done} of {planned} runs finished; any verdict may change.", ""]
-        lines += [provenance_line(data, report), ""]
+    lines = [f"**Partial**: {done} of {planned} runs finished; any verdict may change."] * (
+        done < planned
+    )
+    lines += [provenance_line(data, report), ""]
+    pngs, found = {}, list(data.problems)
     if data.variants and data.spec is not None and data.spec.settings.train_sizes:
         body, pngs, found = sweep_section(data, out)
         lines += body

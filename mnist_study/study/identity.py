@@ -16,7 +16,7 @@ from mnist_study.tracking.legacy import recorded_spec_text
 from mnist_study.tracking.names import IDENTITY_TAG
 
 ADVICE = {
-    "code": "check out the commit it ran on",
+    "code": "check out a commit with its code ({commit})",
     "threads": "pass the --threads it ran with",
     "device": "set the device it ran on",
     "data": "use the data it ran on",
@@ -39,17 +39,22 @@ def recorded_study(spec: StudySpec, tags: dict[str, str] | None, where: str) -> 
     return recorded
 
 
+def recorded_identity(tags: dict[str, str] | None) -> dict[str, str]:
+    try:
+        return json.loads((tags or {}).get(IDENTITY_TAG) or "{}")
+    except ValueError:
+        return {}
+
+
 def identity_change(tags: dict[str, str] | None, identity: dict[str, str]) -> str:
     """How `identity` differs from the one the study recorded ('threads 1 -> 2'); empty
-    when it does not, or when nothing was recorded (a new study, or one from before)."""
-    try:
-        recorded = json.loads((tags or {}).get(IDENTITY_TAG) or "{}")
-    except ValueError:
-        recorded = {}
+    when it does not, or when nothing was recorded (a new study, or one from before).
+    The commit is not compared: one that changes no code changes no number."""
+    recorded = recorded_identity(tags)
     return "; ".join(
         f"{key} {recorded[key]} -> {value}"
         for key, value in identity.items()
-        if key in recorded and recorded[key] != value
+        if key in recorded and recorded[key] != value and key != "commit"
     )
 
 
@@ -64,7 +69,8 @@ def refuse_other_study(
         keys = [part.split(" ", 1)[0] for part in change.split("; ")]
         raise StoresDisagree(
             f"study {spec.name!r} in {where} ran with other {', '.join(keys)} ({change}): "
-            f"resuming would mix two studies in one table; {ADVICE[keys[0]]}, or pass "
+            f"resuming would mix two studies in one table; "
+            f"{ADVICE[keys[0]].format(commit=recorded_identity(tags).get('commit', '?'))}, or pass "
             f"--allow-mixed (the report then says which runs ran on which)"
         )
     return refuse_changed_study(spec, recorded, where)

@@ -89,11 +89,8 @@ def silent_for(study_name: str, trial: FrozenTrial) -> float:
     """Seconds since this process saw the trial's heartbeat change, on its own monotonic
     clock: only the heartbeat's changes count, never its value, so a host whose clock is
     skewed can neither make a live trial look old nor a dead one young."""
-    key, beat, now = (
-        (study_name, trial_id(trial)),
-        trial.system_attrs.get("heartbeat"),
-        time.monotonic(),
-    )
+    key, now = (study_name, trial_id(trial)), time.monotonic()
+    beat = trial.system_attrs.get("heartbeat")
     seen = SEEN.get(key)
     if seen is None or seen[0] != beat:
         SEEN[key] = (beat, now)

@@ -3,8 +3,7 @@ default) or a database (PostgreSQL for several machines; SQLite for one). Each s
 whether it exists, opens (checked and repaired) or connects (as it is), and holds the
 claim lock under which workers count trials and claim the next one. Then what a trial's
 life needs beyond Optuna's API (system attributes, another process's trial read or
-failed). The only module that
-touches Optuna's private attributes.
+failed). The only module that touches Optuna's private attributes.
 
 The journal is Optuna's documented multi-process storage (SQLite under several writers
 fails with "database is locked"). It has no heartbeat: see liveness.py.

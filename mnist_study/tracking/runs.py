@@ -211,40 +211,48 @@ TRAIN_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
 TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
+def git(*args: str) -> str:
+    """A git command's output in the package's repository."""
+    repo = Path(__file__).resolve().parents[2]
+    return subprocess.run(
+        ["git", *args], cwd=repo, capture_output=True, text=True, check=True
+    ).stdout
+
+
 @functools.cache
 def git_commit() -> str:
     """HEAD's commit, with `-dirty` when tracked files differ from it."""
-    return code_version().partition("+")[0]
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        return commit + ("-dirty" if git("diff", "HEAD", "--stat") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 @functools.cache
 def code_version() -> str:
-    """HEAD's commit, and for a dirty tree `-dirty+` a hash of its diff, so that two
-    different edits of one commit are two versions."""
-    repo = Path(__file__).resolve().parents[2]
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=repo, capture_output=True, text=True, check=True
-        ).stdout
-
+    """The package's code: the git tree of mnist_study/ at HEAD, and for an edited one
+    `+` a hash of its diff, so that two edits of one commit are two versions while a
+    commit that changes only docs or tests is the same code."""
     try:
-        commit = git("rev-parse", "HEAD").strip()
-        diff = git("diff", "HEAD", "--binary")
+        tree = git("rev-parse", "HEAD:mnist_study").strip()
+        diff = git("diff", "HEAD", "--binary", "--", "mnist_study")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return f"{commit}-dirty+{hashlib.sha256(diff.encode()).hexdigest()[:12]}" if diff else commit
+    return f"{tree}+{hashlib.sha256(diff.encode()).hexdigest()[:12]}" if diff else tree
 
 
 def study_identity(cfg: TrainConfig) -> dict[str, str]:
     """What a study's numbers are a function of besides its spec and the CPU kind: the
-    code, the threads per run, the device kind and the data (its files' checksums)."""
+    code, the threads per run, the device kind and the data (its files' checksums); and
+    the commit it started on, which says where that code is."""
     data = hashlib.sha256(",".join(sorted(checksums().values())).encode()).hexdigest()[:12]
     return {
         "code": code_version(),
         "threads": str(cfg.threads or 1),
         "device": resolve_device(cfg).type,
         "data": data,
+        "commit": git_commit(),
     }
 
 
