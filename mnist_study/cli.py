@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 
 from mnist_study import commands
-from mnist_study.errors import ConfigError, DataError, Diverged
+from mnist_study.errors import environment_error
 from mnist_study.store_paths import DEFAULT_STORAGE, DEFAULT_TRACKING_URI
 from mnist_study.training.config import TrainConfig, field_docs
 
@@ -231,16 +231,20 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in REMOTE_RETRIES.items():
         os.environ.setdefault(name, value)
     args = build_parser().parse_args(argv)
+    inherited = os.environ.get("MNIST_STUDY_DEBUG")
+    if args.debug:  # for the workers too, for this command only
+        os.environ["MNIST_STUDY_DEBUG"] = "1"
     try:
         return args.func(args)
     except Exception as exc:
         line = environment_error(exc)
         if line is None or args.debug:
             raise
-        if len(line) > MESSAGE_CAP:
-            line = line[: MESSAGE_CAP - 1] + "…"
         print(f"mnist-study: error: {line}", file=sys.stderr)
         return 2
+    finally:
+        if inherited is None:
+            os.environ.pop("MNIST_STUDY_DEBUG", None)
 
 
 REMOTE_RETRIES = {
@@ -248,25 +252,6 @@ REMOTE_RETRIES = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
-MESSAGE_CAP = 500  # characters: a refusal is read at a glance, whatever its value holds
-# The libraries through which the environment fails (a store, a server, a database);
-# matched by module so that `--help` imports none of them.
-OUTSIDE = ("mlflow.", "sqlalchemy.", "psycopg", "requests.", "urllib3.", "optuna.")
-
-
-def environment_error(exc: BaseException) -> str | None:
-    """The one line for a failure that is the user's input or environment, else None."""
-    if isinstance(exc, ConfigError | DataError):
-        return str(exc)
-    if isinstance(exc, Diverged):
-        return f"training diverged: {exc}; lower --lr (or the regularizer's strength)"
-    if isinstance(exc, OSError) and not type(exc).__module__.startswith(OUTSIDE):
-        where = ": ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
-        return f"{where or type(exc).__name__}: {exc.strerror or exc}"
-    if any(k.__module__.startswith(OUTSIDE) for k in type(exc).__mro__):
-        first = next((s.strip() for s in str(exc).splitlines() if s.strip()), "")
-        return f"{type(exc).__name__}: {first}"
-    return None
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""Every error the package raises on purpose. The user-facing ones (ConfigError and its
-kinds, DataError) carry a one-line message that names the file, key or value and says
-what would be right; `mnist-study` prints it and exits with code 2."""
+"""Every error the package raises on purpose, and which failures are the user's input or
+environment. The user-facing ones (ConfigError and its kinds, DataError) carry a one-line
+message that names the file, key or value and says what would be right; `mnist-study`
+(and each of its workers) prints it, or the environment's failure, in one line and exits
+with code 2."""
 
 from __future__ import annotations
 
@@ -43,3 +45,32 @@ class StudyIncomplete(RuntimeError):
 
 class WorkerRefused(Exception):
     """A worker refused to go on; its one-line reason is printed already."""
+
+
+MESSAGE_CAP = 500  # characters: a refusal is read at a glance, whatever its value holds
+# The libraries through which the environment fails (a store, a server, a database);
+# matched by module so that `--help` imports none of them.
+OUTSIDE = ("mlflow.", "sqlalchemy.", "psycopg", "requests.", "urllib3.", "optuna.")
+
+
+def environment_error(exc: BaseException) -> str | None:
+    """The one line (at most MESSAGE_CAP characters) for a failure that is the user's
+    input or environment, else None: a bug of ours keeps its traceback."""
+    line = failure_line(exc)
+    if line is not None and len(line) > MESSAGE_CAP:
+        line = line[: MESSAGE_CAP - 1] + "…"
+    return line
+
+
+def failure_line(exc: BaseException) -> str | None:
+    if isinstance(exc, ConfigError | DataError):
+        return str(exc)
+    if isinstance(exc, Diverged):
+        return f"training diverged: {exc}; lower --lr (or the regularizer's strength)"
+    if isinstance(exc, OSError) and not type(exc).__module__.startswith(OUTSIDE):
+        where = ": ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        return f"{where or type(exc).__name__}: {exc.strerror or exc}"
+    if any(k.__module__.startswith(OUTSIDE) for k in type(exc).__mro__):
+        first = next((s.strip() for s in str(exc).splitlines() if s.strip()), "")
+        return f"{type(exc).__name__}: {first}"
+    return None

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from helpers import TINY, cli, copy_of, one_line_error, run_args
 
-from mnist_study.cli import MESSAGE_CAP, environment_error
+from mnist_study.errors import MESSAGE_CAP, environment_error
 
 
 def test_a_diverging_train_is_one_line():

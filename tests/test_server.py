@@ -14,37 +14,59 @@ import time
 import urllib.request
 
 import pytest
-from helpers import TINY, assert_budget_met_exactly, cli, free_port, run_two_workers
+from helpers import (
+    REPO,
+    SLOW2,
+    TINY,
+    assert_budget_met_exactly,
+    cli,
+    command,
+    free_port,
+    run_args,
+    run_two_workers,
+    trial_states,
+    wait_for_running_trial,
+)
 
 from mnist_study.analysis.publish import write_report
 from mnist_study.study.spec_file import load_spec
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = free_port()
+def start_server(tmp_path, port: int) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:port (SQLite backend in tmp_path, artifacts proxied
+    into it), answering /health; skips the test where it cannot start."""
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--workers", "1"]
     cmd += ["--artifacts-destination", str(tmp_path / "artifacts")]
-    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 (closed below)
-    server = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    tail = (tmp_path / "server.log").read_text()[-500:]
-                    pytest.skip(f"mlflow server did not start here: {tail}")
-                time.sleep(0.5)
-        yield url
-    finally:
+    with open(tmp_path / "server.log", "a") as log:
+        server = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+    deadline = time.time() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return server
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                stop(server)
+                tail = (tmp_path / "server.log").read_text()[-500:]
+                pytest.skip(f"mlflow server did not start here: {tail}")
+            time.sleep(0.5)
+
+
+def stop(server: subprocess.Popen) -> None:
+    if server.poll() is None:
         os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
-        log.close()
+    server.wait()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    server = start_server(tmp_path, port)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(server)
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -87,3 +109,44 @@ def test_two_workers_log_a_study_to_an_mlflow_server_and_it_reports(tmp_path, ml
     page = rendered(link, tmp_path)
     assert "Run Name" in page and "baseline" in page and "batchnorm" in page
     assert "Detect Issues" not in page
+
+
+@pytest.mark.slow
+def test_a_tracking_server_that_dies_mid_study_stops_it_in_a_line_and_it_resumes(tmp_path):
+    """The server killed while two workers train: the command ends within a minute or
+    two (MLflow's retries bounded) with one line per worker at most, no traceback; the
+    server back, the same command completes the budget."""
+    port = free_port()
+    url, server = f"http://127.0.0.1:{port}", start_server(tmp_path, port)
+    path, storage = tmp_path / "slow.toml", str(tmp_path / "optuna.journal")
+    path.write_text(SLOW2)
+    proc = subprocess.Popen(
+        command(*run_args(path, url, storage, "--workers", "2")),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    try:
+        wait_for_running_trial(storage, "slow.*[!l]", None)
+        stop(server)
+        started = time.time()
+        _, err = proc.communicate(timeout=240)
+    finally:
+        stop(server)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert time.time() - started < 120
+    lines = err.strip().splitlines()
+    assert 1 <= len(lines) <= 2 and all(x.startswith("mnist-study: error: ") for x in lines)
+    server = start_server(tmp_path, port)
+    try:
+        done = cli(*run_args(path, url, storage, "--workers", "2"))
+    finally:
+        stop(server)
+    assert done.returncode == 0, done.stderr[-2000:]
+    states = trial_states(storage, load_spec(path))
+    for variant in ("baseline", "batchnorm"):
+        tuned = states[f"slow.{variant}"]
+        assert (
+            tuned["COMPLETE"] + tuned["PRUNED"] == 2
+            and states[f"slow.{variant}.final"]["COMPLETE"] == 1
+        )

@@ -7,6 +7,7 @@ own `_run_trial`: link, train, report each point, prune, tell, end."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import shlex
 import sys
 import time
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
-from mnist_study.errors import StorageLost, StudyIncomplete
+from mnist_study.errors import StudyIncomplete, environment_error
 from mnist_study.store_paths import store_flags
 from mnist_study.study.console import Console
 from mnist_study.study.liveness import TrialTaken, mark_alive
@@ -115,8 +116,11 @@ def worker_main(spec, opts, experiment_id, index) -> None:
         Worker(spec, opts, experiment_id, index).loop()
     except Interrupted as exc:  # its trial is already recorded; no traceback
         sys.exit(exc.exit_code)
-    except StorageLost as exc:  # one line, and the command stops (exit code 2)
-        print(f"mnist-study: error: {exc}", file=sys.stderr, flush=True)
+    except Exception as exc:  # the environment's failure (a store lost, a server down):
+        line = environment_error(exc)  # one line, and the whole command stops (exit 2)
+        if line is None or os.environ.get("MNIST_STUDY_DEBUG"):
+            raise
+        print(f"mnist-study: error: {line}", file=sys.stderr, flush=True)
         sys.exit(REFUSED)
 
 
