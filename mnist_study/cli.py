@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 
 from mnist_study import commands
-from mnist_study.errors import environment_error
+from mnist_study.errors import said_in_one_line
 from mnist_study.store_paths import DEFAULT_STORAGE, DEFAULT_TRACKING_URI
 from mnist_study.training.config import TrainConfig, field_docs
 
@@ -237,10 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Exception as exc:
-        line = environment_error(exc)
-        if line is None or args.debug:
+        if not said_in_one_line(exc):
             raise
-        print(f"mnist-study: error: {line}", file=sys.stderr)
         return 2
     finally:
         if inherited is None:

@@ -144,7 +144,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"study {spec.name!r}: {len(spec.variants)} variants{cells}{tunings} x ({s.trials} "
         f"trials + {len(s.seeds)} seeds); MLflow {args.tracking_uri}, "
         f"Optuna {args.storage}; {opts.workers} worker(s), "
-        f"{opts.threads or spec.defaults.threads or 1} thread(s) per run",
+        f"{opts.run_threads(spec.defaults)} thread(s) per run",
         flush=True,
     )
     try:

@@ -6,6 +6,9 @@ with code 2."""
 
 from __future__ import annotations
 
+import os
+import sys
+
 
 class ConfigError(ValueError):
     """A configuration value or key that cannot be used; the message is one line."""
@@ -51,6 +54,18 @@ MESSAGE_CAP = 500  # characters: a refusal is read at a glance, whatever its val
 # The libraries through which the environment fails (a store, a server, a database);
 # matched by module so that `--help` imports none of them.
 OUTSIDE = ("mlflow.", "sqlalchemy.", "psycopg", "requests.", "urllib3.", "optuna.")
+
+
+def said_in_one_line(exc: BaseException) -> bool:
+    """Print the one line for a failure of the user's input or environment on stderr;
+    False, printing nothing, for a bug of ours or under --debug (MNIST_STUDY_DEBUG),
+    which the caller re-raises to show its traceback. The boundary of the command and of
+    each of its workers."""
+    line = environment_error(exc)
+    if line is None or os.environ.get("MNIST_STUDY_DEBUG"):
+        return False
+    print(f"mnist-study: error: {line}", file=sys.stderr, flush=True)
+    return True
 
 
 def environment_error(exc: BaseException) -> str | None:

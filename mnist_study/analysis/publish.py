@@ -57,11 +57,9 @@ def provenance_line(data: StudyData, report: str = "") -> str:
     )
     cpu = children["tags.cpu"].mode().iat[0] if "tags.cpu" in children else "?"
     workers = children["tags.workers"].mode().iat[0] if "tags.workers" in children else "?"
-    threads = each_value(children, "tags.threads")
-    threads = (
-        f"thread(s) per run {threads}" if "runs)" in threads else f"{threads} thread(s) per run"
-    )
-    device = each_value(children, "tags.device")
+    threads, mixed = each_value(children, "tags.threads")
+    threads = f"thread(s) per run {threads}" if mixed else f"{threads} thread(s) per run"
+    device, _ = each_value(children, "tags.device")
     device = "" if device in ("cpu", "?") else f", device {device}"
     budget = ""
     if data.spec:
@@ -99,15 +97,16 @@ def provenance_line(data: StudyData, report: str = "") -> str:
     )
 
 
-def each_value(runs: pd.DataFrame, column: str) -> str:
+def each_value(runs: pd.DataFrame, column: str) -> tuple[str, bool]:
     """A tag's one value over the runs, or each value with its count where they differ
-    (a study resumed mixed): `1`, or `1 (40 runs), 2 (8 runs)`."""
+    (a study resumed mixed), and whether they do: ('1', False), or ('1 (40 runs),
+    2 (8 runs)', True)."""
     if column not in runs:
-        return "?"
+        return "?", False
     counts = runs[column].value_counts()
     if len(counts) == 1:
-        return str(counts.index[0])
-    return ", ".join(f"{value} ({n} runs)" for value, n in counts.items())
+        return str(counts.index[0]), False
+    return ", ".join(f"{value} ({n} runs)" for value, n in counts.items()), len(counts) > 1
 
 
 def busy_minutes(starts: pd.Series, ends: pd.Series) -> float:

@@ -7,7 +7,6 @@ own `_run_trial`: link, train, report each point, prune, tell, end."""
 from __future__ import annotations
 
 import multiprocessing
-import os
 import shlex
 import sys
 import time
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
-from mnist_study.errors import StudyIncomplete, environment_error
+from mnist_study.errors import StudyIncomplete, said_in_one_line
 from mnist_study.store_paths import store_flags
 from mnist_study.study.console import Console
 from mnist_study.study.liveness import TrialTaken, mark_alive
@@ -34,6 +33,7 @@ from mnist_study.study.stores import StudyStores, best_trial
 from mnist_study.tracking.names import Role
 from mnist_study.tracking.outcome import Outcome
 from mnist_study.tracking.runs import study_identity
+from mnist_study.training.config import TrainConfig
 from mnist_study.training.mnist_data import load_splits
 from mnist_study.training.train import Training, check_device, evaluate_test, point_line
 
@@ -52,6 +52,10 @@ class RunOptions:
     log_models: bool = True
     allow_mixed: bool = False
     """Resume on other code, threads, device or data (recorded; the report says so)."""
+
+    def run_threads(self, cfg: TrainConfig) -> int:
+        """The threads a run of `cfg` gets: --threads, else the spec's, else 1."""
+        return self.threads or cfg.threads or 1
 
     def store_args(self) -> list[str]:
         """The flags that name these stores, where they are not the defaults."""
@@ -78,8 +82,7 @@ def preflight(spec: StudySpec, opts: RunOptions) -> StudyStores:
     check_device(spec.defaults, f"{spec.path}: defaults")
     for v in spec.variants:
         check_device(spec.config_for(v, {}), f"{spec.path}: variants.{v.name}")
-    threads = opts.threads or spec.defaults.threads or 1
-    identity = study_identity(spec.defaults.replace("run", threads=threads))
+    identity = study_identity(spec.defaults.replace("run", threads=opts.run_threads(spec.defaults)))
     stores = StudyStores(spec, opts.tracking_uri, opts.storage, identity, opts.allow_mixed)
     extension = stores.check()
     if extension:
@@ -117,10 +120,8 @@ def worker_main(spec, opts, experiment_id, index) -> None:
     except Interrupted as exc:  # its trial is already recorded; no traceback
         sys.exit(exc.exit_code)
     except Exception as exc:  # the environment's failure (a store lost, a server down):
-        line = environment_error(exc)  # one line, and the whole command stops (exit 2)
-        if line is None or os.environ.get("MNIST_STUDY_DEBUG"):
+        if not said_in_one_line(exc):  # one line, and the whole command stops (exit 2)
             raise
-        print(f"mnist-study: error: {line}", file=sys.stderr, flush=True)
         sys.exit(REFUSED)
 
 
@@ -242,7 +243,7 @@ class Worker:
         config, run id)."""
         name, params, extra = self.point(unit)
         cfg = self.spec.config_for(unit.cell, params)
-        cfg = cfg.replace(threads=self.opts.threads or cfg.threads or 1)
+        cfg = cfg.replace(threads=self.opts.run_threads(cfg))
         tags = {
             "variant": unit.cell.name,
             "cell": unit.cell.key,
