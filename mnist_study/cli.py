@@ -15,6 +15,7 @@ from pathlib import Path
 from mnist_study import commands
 from mnist_study.errors import said_in_one_line
 from mnist_study.store_paths import DEFAULT_STORAGE, DEFAULT_TRACKING_URI
+from mnist_study.tracking.retries import bound_remote_retries
 from mnist_study.training.config import TrainConfig, field_docs
 
 DEFAULT_DATA_ROOT = Path("data")
@@ -226,10 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow's INFO lines (creating tables, ...) say nothing a user acts on; its warnings
     # stay. An environment variable, so that worker processes inherit it.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    # A tracking server that fails (down, or answering 500) is given up on within about
-    # half a minute, not MLflow's 7 retries of up to 2 minutes each; set them to wait longer.
-    for name, value in REMOTE_RETRIES.items():
-        os.environ.setdefault(name, value)
+    bound_remote_retries()  # a failing tracking server: a line, half a minute, then one more
     args = build_parser().parse_args(argv)
     inherited = os.environ.get("MNIST_STUDY_DEBUG")
     if args.debug:  # for the workers too, for this command only
@@ -243,13 +241,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if inherited is None:
             os.environ.pop("MNIST_STUDY_DEBUG", None)
-
-
-REMOTE_RETRIES = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-}
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ with code 2."""
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -56,6 +57,22 @@ MESSAGE_CAP = 500  # characters: a refusal is read at a glance, whatever its val
 OUTSIDE = ("mlflow.", "sqlalchemy.", "psycopg", "requests.", "urllib3.", "optuna.")
 
 
+# What would be right, by the operating system's reason for refusing a file.
+_ACCESS = "give this user access to it, or choose another place"
+_SPACE = "free some space there, or point it at another disk"
+OS_REMEDIES = {
+    errno.EACCES: _ACCESS,
+    errno.EPERM: _ACCESS,
+    errno.EROFS: "that file system is read-only; choose a writable place",
+    errno.ENOSPC: _SPACE,
+    errno.EDQUOT: _SPACE,
+    errno.EISDIR: "it is a folder; name a file",
+    errno.ENOTDIR: "a part of that path is a file, not a folder",
+    errno.ENOENT: "check the path",
+    errno.ENAMETOOLONG: "choose a shorter path",
+}
+
+
 def said_in_one_line(exc: BaseException) -> bool:
     """Print the one line for a failure of the user's input or environment on stderr;
     False, printing nothing, for a bug of ours or under --debug (MNIST_STUDY_DEBUG),
@@ -84,7 +101,10 @@ def failure_line(exc: BaseException) -> str | None:
         return f"training diverged: {exc}; lower --lr (or the regularizer's strength)"
     if isinstance(exc, OSError) and not type(exc).__module__.startswith(OUTSIDE):
         where = ": ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
-        return f"{where or type(exc).__name__}: {exc.strerror or exc}"
+        remedy = OS_REMEDIES.get(exc.errno)
+        return f"{where or type(exc).__name__}: {exc.strerror or exc}" + (
+            f"; {remedy}" if remedy else ""
+        )
     if any(k.__module__.startswith(OUTSIDE) for k in type(exc).__mro__):
         first = next((s.strip() for s in str(exc).splitlines() if s.strip()), "")
         return f"{type(exc).__name__}: {first}"

@@ -19,9 +19,14 @@ DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 DEFAULT_STORAGE = "mlruns/optuna.journal"
 
 
-def check_writable_folder(path: Path, what: str) -> None:
-    """Refuse a store path whose folder cannot be made or written, writing nothing: the
-    nearest existing folder above it gets a probe file, removed at once."""
+# Why a report, which only reads, is refused a read-only store too.
+STORE_NEEDS_WRITING = "MLflow and Optuna open a store for writing even to read it, so "
+
+
+def check_writable_folder(path: Path, what: str, why: str = "") -> None:
+    """Refuse a path whose folder cannot be made or written, writing nothing: the
+    nearest existing folder above it gets a probe file, removed at once. `why` is said
+    before the remedy."""
     if path.is_dir():
         raise ConfigError(f"{what} {path}: is a folder; give a file path")
     existing = path.parent
@@ -36,7 +41,7 @@ def check_writable_folder(path: Path, what: str) -> None:
     except OSError as exc:
         raise ConfigError(
             f"{what} {path}: cannot write there ({existing}: {exc.strerror}); "
-            f"choose a writable place"
+            f"{why}choose a writable place"
         ) from None
 
 

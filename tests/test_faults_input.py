@@ -4,6 +4,7 @@ that does not answer), refused in one line before anything is written."""
 from __future__ import annotations
 
 import http.server
+import subprocess
 import threading
 import time
 
@@ -138,4 +139,6 @@ def test_a_tracking_server_answering_500_is_given_up_on_in_seconds(tmp_path):
     finally:
         server.shutdown()
     assert time.time() - started < 60  # MLflow's own retries: over 4 minutes
-    one_line_error(done, "500")
+    retrying, error = done.stderr.splitlines(keepends=True)  # a line as it starts to retry
+    assert "failed a request (HTTP 500" in retrying and "retrying up to 3 times" in retrying
+    one_line_error(subprocess.CompletedProcess(done.args, 2, done.stdout, error), "500")

@@ -140,6 +140,7 @@ def optuna_record(storage: str | None, spec: StudySpec | None) -> OptunaSide | s
     found = optuna_storage(storage)
     if not found.exists():
         return f"Optuna storage {storage} not found: runs not cross-checked against trials"
+    found.check()  # a folder, or one it cannot open: one line, not Optuna's traceback
     side = optuna_side(found.connect(), spec)
     if side.trials == 0:
         return f"Optuna storage {storage} holds no trials of this study: runs not cross-checked"

@@ -26,7 +26,12 @@ from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import FrozenTrial, TrialState
 
 from mnist_study.errors import ConfigError, StorageLost
-from mnist_study.store_paths import check_database, check_writable_folder, file_lock
+from mnist_study.store_paths import (
+    STORE_NEEDS_WRITING,
+    check_database,
+    check_writable_folder,
+    file_lock,
+)
 from mnist_study.study.signals import signals_deferred
 
 
@@ -50,7 +55,7 @@ class JournalFile:
         self.url, self.path = url, Path(url)
 
     def check(self) -> None:
-        check_writable_folder(self.path, "--storage")
+        check_writable_folder(self.path, "--storage", STORE_NEEDS_WRITING)
 
     def exists(self) -> bool:
         return self.path.exists()
@@ -105,7 +110,7 @@ class Database:
 
     def check(self) -> None:
         if self.file is not None:
-            check_writable_folder(self.file, "--storage")
+            check_writable_folder(self.file, "--storage", STORE_NEEDS_WRITING)
         else:
             check_database(self.url, "--storage")
 

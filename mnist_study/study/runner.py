@@ -32,6 +32,7 @@ from mnist_study.study.spec import StudySpec
 from mnist_study.study.stores import StudyStores, best_trial
 from mnist_study.tracking.names import Role
 from mnist_study.tracking.outcome import Outcome
+from mnist_study.tracking.retries import bound_remote_retries
 from mnist_study.tracking.runs import study_identity
 from mnist_study.training.config import TrainConfig
 from mnist_study.training.mnist_data import load_splits
@@ -115,6 +116,7 @@ def run_study(spec: StudySpec, opts: RunOptions) -> None:
 
 
 def worker_main(spec, opts, experiment_id, index) -> None:
+    bound_remote_retries()  # a process of its own: its first retry is said too
     try:
         Worker(spec, opts, experiment_id, index).loop()
     except Interrupted as exc:  # its trial is already recorded; no traceback

@@ -8,11 +8,13 @@ store without shared state.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import importlib.metadata
 import logging
 import platform
+import shutil
 import subprocess
 import tempfile
 import time
@@ -32,6 +34,10 @@ from mnist_study.training.config import MNIST_TEST_IMAGES, TrainConfig
 from mnist_study.training.machine import cpu_model
 from mnist_study.training.mnist_data import checksums
 from mnist_study.training.train import resolve_device
+
+# Free bytes below which a model that torch failed to write is taken for a full disk
+# (the model is ~0.5 MB; torch reports any failed write as a RuntimeError).
+FULL_BELOW = 16 << 20
 
 
 class Tracker:
@@ -148,12 +154,18 @@ class Tracker:
         # Its warning about pickles is the trade-off stated above, once per model.
         logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
         with tempfile.TemporaryDirectory() as folder:
-            mlflow.pytorch.save_model(
-                model.cpu().float().eval(),
-                f"{folder}/model",
-                serialization_format="pickle",
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "mnist-study"],
-            )
+            try:
+                mlflow.pytorch.save_model(
+                    model.cpu().float().eval(),
+                    f"{folder}/model",
+                    serialization_format="pickle",
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "mnist-study"],
+                )
+            except RuntimeError:  # torch says a failed write so; a full disk is not our bug
+                if shutil.disk_usage(folder).free >= FULL_BELOW:
+                    raise
+                where = tempfile.gettempdir()
+                raise OSError(errno.ENOSPC, "no space left for the model", where) from None
             self.client.log_artifacts(run_id, f"{folder}/model", "model")
 
     def end(self, run_id: str, outcome: Outcome, reason: str = "", trial: bool = True) -> None:

@@ -22,7 +22,12 @@ from mlflow.entities import Experiment
 from mlflow.tracking import MlflowClient
 
 from mnist_study.errors import ConfigError
-from mnist_study.store_paths import check_database, check_writable_folder, file_lock
+from mnist_study.store_paths import (
+    STORE_NEEDS_WRITING,
+    check_database,
+    check_writable_folder,
+    file_lock,
+)
 from mnist_study.tracking.names import (
     EXPERIMENT_KIND,
     EXTENDED_TAG,
@@ -57,7 +62,7 @@ def check_tracking_uri(tracking_uri: str, must_exist: bool = False) -> None:
                 f"--tracking-uri {tracking_uri}: no MLflow store at {database}; "
                 f"run a study first or give the right path"
             )
-        check_writable_folder(database, "--tracking-uri")
+        check_writable_folder(database, "--tracking-uri", STORE_NEEDS_WRITING)
         if database.is_file() and database.stat().st_size:
             with open(database, "rb") as f:
                 if f.read(16) != b"SQLite format 3\x00":

@@ -50,24 +50,19 @@ def raw_dir(root: Path) -> Path:
     return Path(root) / "MNIST" / "raw"
 
 
-def md5_of(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def check_file(path: Path, expected_md5: str) -> None:
-    """Raise DataError unless `path` exists with the expected MD5."""
+def check_file(path: Path, expected_md5: str) -> bytes:
+    """The file's bytes, verified: DataError unless `path` exists with the expected MD5.
+    Read once, so that what is used is what was checked (a file may change meanwhile)."""
     if not path.exists():
         raise DataError(f"{path}: missing; run `mnist-study data` (or `make data`) to fetch it")
-    actual = md5_of(path)
+    data = path.read_bytes()
+    actual = hashlib.md5(data).hexdigest()
     if actual != expected_md5:
         raise DataError(
             f"{path}: MD5 {actual} != expected {expected_md5} (corrupt or truncated); "
             f"delete it and run `mnist-study data` to fetch it again"
         )
+    return data
 
 
 def ensure_files(
@@ -185,8 +180,9 @@ def idx_bytes(array: np.ndarray) -> bytes:
     return header + dims + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
 
 
-def read_idx(path: Path) -> np.ndarray:
-    data = Path(path).read_bytes()
+def read_idx(path: Path, data: bytes | None = None) -> np.ndarray:
+    """An IDX file as an array: its bytes given (already verified), else read."""
+    data = Path(path).read_bytes() if data is None else data
     if len(data) < 4 or data[:3] != b"\x00\x00\x08":
         raise DataError(f"{path}: not a uint8 IDX file; delete it and run `mnist-study data`")
     ndim = data[3]
@@ -212,14 +208,14 @@ def fetch(root: Path, log: Callable[[str], None] = print) -> str:
 def load_arrays(root: Path) -> dict[str, np.ndarray]:
     """The verified files as uint8 arrays: train_x, train_y, test_x, test_y."""
     directory = raw_dir(root)
-    for name, (md5, _) in MNIST_FILES.items():
-        check_file(directory / name, md5)
-    return {
-        "train_x": read_idx(directory / "train-images-idx3-ubyte"),
-        "train_y": read_idx(directory / "train-labels-idx1-ubyte"),
-        "test_x": read_idx(directory / "t10k-images-idx3-ubyte"),
-        "test_y": read_idx(directory / "t10k-labels-idx1-ubyte"),
+    verified = {name: check_file(directory / name, md5) for name, (md5, _) in MNIST_FILES.items()}
+    names = {
+        "train_x": "train-images-idx3-ubyte",
+        "train_y": "train-labels-idx1-ubyte",
+        "test_x": "t10k-images-idx3-ubyte",
+        "test_y": "t10k-labels-idx1-ubyte",
     }
+    return {key: read_idx(directory / name, verified[name]) for key, name in names.items()}
 
 
 def checksums() -> dict[str, str]:
