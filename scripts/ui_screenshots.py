@@ -23,7 +23,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from mnist_study.study.experiment import ui_link
+from mnist_study.tracking.names import ui_link
 
 WIDTH, HEIGHT = 1600, 1000
 
