@@ -24,9 +24,9 @@ STORE_NEEDS_WRITING = "MLflow and Optuna open a store for writing even to read i
 
 
 def check_writable_folder(path: Path, what: str, why: str = "") -> None:
-    """Refuse a path whose folder cannot be made or written, writing nothing: the
-    nearest existing folder above it gets a probe file, removed at once. `why` is said
-    before the remedy."""
+    """Refuse a path that exists read-only, or whose folder cannot be made or written,
+    writing nothing: the nearest existing folder above it gets a probe file, removed at
+    once. `why` is said before the remedy."""
     if path.is_dir():
         raise ConfigError(f"{what} {path}: is a folder; give a file path")
     existing = path.parent
@@ -43,6 +43,11 @@ def check_writable_folder(path: Path, what: str, why: str = "") -> None:
             f"{what} {path}: cannot write there ({existing}: {exc.strerror}); "
             f"{why}choose a writable place"
         ) from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(
+            f"{what} {path}: cannot write it (read-only for this user); {why}make it "
+            f"writable (chmod u+w) or choose another place"
+        )
 
 
 def check_database(url: str, flag: str, timeout_s: int = 5) -> None:

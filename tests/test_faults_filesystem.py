@@ -124,17 +124,34 @@ def mnist_copy(mnist_root: Path, target: Path) -> Path:
     return target / "MNIST" / "raw" / "train-images-idx3-ubyte"
 
 
+def as_a_user(args: list[str]) -> subprocess.CompletedProcess:
+    """`args` run without the capabilities that let root read and write any file (so a
+    file's mode applies as it would to any user), or the test skipped without setpriv."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    no_override = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+    return subprocess.run(no_override + args, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("store", ["mlflow.db", "optuna.journal"])
+def test_a_read_only_store_file_is_one_line(finished, tmp_path, store):
+    spec, tracking, storage = copy_of(finished, tmp_path)
+    spec.write_text(TINY.replace("seeds = [0, 1]", "seeds = [0, 1, 2]"))  # one more to run
+    shut = Path(storage).parent / store
+    before = snapshot(shut.parent)
+    shut.chmod(0o444)
+    done = as_a_user(command(*run_args(spec, tracking, storage)))
+    one_line_error(done, f"{shut}: cannot write it (read-only for this user)", "chmod u+w")
+    assert snapshot(shut.parent) == before
+
+
 def test_mnist_files_this_user_cannot_read_are_one_line(tmp_path, mnist_root):
-    """Root reads any file: the command runs without the capabilities that allow it."""
     images = mnist_copy(mnist_root, tmp_path / "data")
     images.chmod(0)
     (tmp_path / "tiny.toml").write_text(TINY)
-    no_override = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is not installed")
     run = command(*run_args(tmp_path / "tiny.toml", *stores(tmp_path)))
     run[run.index("--data-root") + 1] = str(tmp_path / "data")
-    done = subprocess.run(no_override + run, capture_output=True, text=True)
+    done = as_a_user(run)
     one_line_error(done, str(images), "Permission denied", "give this user access")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "tiny.toml"]
 

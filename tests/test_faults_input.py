@@ -12,6 +12,7 @@ import pytest
 from helpers import (
     TINY,
     cli,
+    copy_of,
     free_port,
     one_line_error,
     run_args,
@@ -44,6 +45,41 @@ def test_a_database_server_that_does_not_answer_fails_fast(tmp_path, flag):
     assert time.time() - started < 30
     one_line_error(done, f"{flag} {url}: the database does not answer")
     assert not (tmp_path / "s").exists()
+
+
+def test_a_report_whose_storage_database_does_not_answer_is_one_line(finished, tmp_path):
+    spec, tracking, _ = copy_of(finished, tmp_path)
+    url = f"postgresql://study@127.0.0.1:{free_port()}/db"
+    args = ["report", str(spec), "--tracking-uri", tracking, "--storage", url]
+    done = cli(*args, "--out", str(tmp_path / "reports"), process=False)
+    one_line_error(done, f"--storage {url}: the database does not answer")
+    assert not (tmp_path / "reports").exists()
+
+
+class AnotherWebServer(http.server.BaseHTTPRequestHandler):
+    """A web server that is not MLflow's: a page for every address."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"<html><body>Welcome</body></html>")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_web_server_that_is_not_mlflow_is_one_line(tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AnotherWebServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    args = run_args(tmp_path / "tiny.toml", uri, str(tmp_path / "o.journal"))
+    try:
+        done = cli(*args, process=False)
+    finally:
+        server.shutdown()
+    one_line_error(done, uri, "not as an MLflow server", "<html>")
+    assert not (tmp_path / "o.journal").exists()
 
 
 @pytest.mark.parametrize(

@@ -114,7 +114,7 @@ def test_two_workers_log_a_study_to_an_mlflow_server_and_it_reports(tmp_path, ml
 @pytest.mark.slow
 def test_a_tracking_server_that_dies_mid_study_stops_it_in_a_line_and_it_resumes(tmp_path):
     """The server killed while two workers train: the command ends within a minute or
-    two (MLflow's retries bounded) with one line per worker at most, no traceback; the
+    two (MLflow's retries bounded) with two lines per worker at most, no traceback; the
     server back, the same command completes the budget."""
     port = free_port()
     url, server = f"http://127.0.0.1:{port}", start_server(tmp_path, port)
@@ -135,8 +135,10 @@ def test_a_tracking_server_that_dies_mid_study_stops_it_in_a_line_and_it_resumes
             proc.kill()
     assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
     assert time.time() - started < 120
-    lines = err.strip().splitlines()
-    assert 1 <= len(lines) <= 2 and all(x.startswith("mnist-study: error: ") for x in lines)
+    lines = err.strip().splitlines()  # per worker: its first retry said, then its error
+    errors = [x for x in lines if x.startswith("mnist-study: error: ")]
+    retries = [x for x in lines if x.startswith("mnist-study: the MLflow server failed")]
+    assert 1 <= len(errors) <= 2 and len(retries) <= 2 and len(lines) == len(errors + retries)
     server = start_server(tmp_path, port)
     try:
         done = cli(*run_args(path, url, storage, "--workers", "2"))

@@ -84,12 +84,18 @@ def check_server(tracking_uri: str, timeout_s: float = 5) -> None:
     url = f"{tracking_uri.rstrip('/')}/health"
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as answer:
-            answer.read()
+            said = answer.read(200)
     except (OSError, ValueError) as exc:  # refused, timed out, not HTTP, an HTTP error
         raise ConfigError(
             f"--tracking-uri {tracking_uri}: the MLflow server does not answer "
             f"({type(exc).__name__}); start it (mlflow server ...) or check the address"
         ) from None
+    if said.strip() != b"OK":  # MLflow's own answer; another web server's page is not
+        raise ConfigError(
+            f"--tracking-uri {tracking_uri}: answers, but not as an MLflow server (its "
+            f"/health said {said[:60].decode(errors='replace')!r}); give the MLflow server's "
+            f"address"
+        )
 
 
 class ExperimentStore:
