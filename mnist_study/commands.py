@@ -194,8 +194,8 @@ def cmd_studies(args: argparse.Namespace) -> int:
 
     check_tracking_uri(args.tracking_uri, must_exist=True)
     found = studies(args.tracking_uri)
-    for name, experiment_id in found:
-        print(f"  {name:<12} {ui_link(experiment_id, ui=args.ui)}")
+    for name, experiment_id, view in found:
+        print(f"  {name:<12} {ui_link(experiment_id, ui=args.ui, view=view)}")
     if not found:
         print("  no studies yet: make quick, or make ablations")
     return 0

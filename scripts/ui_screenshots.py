@@ -23,7 +23,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from mnist_study.tracking.names import ui_link
+from mnist_study.tracking.names import VIEW_TAG, ui_link
 
 WIDTH, HEIGHT = 1600, 1000
 
@@ -131,7 +131,7 @@ def main() -> None:
     exp = client.get_experiment_by_name(args.study)
     final = client.search_runs([exp.experiment_id], "tags.role = 'final'", max_results=1)[0]
     report = client.search_runs([exp.experiment_id], "tags.role = 'report'", max_results=1)
-    runs = ui_link(exp.experiment_id, ui=args.ui)  # the link `make ui` prints
+    runs = ui_link(exp.experiment_id, ui=args.ui, view=VIEW_TAG in exp.tags)  # as `make ui` prints
     cells = urllib.parse.quote("tags.role = 'variant'")
     browser = Browser()
     try:

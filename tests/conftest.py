@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -36,9 +37,7 @@ def smoke_original(tmp_path_factory, worker_id, mnist_root):
     from mnist_study.study.runner import RunOptions, run_study
     from mnist_study.study.spec_file import load_spec
 
-    shared = tmp_path_factory.getbasetemp()
-    if worker_id != "master":  # each process has its own basetemp under the session's
-        shared = shared.parent
+    shared = shared_folder(tmp_path_factory, worker_id)
     tmp = shared / "smoke"
     tracking, storage = f"sqlite:///{tmp}/mlflow.db", str(tmp / "optuna.journal")
     spec = load_spec(REPO / "experiments" / "smoke.toml")
@@ -61,13 +60,29 @@ def smoke_study(smoke_original, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def finished(tmp_path_factory, mnist_root) -> Path:
+def finished(tmp_path_factory, worker_id, mnist_root) -> Path:
     """A finished tiny study (its own process, now gone): spec and both stores in one
-    folder, which tests copy (copy_of) to change."""
+    folder, which tests copy (copy_of) to change. Made once per test session, by the
+    first test process to need it, as smoke_original is."""
     from helpers import TINY, cli, run_args, stores
 
-    root = tmp_path_factory.mktemp("finished")
-    (root / "tiny.toml").write_text(TINY)
-    done = cli(*run_args(root / "tiny.toml", *stores(root)))
-    assert done.returncode == 0, done.stderr[-2000:]
+    from mnist_study.store_paths import file_lock
+
+    shared = shared_folder(tmp_path_factory, worker_id)
+    root = shared / "finished"
+    with file_lock(shared / "finished.lock"):
+        if not (root / "done").exists():
+            shutil.rmtree(root, ignore_errors=True)  # a process that died making it
+            root.mkdir()
+            (root / "tiny.toml").write_text(TINY)
+            done = cli(*run_args(root / "tiny.toml", *stores(root)))
+            assert done.returncode == 0, done.stderr[-2000:]
+            (root / "done").touch()
     return root
+
+
+def shared_folder(tmp_path_factory, worker_id: str) -> Path:
+    """A folder all test processes of this session share: each pytest-xdist process has
+    its own basetemp under the session's."""
+    base = tmp_path_factory.getbasetemp()
+    return base if worker_id == "master" else base.parent

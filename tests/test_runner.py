@@ -3,6 +3,7 @@ in tmp dirs: what lands where, resuming, a SIGKILLed worker, NaN trials, 2 worke
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -102,7 +103,9 @@ def test_parent_holds_best_params_and_test_mean(smoke_study):
             if r.data.tags.get("variant") == v.name and r.data.tags["role"] == "final"
         ]
         accs = [r.data.metrics["accuracy/test"] for r in finals]
-        assert parent.data.metrics["final/test_acc_mean"] == pytest.approx(sum(accs) / len(accs))
+        assert parent.data.metrics["final/test_acc_mean"] == pytest.approx(
+            sum(accs) / len(accs), abs=1e-6
+        )
         assert parent.data.metrics["final/seeds"] == len(spec.settings.seeds)
         assert {f"best_{k}" for k in v.search} <= set(parent.data.params)
         # Final runs train the tuned hyperparameters.
@@ -422,6 +425,13 @@ def test_studies_lists_links_to_each_studys_runs_in_model_training_mode(smoke_st
 
     spec, tracking, _ = smoke_study
     assert main(["studies", "--tracking-uri", tracking, "--ui", "http://127.0.0.1:5000/"]) == 0
-    experiment = MlflowClient(tracking).get_experiment_by_name(spec.name).experiment_id
-    link = f"http://127.0.0.1:5000/#/experiments/{experiment}/runs?workflowType=machine_learning"
+    experiment = MlflowClient(tracking).get_experiment_by_name(spec.name)
+    page = f"#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+    link = f"http://127.0.0.1:5000/{page}&viewStateShareKey=cells"  # the study's saved view
     assert f"  {spec.name:<12} {link}" in capsys.readouterr().out.splitlines()
+    view = json.loads(experiment.tags["mlflow.sharedViewState.cells"])
+    assert view["searchFilter"] == "tags.role = 'variant'"
+    assert view["selectedColumns"][0] == "metrics.`final/test_acc_mean`"
+    assert {f"params.`best_{k}`" for v in spec.variants for k in v.search} <= set(
+        view["selectedColumns"]
+    )

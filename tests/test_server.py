@@ -106,9 +106,13 @@ def test_two_workers_log_a_study_to_an_mlflow_server_and_it_reports(tmp_path, ml
         pytest.skip("no Chromium here (Debian's chromium package; .ci/run installs it)")
     listed = cli("studies", "--tracking-uri", mlflow_server, "--ui", mlflow_server)
     [link] = [line.split()[1] for line in listed.stdout.splitlines() if line.split()[0] == "tiny"]
+    assert "viewStateShareKey=cells" in link
     page = rendered(link, tmp_path)
     assert "Run Name" in page and "baseline" in page and "batchnorm" in page
     assert "Detect Issues" not in page
+    # The study's saved view: its cells' numbers are columns, without touching Columns.
+    for column in ("final/test_acc_mean", "final/best_val_acc", "best_lr"):
+        assert column in page, column
 
 
 @pytest.mark.slow

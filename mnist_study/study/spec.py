@@ -207,6 +207,14 @@ class Tuning:
         """`dropout.n300`, or `dropout.n300/t1` for the second of several tunings."""
         return f"{self.cell.key}/t{self.index}" if self.replicated else self.cell.key
 
+    @property
+    def tuned_params(self) -> list[str]:
+        """The names its best hyperparameters get on the cell's parent run (as
+        StudyStores.close_finished_cells logs them): `best_lr`, or `t1.best_lr` for the second of
+        several tunings."""
+        prefix = f"t{self.index}." if self.replicated else ""
+        return [f"{prefix}best_{name}" for name in self.cell.search]
+
 
 @dataclass(frozen=True)
 class StudySpec:

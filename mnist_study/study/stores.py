@@ -24,7 +24,7 @@ from mnist_study.study.liveness import dead_trials, death_reason
 from mnist_study.study.optuna_storage import fail_trial, optuna_storage, set_system_attrs
 from mnist_study.study.spec import Cell, StudySpec, Tuning
 from mnist_study.study.spec_file import experiment_description, spec_tag
-from mnist_study.tracking.names import METRIC_NAMES
+from mnist_study.tracking.names import METRIC_NAMES, cells_view
 from mnist_study.tracking.outcome import Outcome
 from mnist_study.tracking.runs import Tracker, unit_runs
 from mnist_study.tracking.store import check_tracking_uri, experiment_store, find_experiment
@@ -132,6 +132,9 @@ class StudyStores:
                     extension,
                     json.dumps(self.identity, sort_keys=True) if self.identity else "",
                     identity_change(tags, self.identity),
+                    cells_view(
+                        list(dict.fromkeys(p for t in self.spec.tunings for p in t.tuned_params))
+                    ),
                 )
             self.tracker = Tracker(self.tracking_uri, experiment_id)
             self.reconcile(side, runs)
@@ -291,11 +294,11 @@ class StudyStores:
             if accs:
                 self.tracker.log_metrics(
                     parent,
-                    {
-                        "test_acc_mean": statistics.mean(accs),
-                        "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                    {  # to 6 digits: what a reader of MLflow's table sees, not float noise
+                        "test_acc_mean": round(statistics.mean(accs), 6),
+                        "test_acc_std": round(statistics.stdev(accs), 6) if len(accs) > 1 else 0.0,
                         "n_final": len(accs),
-                        "best_val_acc": statistics.mean(best_vals),
+                        "best_val_acc": round(statistics.mean(best_vals), 6),
                     },
                     step=0,
                 )

@@ -4,6 +4,7 @@ keys, and links into MLflow's UI. Free of MLflow, so that anything may import th
 from __future__ import annotations
 
 import enum
+import json
 
 PARENT_TAG = "mlflow.parentRunId"
 NOTE_TAG = "mlflow.note.content"  # a run's or an experiment's description (Markdown)
@@ -13,6 +14,10 @@ EXTENDED_TAG = "mnist_study.extended"  # each accepted extension: "study.tunings
 SPEC_TAG = "mnist_study.spec"  # a summary line, then the resolved spec (JSON) a study started with
 IDENTITY_TAG = "mnist_study.identity"  # JSON: the code, threads, device kind and data it runs on
 MIXED_TAG = "mnist_study.mixed"  # each mix allowed on a resume: "threads 1 -> 2"
+# A saved view of the runs table (MLflow 3.15+), kept as an experiment tag under a key
+# that a link names: the table a study's links open (see cells_view).
+VIEW_KEY = "cells"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 
 
 class Role(enum.StrEnum):
@@ -50,8 +55,28 @@ METRIC_NAMES = {
 MODEL_TRAINING = "workflowType=machine_learning"
 
 
-def ui_link(experiment_id: str, page: str = "runs", ui: str = "") -> str:
-    """A page of an experiment in MLflow's UI, in Model-training mode: its runs table,
-    or `page` (`runs/RUN_ID`, ...); relative (for a description) unless `ui` is given."""
+def ui_link(experiment_id: str, page: str = "runs", ui: str = "", view: bool = False) -> str:
+    """A page of an experiment in MLflow's UI, in Model-training mode: its runs table
+    (with `view`, as the study's saved view shows it), or `page` (`runs/RUN_ID`, ...);
+    relative (for a description) unless `ui` is given."""
     base = f"{ui.rstrip('/')}/" if ui else ""
-    return f"{base}#/experiments/{experiment_id}/{page}?{MODEL_TRAINING}"
+    shown = f"&viewStateShareKey={VIEW_KEY}" if view else ""
+    return f"{base}#/experiments/{experiment_id}/{page}?{MODEL_TRAINING}{shown}"
+
+
+def cells_view(tuned: list[str]) -> str:
+    """The saved view a study's link opens, as MLflow's UI reads it (JSON): each cell's
+    parent run, best first, with its mean test accuracy over the final seeds, their sd
+    and count, the best validation accuracy and the tuned hyperparameters (`tuned`, the
+    parent's param names). Without it the table shows Created, Dataset, Duration,
+    Source and Models, and the numbers only under Columns."""
+    mean = f"metrics.`{METRIC_NAMES['test_acc_mean']}`"
+    shown = ("test_acc_mean", "test_acc_std", "n_final", "best_val_acc")
+    columns = [f"metrics.`{METRIC_NAMES[m]}`" for m in shown] + [f"params.`{p}`" for p in tuned]
+    view = {
+        "searchFilter": f"tags.role = '{Role.VARIANT}'",
+        "orderByKey": mean,
+        "orderByAsc": False,
+        "selectedColumns": columns,
+    }
+    return json.dumps(view)

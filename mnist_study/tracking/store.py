@@ -35,6 +35,7 @@ from mnist_study.tracking.names import (
     MIXED_TAG,
     NOTE_TAG,
     SPEC_TAG,
+    VIEW_TAG,
 )
 
 SCHEMES = ("sqlite:///", "postgresql://", "postgresql+psycopg://", "http://", "https://")
@@ -117,14 +118,17 @@ class ExperimentStore:
         extension: str | None = None,
         identity: str = "",
         mixed: str = "",
+        view: str = "",
     ) -> str:
-        """The experiment's id, created with its kind, description, spec tag and
-        identity; an existing one that is `extension` of its recorded spec records the
-        larger spec (and the extension, which its report says), and one resumed on
-        another identity (`mixed`, allowed) records the new one and the change."""
+        """The experiment's id, created with its kind, description, spec tag, identity
+        and saved view; an existing one that is `extension` of its recorded spec records
+        the larger spec (and the extension, which its report says), one resumed on
+        another identity (`mixed`, allowed) records the new one and the change, and one
+        made before views were saved gets its view."""
         found = self.client.get_experiment_by_name(experiment)
         if found is not None:
-            updates = {IDENTITY_TAG: identity} if found.tags.get(IDENTITY_TAG) != identity else {}
+            wanted = {IDENTITY_TAG: identity, VIEW_TAG: view}
+            updates = {k: v for k, v in wanted.items() if found.tags.get(k) != v}
             if extension:
                 before = found.tags.get(EXTENDED_TAG)
                 updates |= {
@@ -152,6 +156,8 @@ class ExperimentStore:
             tags[SPEC_TAG] = spec_tag
         if identity:
             tags[IDENTITY_TAG] = identity
+        if view:
+            tags[VIEW_TAG] = view
         return self.client.create_experiment(experiment, artifact_location=location, tags=tags)
 
 
@@ -191,10 +197,11 @@ def experiment_tags(tracking_uri: str, experiment: str) -> dict[str, str] | None
     return None if found is None else found.tags
 
 
-def studies(tracking_uri: str) -> list[tuple[str, str]]:
-    """(name, id) of every experiment in the store but MLflow's Default."""
+def studies(tracking_uri: str) -> list[tuple[str, str, bool]]:
+    """(name, id, whether it has the saved view of its cells) of every experiment in the
+    store but MLflow's Default."""
     found = MlflowClient(tracking_uri).search_experiments(filter_string="name != 'Default'")
-    return [(e.name, e.experiment_id) for e in found]
+    return [(e.name, e.experiment_id, VIEW_TAG in e.tags) for e in found]
 
 
 def sqlite_file(tracking_uri: str) -> Path | None:
