@@ -106,10 +106,8 @@ quick: data ## the same variants on a small budget (minutes), then its report in
 report: $(BIN)/.installed ## rebuild reports/ablations/ and docs/ablations.md's results from MLflow
 	@$(BIN)/mnist-study report experiments/ablations.toml --page docs/ablations.md
 
-ui: $(BIN)/.installed ## MLflow UI on the study store, on 127.0.0.1 only
-	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (Ctrl-C to stop); one experiment per study:"
-	@$(BIN)/mnist-study studies --tracking-uri $(TRACKING) --ui http://127.0.0.1:$(UI_PORT) || true
-	@$(BIN)/mlflow ui --backend-store-uri $(TRACKING) --host 127.0.0.1 --port $(UI_PORT) --workers 1
+ui: $(BIN)/.installed ## MLflow UI on the study store, on 127.0.0.1 only (UI_PORT=5000)
+	@$(BIN)/mnist-study ui --tracking-uri $(TRACKING) --port $(UI_PORT)
 
 dashboard: $(BIN)/.installed ## optuna-dashboard on the tuning studies, on 127.0.0.1 only (installs it once)
 	@test -x $(BIN)/optuna-dashboard \

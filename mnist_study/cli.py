@@ -221,6 +221,12 @@ def add_study_commands(sub) -> None:
     add_tracking_uri(p, "MLflow store to read")
     p.add_argument("--ui", default="http://127.0.0.1:5000", help="the MLflow UI's address")
     p.set_defaults(func=commands.cmd_studies)
+    p = sub.add_parser(
+        "ui", help="MLflow's UI on a study store, on 127.0.0.1: the links, then the server"
+    )
+    add_tracking_uri(p, "MLflow store to show")
+    p.add_argument("--port", type=int, default=5000, help="the port to serve on (default: 5000)")
+    p.set_defaults(func=commands.cmd_ui)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,10 +4,12 @@ needs when it runs, so that `--help` and argument errors cost no torch import.""
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import statistics
 import sys
 import typing
+from pathlib import Path
 
 from mnist_study.errors import ConfigError
 from mnist_study.store_paths import DEFAULT_TRACKING_URI
@@ -199,6 +201,44 @@ def cmd_studies(args: argparse.Namespace) -> int:
     if not found:
         print("  no studies yet: make quick, or make ablations")
     return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """The studies' links, then `mlflow ui` on the store until Ctrl-C: a taken port
+    refused in one line first, request logs kept off the console, and Ctrl-C ending it
+    in a second or two without MLflow's tracebacks (it runs in a session of its own, and
+    is stopped as a server is, by SIGTERM)."""
+    import signal
+    import socket
+    import subprocess
+
+    ui = f"http://127.0.0.1:{args.port}"
+    with socket.socket() as probe:  # mlflow would print the links, then fail and exit 0
+        try:
+            probe.bind(("127.0.0.1", args.port))
+        except OSError as exc:
+            raise ConfigError(
+                f"--port {args.port}: {exc.strerror.lower()} (another server listens there); "
+                f"stop it, or choose another port (make ui UI_PORT=5001)"
+            ) from None
+    print(f"MLflow UI: {ui}  (Ctrl-C to stop); each study's runs, its numbers as columns:")
+    args.ui = ui
+    cmd_studies(args)
+    mlflow = Path(sys.executable).with_name("mlflow")
+    server = subprocess.Popen(
+        [str(mlflow), "ui", "--backend-store-uri", args.tracking_uri, "--host", "127.0.0.1",
+         "--port", str(args.port), "--workers", "1",
+         "--uvicorn-opts", "--no-access-log --log-level warning"],
+        start_new_session=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},  # a library's, not the user's
+    )  # fmt: skip
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        print("MLflow UI stopped")
+        return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +22,9 @@ from helpers import (
     assert_budget_met_exactly,
     cli,
     command,
+    copy_of,
     free_port,
+    one_line_error,
     run_args,
     run_two_workers,
     trial_states,
@@ -156,3 +159,48 @@ def test_a_tracking_server_that_dies_mid_study_stops_it_in_a_line_and_it_resumes
             tuned["COMPLETE"] + tuned["PRUNED"] == 2
             and states[f"slow.{variant}.final"]["COMPLETE"] == 1
         )
+
+
+def test_ui_on_a_taken_port_is_one_line(finished, tmp_path):
+    _, tracking, _ = copy_of(finished, tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = cli("ui", "--tracking-uri", tracking, "--port", str(port), process=False)
+    one_line_error(done, f"--port {port}: address already in use", "UI_PORT=")
+    assert done.stdout == ""  # no links to a server that will not start
+
+
+@pytest.mark.slow
+def test_ui_shows_the_links_serves_quietly_and_stops_on_ctrl_c(finished, tmp_path):
+    _, tracking, _ = copy_of(finished, tmp_path)
+    port = free_port()
+    ui = subprocess.Popen(
+        command("ui", "--tracking-uri", tracking, "--port", str(port)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                for page in (
+                    "/health",
+                    "/",
+                    "/ajax-api/2.0/mlflow/experiments/search?max_results=5",
+                ):
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}{page}", timeout=5).read()
+                break
+            except OSError:
+                assert ui.poll() is None and time.time() < deadline, ui.stderr.read()[-2000:]
+                time.sleep(0.5)
+        asked = time.time()
+        ui.send_signal(signal.SIGINT)
+        out, err = ui.communicate(timeout=30)
+    finally:
+        if ui.poll() is None:
+            ui.kill()
+    assert ui.returncode == 0 and time.time() - asked < 10
+    assert "Traceback" not in err and "GET /" not in out + err  # no request log
+    assert f"http://127.0.0.1:{port}/#/experiments/" in out and "viewStateShareKey=cells" in out
+    assert out.rstrip().endswith("MLflow UI stopped")
