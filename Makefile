@@ -23,14 +23,21 @@ TEST_TMP ?= $(shell test -d /dev/shm -a -w /dev/shm && echo /dev/shm)
 PYTEST = $(if $(TEST_TMP),TMPDIR=$(TEST_TMP) )$(BIN)/python -m pytest
 TRACKING := sqlite:///mlruns/mlflow.db
 UI_PORT ?= 5000
+DASHBOARD_PORT ?= 8080
 UV_VERSION := 0.13.9
 # The locked versions, compiled to .pyc (see the install rule).
 UV_INSTALL = $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -c requirements.lock
 
 .PHONY: help install lock data train test test-slow lint bench precision ablations scarcity scarcity300 replication plan quick report ui dashboard clean
 
-help: ## list the targets
+help: ## list the targets and the variables they take
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+	@echo "variables (make TARGET NAME=value):"
+	@printf "  %-22s %s\n" "WORKERS=$(WORKERS)" "study worker processes (auto: as many as the cores allow)"
+	@printf "  %-22s %s\n" "ARGS=\"...\"" "more arguments for the target's command, e.g. ARGS=\"--threads 2\""
+	@printf "  %-22s %s\n" "UI_PORT=$(UI_PORT)" "port of make ui"
+	@printf "  %-22s %s\n" "DASHBOARD_PORT=$(DASHBOARD_PORT)" "port of make dashboard"
+	@printf "  %-22s %s\n" "PYTHON=$(PYTHON)" "the Python (>= 3.11) that builds .venv"
 
 # The stamp makes installing idempotent: redone only when pyproject.toml or the lock change.
 $(BIN)/.installed: pyproject.toml requirements.lock
@@ -109,13 +116,15 @@ report: $(BIN)/.installed ## rebuild reports/ablations/ and docs/ablations.md's 
 ui: $(BIN)/.installed ## MLflow UI on the study store, on 127.0.0.1 only (UI_PORT=5000)
 	@$(BIN)/mnist-study ui --tracking-uri $(TRACKING) --port $(UI_PORT)
 
-dashboard: $(BIN)/.installed ## optuna-dashboard on the tuning studies, on 127.0.0.1 only (installs it once)
+dashboard: $(BIN)/.installed ## optuna-dashboard on the tuning studies, on 127.0.0.1 only (DASHBOARD_PORT=8080; installs it once)
 	@test -x $(BIN)/optuna-dashboard \
 		|| $(UV_INSTALL) -e '.[dashboard]'
 	@test -f mlruns/optuna.journal || { echo "make dashboard: mlruns/optuna.journal does not \
 	exist yet; run a study first (make quick, make ablations)" >&2; exit 2; }
-	@echo "Optuna dashboard: http://127.0.0.1:8080"
-	@$(BIN)/optuna-dashboard mlruns/optuna.journal --host 127.0.0.1 --port 8080
+	@$(BIN)/python -c 'import socket, sys; sys.exit(socket.socket().connect_ex(("127.0.0.1", $(DASHBOARD_PORT))) == 0)' \
+		|| { echo "make dashboard: port $(DASHBOARD_PORT) is taken; make dashboard DASHBOARD_PORT=8081" >&2; exit 2; }
+	@echo "Optuna dashboard: http://127.0.0.1:$(DASHBOARD_PORT)  (Ctrl-C to stop)"
+	@$(BIN)/optuna-dashboard mlruns/optuna.journal --host 127.0.0.1 --port $(DASHBOARD_PORT)
 
 clean: ## remove generated reports and caches (keeps .venv, data and mlruns)
 	rm -rf reports .pytest_cache .ruff_cache

@@ -64,6 +64,10 @@ class OneLineParser(argparse.ArgumentParser):
     """A wrong command line is refused in one line, as every other input is: the error
     and where the usage is, not the usage itself (its subcommands' parsers are its kind)."""
 
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # `--epoch` is not taken for `--epochs`
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
@@ -234,7 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     # stay. An environment variable, so that worker processes inherit it.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     bound_remote_retries()  # a failing tracking server: a line, half a minute, then one more
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command they were given to, not by mnist-study's own parser
+        command = f"{parser.prog} {args.command}"
+        parser.exit(
+            2, f"{command}: error: unrecognized arguments: {' '.join(unknown)}; "
+            f"see {command} --help\n"
+        )  # fmt: skip
     inherited = os.environ.get("MNIST_STUDY_DEBUG")
     if args.debug:  # for the workers too, for this command only
         os.environ["MNIST_STUDY_DEBUG"] = "1"

@@ -120,6 +120,16 @@ def test_bad_command_line_is_refused_before_any_write(tmp_path, args, needle):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "tiny.toml"]
 
 
+@pytest.mark.parametrize("given", [["--epocs", "1"], ["--epoch", "1"]], ids=["typo", "abbreviated"])
+def test_an_unknown_option_is_refused_by_its_command(given):
+    """Said by the command it was given to, with that command's help; a prefix of an
+    option is no option (`--epoch` for `--epochs` would silently change if one were added)."""
+    done = cli("train", *given, process=False)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"mnist-study train: error: unrecognized arguments: {given[0]}")
+    assert done.stderr.rstrip().endswith("see mnist-study train --help")
+
+
 def test_cuda_without_a_gpu_is_refused_before_any_write(tmp_path):
     import torch
 
