@@ -93,25 +93,25 @@ ablations: data ## run the study in experiments/ablations.toml (~80 min; rerun t
 
 scarcity: data ## the variants at 300 to 10,000 training images (~90 min on 2 cores; rerun to resume), then report
 	@$(BIN)/mnist-study --data-root $(DATA) run experiments/scarcity.toml --workers $(WORKERS) $(ARGS)
-	@$(BIN)/mnist-study report experiments/scarcity.toml --page docs/scarcity.md
+	@$(BIN)/mnist-study report experiments/scarcity.toml --brief --page docs/scarcity.md
 
 scarcity300: data ## the follow-up declared for 300 images: 20 seeds for weight decay and batchnorm, then report
 	@$(BIN)/mnist-study --data-root $(DATA) run experiments/scarcity300.toml --workers $(WORKERS) $(ARGS)
-	@$(BIN)/mnist-study report experiments/scarcity300.toml --page docs/scarcity.md
+	@$(BIN)/mnist-study report experiments/scarcity300.toml --brief --page docs/scarcity.md
 
 replication: data ## every variant at 300 and 1,000 images, 8 tunings x (8 trials + 4 seeds) per cell (~7.5 h on 2 cores; rerun to resume), then report
 	@$(BIN)/mnist-study --data-root $(DATA) run experiments/replication.toml --workers $(WORKERS) $(ARGS)
-	@$(BIN)/mnist-study report experiments/replication.toml --page docs/replication.md
+	@$(BIN)/mnist-study report experiments/replication.toml --brief --page docs/replication.md
 
 plan: $(BIN)/.installed ## power and cost of replication designs (tunings x seeds) from its runs so far, on 2 and 64 workers
 	@$(BIN)/mnist-study plan experiments/replication.toml --tracking-uri $(TRACKING) $(ARGS)
 
 quick: data ## the same variants on a small budget (minutes), then its report in reports/quick/
 	@$(BIN)/mnist-study --data-root $(DATA) run experiments/quick.toml --workers $(WORKERS) $(ARGS)
-	@$(BIN)/mnist-study report experiments/quick.toml
+	@$(BIN)/mnist-study report experiments/quick.toml --brief
 
 report: $(BIN)/.installed ## rebuild reports/ablations/ and docs/ablations.md's results from MLflow
-	@$(BIN)/mnist-study report experiments/ablations.toml --page docs/ablations.md
+	@$(BIN)/mnist-study report experiments/ablations.toml --brief --page docs/ablations.md
 
 ui: $(BIN)/.installed ## MLflow UI on the study store, on 127.0.0.1 only (UI_PORT=5000)
 	@$(BIN)/mnist-study ui --tracking-uri $(TRACKING) --port $(UI_PORT)

@@ -197,6 +197,11 @@ def add_study_commands(sub) -> None:
         help="write --page from a study (or stage) that is not complete, marked partial "
         "in its header; without it such a page is left as it was",
     )
+    p.add_argument(
+        "--brief",
+        action="store_true",
+        help="print the tables, verdicts and checks only, and where the whole report is",
+    )
     p.set_defaults(func=commands.cmd_report)
     p = sub.add_parser(
         "plan", help="power and cost of designs (tunings x seeds) from a finished study's spread"

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
+import shutil
 import statistics
 import sys
 import typing
@@ -163,17 +165,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     except WorkerRefused:  # the worker said why, in one line
         return 2
-    report = shlex.join(["mnist-study", "report", str(args.spec), *opts.store_args()])
+    me = invoked_as()
+    report = shlex.join([me, "report", str(args.spec), *opts.store_args()])
     ui = (
         "make ui"
         if args.tracking_uri == DEFAULT_TRACKING_URI
-        else shlex.join(["mlflow", "ui", "--backend-store-uri", args.tracking_uri])
+        else shlex.join([me, "ui", "--tracking-uri", args.tracking_uri])
     )
     print(
         f"study {spec.name!r} complete in MLflow {args.tracking_uri} and Optuna "
         f"{args.storage}. Report: {report}   Browse: {ui}"
     )
     return 0
+
+
+def invoked_as() -> str:
+    """mnist-study as this shell can run it again: by name where PATH finds this one,
+    else the venv's script by its path from here (`.venv/bin/mnist-study`): a fresh
+    shell in the clone has no venv on its PATH, and a pasted command must still work."""
+    script = Path(sys.executable).with_name("mnist-study")
+    found = shutil.which("mnist-study")
+    if found and Path(found).resolve() == script.resolve():
+        return "mnist-study"
+    return os.path.relpath(script) if script.is_relative_to(Path.cwd()) else str(script)
 
 
 def choose_workers(value: str, spec) -> int:
@@ -261,13 +275,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     body = write_report(
         args.tracking_uri, study, args.out, args.page, args.storage, args.tunings, args.partial
     )
-    print(body)
+    print(brief(body) if args.brief else body)
     page = ""
     if args.page:
         same = args.page.read_text() == before
         page = f"; {args.page} " + ("already up to date" if same else "updated")
-    print(f"\nwrote {args.out / study}/{page}")
+    print(f"\nwrote {args.out / study}/ (the whole report: results.md){page}")
     return 0
+
+
+def brief(report: str) -> str:
+    """A report's tables, its verdicts and its checks: what a terminal needs after a
+    study (the figures, legends and provenance are in the files it names)."""
+    kept = ("|", "Resolved", "**Checks**", "**Partial**", "#")
+    lines = "\n".join(line for line in report.splitlines() if line.startswith(kept) or not line)
+    return re.sub(r"\n{3,}", "\n\n", lines).strip()
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ import statistics
 
 import pandas as pd
 import pytest
-from helpers import cli, copy_stores, new_experiment, runs
+from helpers import cli, copy_of, copy_stores, new_experiment, runs
 from scipy import stats
 
 from mnist_study.analysis.collect import collect
@@ -242,3 +242,16 @@ def test_a_page_write_that_fails_part_way_leaves_the_page_as_it_was(tmp_path):
         signal.signal(signal.SIGXFSZ, previous)
     assert page.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["page.md"]
+
+
+def test_a_brief_report_prints_its_tables_verdicts_and_checks_and_where_the_rest_is(
+    finished, tmp_path
+):
+    spec, tracking, storage = copy_of(finished, tmp_path)
+    args = ["report", str(spec), "--tracking-uri", tracking, "--storage", storage, "--brief"]
+    done = cli(*args, "--out", str(tmp_path / "reports"), process=False)
+    assert done.returncode == 0, done.stderr
+    assert "| baseline |" in done.stdout and "**Checks**" in done.stdout
+    assert "![" not in done.stdout and "Command:" not in done.stdout
+    assert done.stdout.rstrip().endswith("(the whole report: results.md)")
+    assert (tmp_path / "reports" / "tiny" / "results.md").read_text().count("![") >= 1
