@@ -116,6 +116,8 @@ def test_a_full_temporary_folder_stops_the_study_in_one_line_and_resumes(tmp_pat
     assert sum(states["FAIL"] for states in trial_states(storage, spec).values()) == 1
     resumed = cli(*args, process=False)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    said = "resuming study 'tiny': 2 of 8 units done and kept, 6 to run; 1 interrupted"
+    assert said in resumed.stdout  # the two trials before the failed first seed
     assert_redone_once(storage, spec)
 
 

@@ -97,10 +97,13 @@ def run_study(spec: StudySpec, opts: RunOptions) -> None:
         start_fork_server(__name__)  # its imports overlap the checks below
     stores = preflight(spec, opts)
     experiment_id = stores.create()
+    stores.attach(experiment_id)
+    resumed = resume_line(stores)
+    if resumed:
+        print(resumed, flush=True)
     if opts.workers == 1:
         Worker(spec, opts, experiment_id, 0).loop()
         return
-    stores.attach(experiment_id)
 
     def reap() -> None:  # a dead worker's trial, failed at once (any process may do it)
         with stores.claim_lock():
@@ -113,6 +116,22 @@ def run_study(spec: StudySpec, opts: RunOptions) -> None:
             f"study {spec.name!r} incomplete ({done} of {total} units done) after "
             f"{len(deaths)} worker(s) died; run the same command again to resume"
         )
+
+
+def resume_line(stores: StudyStores) -> str:
+    """What a resume keeps and redoes, in a line ('' for a study not begun); the trials
+    of workers that died are failed first, so that they are counted."""
+    with stores.claim_lock():
+        stores.reap()
+    done, total = stores.progress()
+    studies = [s for key in stores.tune for s in (stores.tune[key], stores.final[key])]
+    failed = sum(t.state == TrialState.FAIL for s in studies for t in s.get_trials(deepcopy=False))
+    if not done and not failed:
+        return ""
+    return (
+        f"resuming study {stores.spec.name!r}: {done} of {total} units done and kept, "
+        f"{total - done} to run; {failed} interrupted or failed run(s) stay recorded as FAIL"
+    )
 
 
 def worker_main(spec, opts, experiment_id, index) -> None:
