@@ -238,19 +238,27 @@ def cmd_ui(args: argparse.Namespace) -> int:
     print(f"MLflow UI: {ui}  (Ctrl-C to stop); each study's runs, its numbers as columns:")
     args.ui = ui
     cmd_studies(args)
+
+    def stop(signum, frame):  # also where SIGINT came ignored (a background job)
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
     mlflow = Path(sys.executable).with_name("mlflow")
-    server = subprocess.Popen(
-        [str(mlflow), "ui", "--backend-store-uri", args.tracking_uri, "--host", "127.0.0.1",
-         "--port", str(args.port), "--workers", "1",
-         "--uvicorn-opts", "--no-access-log --log-level warning"],
-        start_new_session=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},  # a library's, not the user's
-    )  # fmt: skip
+    server = None
     try:
+        server = subprocess.Popen(
+            [str(mlflow), "ui", "--backend-store-uri", args.tracking_uri, "--host", "127.0.0.1",
+             "--port", str(args.port), "--workers", "1",
+             "--uvicorn-opts", "--no-access-log --log-level warning"],
+            start_new_session=True,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},  # a library's, not the user's
+        )  # fmt: skip
         return server.wait()
     except KeyboardInterrupt:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        if server is not None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
         print("MLflow UI stopped")
         return 0
 
