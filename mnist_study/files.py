@@ -8,6 +8,9 @@ import os
 import tempfile
 from pathlib import Path
 
+# Floats in a CSV to 10 significant digits: 0.9611, not 0.9611000000000001.
+CSV_FLOATS = "%.10g"
+
 
 def write_atomic(path: Path, payload: bytes | str) -> None:
     path = Path(path)

@@ -10,7 +10,7 @@ from mnist_study.analysis.collect import StudyData
 from mnist_study.analysis.luck import LUCK_LEGEND, tuning_section
 from mnist_study.analysis.report import checks, replicated, summarize, test_accs, verdict
 from mnist_study.analysis.tables import TABLE_LEGEND, markdown_table
-from mnist_study.files import write_atomic
+from mnist_study.files import CSV_FLOATS, write_atomic
 
 SEED_LINE = (
     "For reference, the seed write-up (one run, untuned, 5 epochs): train ~99.7%, "
@@ -21,7 +21,10 @@ SEED_LINE = (
 def ablation_section(data: StudyData, out: Path) -> tuple[list[str], dict[str, Path], list[str]]:
     """One table of all variants, its verdict and figures: (lines, figures, checks)."""
     table = summarize(data)
-    write_atomic(out / "results.csv", table.drop(columns=["tuned_params"]).to_csv(index=False))
+    write_atomic(
+        out / "results.csv",
+        table.drop(columns=["tuned_params"]).to_csv(index=False, float_format=CSV_FLOATS),
+    )
     per_seed = {v: test_accs(data.runs, v) for v in data.variants}
     pngs = {
         "curves": out / "curves.png",

@@ -23,7 +23,7 @@ from mnist_study.analysis.luck import (
 from mnist_study.analysis.plan import plan_lines, size_facts
 from mnist_study.analysis.report import checks, replicated, summarize, verdict
 from mnist_study.analysis.tables import TABLE_LEGEND, markdown_table
-from mnist_study.files import write_atomic
+from mnist_study.files import CSV_FLOATS, write_atomic
 from mnist_study.tracking.names import Role
 
 
@@ -116,7 +116,9 @@ def sweep_section(data: StudyData, out: Path) -> tuple[list[str], dict[str, Path
             )
     if tables:
         every = [t.drop(columns=["tuned_params"]).assign(train_size=n) for n, t in tables.items()]
-        write_atomic(out / "results.csv", pd.concat(every).to_csv(index=False))
+        write_atomic(
+            out / "results.csv", pd.concat(every).to_csv(index=False, float_format=CSV_FLOATS)
+        )
     if len(tables) > 1:  # one size is a point, not a curve
         pngs = {"learning_curve": out / "learning_curve.png", **pngs}
         figures.learning_curve_figure(tables, pngs["learning_curve"])
