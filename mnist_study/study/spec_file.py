@@ -2,7 +2,15 @@
 beneath it, then validated by spec.py), and as the stores record it when the study
 starts (a summary line and the resolved spec, and the description the UI shows atop
 it), which a resumed spec is compared with: a changed design is refused, more tunings or
-seeds extend the study."""
+seeds extend the study.
+
+A resume is also compared with the study's identity: its numbers are a function of the
+spec, the code, the threads per run, the device kind and the data (and the CPU kind), so
+a resume on other code, threads, device or data would mix two studies in one table. It
+is refused in one line naming what differs, unless the user allows the mix, which is
+then recorded and reported. An MLflow experiment that holds no study (made by
+`mnist-study train --mlflow`, by hand, or MLflow's own Default) is refused as a study's
+home."""
 
 from __future__ import annotations
 
@@ -11,8 +19,10 @@ import json
 import tomllib
 from pathlib import Path
 
-from mnist_study.errors import ConfigError, SpecError
+from mnist_study.errors import ConfigError, SpecError, StoresDisagree
 from mnist_study.study.spec import StudySettings, StudySpec, design, parse_raw
+from mnist_study.tracking.legacy import recorded_spec_text
+from mnist_study.tracking.names import IDENTITY_TAG
 
 
 def load_spec(path: Path | str) -> StudySpec:
@@ -212,3 +222,64 @@ def extended(old: StudySettings, new: StudySettings) -> str | None:
     if set(new.seeds) != set(old.seeds):
         parts.append(f"study.seeds + {sorted(set(new.seeds) - set(old.seeds))}")
     return ", ".join(parts)
+
+
+ADVICE = {
+    "code": "check out a commit with its code ({commit})",
+    "threads": "pass the --threads it ran with",
+    "device": "set the device it ran on",
+    "data": "use the data it ran on",
+}
+
+
+def recorded_study(spec: StudySpec, tags: dict[str, str] | None, where: str) -> str | None:
+    """The spec the study's experiment recorded (None when there is no experiment yet);
+    refuses an experiment of that name that records no study."""
+    if tags is None:
+        return None
+    recorded = recorded_spec_text(tags)
+    if not recorded:
+        raise SpecError(
+            f"{spec.path}: MLflow experiment {spec.name!r} in {where} exists but holds no "
+            f"study (made by `mnist-study train --mlflow`, by hand, or MLflow's Default); "
+            f'give the study another name (name = "..." in {spec.path}) or another '
+            f"--tracking-uri"
+        )
+    return recorded
+
+
+def recorded_identity(tags: dict[str, str] | None) -> dict[str, str]:
+    try:
+        return json.loads((tags or {}).get(IDENTITY_TAG) or "{}")
+    except ValueError:
+        return {}
+
+
+def identity_change(tags: dict[str, str] | None, identity: dict[str, str]) -> str:
+    """How `identity` differs from the one the study recorded ('threads 1 -> 2'); empty
+    when it does not, or when nothing was recorded (a new study, or one from before).
+    The commit is not compared: one that changes no code changes no number."""
+    recorded = recorded_identity(tags)
+    return "; ".join(
+        f"{key} {recorded[key]} -> {value}"
+        for key, value in identity.items()
+        if key in recorded and recorded[key] != value and key != "commit"
+    )
+
+
+def refuse_other_study(
+    spec: StudySpec, tags: dict[str, str] | None, where: str, identity: dict, allowed: bool
+) -> str | None:
+    """Refuse an experiment that holds no study, another design, or (unless allowed) a
+    resume on another identity; returns the spec's extension, if it is one."""
+    recorded = recorded_study(spec, tags, where)
+    change = identity_change(tags, identity)
+    if change and not allowed:
+        keys = [part.split(" ", 1)[0] for part in change.split("; ")]
+        raise StoresDisagree(
+            f"study {spec.name!r} in {where} ran with other {', '.join(keys)} ({change}): "
+            f"resuming would mix two studies in one table; "
+            f"{ADVICE[keys[0]].format(commit=recorded_identity(tags).get('commit', '?'))}, or pass "
+            f"--allow-mixed (the report then says which runs ran on which)"
+        )
+    return refuse_changed_study(spec, recorded, where)

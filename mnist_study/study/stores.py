@@ -19,11 +19,15 @@ import optuna
 from optuna.trial import TrialState
 
 from mnist_study.errors import StoresDisagree
-from mnist_study.study.identity import identity_change, refuse_other_study
 from mnist_study.study.liveness import dead_trials, death_reason
 from mnist_study.study.optuna_storage import fail_trial, optuna_storage, set_system_attrs
 from mnist_study.study.spec import Cell, StudySpec, Tuning
-from mnist_study.study.spec_file import experiment_description, spec_tag
+from mnist_study.study.spec_file import (
+    experiment_description,
+    identity_change,
+    refuse_other_study,
+    spec_tag,
+)
 from mnist_study.tracking.names import METRIC_NAMES, cells_view
 from mnist_study.tracking.outcome import Outcome
 from mnist_study.tracking.runs import Tracker, unit_runs
