@@ -219,9 +219,8 @@ def cmd_studies(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     """The studies' links, then `mlflow ui` on the store until Ctrl-C: a taken port
-    refused in one line first, request logs kept off the console, and Ctrl-C ending it
-    in a second or two without MLflow's tracebacks (it runs in a session of its own, and
-    is stopped as a server is, by SIGTERM)."""
+    refused in one line first, no request log, and Ctrl-C ending it in seconds without
+    MLflow's tracebacks (it runs in a session of its own, stopped by SIGTERM)."""
     import signal
     import socket
     import subprocess
@@ -281,8 +280,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise ConfigError(f"--tunings {args.tunings}: must be at least 1")
     before = args.page.read_text() if args.page and args.page.exists() else None
     body = write_report(
-        args.tracking_uri, study, args.out, args.page, args.storage, args.tunings, args.partial
-    )
+        args.tracking_uri, study, args.out, args.page, args.storage, args.tunings,
+        args.partial, str(args.study),
+    )  # fmt: skip
     print(brief(body) if args.brief else body)
     page = ""
     if args.page:

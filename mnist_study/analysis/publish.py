@@ -146,12 +146,14 @@ def write_report(
     storage: str | None = None,
     tunings: int | None = None,
     partial: bool = False,
+    asked_as: str | None = None,
 ) -> str:
     """Write reports/<study>/ (results.md, CSV, figures), log them to MLflow, and (with
     `page`) replace the study's section in that Markdown page. Returns the section.
     With `tunings`, a stage: every cell's first `tunings` tunings alone. A page is
     published from a complete study only, unless `partial` (then its header says so);
-    otherwise PageRefused is raised before anything is written."""
+    otherwise PageRefused is raised before anything is written. `asked_as`: the study
+    as the command named it (its spec file), for the command the header repeats."""
     data = collect(tracking_uri, study, storage, tunings)
     done, planned = data.progress()
     if page is not None and done < planned and not partial:
@@ -162,7 +164,7 @@ def write_report(
         )
     out = out_root / study
     out.mkdir(parents=True, exist_ok=True)
-    report = report_command(study, tracking_uri, storage)
+    report = report_command(asked_as or study, tracking_uri, storage)
     if data.stage:
         report += f" --tunings {tunings}"
     lines = [f"**Partial**: {done} of {planned} runs finished; any verdict may change."] * (
