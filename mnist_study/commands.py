@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shlex
 import shutil
 import statistics
@@ -218,13 +217,16 @@ def cmd_studies(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    """The studies' links, then `mlflow ui` on the store until Ctrl-C: a taken port
-    refused in one line first, no request log, and Ctrl-C ending it in seconds without
-    MLflow's tracebacks (it runs in a session of its own, stopped by SIGTERM)."""
+    """The studies' links, then `mlflow ui` on the store until Ctrl-C: a missing store or
+    a taken port refused in one line first, no request log, and Ctrl-C ending it in
+    seconds without tracebacks (the server in a session of its own, stopped by SIGTERM)."""
     import signal
     import socket
     import subprocess
 
+    from mnist_study.tracking.store import check_tracking_uri
+
+    check_tracking_uri(args.tracking_uri, must_exist=True)  # before any line is printed
     ui = f"http://127.0.0.1:{args.port}"
     with socket.socket() as probe:  # mlflow would print the links, then fail and exit 0
         try:
@@ -263,7 +265,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from mnist_study.analysis.publish import write_report
+    from mnist_study.analysis.publish import brief, write_report
     from mnist_study.study.spec_file import load_spec
     from mnist_study.tracking.store import check_tracking_uri, find_experiment
 
@@ -290,14 +292,6 @@ def cmd_report(args: argparse.Namespace) -> int:
         page = f"; {args.page} " + ("already up to date" if same else "updated")
     print(f"\nwrote {args.out / study}/ (the whole report: results.md){page}")
     return 0
-
-
-def brief(report: str) -> str:
-    """A report's tables, its verdicts and its checks: what a terminal needs after a
-    study (the figures, legends and provenance are in the files it names)."""
-    kept = ("|", "Resolved", "**Checks**", "**Partial**", "#")
-    lines = "\n".join(line for line in report.splitlines() if line.startswith(kept) or not line)
-    return re.sub(r"\n{3,}", "\n\n", lines).strip()
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -138,6 +138,14 @@ def replace_section(page: Path, body: str, study: str) -> bool:
     return new != text
 
 
+def brief(report: str) -> str:
+    """A report's tables, its verdicts and its checks: what a terminal needs after a
+    study (the figures, legends and provenance are in the files it names)."""
+    kept = ("|", "Resolved", "**Checks**", "**Partial**", "#")
+    lines = "\n".join(line for line in report.splitlines() if line.startswith(kept) or not line)
+    return re.sub(r"\n{3,}", "\n\n", lines).strip()
+
+
 def write_report(
     tracking_uri: str,
     study: str,
