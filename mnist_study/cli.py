@@ -149,7 +149,9 @@ def add_training_commands(sub) -> None:
 
 def add_study_commands(sub) -> None:
     p = sub.add_parser("run", help="run a study spec: tune every variant, then final seeds")
-    p.add_argument("spec", type=Path, help="experiment file, e.g. experiments/ablations.toml")
+    p.add_argument(
+        "spec", type=Path, help="experiment file or its name, e.g. experiments/ablations.toml"
+    )
     add_data_root(p)
     add_tracking_uri(p, "MLflow store")
     add_storage(p, "Optuna storage: a journal file, sqlite:///PATH or postgresql://...")

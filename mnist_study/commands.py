@@ -125,8 +125,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from mnist_study.study.processes import cap_threads
     from mnist_study.study.runner import RunOptions, run_study
     from mnist_study.study.signals import Interrupted
-    from mnist_study.study.spec_file import load_spec
+    from mnist_study.study.spec_file import find_spec, load_spec
 
+    args.spec = find_spec(args.spec)
     spec = load_spec(args.spec)
     optuna_storage(args.storage)  # refuses an unsupported address
     if not 0 <= args.threads <= 1024:
@@ -299,10 +300,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     detect --effect with the spec's seeds."""
     from mnist_study.analysis.collect import collect
     from mnist_study.analysis.plan import plan_lines, size_facts, smallest_design
-    from mnist_study.study.spec_file import load_spec
+    from mnist_study.study.spec_file import find_spec, load_spec
     from mnist_study.tracking.store import check_tracking_uri
 
-    spec = load_spec(args.spec)
+    spec = load_spec(find_spec(args.spec))
     pilot = args.pilot or spec.name
     try:
         workers = tuple(int(w) for w in args.workers.split(",") if w.strip())

@@ -378,3 +378,19 @@ def test_one_place_says_what_a_runs_points_count():
     assert last_point(only_evals, 100) == evaluation_points(only_evals, 100)[-1] == 20
     assert TrainConfig(steps=600).axis == "step"
     assert TrainConfig(steps=600).length == "600 optimizer steps"
+
+
+def test_a_study_name_finds_its_experiment_file(tmp_path, monkeypatch):
+    """`mnist-study run ablations` runs experiments/ablations.toml, as `report ablations`
+    reports it; a path, or a name without such a file, is taken as given."""
+    from mnist_study.study.spec_file import find_spec
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "tiny.toml").write_text("")
+    (tmp_path / "here.toml").write_text("")
+    assert find_spec("tiny") == Path("experiments/tiny.toml")
+    assert find_spec("here.toml") == Path("here.toml")
+    assert find_spec("nothing") == Path("nothing")  # refused by load_spec, naming it
+    (tmp_path / "tiny").write_text("")  # a file of that name is what it names
+    assert find_spec("tiny") == Path("tiny")

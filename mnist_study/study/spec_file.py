@@ -25,6 +25,16 @@ from mnist_study.tracking.legacy import recorded_spec_text
 from mnist_study.tracking.names import IDENTITY_TAG
 
 
+def find_spec(given: Path | str) -> Path:
+    """The experiment file `given` names: a path, or a study's name (`ablations`) for
+    experiments/NAME.toml where there is one, as `report` takes a name."""
+    path = Path(given)
+    named = Path("experiments") / f"{path}.toml"
+    if not path.exists() and not path.suffix and len(path.parts) == 1 and named.is_file():
+        return named
+    return path
+
+
 def load_spec(path: Path | str) -> StudySpec:
     """Read and validate a study file (and its base); any problem raises SpecError."""
     return parse_spec(read_spec_text(Path(path)), Path(path))
