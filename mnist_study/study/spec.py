@@ -208,12 +208,14 @@ class Tuning:
         return f"{self.cell.key}/t{self.index}" if self.replicated else self.cell.key
 
     @property
+    def prefix(self) -> str:
+        """Before its names on the cell's parent run: `t1.` for the second of several."""
+        return f"t{self.index}." if self.replicated else ""
+
+    @property
     def tuned_params(self) -> list[str]:
-        """The names its best hyperparameters get on the cell's parent run (as
-        StudyStores.close_finished_cells logs them): `best_lr`, or `t1.best_lr` for the second of
-        several tunings."""
-        prefix = f"t{self.index}." if self.replicated else ""
-        return [f"{prefix}best_{name}" for name in self.cell.search]
+        """Its best hyperparameters' names there: `best_lr`, or `t1.best_lr`."""
+        return [f"{self.prefix}best_{name}" for name in self.cell.search]
 
 
 @dataclass(frozen=True)

@@ -277,7 +277,7 @@ class StudyStores:
                     deepcopy=False, states=(TrialState.COMPLETE,)
                 )
                 accs += [t.user_attrs["test_acc"] for t in finals]
-                prefix = f"t{tuning.index}." if tuning.replicated else ""
+                prefix = tuning.prefix
                 tags[f"{prefix}best_trial"] = (
                     best.user_attrs.get("slot", best.number)
                     if best
