@@ -3,6 +3,7 @@ that does not answer), refused in one line before anything is written."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import subprocess
 import threading
@@ -56,6 +57,17 @@ def test_a_report_whose_storage_database_does_not_answer_is_one_line(finished, t
     assert not (tmp_path / "reports").exists()
 
 
+@contextlib.contextmanager
+def serving(handler: type[http.server.BaseHTTPRequestHandler]):
+    """A web server on a free loopback port answering with `handler`: its address."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
 class AnotherWebServer(http.server.BaseHTTPRequestHandler):
     """A web server that is not MLflow's: a page for every address."""
 
@@ -70,14 +82,10 @@ class AnotherWebServer(http.server.BaseHTTPRequestHandler):
 
 def test_a_web_server_that_is_not_mlflow_is_one_line(tmp_path):
     (tmp_path / "tiny.toml").write_text(TINY)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AnotherWebServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    uri = f"http://127.0.0.1:{server.server_address[1]}"
-    args = run_args(tmp_path / "tiny.toml", uri, str(tmp_path / "o.journal"))
-    try:
-        done = cli(*args, process=False)
-    finally:
-        server.shutdown()
+    with serving(AnotherWebServer) as uri:
+        done = cli(
+            *run_args(tmp_path / "tiny.toml", uri, str(tmp_path / "o.journal")), process=False
+        )
     one_line_error(done, uri, "not as an MLflow server", "<html>")
     assert not (tmp_path / "o.journal").exists()
 
@@ -176,14 +184,9 @@ class HealthyButFailing(http.server.BaseHTTPRequestHandler):
 
 def test_a_tracking_server_answering_500_is_given_up_on_in_seconds(tmp_path):
     (tmp_path / "tiny.toml").write_text(TINY)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HealthyButFailing)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    uri = f"http://127.0.0.1:{server.server_address[1]}"
     started = time.time()
-    try:
+    with serving(HealthyButFailing) as uri:
         done = cli(*run_args(tmp_path / "tiny.toml", uri, str(tmp_path / "o.journal")))
-    finally:
-        server.shutdown()
     assert time.time() - started < 60  # MLflow's own retries: over 4 minutes
     retrying, error = done.stderr.splitlines(keepends=True)  # a line as it starts to retry
     assert "failed a request (HTTP 500" in retrying and "retrying up to 3 times" in retrying
