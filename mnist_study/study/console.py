@@ -10,7 +10,7 @@ import time
 class Console:
     def __init__(self, index: int, workers: int, quiet: bool):
         self.index, self.workers, self.quiet = index, workers, quiet
-        self.started, self.done_at_start = time.time(), None
+        self.started = time.time()
         self.said_waiting = 0.0
 
     def say(self, text: str, force: bool = False) -> None:
@@ -21,17 +21,13 @@ class Console:
         if force or not self.quiet:
             print(text, flush=True)
 
-    def progress(self, done: int, total: int) -> str:
-        """`[w0 12/576 done | 4m10s, ~1h20m left]`: the time left from this worker's pace
-        since it started (units others did before it started are not counted)."""
-        if self.done_at_start is None:
-            self.done_at_start = done
-        elapsed = time.time() - self.started
-        left = ""
-        if done > self.done_at_start:
-            rate = elapsed / (done - self.done_at_start)
-            left = f", ~{minutes(rate * (total - done))} left"
-        return f"[w{self.index} {done}/{total} done | {minutes(elapsed)}{left}]"
+    def progress(self, done: int, total: int, left: float | None) -> str:
+        """`[w0 12/576 done | 4m10s, ~1h20m left]`: this worker's time so far and the
+        study's time left (`left` seconds; unknown until a unit has measured its pace)."""
+        elapsed = minutes(time.time() - self.started)
+        return f"[w{self.index} {done}/{total} done | {elapsed}" + (
+            f", ~{minutes(left)} left]" if left is not None else "]"
+        )
 
     def waiting(self, lines: list[str]) -> None:
         """Once a minute, the units on other hosts that this worker waits for."""

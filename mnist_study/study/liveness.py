@@ -54,9 +54,9 @@ def claim_trial(
     return trial
 
 
-def mark_alive(study: optuna.Study, trial: optuna.Trial) -> None:
-    """A heartbeat on the trial, once it is seen to be still this worker's; raises
-    TrialTaken if another process ended it."""
+def mark_alive(study: optuna.Study, trial: optuna.Trial, extra: dict | None = None) -> None:
+    """A heartbeat on the trial (with `extra` attributes), once it is seen to be still
+    this worker's; raises TrialTaken if another process ended it."""
     frozen = stored_trial(study, trial)
     if frozen.state != TrialState.RUNNING:
         reason = frozen.user_attrs.get("fail_reason", "no reason recorded")
@@ -64,7 +64,7 @@ def mark_alive(study: optuna.Study, trial: optuna.Trial) -> None:
             f"{study.study_name}#{trial.number} was ended as {frozen.state.name} by another "
             f"process ({reason})"
         )
-    set_system_attrs(study, trial, {"heartbeat": time.time()})
+    set_system_attrs(study, trial, {"heartbeat": time.time(), **(extra or {})})
 
 
 def process_is_gone(pid: int, started: float | None = None) -> bool:

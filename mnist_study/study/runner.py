@@ -19,7 +19,8 @@ from mnist_study.errors import StudyIncomplete, said_in_one_line
 from mnist_study.store_paths import store_flags
 from mnist_study.study.console import Console
 from mnist_study.study.liveness import TrialTaken, mark_alive
-from mnist_study.study.optuna_storage import set_system_attrs
+from mnist_study.study.optuna_storage import set_system_attrs, trial_id
+from mnist_study.study.pace import PACE, UnitPace, Work, eta, study_seconds_left
 from mnist_study.study.processes import REFUSED, run_workers, start_fork_server
 from mnist_study.study.scheduler import Idle, Scheduler, Unit, proposal_seed
 from mnist_study.study.signals import (
@@ -211,14 +212,21 @@ class Worker:
             shown = ", ".join(
                 f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
             )
-            progress = self.console.progress(*self.stores.progress())
+            progress = self.console.progress(*self.stores.progress(), self.study_left())
             self.console.say(f"{progress} {name}: {shown}", force=True)
             splits = load_splits(self.opts.data_root, cfg)
             training = Training(cfg, splits)
+            pace = UnitPace(Work.of(cfg, final))
             for point, metrics in training:
-                mark_alive(study, trial)  # first: a trial taken from it gets no more points
+                # First: a trial taken from it gets no more points.
+                mark_alive(study, trial, {PACE: pace.point(metrics["epoch_seconds"])})
                 tracker.log_metrics(run_id, metrics, step=point)
-                self.console.say("  " + point_line(cfg, point, training.last, metrics))
+                if not self.opts.quiet:
+                    line = point_line(cfg, point, training.last, metrics)
+                    left = self.study_left((trial_id(trial), pace.seconds_left()))
+                    self.console.say(
+                        f"  {line} | unit {eta(pace.seconds_left())}, study {eta(left)} left"
+                    )
                 stop_if_signalled()
                 if self.command_process and not self.command_process.is_alive():
                     raise Interrupted("parent process died")
@@ -257,6 +265,10 @@ class Worker:
         tracker.end(run_id, Outcome.COMPLETE)
         if final:
             self.console.say(f"    test acc {result['test_acc']:.4f}", force=True)
+
+    def study_left(self, own: tuple[int, float] | None = None) -> float | None:
+        """Seconds the study has left, priced from every unit's measured pace."""
+        return study_seconds_left(self.spec, self.stores, self.opts.workers, own)
 
     def create_run(self, unit: Unit) -> tuple[str, dict, object, str]:
         """The unit's MLflow run, tagged with its Optuna trial (which is how the reaper

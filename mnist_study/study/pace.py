@@ -1,0 +1,169 @@
+"""How long the unit in progress and the whole study have left: each unit's known work
+(optimizer steps x batch, its evaluation passes, a final seed's test set) priced at the
+seconds per image measured so far. Not an average over finished units, which is wrong
+until many have finished (a study's units differ by a factor of ten: pruned trials,
+deeper nets, larger training sets) and says nothing before the first one ends.
+
+Every unit's measurements go on its trial (system attribute `pace`, with its heartbeat),
+so each worker prices the study from what all workers, on every host, have measured:
+per variant (a deeper net costs more per image), and for a variant not yet run, at the
+mean of those that have."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from optuna.trial import FrozenTrial, TrialState
+
+from mnist_study.study.console import minutes
+from mnist_study.study.optuna_storage import trial_id
+from mnist_study.study.spec import StudySpec
+from mnist_study.study.stores import DONE, StudyStores
+from mnist_study.training.config import TrainConfig
+from mnist_study.training.train import evaluation_points
+
+PACE = "pace"  # the trial's system attribute: its measurements so far
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one unit computes, known before it starts."""
+
+    points: tuple[int, ...]  # the optimizer steps at which it is evaluated
+    batch: int
+    per_eval: int  # images one evaluation passes over (training subset + validation)
+    test: int  # images of the test set: a final seed's, else 0
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, final: bool) -> Work:
+        return cls(
+            tuple(evaluation_points(cfg, cfg.train_size)),
+            cfg.batch_size,
+            min(cfg.train_eval_size, cfg.train_size) + cfg.val_size,
+            cfg.test_size if final else 0,
+        )
+
+    def images_left(self, reached: int) -> tuple[int, int]:
+        """(images to train on, images to evaluate) after `reached` evaluation points."""
+        trained = self.points[reached - 1] if reached else 0
+        evals = (len(self.points) - reached) * self.per_eval + self.test
+        return (self.points[-1] - trained) * self.batch, evals
+
+    def seconds_left(self, reached: int, cost: Cost) -> float:
+        train, evals = self.images_left(reached)
+        return train * cost.train + evals * cost.eval
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Seconds per image: training (forward, backward, step) and evaluation (forward)."""
+
+    train: float
+    eval: float
+
+
+class UnitPace:
+    """The running unit's measurements: the time of each evaluation point is split into
+    training (the run's own clock) and the rest (its evaluations and their logging)."""
+
+    def __init__(self, work: Work):
+        self.work, self.reached = work, 0
+        self.since = time.perf_counter()
+        self.sums = {"train_s": 0.0, "train_images": 0, "eval_s": 0.0, "eval_images": 0}
+
+    def point(self, train_seconds: float) -> dict[str, float]:
+        """Record an evaluation point just passed (`train_seconds` of it training); the
+        record that goes on the trial."""
+        now = time.perf_counter()
+        before = self.work.points[self.reached - 1] if self.reached else 0
+        self.sums["train_s"] += train_seconds
+        self.sums["train_images"] += (self.work.points[self.reached] - before) * self.work.batch
+        self.sums["eval_s"] += max(0.0, now - self.since - train_seconds)
+        self.sums["eval_images"] += self.work.per_eval
+        self.reached += 1
+        self.since = now
+        return {"reached": self.reached, **self.sums}
+
+    def seconds_left(self) -> float:
+        return self.work.seconds_left(self.reached, cost_of([self.sums]))
+
+
+def cost_of(records: list[dict]) -> Cost | None:
+    """The pooled seconds per image of some measurements; None with none to go on."""
+    train_images = sum(r["train_images"] for r in records)
+    eval_images = sum(r["eval_images"] for r in records)
+    if not train_images or not eval_images:
+        return None
+    return Cost(
+        sum(r["train_s"] for r in records) / train_images,
+        sum(r["eval_s"] for r in records) / eval_images,
+    )
+
+
+def study_seconds_left(
+    spec: StudySpec, stores: StudyStores, workers: int, own: tuple[int, float] | None = None
+) -> float | None:
+    """Seconds until the study is done, with `workers` working on it (more if more units
+    are running); `own`: (trial id, seconds left) of this worker's unit, which it knows
+    best. None until some unit has measured its pace."""
+    s = spec.settings
+    measured: dict[str, list[dict]] = {}
+    todo: list[tuple[str, Work, int]] = []  # (variant, work, evaluation points reached)
+    shares: list[float] = []  # finished tuning trials: the share of their steps they ran
+    pending_trials: list[tuple[str, Work]] = []
+    running, own_left = 0, 0.0
+    for tuning in spec.tunings:
+        name, cfg = tuning.cell.name, spec.config_for(tuning.cell, {})
+        for final, study in ((False, stores.tune[tuning.key]), (True, stores.final[tuning.key])):
+            work, trials = Work.of(cfg, final), study.get_trials(deepcopy=False)
+            for t in trials:
+                if PACE in t.system_attrs:
+                    measured.setdefault(name, []).append(t.system_attrs[PACE])
+                if t.state == TrialState.RUNNING:
+                    running += 1
+                    if own and trial_id(t) == own[0]:
+                        own_left = own[1]
+                    else:
+                        todo.append((name, work, reached(t, work)))
+                elif not final and t.state in DONE:
+                    k = reached(t, work)
+                    shares.append(work.points[k - 1] / work.points[-1] if k else 0.0)
+            left = units_left(trials, final, s.trials, set(s.seeds))
+            if final:
+                todo += [(name, work, 0)] * left
+            else:
+                pending_trials += [(name, work)] * left
+    pooled = cost_of([r for rs in measured.values() for r in rs])
+    if pooled is None:
+        return None
+    costs = {name: cost_of(rs) or pooled for name, rs in measured.items()}
+    share = sum(shares) / len(shares) if shares else 1.0  # pruned trials stop early
+    seconds = own_left + sum(w.seconds_left(k, costs.get(n, pooled)) for n, w, k in todo)
+    seconds += share * sum(w.seconds_left(0, costs.get(n, pooled)) for n, w in pending_trials)
+    return seconds / max(workers, running, 1)
+
+
+def reached(trial: FrozenTrial, work: Work) -> int:
+    """Evaluation points a trial has passed (by what it reported, if it has no pace)."""
+    known = trial.system_attrs.get(PACE, {}).get("reached")
+    if known is not None:
+        return known
+    return (
+        len(work.points) if trial.state == TrialState.COMPLETE else len(trial.intermediate_values)
+    )
+
+
+def units_left(trials: list[FrozenTrial], final: bool, budget: int, seeds: set[int]) -> int:
+    """Units of one study neither done nor running: trials short of the budget, or the
+    final seeds not yet run."""
+    active = [t for t in trials if t.state in DONE or t.state == TrialState.RUNNING]
+    if final:
+        return len(seeds - {t.user_attrs.get("seed") for t in active})
+    return max(0, budget - len(active))
+
+
+def eta(seconds: float | None) -> str:
+    """`~1h05m` (or `?` before anything was measured)."""
+    return "?" if seconds is None or not math.isfinite(seconds) else f"~{minutes(seconds)}"
