@@ -172,9 +172,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.tracking_uri == DEFAULT_TRACKING_URI
         else shlex.join([me, "ui", "--tracking-uri", args.tracking_uri])
     )
+    # Under make (MAKELEVEL set) the target's report follows, so its command is not said.
+    then = "" if os.environ.get("MAKELEVEL") else f"Report: {report}   "
     print(
         f"study {spec.name!r} complete in MLflow {args.tracking_uri} and Optuna "
-        f"{args.storage}. Report: {report}   Browse: {ui}"
+        f"{args.storage}. {then}Browse: {ui}"
     )
     return 0
 

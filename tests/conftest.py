@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+
+# The tests see what a user's shell sees, not the `make test` that started them (the
+# tool says less under make, whose targets report by themselves).
+os.environ.pop("MAKELEVEL", None)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = REPO / "data"

@@ -17,6 +17,7 @@ from mnist_study.analysis.collect import collect
 from mnist_study.analysis.publish import (
     busy_minutes,
     markers,
+    peak_overlap,
     replace_section,
     seed_ranges,
     write_report,
@@ -145,6 +146,17 @@ def test_wall_time_leaves_out_pauses_between_resumes():
     assert busy_minutes(starts, ends) == pytest.approx(30)
 
 
+def test_runs_at_once_counts_every_command_sharing_the_study():
+    t = pd.Timestamp("2026-01-01 10:00")
+    # three runs at once from minute 5 to 10 (a run that ends as another starts is not
+    # two at once); an unfinished run counts as in progress
+    minutes = [(0, 10), (0, 5), (5, 12), (5, 10), (10, 20), (30, None)]
+    starts = pd.Series([t + pd.Timedelta(minutes=a) for a, _ in minutes])
+    ends = pd.Series([t + pd.Timedelta(minutes=b) if b else pd.NaT for _, b in minutes])
+    assert peak_overlap(starts, ends) == 3
+    assert peak_overlap(starts[:2], ends[:2]) == 2
+
+
 def test_runs_recorded_under_the_short_metric_names_still_read(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -244,14 +256,28 @@ def test_a_page_write_that_fails_part_way_leaves_the_page_as_it_was(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["page.md"]
 
 
-def test_a_brief_report_prints_its_tables_verdicts_and_checks_and_where_the_rest_is(
+def test_a_brief_report_prints_each_variants_accuracy_verdicts_and_checks_and_where_the_rest_is(
     finished, tmp_path
 ):
     spec, tracking, storage = copy_of(finished, tmp_path)
     args = ["report", str(spec), "--tracking-uri", tracking, "--storage", storage, "--brief"]
     done = cli(*args, "--out", str(tmp_path / "reports"), process=False)
     assert done.returncode == 0, done.stderr
-    assert "| baseline |" in done.stdout and "**Checks**" in done.stdout
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == [
+        "variant",
+        "test",
+        "acc",
+        "[95%]",
+        "n",
+        "Δ",
+        "test,",
+        "points",
+        "±",
+    ] + ["half-width", "(p)"]
+    assert [line.split()[0] for line in lines[1:3]] == ["baseline", "batchnorm"]
+    assert max(len(line) for line in lines[:3]) <= 100  # fits a terminal
+    assert "**Checks**" in done.stdout
     assert "![" not in done.stdout and "Command:" not in done.stdout
     assert done.stdout.rstrip().endswith("(the whole report: results.md)")
     assert (tmp_path / "reports" / "tiny" / "results.md").read_text().count("![") >= 1

@@ -18,6 +18,8 @@ from helpers import (
     assert_budget_met_exactly,
     cli,
     command,
+    copy_of,
+    run_args,
     runs,
     shrink,
     stores,
@@ -129,6 +131,21 @@ def test_running_again_redoes_nothing(smoke_study, mnist_root):
     before = len(runs(tracking, spec.name)[1])
     run_study(spec, RunOptions(tracking, storage, str(mnist_root)))
     assert len(runs(tracking, spec.name)[1]) == before
+
+
+def test_a_finished_study_is_answered_without_workers(finished, tmp_path, monkeypatch):
+    """Nothing to run: said, with the commands that read it; under make, whose target
+    reports next, without the report's."""
+    args = run_args(*copy_of(finished, tmp_path), "--workers", "2")
+    done = cli(*args, process=False)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "study 'tiny' is complete: all 8 units done; nothing to run" in lines
+    assert not [line for line in lines if line.startswith(("[w", "worker "))]
+    assert "Report: " in lines[-1] and "Browse: " in lines[-1]
+    monkeypatch.setenv("MAKELEVEL", "1")
+    last = cli(*args, process=False).stdout.splitlines()[-1]
+    assert "Report: " not in last and "Browse: " in last
 
 
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.toml"))
@@ -251,6 +268,14 @@ def test_interrupted_mid_trial_then_resumed(tmp_path, sig):
     code = proc.wait()
     assert killed_trial is not None, "no trial reached mid-training in time"
     assert code == (130 if sig == signal.SIGINT else -signal.SIGKILL)
+    # Ctrl-C stops the parent runs of unfinished cells (a kill -9 cannot); they are
+    # reopened by the resume and finished by it.
+    parents = {
+        r.info.run_name: r.info.status
+        for r in runs(tracking, "kill")[1]
+        if r.data.tags["role"] == "variant"
+    }
+    assert parents["first"] == ("KILLED" if sig == signal.SIGINT else "RUNNING")
     # The report of the interrupted study says what is missing.
     body = write_report(tracking, "kill", tmp_path / "reports")
     assert "first: tuning incomplete (1 of 2 trials)" in body
@@ -278,6 +303,7 @@ def test_interrupted_mid_trial_then_resumed(tmp_path, sig):
     assert dead.info.status == "KILLED" and dead.data.tags["optuna_state"] == "FAIL"
     children = [r for r in found if r.data.tags["role"] != "variant"]
     assert not [r for r in children if r.info.status == "RUNNING"]
+    assert {r.info.status for r in found if r.data.tags["role"] == "variant"} == {"FINISHED"}
     assert len([r for r in children if r.data.tags["role"] == "tune"]) == 2 + 2 + 1
 
 

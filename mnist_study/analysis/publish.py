@@ -57,6 +57,7 @@ def provenance_line(data: StudyData, report: str = "") -> str:
     )
     cpu = children["tags.cpu"].mode().iat[0] if "tags.cpu" in children else "?"
     workers = children["tags.workers"].mode().iat[0] if "tags.workers" in children else "?"
+    at_once = peak_overlap(children.start_time, children.end_time)
     threads, mixed = each_value(children, "tags.threads")
     threads = f"thread(s) per run {threads}" if mixed else f"{threads} thread(s) per run"
     device, _ = each_value(children, "tags.device")
@@ -90,9 +91,9 @@ def provenance_line(data: StudyData, report: str = "") -> str:
         stage += f"; resumed mixed (--allow-mixed): {data.mixed}"
     return (
         f"Study `{data.name}` ({budget}{len(children)} runs{stage}), {commit}, "
-        f"{cpu}{device}, {workers} worker(s), {threads}; runs from "
+        f"{cpu}{device}, up to {at_once} run(s) at once, {threads}; runs from "
         f"{start:%Y-%m-%d %H:%M} to {end:%H:%M} UTC ({wall}). "
-        f"Command: `{recorded_command(data.runs, data.name, workers)}`, then "
+        f"{recorded_command(children, data.name, workers)}, then "
         f"`{report or report_command(data.name, DEFAULT_TRACKING_URI, None)}`."
     )
 
@@ -107,6 +108,18 @@ def each_value(runs: pd.DataFrame, column: str) -> tuple[str, bool]:
     if len(counts) == 1:
         return str(counts.index[0]), False
     return ", ".join(f"{value} ({n} runs)" for value, n in counts.items()), len(counts) > 1
+
+
+def peak_overlap(starts: pd.Series, ends: pd.Series) -> int:
+    """The most runs in progress at one moment: how many processes worked on the study
+    at once, whichever commands started them (a run still in progress counts to now)."""
+    ends = ends.fillna(pd.concat([starts, ends]).max() + pd.Timedelta(seconds=1))
+    events = sorted([(t, 1) for t in starts] + [(t, -1) for t in ends])  # ends sort first
+    level = peak = 0
+    for _, step in events:
+        level += step
+        peak = max(peak, level)
+    return peak
 
 
 def busy_minutes(starts: pd.Series, ends: pd.Series) -> float:
@@ -139,11 +152,34 @@ def replace_section(page: Path, body: str, study: str) -> bool:
 
 
 def brief(report: str) -> str:
-    """A report's tables, its verdicts and its checks: what a terminal needs after a
-    study (the figures, legends and provenance are in the files it names)."""
-    kept = ("|", "Resolved", "**Checks**", "**Partial**", "#")
-    lines = "\n".join(line for line in report.splitlines() if line.startswith(kept) or not line)
-    return re.sub(r"\n{3,}", "\n\n", lines).strip()
+    """What a terminal needs after a study: per variant its test accuracy and difference
+    from the baseline, the verdicts and the checks, in columns that fit a terminal (the
+    rest of each table, the figures, legends and provenance are in the files it names)."""
+    out = []
+    for block in report.split("\n\n"):
+        lines = block.strip().splitlines()
+        if lines and lines[0].startswith("| variant |"):
+            rows = [cells(line) for line in lines if not line.startswith("|---")]
+            keep = [i for i, name in enumerate(rows[0]) if brief_column(name)]
+            out.append(aligned([[row[i] for i in keep] for row in rows]))
+        elif lines and lines[0].startswith(("#", "Resolved", "**Checks**", "**Partial**")):
+            out.append(block.strip())
+    return "\n\n".join(out)
+
+
+def brief_column(name: str) -> bool:
+    return name in ("variant", "n") or name.startswith(("test acc", "Δ test", "p (Holm)"))
+
+
+def cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def aligned(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
 
 
 def write_report(

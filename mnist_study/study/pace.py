@@ -110,9 +110,10 @@ def study_seconds_left(
     best. None until some unit has measured its pace."""
     s = spec.settings
     measured: dict[str, list[dict]] = {}
-    todo: list[tuple[str, Work, int]] = []  # (variant, work, evaluation points reached)
+    begun_units: list[tuple[str, Work, int]] = []  # (variant, work, points reached)
+    seeds_left: list[tuple[str, Work]] = []  # (variant, work) of units not begun
+    trials_left: list[tuple[str, Work]] = []
     shares: list[float] = []  # finished tuning trials: the share of their steps they ran
-    pending_trials: list[tuple[str, Work]] = []
     running, own_left = 0, 0.0
     for tuning in spec.tunings:
         name, cfg = tuning.cell.name, spec.config_for(tuning.cell, {})
@@ -126,23 +127,22 @@ def study_seconds_left(
                     if own and trial_id(t) == own[0]:
                         own_left = own[1]
                     else:
-                        todo.append((name, work, reached(t, work)))
+                        begun_units.append((name, work, reached(t, work)))
                 elif not final and t.state in DONE:
                     k = reached(t, work)
                     shares.append(work.points[k - 1] / work.points[-1] if k else 0.0)
             left = units_left(trials, final, s.trials, set(s.seeds))
-            if final:
-                todo += [(name, work, 0)] * left
-            else:
-                pending_trials += [(name, work)] * left
+            (seeds_left if final else trials_left).extend([(name, work)] * left)
     pooled = cost_of([r for rs in measured.values() for r in rs])
     if pooled is None:
         return None
     costs = {name: cost_of(rs) or pooled for name, rs in measured.items()}
     share = sum(shares) / len(shares) if shares else 1.0  # pruned trials stop early
-    seconds = own_left + sum(w.seconds_left(k, costs.get(n, pooled)) for n, w, k in todo)
-    seconds += share * sum(w.seconds_left(0, costs.get(n, pooled)) for n, w in pending_trials)
-    return seconds / max(workers, running, 1)
+    begun = [w.seconds_left(k, costs.get(n, pooled)) for n, w, k in begun_units] + [own_left]
+    seconds = sum(begun) + sum(w.seconds_left(0, costs.get(n, pooled)) for n, w in seeds_left)
+    seconds += share * sum(w.seconds_left(0, costs.get(n, pooled)) for n, w in trials_left)
+    # Shared among the workers, but no sooner than the longest unit already begun.
+    return max(seconds / max(workers, running, 1), *begun)
 
 
 def reached(trial: FrozenTrial, work: Work) -> int:

@@ -102,6 +102,21 @@ def run_study(spec: StudySpec, opts: RunOptions) -> None:
     resumed = resume_line(stores)
     if resumed:
         print(resumed, flush=True)
+    done, total = stores.progress()
+    if done == total:  # no worker to start: close the cells a killed command left open
+        with stores.claim_lock():
+            for line in stores.close_finished_cells(set()):
+                print(line, flush=True)
+        return
+    try:
+        run_workers_of(spec, opts, experiment_id, stores)
+    except (KeyboardInterrupt, StudyIncomplete):
+        stop_parents(stores)
+        raise
+
+
+def run_workers_of(spec, opts, experiment_id, stores: StudyStores) -> None:
+    """This command's workers: itself, or one process each until all are done."""
     if opts.workers == 1:
         Worker(spec, opts, experiment_id, 0).loop()
         return
@@ -119,6 +134,21 @@ def run_study(spec: StudySpec, opts: RunOptions) -> None:
         )
 
 
+def stop_parents(stores: StudyStores) -> None:
+    """A stopped command's unfinished cells: their parent runs end KILLED rather than
+    show MLflow's RUNNING clock until a resume, unless another command (on any host)
+    still runs a unit of theirs."""
+    with signals_deferred(), stores.claim_lock():
+        stores.reap()
+        busy = {
+            t.cell.key
+            for t in stores.spec.tunings
+            for study in (stores.tune[t.key], stores.final[t.key])
+            if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        }
+        stores.tracker.stop_parents(busy)
+
+
 def resume_line(stores: StudyStores) -> str:
     """What a resume keeps and redoes, in a line ('' for a study not begun); the trials
     of workers that died are failed first, so that they are counted."""
@@ -129,6 +159,8 @@ def resume_line(stores: StudyStores) -> str:
     failed = sum(t.state == TrialState.FAIL for s in studies for t in s.get_trials(deepcopy=False))
     if not done and not failed:
         return ""
+    if done == total:
+        return f"study {stores.spec.name!r} is complete: all {total} units done; nothing to run"
     return (
         f"resuming study {stores.spec.name!r}: {done} of {total} units done and kept, "
         f"{total - done} to run; {failed} interrupted or failed run(s) stay recorded as FAIL"

@@ -60,10 +60,16 @@ def upgrade_runs(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def recorded_command(runs: pd.DataFrame, study: str, workers: str) -> str:
-    """The command the runs record as their source (with their stores), or, for runs
-    from before they recorded it, the spec's usual one."""
+    """`Command: ...`: the command the runs record as their source (with their stores),
+    each with its count of runs where several shared the study; for runs from before
+    they recorded it, the spec's usual one."""
     sources = runs.get("tags.mlflow.source.name", pd.Series(dtype=object)).dropna()
-    full = sources[sources.str.contains("--workers")]
-    if not full.empty:
-        return full.mode().iat[0]
-    return f"mnist-study run experiments/{study}.toml --workers {workers}"
+    counts = sources[sources.str.contains("--workers")].value_counts()
+    if len(counts) > 1:
+        return "Commands: " + ", ".join(f"`{c}` ({n} runs)" for c, n in counts.items())
+    command = (
+        counts.index[0]
+        if len(counts)
+        else f"mnist-study run experiments/{study}.toml --workers {workers}"
+    )
+    return f"Command: `{command}`"

@@ -68,6 +68,8 @@ class Tracker:
             tags |= {"cell": name, "train_size": str(train_size)}
         found = self.runs(query)
         if found:
+            if found[0].info.status == "KILLED":  # stopped with its study, now resumed
+                self.client.update_run(found[0].info.run_id, status="RUNNING")
             return found[0].info.run_id
         if cfg is not None:
             tags |= {k: v for k, v in provenance(cfg, command).items() if k.startswith("mlflow.")}
@@ -140,6 +142,14 @@ class Tracker:
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
+
+    def stop_parents(self, busy: set[str]) -> None:
+        """End the parent runs still RUNNING as KILLED (stopped), but those of `busy`
+        cells (named as their runs are), which another command still works on; a
+        cell's next unit reopens its run."""
+        for run in self.runs(f"tags.role = '{Role.VARIANT}' and attributes.status = 'RUNNING'"):
+            if run.info.run_name not in busy:
+                self.finish(run.info.run_id, "KILLED")
 
     def log_model(self, run_id: str, model: torch.nn.Module) -> None:
         """The trained model in MLflow's pytorch format, as the run's `model` artifact:
