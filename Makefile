@@ -116,15 +116,8 @@ report: $(BIN)/.installed ## rebuild reports/ablations/ and docs/ablations.md's 
 ui: $(BIN)/.installed ## MLflow UI on the study store, on 127.0.0.1 only (UI_PORT=5000)
 	@$(BIN)/mnist-study ui --tracking-uri $(TRACKING) --port $(UI_PORT)
 
-dashboard: $(BIN)/.installed ## optuna-dashboard on the tuning studies, on 127.0.0.1 only (DASHBOARD_PORT=8080; installs it once)
-	@test -x $(BIN)/optuna-dashboard \
-		|| $(UV_INSTALL) -e '.[dashboard]'
-	@test -f mlruns/optuna.journal || { echo "make dashboard: mlruns/optuna.journal does not \
-	exist yet; run a study first (make quick, make ablations)" >&2; exit 2; }
-	@$(BIN)/python -c 'import socket, sys; sys.exit(socket.socket().connect_ex(("127.0.0.1", $(DASHBOARD_PORT))) == 0)' \
-		|| { echo "make dashboard: port $(DASHBOARD_PORT) is taken; make dashboard DASHBOARD_PORT=8081" >&2; exit 2; }
-	@echo "Optuna dashboard: http://127.0.0.1:$(DASHBOARD_PORT)  (Ctrl-C to stop)"
-	@$(BIN)/optuna-dashboard mlruns/optuna.journal --host 127.0.0.1 --port $(DASHBOARD_PORT)
+dashboard: $(BIN)/.installed ## optuna-dashboard on the tuning studies, on 127.0.0.1 only (DASHBOARD_PORT=8080)
+	@$(BIN)/mnist-study dashboard --storage mlruns/optuna.journal --port $(DASHBOARD_PORT)
 
 clean: ## remove generated reports and caches (keeps .venv, data and mlruns)
 	rm -rf reports .pytest_cache .ruff_cache

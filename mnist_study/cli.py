@@ -238,6 +238,16 @@ def add_study_commands(sub) -> None:
     add_tracking_uri(p, "MLflow store to show")
     p.add_argument("--port", type=int, default=5000, help="the port to serve on (default: 5000)")
     p.set_defaults(func=commands.cmd_ui)
+    p = sub.add_parser("dashboard", help="optuna-dashboard on the tuning studies, on 127.0.0.1")
+    add_storage(p, "Optuna storage to show")
+    p.add_argument("--port", type=int, default=8080, help="the port to serve on (default: 8080)")
+    p.set_defaults(func=cmd_dashboard)
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from mnist_study.study.dashboard import serve  # optuna's imports, for this command only
+
+    return serve(args.storage, args.port)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ it over HTTP, the report built from it, and the link to its runs opened in a bro
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -204,3 +205,58 @@ def test_ui_shows_the_links_serves_quietly_and_stops_on_ctrl_c(finished, tmp_pat
     assert "Traceback" not in err and "GET /" not in out + err  # no request log
     assert f"http://127.0.0.1:{port}/#/experiments/" in out and "viewStateShareKey=cells" in out
     assert out.rstrip().endswith("MLflow UI stopped")
+
+
+def test_dashboard_on_a_taken_port_is_one_line(finished, tmp_path):
+    _, _, storage = copy_of(finished, tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = cli("dashboard", "--storage", storage, "--port", str(port), process=False)
+    one_line_error(done, f"--port {port}: address already in use", "DASHBOARD_PORT=")
+    assert done.stdout == ""
+
+
+@pytest.mark.slow
+def test_dashboard_lists_the_tuning_studies_each_opens_and_it_stops_on_ctrl_c(
+    smoke_study, tmp_path
+):
+    """optuna-dashboard on a smoke run (every variant, pruned trials): the final seeds'
+    studies are not listed, every listed study's pages and panels answer without a
+    traceback in the console, requests are not logged, and Ctrl-C stops it."""
+    spec, _, storage = smoke_study
+    port = free_port()
+    server = subprocess.Popen(
+        command("dashboard", "--storage", storage, "--port", str(port)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                listing = urllib.request.urlopen(f"{base}/api/studies", timeout=5).read()
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, server.stderr.read()
+                time.sleep(0.3)
+        listed = {s["study_name"]: s["study_id"] for s in json.loads(listing)["study_summaries"]}
+        assert sorted(listed) == sorted(f"smoke.{v.name}" for v in spec.variants)
+        for study_id in listed.values():
+            for page in (f"/api/studies/{study_id}", f"/api/studies/{study_id}/param_importances"):
+                urllib.request.urlopen(base + page, timeout=30).read()  # raises on a 500
+        if CHROMIUM is not None:  # the study's page as a person sees it
+            first = min(listed.values())
+            page = rendered(f"{base}/dashboard/studies/{first}", tmp_path)
+            assert "smoke.baseline" in page and "Hyperparameter Importance" in page, page[:2000]
+        asked = time.time()
+        server.send_signal(signal.SIGINT)
+        out, err = server.communicate(timeout=30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert server.returncode == 0 and time.time() - asked < 5
+    assert "Traceback" not in err and "Exception" not in err, err[-3000:]
+    assert "GET /" not in out + err  # no request log
+    assert out.rstrip().endswith("Optuna dashboard stopped")
