@@ -38,7 +38,11 @@ def ablation_section(data: StudyData, out: Path) -> tuple[list[str], dict[str, P
     )
     figures.test_figure(table, per_seed, pngs["test_acc"])
     figures.gap_figure(table, pngs["gap"])
-    figures.tuning_figure(data.runs, data.variants, pngs["tuning"])
+    variants = data.spec.variants if data.spec else []
+    lr_range = {
+        v.name: (v.search["lr"].low, v.search["lr"].high) for v in variants if "lr" in v.search
+    }
+    figures.tuning_figure(data.runs, data.variants, pngs["tuning"], lr_range)
     lines, found = [markdown_table(table, axis), ""], checks(data, table)
     if replicated(data):
         section, problems = tuning_section(data.runs, table, data.variants)

@@ -49,12 +49,13 @@ def curves_figure(
             mine = curves[(curves.variant == v) & (curves.metric == metric)]
             if mine.empty:
                 continue
-            g = mine.groupby("epoch").value
+            scale = 100 if metric.endswith("acc") else 1  # accuracy in %, as in every table
+            g = (mine.value * scale).groupby(mine.epoch)
             mean, lo, hi = g.mean(), g.min(), g.max()
             ax.plot(mean.index, mean.values, marker="o", ms=3, label=v, color=palette[v])
             ax.fill_between(mean.index, lo.values, hi.values, alpha=0.15, color=palette[v])
         ax.set_title(TITLES[metric])
-        ax.set_ylabel("accuracy" if metric.endswith("acc") else "cross-entropy")
+        ax.set_ylabel("accuracy (%)" if metric.endswith("acc") else "cross-entropy")
         ax.grid(alpha=0.3)
     for ax in axes[1]:
         ax.set_xlabel(x)
@@ -71,7 +72,8 @@ def bar(r) -> tuple[float, float]:
     as the table prints it; (0, 0) without one."""
     if math.isnan(r.test_acc_low):
         return 0.0, 0.0
-    return (r.test_acc_mean - r.test_acc_low) * 100, (r.test_acc_high - r.test_acc_mean) * 100
+    low, high = max(r.test_acc_low, 0.0), min(r.test_acc_high, 1.0)
+    return (r.test_acc_mean - low) * 100, (high - r.test_acc_mean) * 100
 
 
 def test_figure(table: pd.DataFrame, per_seed: dict[str, list[float]], path: Path) -> None:
@@ -95,12 +97,13 @@ def test_figure(table: pd.DataFrame, per_seed: dict[str, list[float]], path: Pat
         )
     base = table.loc[table.variant == "baseline", "test_acc_mean"]
     if len(base) and not math.isnan(base.iat[0]):
-        ax.axvline(base.iat[0] * 100, color="grey", ls="--", lw=1, label="baseline mean")
-        ax.legend(loc="lower right", frameon=False)
+        ax.axvline(base.iat[0] * 100, color="grey", ls="--", lw=1)
     ax.set_yticks(range(len(table)), list(table.variant))
     ax.invert_yaxis()
     ax.set_xlabel("test accuracy (%)")
-    ax.set_title("Test accuracy: mean, 95% interval as in the table (dots: seeds)")
+    ax.set_title(
+        "Test accuracy: mean, 95% interval as in the table (dots: seeds; dashed: baseline)"
+    )
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     save(fig, path, dpi=110)
@@ -110,10 +113,10 @@ def gap_figure(table: pd.DataFrame, path: Path) -> None:
     """Train − validation accuracy gap per variant, at the last and best-val epoch."""
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(table) + 1.5))
     y = range(len(table))
-    ax.barh([i - 0.2 for i in y], table.acc_gap_last * 100, height=0.4, label="last epoch")
-    ax.barh(
-        [i + 0.2 for i in y], table.acc_gap_best * 100, height=0.4, label="best-validation epoch"
-    )
+    # Greys: the variants' colours in the other figures mean variants, not these two.
+    last, best = table.acc_gap_last * 100, table.acc_gap_best * 100
+    ax.barh([i - 0.2 for i in y], last, height=0.4, color="0.25", label="last evaluation")
+    ax.barh([i + 0.2 for i in y], best, height=0.4, color="0.7", label="best-validation point")
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(list(y), list(table.variant))
     ax.invert_yaxis()
@@ -125,40 +128,46 @@ def gap_figure(table: pd.DataFrame, path: Path) -> None:
     save(fig, path, dpi=110)
 
 
-def tuning_figure(runs: pd.DataFrame, variants: list[str], path: Path) -> None:
-    """Optuna's optimization history per variant, from the tuning runs in MLflow."""
+def tuning_figure(
+    runs: pd.DataFrame, variants: list[str], path: Path, lr_range: dict[str, tuple] | None = None
+) -> None:
+    """What tuning tried, per variant: each trial's validation accuracy against its
+    learning rate (log axis; dotted: the searched range, `lr_range`), one accuracy scale
+    for every panel, the chosen trial starred; a best point at the range's edge says
+    the range was too narrow."""
     cols = 4
     rows = max(1, math.ceil(len(variants) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(11, 2.6 * rows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(11, 2.6 * rows + 0.6), squeeze=False, sharey=True)
     tune = runs[runs["tags.role"] == Role.TUNE] if not runs.empty else runs
-    last = int(tune["tags.optuna_trial"].astype(int).max()) if not tune.empty else 1
     for ax, v in zip(axes.flat, variants, strict=False):
-        mine = tune[tune["tags.variant"] == v].copy() if not tune.empty else tune
         ax.set_title(v)
-        ax.set_xlabel("trial")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlim(-0.5, last + 0.5)  # the same trial axis for every variant
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
         ax.grid(alpha=0.3)
-        if mine.empty:
+        if v in (lr_range or {}):  # the whole range searched, its ends dotted
+            low, high = lr_range[v]
+            ax.set_xlim(low / 1.4, high * 1.4)
+            for edge in (low, high):
+                ax.axvline(edge, color="grey", ls=":", lw=1)
+        mine = tune[tune["tags.variant"] == v] if not tune.empty else tune
+        if mine.empty or "params.lr" not in mine:
             continue
-        mine["trial"] = mine["tags.optuna_trial"].astype(int)
-        mine = mine.sort_values("trial")
+        lr, acc = mine["params.lr"].astype(float), mine["metrics.val_acc"] * 100
         for state, marker in (("COMPLETE", "o"), ("PRUNED", "x")):
-            part = mine[mine["tags.optuna_state"] == state]
-            ax.scatter(
-                part.trial, part["metrics.val_acc"] * 100, marker=marker, s=18, label=state.lower()
-            )
-        done = mine[mine["tags.optuna_state"] == "COMPLETE"]
-        if not done.empty:
-            best = (done["metrics.val_acc"] * 100).cummax()
-            ax.step(done.trial, best, where="post", color="black", lw=1, label="best so far")
+            part = mine["tags.optuna_state"] == state
+            ax.scatter(lr[part], acc[part], marker=marker, s=18, color="0.3", label=state.lower())
+        done = acc[mine["tags.optuna_state"] == "COMPLETE"]
+        if not done.empty:  # per tuning, its best complete trial (several when replicated)
+            tuning = mine.get("tags.tuning", pd.Series("0", index=mine.index))
+            best = done.groupby(tuning[done.index]).idxmax()
+            ax.scatter(lr[best], acc[best], marker="*", s=90, color="C3", label="chosen", zorder=3)
     for ax in axes.flat[len(variants) :]:
         ax.axis("off")
     for ax in axes[:, 0]:
         ax.set_ylabel("val acc (%)")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False)
-    fig.suptitle("Tuning history per variant (validation accuracy at the last epoch reached)")
+    fig.suptitle("Tuning: validation accuracy (at the last point reached) by learning rate")
     fig.tight_layout(rect=(0, 0.06, 1, 0.96))
     save(fig, path, dpi=100)
 
