@@ -199,7 +199,7 @@ def test_the_report_is_one_run_inside_mlflow_linked_from_the_experiment(smoke_re
 
 def test_an_interval_is_clipped_to_what_accuracy_can_be():
     """Two seeds at 95.45% mean gave '95.45% ± 11.24', past 100%: clipped, as printed."""
-    from mnist_study.analysis.report import acc_interval
+    from mnist_study.intervals import acc_interval
 
     mean, low, high, level = acc_interval([[0.90, 0.999]])
     assert level == "seeds" and high == 1.0 and 0 < low < mean < high

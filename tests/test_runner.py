@@ -28,6 +28,7 @@ from helpers import (
 from mlflow.tracking import MlflowClient
 
 from mnist_study.analysis.publish import write_report
+from mnist_study.intervals import acc_interval
 from mnist_study.store_paths import file_lock
 from mnist_study.study.optuna_storage import optuna_storage
 from mnist_study.study.runner import RunOptions, run_study
@@ -109,6 +110,10 @@ def test_parent_holds_best_params_and_test_mean(smoke_study):
             sum(accs) / len(accs), abs=1e-6
         )
         assert parent.data.metrics["final/seeds"] == len(spec.settings.seeds)
+        # The report's 95% interval (over the seeds of its one tuning), as columns.
+        _, low, high, _ = acc_interval([accs])
+        assert parent.data.metrics["final/test_acc_low"] == pytest.approx(low, abs=1e-6)
+        assert parent.data.metrics["final/test_acc_high"] == pytest.approx(high, abs=1e-6)
         assert {f"best_{k}" for k in v.search} <= set(parent.data.params)
         # Final runs train the tuned hyperparameters.
         for run in finals:

@@ -115,7 +115,7 @@ def test_two_workers_log_a_study_to_an_mlflow_server_and_it_reports(tmp_path, ml
     assert "Run Name" in page and "baseline" in page and "batchnorm" in page
     assert "Detect Issues" not in page
     # The study's saved view: its cells' numbers are columns, without touching Columns.
-    for column in ("final/test_acc_mean", "final/best_val_acc", "best_lr"):
+    for column in ("final/test_acc_mean", "final/test_acc_low", "final/best_val_acc", "best_lr"):
         assert column in page, column
 
 

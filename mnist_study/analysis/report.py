@@ -20,11 +20,11 @@ from mnist_study.analysis.luck import test_acc_groups
 from mnist_study.analysis.significance import (
     compare,
     holm,
-    interval,
     same_sign_pairs,
     seeds_only,
     welch_p,
 )
+from mnist_study.intervals import acc_interval
 from mnist_study.tracking.names import Role
 
 ALPHA = 0.01
@@ -72,19 +72,6 @@ def summarize(data: StudyData) -> pd.DataFrame:
     table["p_holm"] = holm(table.p_diff)
     table["gap_p_holm"] = holm(table.gap_p_welch)
     return table
-
-
-def acc_interval(tunings: list[list[float]]) -> tuple[float, float, float, str]:
-    """(mean, low, high, level) of an arm's test accuracy: over its tunings' means (t with
-    R - 1 df) when tuned several times, else over its seeds; clipped to [0, 1]."""
-    means = [statistics.mean(t) for t in tunings if t]
-    values, level = means, "tunings"
-    if len(means) < 2:
-        values, level = [a for t in tunings for a in t], "seeds"
-    if not values:
-        return math.nan, math.nan, math.nan, level
-    mean, half = interval(values)
-    return mean, max(0.0, mean - half), min(1.0, mean + half), level
 
 
 def variant_row(data: StudyData, variant: str, base: list, base_gaps: list) -> dict:

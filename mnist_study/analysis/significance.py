@@ -1,4 +1,4 @@
-"""The statistics of a comparison: over seeds (intervals, Welch's test, Holm's correction),
+"""The statistics of a comparison: over seeds (Welch's test, Holm's correction),
 with the tuning as the unit (compare), and of a tuning budget (expected best)."""
 
 from __future__ import annotations
@@ -10,17 +10,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy import special, stats
-
-
-def interval(values: list[float]) -> tuple[float, float]:
-    """(mean, half-width of the 95% t-interval); half-width NaN below 2 values."""
-    mean = statistics.mean(values)
-    if len(values) < 2:
-        return mean, math.nan
-    if statistics.pvariance(values) == 0:
-        return mean, 0.0
-    low, high = stats.ttest_1samp(values, mean).confidence_interval(0.95)
-    return mean, float(high - low) / 2
 
 
 def welch_p(a: list[float], b: list[float]) -> float:

@@ -11,6 +11,7 @@ runs, and a report would count every seed twice: refused instead.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import warnings
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import optuna
 from optuna.trial import TrialState
 
 from mnist_study.errors import StoresDisagree
+from mnist_study.intervals import acc_interval
 from mnist_study.study.liveness import dead_trials, death_reason
 from mnist_study.study.optuna_storage import fail_trial, optuna_storage, set_system_attrs
 from mnist_study.study.spec import Cell, StudySpec, Tuning
@@ -270,13 +272,13 @@ class StudyStores:
             if cell.key in closed or not all(self.tuning_done(t) for t in tunings):
                 continue
             closed.add(cell.key)
-            tags, params, accs, best_vals = {}, {}, [], []
+            tags, params, groups, best_vals = {}, {}, [], []
             for tuning in tunings:
                 best = best_trial(self.tune[tuning.key])
                 finals = self.final[tuning.key].get_trials(
                     deepcopy=False, states=(TrialState.COMPLETE,)
                 )
-                accs += [t.user_attrs["test_acc"] for t in finals]
+                groups.append([t.user_attrs["test_acc"] for t in finals])
                 prefix = tuning.prefix
                 tags[f"{prefix}best_trial"] = (
                     best.user_attrs.get("slot", best.number)
@@ -288,6 +290,7 @@ class StudyStores:
                     best_vals.append(best.value)
                     params |= {f"{prefix}best_{k}": v for k, v in best.params.items()}
             parent = self.tracker.parent_run(cell.key, cell.name, cell.train_size, cell.description)
+            accs = [a for group in groups for a in group]
             status, recorded = self.tracker.status_and_metric(parent, METRIC_NAMES["n_final"])
             # Closed with as many final runs as now: done. Fewer: the study was extended
             # since, and the cell is closed again with the larger budget's outcome.
@@ -296,16 +299,13 @@ class StudyStores:
             self.tracker.set_tags(parent, tags)
             self.tracker.log_params(parent, params)
             if accs:
-                self.tracker.log_metrics(
-                    parent,
-                    {  # to 6 digits: what a reader of MLflow's table sees, not float noise
-                        "test_acc_mean": round(statistics.mean(accs), 6),
-                        "test_acc_std": round(statistics.stdev(accs), 6) if len(accs) > 1 else 0.0,
-                        "n_final": len(accs),
-                        "best_val_acc": round(statistics.mean(best_vals), 6),
-                    },
-                    step=0,
-                )
+                mean, low, high, _ = acc_interval(groups)  # the report's interval
+                shown = {"test_acc_mean": mean, "test_acc_low": low, "test_acc_high": high}
+                shown |= {"test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0}
+                shown |= {"best_val_acc": statistics.mean(best_vals)}
+                # To 6 digits: what a reader of MLflow's table sees, not float noise.
+                shown = {k: round(v, 6) for k, v in shown.items() if not math.isnan(v)}
+                self.tracker.log_metrics(parent, shown | {"n_final": len(accs)}, step=0)
             self.tracker.finish(parent)
             lines.append(f"{cell.key}: done; test acc {fmt_accs(accs)}")
         return lines

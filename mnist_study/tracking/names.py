@@ -45,6 +45,8 @@ METRIC_NAMES = {
     "optimizer_steps": "optimizer/steps",
     "epoch_seconds": "time/train_seconds",
     "test_acc_mean": "final/test_acc_mean",
+    "test_acc_low": "final/test_acc_low",
+    "test_acc_high": "final/test_acc_high",
     "test_acc_std": "final/test_acc_std",
     "n_final": "final/seeds",
     "best_val_acc": "final/best_val_acc",
@@ -66,12 +68,13 @@ def ui_link(experiment_id: str, page: str = "runs", ui: str = "", view: bool = F
 
 def cells_view(tuned: list[str]) -> str:
     """The saved view a study's link opens, as MLflow's UI reads it (JSON): each cell's
-    parent run, best first, with its mean test accuracy over the final seeds, their sd
-    and count, the best validation accuracy and the tuned hyperparameters (`tuned`, the
+    parent run, best first, with its mean test accuracy over the final seeds and the
+    report's 95% interval of it, the seed count, the best validation accuracy and the
+    tuned hyperparameters (`tuned`, the
     parent's param names). Without it the table shows Created, Dataset, Duration,
     Source and Models, and the numbers only under Columns."""
     mean = f"metrics.`{METRIC_NAMES['test_acc_mean']}`"
-    shown = ("test_acc_mean", "test_acc_std", "n_final", "best_val_acc")
+    shown = ("test_acc_mean", "test_acc_low", "test_acc_high", "n_final", "best_val_acc")
     columns = [f"metrics.`{METRIC_NAMES[m]}`" for m in shown] + [f"params.`{p}`" for p in tuned]
     view = {
         "searchFilter": f"tags.role = '{Role.VARIANT}'",
