@@ -3,7 +3,8 @@ clean profile (no banner, no pop-up), driven over the DevTools protocol on a pip
 
 Run (with `make ui`, or `mlflow ui --backend-store-uri ...`, serving the study):
     .venv/bin/python scripts/ui_screenshots.py STUDY [--ui http://127.0.0.1:5000] [--out docs]
-Writes docs/ui-runs.png, ui-run-curves.png, ui-cells-chart.png and ui-report.png, and
+Writes docs/ui-runs.png, ui-run-curves.png, ui-report.png and ui-cells-compared.png (the
+report's test-accuracy figure as MLflow shows it: its own bar charts start at 0), and
 prints the first words of each page so that what it shows is checked, not assumed.
 """
 
@@ -18,7 +19,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-import urllib.parse
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -132,7 +132,6 @@ def main() -> None:
     final = client.search_runs([exp.experiment_id], "tags.role = 'final'", max_results=1)[0]
     report = client.search_runs([exp.experiment_id], "tags.role = 'report'", max_results=1)
     runs = ui_link(exp.experiment_id, ui=args.ui, view=VIEW_TAG in exp.tags)  # as `make ui` prints
-    cells = urllib.parse.quote("tags.role = 'variant'")
     browser = Browser()
     try:
         pages = [
@@ -142,11 +141,13 @@ def main() -> None:
                 ui_link(exp.experiment_id, f"runs/{final.info.run_id}/model-metrics", args.ui),
                 None,
             ),
-            ("ui-cells-chart.png", f"{runs}&searchFilter={cells}&compareRunsMode=CHART", "final ("),
         ]
         if report:
             run_page = ui_link(exp.experiment_id, f"runs/{report[0].info.run_id}", args.ui)
-            pages.append(("ui-report.png", run_page, None))
+            figure = ui_link(
+                exp.experiment_id, f"runs/{report[0].info.run_id}/artifacts/test_acc.png", args.ui
+            )
+            pages += [("ui-report.png", run_page, None), ("ui-cells-compared.png", figure, None)]
         for name, url, scroll in pages:
             text = browser.open(url)
             if scroll:
