@@ -167,11 +167,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     me = invoked_as()
     report = shlex.join([me, "report", str(args.spec), *opts.store_args()])
-    ui = (
-        "make ui"
-        if args.tracking_uri == DEFAULT_TRACKING_URI
-        else shlex.join([me, "ui", "--tracking-uri", args.tracking_uri])
-    )
+    ui = shlex.join([me, "ui", "--tracking-uri", args.tracking_uri])
+    ui = "make ui" if args.tracking_uri == DEFAULT_TRACKING_URI else ui
     # Under make (MAKELEVEL set) the target's report follows, so its command is not said.
     then = "" if os.environ.get("MAKELEVEL") else f"Report: {report}   "
     print(
@@ -221,8 +218,8 @@ def cmd_studies(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     """The studies' links, then `mlflow ui` on the store until Ctrl-C: a missing store or
-    a taken port refused in one line first, no request log, and Ctrl-C ending it in
-    seconds without tracebacks (the server in a session of its own, stopped by SIGTERM)."""
+    a taken port refused in one line first, no request log, Ctrl-C ending it in seconds
+    without tracebacks (the server in a session of its own, stopped by SIGTERM, then KILL)."""
     import signal
     import socket
     import subprocess
@@ -260,9 +257,13 @@ def cmd_ui(args: argparse.Namespace) -> int:
         )  # fmt: skip
         return server.wait()
     except KeyboardInterrupt:
-        if server is not None:
+        if server is not None:  # it holds nothing to save: its job runners get 2 s
             os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
+            try:
+                server.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
         print("MLflow UI stopped")
         return 0
 
