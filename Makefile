@@ -28,10 +28,10 @@ UV_VERSION := 0.13.9
 # The locked versions, compiled to .pyc (see the install rule).
 UV_INSTALL = $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -c requirements.lock
 
-.PHONY: help install lock data train test test-slow lint bench precision ablations scarcity scarcity300 replication plan quick report ui dashboard clean
+.PHONY: help install lock data train test test-slow lint bench precision ablations scarcity scarcity300 replication replication1000 plan quick report ui dashboard clean
 
 help: ## list the targets and the variables they take
-	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 	@echo "variables (make TARGET NAME=value):"
 	@printf "  %-22s %s\n" "WORKERS=$(WORKERS)" "study worker processes (auto: as many as the cores allow)"
 	@printf "  %-22s %s\n" "ARGS=\"...\"" "more arguments for the target's command, e.g. ARGS=\"--threads 2\""
@@ -102,6 +102,10 @@ scarcity300: data ## the follow-up declared for 300 images: 20 seeds for weight 
 replication: data ## every variant at 300 and 1,000 images, 8 tunings x (8 trials + 4 seeds) per cell (~7.5 h on 2 cores; rerun to resume), then report
 	@$(BIN)/mnist-study --data-root $(DATA) run experiments/replication.toml --workers $(WORKERS) $(ARGS)
 	@$(BIN)/mnist-study report experiments/replication.toml --brief --page docs/replication.md
+
+replication1000: data ## the replication's 1,000-image cells as a study of their own (~2.5 h on 2 cores; rerun to resume), then report
+	@$(BIN)/mnist-study --data-root $(DATA) run experiments/replication1000.toml --workers $(WORKERS) $(ARGS)
+	@$(BIN)/mnist-study report experiments/replication1000.toml --brief --page docs/replication.md
 
 plan: $(BIN)/.installed ## power and cost of replication designs (tunings x seeds) from its runs so far, on 2 and 64 workers
 	@$(BIN)/mnist-study plan experiments/replication.toml --tracking-uri $(TRACKING) $(ARGS)

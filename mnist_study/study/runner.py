@@ -198,6 +198,7 @@ class Worker:
         self.console = Console(index, opts.workers, opts.quiet)
         self.closed: set[str] = set()  # cells whose parent run this worker saw closed
         self.parents: dict[str, str] = {}  # cell -> its MLflow parent run
+        self.estimate: tuple[float, float | None] | None = None  # (when, study seconds left)
 
     def loop(self) -> None:
         with stopping_on_signals():
@@ -299,8 +300,14 @@ class Worker:
             self.console.say(f"    test acc {result['test_acc']:.4f}", force=True)
 
     def study_left(self, own: tuple[int, float] | None = None) -> float | None:
-        """Seconds the study has left, priced from every unit's measured pace."""
-        return study_seconds_left(self.spec, self.stores, self.opts.workers, own)
+        """Seconds the study has left, priced from every unit's measured pace: read from
+        the stores at most every 15 s (two reads per tuning; a large study on a database
+        would spend seconds a line), counted down in between."""
+        now = time.monotonic()
+        if self.estimate is None or now - self.estimate[0] > 15 or self.estimate[1] is None:
+            self.estimate = now, study_seconds_left(self.spec, self.stores, self.opts.workers, own)
+        at, seconds = self.estimate
+        return None if seconds is None else max(seconds - (now - at), own[1] if own else 0.0)
 
     def create_run(self, unit: Unit) -> tuple[str, dict, object, str]:
         """The unit's MLflow run, tagged with its Optuna trial (which is how the reaper
