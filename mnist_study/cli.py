@@ -202,7 +202,8 @@ def add_study_commands(sub) -> None:
     p.add_argument(
         "--brief",
         action="store_true",
-        help="print the tables, verdicts and checks only, and where the whole report is",
+        help="print each variant's test accuracy and difference from the baseline, the "
+        "verdicts and checks only, and where the whole report is",
     )
     p.set_defaults(func=commands.cmd_report)
     p = sub.add_parser(
