@@ -112,7 +112,8 @@ def each_value(runs: pd.DataFrame, column: str) -> tuple[str, bool]:
 
 def peak_overlap(starts: pd.Series, ends: pd.Series) -> int:
     """The most runs in progress at one moment: how many processes worked on the study
-    at once, whichever commands started them (a run still in progress counts to now)."""
+    at once, whichever commands started them (a run still in progress counts as open
+    to the last time recorded)."""
     ends = ends.fillna(pd.concat([starts, ends]).max() + pd.Timedelta(seconds=1))
     events = sorted([(t, 1) for t in starts] + [(t, -1) for t in ends])  # ends sort first
     level = peak = 0

@@ -70,9 +70,9 @@ def cells_view(tuned: list[str]) -> str:
     """The saved view a study's link opens, as MLflow's UI reads it (JSON): each cell's
     parent run, best first, with its mean test accuracy over the final seeds and the
     report's 95% interval of it, the seed count, the best validation accuracy and the
-    tuned hyperparameters (`tuned`, the
-    parent's param names). Without it the table shows Created, Dataset, Duration,
-    Source and Models, and the numbers only under Columns."""
+    tuned hyperparameters (`tuned`, the parent's param names). Without it the table
+    shows Created, Dataset, Duration, Source and Models, and the numbers only under
+    Columns."""
     mean = f"metrics.`{METRIC_NAMES['test_acc_mean']}`"
     shown = ("test_acc_mean", "test_acc_low", "test_acc_high", "n_final", "best_val_acc")
     columns = [f"metrics.`{METRIC_NAMES[m]}`" for m in shown] + [f"params.`{p}`" for p in tuned]
