@@ -207,7 +207,7 @@ def test_ui_shows_the_links_serves_quietly_and_stops_on_ctrl_c(finished, tmp_pat
     assert out.rstrip().endswith("MLflow UI stopped")
 
 
-def test_dashboard_on_a_taken_port_is_one_line(finished, tmp_path):
+def test_dashboard_on_a_taken_port_or_a_missing_store_is_one_line(finished, tmp_path):
     _, _, storage = copy_of(finished, tmp_path)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -216,6 +216,9 @@ def test_dashboard_on_a_taken_port_is_one_line(finished, tmp_path):
         done = cli("dashboard", "--storage", storage, "--port", str(port), process=False)
     one_line_error(done, f"--port {port}: address already in use", "DASHBOARD_PORT=")
     assert done.stdout == ""
+    missing = str(tmp_path / "none.journal")
+    done = cli("dashboard", "--storage", missing, process=False)
+    one_line_error(done, f"{missing}: no Optuna storage there yet; run a study first")
 
 
 @pytest.mark.slow
