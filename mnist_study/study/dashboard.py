@@ -8,22 +8,20 @@ from __future__ import annotations
 import signal
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
+import optuna_dashboard
+
 from mnist_study.errors import ConfigError
 from mnist_study.study.optuna_storage import optuna_storage
 
 
 class QuietHandler(WSGIRequestHandler):
-    def log_message(self, format, *args) -> None:  # noqa: A002 (the stdlib's name)
+    """wsgiref's handler without its line per request on the console."""
+
+    def log_message(self, format, *args) -> None:
         pass
 
 
 def serve(storage_url: str, port: int) -> int:
-    try:
-        import optuna_dashboard
-    except ImportError:
-        raise ConfigError(
-            "optuna-dashboard is not installed in this environment; make dashboard installs it"
-        ) from None
     store = optuna_storage(storage_url)
     if not store.exists():
         raise ConfigError(f"{storage_url}: no Optuna storage there yet; run a study first")
