@@ -12,7 +12,7 @@ import sys
 import typing
 from pathlib import Path
 
-from mnist_study.errors import ConfigError
+from mnist_study.errors import ConfigError, port_taken
 from mnist_study.store_paths import DEFAULT_TRACKING_URI
 from mnist_study.training.config import TrainConfig
 
@@ -232,10 +232,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         try:
             probe.bind(("127.0.0.1", args.port))
         except OSError as exc:
-            raise ConfigError(
-                f"--port {args.port}: {exc.strerror.lower()} (another server listens there); "
-                f"stop it, or choose another port (make ui UI_PORT=5001)"
-            ) from None
+            raise port_taken(args.port, exc, "make ui UI_PORT=5001") from None
     print(f"MLflow UI: {ui}  (Ctrl-C to stop); each study's runs, its numbers as columns:")
     args.ui = ui
     cmd_studies(args)

@@ -15,6 +15,15 @@ class ConfigError(ValueError):
     """A configuration value or key that cannot be used; the message is one line."""
 
 
+def port_taken(port: int, exc: OSError, retry: str) -> ConfigError:
+    """The refusal of a server's port that cannot be bound; `retry`: the command that
+    would use another."""
+    return ConfigError(
+        f"--port {port}: {exc.strerror.lower()} (another server listens there); stop it, "
+        f"or choose another port ({retry})"
+    )
+
+
 class SpecError(ConfigError):
     """An experiment file that cannot be run; the message names file and key."""
 

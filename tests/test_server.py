@@ -4,6 +4,7 @@ it over HTTP, the report built from it, and the link to its runs opened in a bro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -162,12 +163,18 @@ def test_a_tracking_server_that_dies_mid_study_stops_it_in_a_line_and_it_resumes
         )
 
 
-def test_ui_on_a_taken_port_is_one_line(finished, tmp_path):
-    _, tracking, _ = copy_of(finished, tmp_path)
+@contextlib.contextmanager
+def taken_port():
+    """A port of 127.0.0.1 that another socket listens on, while the block runs."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        port = taken.getsockname()[1]
+        yield taken.getsockname()[1]
+
+
+def test_ui_on_a_taken_port_is_one_line(finished, tmp_path):
+    _, tracking, _ = copy_of(finished, tmp_path)
+    with taken_port() as port:
         done = cli("ui", "--tracking-uri", tracking, "--port", str(port), process=False)
     one_line_error(done, f"--port {port}: address already in use", "UI_PORT=")
     assert done.stdout == ""  # no links to a server that will not start
@@ -209,10 +216,7 @@ def test_ui_shows_the_links_serves_quietly_and_stops_on_ctrl_c(finished, tmp_pat
 
 def test_dashboard_on_a_taken_port_or_a_missing_store_is_one_line(finished, tmp_path):
     _, _, storage = copy_of(finished, tmp_path)
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with taken_port() as port:
         done = cli("dashboard", "--storage", storage, "--port", str(port), process=False)
     one_line_error(done, f"--port {port}: address already in use", "DASHBOARD_PORT=")
     assert done.stdout == ""

@@ -10,7 +10,7 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import optuna_dashboard
 
-from mnist_study.errors import ConfigError
+from mnist_study.errors import ConfigError, port_taken
 from mnist_study.study.optuna_storage import optuna_storage
 
 
@@ -36,10 +36,7 @@ def serve(storage_url: str, port: int) -> int:
             "127.0.0.1", port, optuna_dashboard.wsgi(storage), handler_class=QuietHandler
         )
     except OSError as exc:
-        raise ConfigError(
-            f"--port {port}: {exc.strerror.lower()} (another server listens there); stop it, "
-            f"or choose another port (make dashboard DASHBOARD_PORT={port + 1})"
-        ) from None
+        raise port_taken(port, exc, f"make dashboard DASHBOARD_PORT={port + 1}") from None
     print(f"Optuna dashboard: http://127.0.0.1:{port}  (tuning studies; Ctrl-C to stop)")
 
     def stop(signum, frame):  # also where SIGINT came ignored (a background job)

@@ -99,10 +99,12 @@ def run_study(spec: StudySpec, opts: RunOptions) -> None:
     stores = preflight(spec, opts)
     experiment_id = stores.create()
     stores.attach(experiment_id)
-    resumed = resume_line(stores)
+    with stores.claim_lock():  # dead workers' trials failed first, so that they count
+        stores.reap()
+    done, total = stores.progress()
+    resumed = resume_line(stores, done, total)
     if resumed:
         print(resumed, flush=True)
-    done, total = stores.progress()
     if done == total:  # no worker to start: close the cells a killed command left open
         with stores.claim_lock():
             for line in stores.close_finished_cells(set()):
@@ -149,12 +151,9 @@ def stop_parents(stores: StudyStores) -> None:
         stores.tracker.stop_parents(busy)
 
 
-def resume_line(stores: StudyStores) -> str:
-    """What a resume keeps and redoes, in a line ('' for a study not begun); the trials
-    of workers that died are failed first, so that they are counted."""
-    with stores.claim_lock():
-        stores.reap()
-    done, total = stores.progress()
+def resume_line(stores: StudyStores, done: int, total: int) -> str:
+    """What a resume keeps and redoes (`done` of `total` units), in a line ('' for a
+    study not begun)."""
     studies = [s for key in stores.tune for s in (stores.tune[key], stores.final[key])]
     failed = sum(t.state == TrialState.FAIL for s in studies for t in s.get_trials(deepcopy=False))
     if not done and not failed:
@@ -256,10 +255,9 @@ class Worker:
                 tracker.log_metrics(run_id, metrics, step=point)
                 if not self.opts.quiet:
                     line = point_line(cfg, point, training.last, metrics)
-                    left = self.study_left((trial_id(trial), pace.seconds_left()))
-                    self.console.say(
-                        f"  {line} | unit {eta(pace.seconds_left())}, study {eta(left)} left"
-                    )
+                    unit_left = pace.seconds_left()
+                    left = self.study_left((trial_id(trial), unit_left))
+                    self.console.say(f"  {line} | unit {eta(unit_left)}, study {eta(left)} left")
                 stop_if_signalled()
                 if self.command_process and not self.command_process.is_alive():
                     raise Interrupted("parent process died")
