@@ -175,7 +175,15 @@ def add_study_commands(sub) -> None:
         help="resume a study on other code, threads, device or data (refused without it: "
         "one table would mix two studies); recorded, and the report says which runs ran on which",
     )
+    add_slurm_flags(p)
     p.set_defaults(func=commands.cmd_run)
+    p = sub.add_parser(
+        "status", help="where a study stands: units done and running, its Slurm jobs"
+    )
+    p.add_argument("spec", type=Path, help="experiment file or its name")
+    add_tracking_uri(p, "MLflow store to read")
+    add_storage(p, "Optuna storage to read")
+    p.set_defaults(func=commands.cmd_status)
 
     p = sub.add_parser("report", help="results table, figures and checks of a study, from MLflow")
     p.add_argument("study", help="experiment file or study name, e.g. experiments/ablations.toml")
@@ -243,6 +251,44 @@ def add_study_commands(sub) -> None:
     add_storage(p, "Optuna storage to show")
     p.add_argument("--port", type=int, default=8080, help="the port to serve on (default: 8080)")
     p.set_defaults(func=cmd_dashboard)
+
+
+def add_slurm_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Slurm (with --launcher slurm; docs/cluster.md)")
+    g.add_argument(
+        "--launcher",
+        choices=("local", "slurm"),
+        default="local",
+        help="local: worker processes here; slurm: --workers jobs of one Slurm job array, "
+        "submitted through submitit, sharing the stores (default: local)",
+    )
+    g.add_argument("--partition", help="partition (default: the cluster's default)")
+    g.add_argument(
+        "--time-limit", type=int, metavar="MINUTES", help="per worker (default: the partition's)"
+    )
+    g.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs per job (default: 1)")
+    g.add_argument("--gpus-per-worker", type=int, default=0, help="GPUs per job (default: 0)")
+    g.add_argument("--mem", help="memory per job as sbatch reads it, e.g. 4G")
+    g.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="KEY[=VALUE]",
+        help="another sbatch option, e.g. --sbatch account=ml (repeatable)",
+    )
+    g.add_argument(
+        "--slurm-folder",
+        type=Path,
+        default=Path("mlruns/slurm"),
+        help="submitit's scripts and the workers' logs, in STUDY/ below it, on a filesystem "
+        "the nodes share (default: mlruns/slurm)",
+    )
+    g.add_argument(
+        "--detach",
+        action="store_true",
+        help="submit and return; `mnist-study status SPEC` shows progress, the same command "
+        "attaches again",
+    )
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:

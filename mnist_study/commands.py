@@ -122,9 +122,10 @@ def cmd_precision(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from mnist_study.errors import StudyIncomplete, WorkerRefused
     from mnist_study.study.optuna_storage import optuna_storage
-    from mnist_study.study.processes import cap_threads
+    from mnist_study.study.processes import cap_threads, parse_workers
     from mnist_study.study.runner import RunOptions, run_study
     from mnist_study.study.signals import Interrupted
+    from mnist_study.study.slurm import slurm_options
     from mnist_study.study.spec_file import find_spec, load_spec
 
     args.spec = find_spec(args.spec)
@@ -132,14 +133,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     optuna_storage(args.storage)  # refuses an unsupported address
     if not 0 <= args.threads <= 1024:
         raise ConfigError(f"--threads {args.threads}: must be in [0, 1024] (0: automatic)")
+    slurm = slurm_options(args, spec.name)
     opts = RunOptions(
         tracking_uri=args.tracking_uri,
         storage=args.storage,
-        data_root=str(args.data_root),
-        workers=choose_workers(args.workers, spec),
-        threads=cap_threads(args.threads),
+        data_root=str(args.data_root.resolve() if slurm else args.data_root),
+        workers=parse_workers(args.workers) if slurm else choose_workers(args.workers, spec),
+        threads=args.threads if slurm else cap_threads(args.threads),  # the nodes' cores
         quiet=args.quiet,
         allow_mixed=args.allow_mixed,
+        slurm=slurm,
+        detach=args.detach,
     )
     s = spec.settings
     cells = f" x {len(s.train_sizes)} training-set sizes" if s.train_sizes else ""
@@ -166,6 +170,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except WorkerRefused:  # the worker said why, in one line
         return 2
     me = invoked_as()
+    if opts.detach:
+        status = shlex.join([me, "status", str(args.spec), *opts.store_args()])
+        print(f"detached: follow with `{status}`; the same run command attaches again")
+        return 0
     report = shlex.join([me, "report", str(args.spec), *opts.store_args()])
     ui = shlex.join([me, "ui", "--tracking-uri", args.tracking_uri])
     ui = "make ui" if args.tracking_uri == DEFAULT_TRACKING_URI else ui
@@ -187,6 +195,14 @@ def invoked_as() -> str:
     if found and Path(found).resolve() == script.resolve():
         return "mnist-study"
     return os.path.relpath(script) if script.is_relative_to(Path.cwd()) else str(script)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from mnist_study.study.slurm_watch import print_status
+    from mnist_study.study.spec_file import find_spec, load_spec
+
+    print_status(load_spec(find_spec(args.spec)), args.tracking_uri, args.storage)
+    return 0
 
 
 def choose_workers(value: str, spec) -> int:

@@ -7,21 +7,19 @@ own `_run_trial`: link, train, report each point, prune, tell, end."""
 from __future__ import annotations
 
 import multiprocessing
-import shlex
 import sys
 import time
-from dataclasses import dataclass
 
 import optuna
 from optuna.trial import TrialState
 
 from mnist_study.errors import StudyIncomplete, said_in_one_line
-from mnist_study.store_paths import store_flags
 from mnist_study.study.console import Console
 from mnist_study.study.liveness import TrialTaken, mark_alive
 from mnist_study.study.optuna_storage import set_system_attrs, trial_id
 from mnist_study.study.pace import PACE, UnitPace, Work, eta, study_seconds_left
 from mnist_study.study.processes import REFUSED, run_workers, start_fork_server
+from mnist_study.study.run_options import RunOptions
 from mnist_study.study.scheduler import Idle, Scheduler, Unit, proposal_seed
 from mnist_study.study.signals import (
     Interrupted,
@@ -29,53 +27,16 @@ from mnist_study.study.signals import (
     stop_if_signalled,
     stopping_on_signals,
 )
+from mnist_study.study.slurm import check_reach
+from mnist_study.study.slurm_watch import run_on_slurm
 from mnist_study.study.spec import StudySpec
 from mnist_study.study.stores import StudyStores, best_trial
 from mnist_study.tracking.names import Role
 from mnist_study.tracking.outcome import Outcome
 from mnist_study.tracking.retries import bound_remote_retries
 from mnist_study.tracking.runs import study_identity
-from mnist_study.training.config import TrainConfig
 from mnist_study.training.mnist_data import load_splits
 from mnist_study.training.train import Training, check_device, evaluate_test, point_line
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    tracking_uri: str
-    storage: str
-    data_root: str
-    workers: int = 1
-    threads: int = 0
-    """Threads per run (0: the spec's, else 1). Never derived from the worker count:
-    runs with other thread counts round differently, and results must not depend on
-    how many workers ran them."""
-    quiet: bool = False
-    log_models: bool = True
-    allow_mixed: bool = False
-    """Resume on other code, threads, device or data (recorded; the report says so)."""
-
-    def run_threads(self, cfg: TrainConfig) -> int:
-        """The threads a run of `cfg` gets: --threads, else the spec's, else 1."""
-        return self.threads or cfg.threads or 1
-
-    def store_args(self) -> list[str]:
-        """The flags that name these stores, where they are not the defaults."""
-        return store_flags(self.tracking_uri, self.storage)
-
-    def command(self, spec_path) -> str:
-        """The command that runs this study into these stores (a run's source tag)."""
-        return shlex.join(
-            [
-                "mnist-study",
-                "run",
-                str(spec_path),
-                *self.store_args(),
-                "--workers",
-                str(self.workers),
-            ]
-            + (["--threads", str(self.threads)] if self.threads else [])
-        )
 
 
 def preflight(spec: StudySpec, opts: RunOptions) -> StudyStores:
@@ -87,6 +48,9 @@ def preflight(spec: StudySpec, opts: RunOptions) -> StudyStores:
     identity = study_identity(spec.defaults.replace("run", threads=opts.run_threads(spec.defaults)))
     stores = StudyStores(spec, opts.tracking_uri, opts.storage, identity, opts.allow_mixed)
     extension = stores.check()
+    if opts.slurm:  # before the first write: a store no worker could reach is refused
+        for line in check_reach(opts.tracking_uri, opts.storage, opts.data_root, opts.slurm):
+            print(line, flush=True)
     if extension:
         print(f"extending study {spec.name!r}: {extension}; its finished units are kept")
     return stores
@@ -94,7 +58,7 @@ def preflight(spec: StudySpec, opts: RunOptions) -> StudyStores:
 
 def run_study(spec: StudySpec, opts: RunOptions) -> None:
     """Check inputs and stores, create the studies, then run the workers until done."""
-    if opts.workers > 1:
+    if opts.workers > 1 and not opts.slurm:
         start_fork_server(__name__)  # its imports overlap the checks below
     stores = preflight(spec, opts)
     experiment_id = stores.create()
@@ -118,7 +82,10 @@ def run_study(spec: StudySpec, opts: RunOptions) -> None:
 
 
 def run_workers_of(spec, opts, experiment_id, stores: StudyStores) -> None:
-    """This command's workers: itself, or one process each until all are done."""
+    """This command's workers: itself, one process each, or Slurm jobs, until all are done."""
+    if opts.slurm:
+        run_on_slurm(spec, opts, experiment_id, stores, worker_main)
+        return
     if opts.workers == 1:
         Worker(spec, opts, experiment_id, 0).loop()
         return

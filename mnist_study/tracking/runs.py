@@ -45,6 +45,12 @@ class Tracker:
         self.client = MlflowClient(tracking_uri)
         self.experiment_id = experiment_id
 
+    def experiment_tag(self, key: str) -> str | None:
+        return self.client.get_experiment(self.experiment_id).tags.get(key)
+
+    def set_experiment_tag(self, key: str, value: str) -> None:
+        self.client.set_experiment_tag(self.experiment_id, key, value)
+
     def runs(self, filter_string: str):
         return self.client.search_runs([self.experiment_id], filter_string, max_results=5000)
 

@@ -1,0 +1,189 @@
+"""The submitting side of `run --launcher slurm`: the array submitted (or a live one
+attached to), the study's progress printed from the stores while the jobs run, Ctrl-C
+passed on as a cancel of the array; and `status`, where a study stands."""
+
+from __future__ import annotations
+
+import time
+
+from optuna.trial import FrozenTrial, TrialState
+
+from mnist_study.errors import StudyIncomplete
+from mnist_study.study.console import minutes
+from mnist_study.study.pace import study_seconds_left
+from mnist_study.study.signals import Interrupted, stop_if_signalled, stopping_on_signals
+from mnist_study.study.slurm import (
+    ARRAYS_TAG,
+    array_ids,
+    cancel,
+    job_states,
+    live,
+    submit,
+)
+from mnist_study.study.spec import StudySpec
+from mnist_study.study.stores import StudyStores
+from mnist_study.tracking.store import check_tracking_uri, find_experiment
+
+POLL_S = 1.0  # a small unit lasts seconds; a look at the stores costs milliseconds
+
+
+def run_on_slurm(spec: StudySpec, opts, experiment_id: str, stores: StudyStores, worker) -> None:
+    """Submit what is missing of opts.workers worker jobs (`worker(spec, opts,
+    experiment_id, index)` each), then watch them until they end (not with --detach)."""
+    arrays = array_ids(stores.tracker.experiment_tag(ARRAYS_TAG))
+    states = job_states(arrays)
+    running = live(states)
+    if running:
+        print(
+            f"attaching to Slurm array(s) {', '.join(sorted({j.split('_')[0] for j in running}))}"
+            f": {len(running)} worker job(s) pending or running",
+            flush=True,
+        )
+    need = opts.workers - len(running)
+    if need > 0:
+        array = submit(worker, (spec, opts, experiment_id), need, opts.slurm, spec.name)
+        arrays.append(array)
+        stores.tracker.set_experiment_tag(ARRAYS_TAG, ",".join(arrays))
+        print(
+            f"submitted Slurm array {array}: {need} worker job(s), logs in {opts.slurm.folder}",
+            flush=True,
+        )
+    if opts.detach:
+        return
+    watch(spec, stores, arrays, opts.workers)
+
+
+def watch(spec: StudySpec, stores: StudyStores, arrays: list[str], workers: int) -> None:
+    """Print each unit's start and end and each job's state until no job of `arrays`
+    is pending or running; on a stop signal cancel them, wait for them to end (each
+    records its unit FAIL) and raise Interrupted."""
+    lines = StudyLines(spec, stores, workers)
+    jobs: dict[str, str] = {}
+    with stopping_on_signals():
+        try:
+            while True:
+                states = job_states(arrays)
+                for job, (state, where) in sorted(states.items()):
+                    if jobs.get(job) != state:
+                        waits = state == "PENDING" and where not in ("", "(None)")
+                        at = f" on {where}" if state == "RUNNING" else f" {where}" * waits
+                        print(f"slurm job {job}: {state}{at}", flush=True)
+                        jobs[job] = state
+                for line in lines.new():
+                    print(line, flush=True)
+                if not live(states):
+                    break
+                stop_if_signalled()
+                time.sleep(POLL_S)
+        except Interrupted:
+            print(f"cancelling Slurm array(s) {', '.join(arrays)}", flush=True)
+            cancel(arrays)
+            deadline = time.time() + 120  # Slurm's KillWait, then SIGKILL
+            while live(job_states(arrays)) and time.time() < deadline:
+                time.sleep(1)
+            for line in lines.new():
+                print(line, flush=True)
+            raise
+    with stores.claim_lock():
+        stores.reap()
+    done, total = stores.progress()
+    if done < total:
+        ended = ", ".join(f"{j} {s}" for j, s in sorted(jobs.items()))
+        raise StudyIncomplete(
+            f"study {spec.name!r} incomplete ({done} of {total} units done) after its Slurm "
+            f"jobs ended ({ended}); run the same command again to resume"
+        )
+
+
+class StudyLines:
+    """A line for each unit that started or ended since the last look, read from
+    Optuna's record (the workers' own lines are in their Slurm logs)."""
+
+    def __init__(self, spec: StudySpec, stores: StudyStores, workers: int):
+        self.spec, self.stores, self.workers = spec, stores, workers
+        self.started = time.time()
+        self.seen = {key: state for key, state, _ in self.trials()}  # a resume's past: quiet
+
+    def trials(self):
+        for tuning in self.spec.tunings:
+            for study in (self.stores.tune[tuning.key], self.stores.final[tuning.key]):
+                for t in study.get_trials(deepcopy=False):
+                    yield (study.study_name, t.number), t.state, (tuning, study, t)
+
+    def new(self) -> list[str]:
+        out, progress = [], None
+        for key, state, (tuning, study, t) in list(self.trials()):
+            if self.seen.get(key) == state:
+                continue
+            self.seen[key] = state
+            if progress is None:
+                progress = self.progress()
+            out.append(describe(tuning, study is self.stores.final[tuning.key], t, progress))
+        return out
+
+    def progress(self) -> str:
+        done, total = self.stores.progress()
+        left = study_seconds_left(self.spec, self.stores, self.workers)
+        elapsed = minutes(time.time() - self.started)
+        return f"{done}/{total} done | {elapsed}" + (f", ~{minutes(left)} left" if left else "")
+
+
+def describe(tuning, final: bool, t: FrozenTrial, progress: str) -> str:
+    """`[w1 3/48 done | 0m40s, ~2m left] cell/t0/trial-2: lr=0.00551 (on node-3)` as a
+    unit starts; `[w1]     cell/t0/trial-2: val acc 0.9130` as it ends."""
+    worker = t.system_attrs.get("worker", "?")
+    unit = f"seed-{t.user_attrs.get('seed')}" if final else f"trial-{t.user_attrs.get('slot')}"
+    name = f"{tuning.key}/{unit}"
+    if t.state == TrialState.RUNNING:
+        shown = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items()
+        )
+        host = t.system_attrs.get("host", "?")
+        return f"[w{worker} {progress}] {name}: {shown or 'best point'} (on {host})"
+    if t.state == TrialState.COMPLETE:
+        what = f"test acc {t.user_attrs['test_acc']:.4f}" if final else f"val acc {t.value:.4f}"
+    elif t.state == TrialState.PRUNED:
+        what = f"pruned: {t.user_attrs.get('prune_reason', '')}"
+    else:
+        what = f"{t.state.name}: {t.user_attrs.get('fail_reason', 'no reason recorded')}"
+    return f"[w{worker}]     {name}: {what}"
+
+
+def status_lines(spec: StudySpec, stores: StudyStores) -> list[str]:
+    """Where a study stands: units done, those running (where, last sign of life), the
+    time left, and its Slurm jobs."""
+    done, total = stores.progress()
+    now = time.time()
+    running = [
+        (tuning, study is stores.final[tuning.key], t)
+        for tuning in spec.tunings
+        for study in (stores.tune[tuning.key], stores.final[tuning.key])
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    ]
+    left = study_seconds_left(spec, stores, max(1, len(running)))
+    out = [
+        f"study {spec.name!r}: {done} of {total} units done, {len(running)} running"
+        + (f", ~{minutes(left)} left at {max(1, len(running))} worker(s)" if left else "")
+    ]
+    for tuning, final, t in running:
+        beat = now - t.system_attrs.get("heartbeat", now)
+        out.append(describe(tuning, final, t, f"{done}/{total} done").split("] ", 1)[1])
+        out[-1] = f"  running: {out[-1]}, last heartbeat {beat:.0f} s ago"
+    arrays = array_ids(stores.tracker.experiment_tag(ARRAYS_TAG))
+    if arrays:
+        states = job_states(arrays)
+        jobs = ", ".join(f"{j} {s}" + (f" on {w}" if s == "RUNNING" else "") for j, (s, w) in
+                         sorted(states.items())) or "none left in squeue"  # fmt: skip
+        out.append(f"  Slurm array(s) {', '.join(arrays)}: {jobs}")
+    return out
+
+
+def print_status(spec: StudySpec, tracking_uri: str, storage: str) -> None:
+    check_tracking_uri(tracking_uri, must_exist=True)
+    found = find_experiment(tracking_uri, spec.name)
+    stores = StudyStores(spec, tracking_uri, storage)
+    if found is None or not stores.optuna.exists():
+        print(f"study {spec.name!r}: not started in {tracking_uri} and {storage}")
+        return
+    stores.attach(found.experiment_id)
+    print("\n".join(status_lines(spec, stores)))
