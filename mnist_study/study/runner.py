@@ -84,7 +84,7 @@ def run_study(spec: StudySpec, opts: RunOptions) -> None:
 def run_workers_of(spec, opts, experiment_id, stores: StudyStores) -> None:
     """This command's workers: itself, one process each, or Slurm jobs, until all are done."""
     if opts.slurm:
-        run_on_slurm(spec, opts, experiment_id, stores, worker_main)
+        run_on_slurm(spec, opts, experiment_id, stores, f"{__name__}:worker_main")
         return
     if opts.workers == 1:
         Worker(spec, opts, experiment_id, 0).loop()

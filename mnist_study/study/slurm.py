@@ -8,8 +8,10 @@ slurmdbd) sacct, which submitit asks, has none."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import shlex
+import signal
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -219,15 +221,27 @@ def live(states: dict[str, tuple[str, str]]) -> list[str]:
     return sorted(job for job, (state, _) in states.items() if state in LIVE_STATES)
 
 
-def submit(fn, args: tuple, workers: int, slurm: SlurmOptions, study: str) -> str:
-    """fn(*args, index) as an array of `workers` tasks; returns the array's job id."""
+def array_task(target: str, *args) -> None:
+    """One task of the array: `target` ('module:function') called with args. A stop
+    signal ends the task at once until the worker loop takes signals over: submitit's
+    own handler ignores SIGTERM, and through the seconds of importing torch and MLflow a
+    cancelled worker would live on to claim units until Slurm's SIGKILL."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    module, _, name = target.partition(":")
+    getattr(importlib.import_module(module), name)(*args)
+
+
+def submit(target: str, args: tuple, first: int, workers: int, slurm: SlurmOptions, study: str):
+    """`target`(*args, index) as an array of `workers` tasks, numbered from `first`;
+    returns the array's job id."""
     import submitit
 
     executor = submitit.SlurmExecutor(folder=slurm.folder, max_num_timeout=0)
     executor.update_parameters(**slurm.parameters(study, workers))
-    columns = [[a] * workers for a in args] + [list(range(workers))]
+    columns = [[target] * workers] + [[a] * workers for a in args]
     try:
-        jobs = executor.map_array(fn, *columns)
+        jobs = executor.map_array(array_task, *columns, list(range(first, first + workers)))
     except subprocess.CalledProcessError as exc:  # sbatch's refusal, said by sbatch
         why = (exc.stderr or exc.output or b"").decode(errors="replace").strip()
         raise ConfigError(f"--launcher slurm: sbatch refused the array: {why[-300:]}") from None

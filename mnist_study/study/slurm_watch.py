@@ -27,9 +27,10 @@ from mnist_study.tracking.store import check_tracking_uri, find_experiment
 POLL_S = 1.0  # a small unit lasts seconds; a look at the stores costs milliseconds
 
 
-def run_on_slurm(spec: StudySpec, opts, experiment_id: str, stores: StudyStores, worker) -> None:
-    """Submit what is missing of opts.workers worker jobs (`worker(spec, opts,
-    experiment_id, index)` each), then watch them until they end (not with --detach)."""
+def run_on_slurm(spec: StudySpec, opts, experiment_id: str, stores: StudyStores, worker: str):
+    """Submit what is missing of opts.workers worker jobs (`worker`: 'module:function',
+    called (spec, opts, experiment_id, index)), then watch them until they end (not with
+    --detach)."""
     arrays = array_ids(stores.tracker.experiment_tag(ARRAYS_TAG))
     states = job_states(arrays)
     running = live(states)
@@ -41,7 +42,8 @@ def run_on_slurm(spec: StudySpec, opts, experiment_id: str, stores: StudyStores,
         )
     need = opts.workers - len(running)
     if need > 0:
-        array = submit(worker, (spec, opts, experiment_id), need, opts.slurm, spec.name)
+        args = (spec, opts, experiment_id)
+        array = submit(worker, args, len(running), need, opts.slurm, spec.name)
         arrays.append(array)
         stores.tracker.set_experiment_tag(ARRAYS_TAG, ",".join(arrays))
         print(
