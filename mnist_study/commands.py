@@ -122,7 +122,7 @@ def cmd_precision(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from mnist_study.errors import StudyIncomplete, WorkerRefused
     from mnist_study.study.optuna_storage import optuna_storage
-    from mnist_study.study.processes import cap_threads, parse_workers
+    from mnist_study.study.processes import cap_threads, choose_workers, parse_workers
     from mnist_study.study.runner import RunOptions, run_study
     from mnist_study.study.signals import Interrupted
     from mnist_study.study.slurm import slurm_options
@@ -203,19 +203,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     print_status(load_spec(find_spec(args.spec)), args.tracking_uri, args.storage)
     return 0
-
-
-def choose_workers(value: str, spec) -> int:
-    """`--workers`: a count (capped by what the machine holds), or `auto`, said aloud."""
-    from mnist_study.study.processes import auto_workers, cap_workers, parse_workers
-    from mnist_study.training.train import resolve_device
-
-    requested = parse_workers(value)
-    if requested != "auto":
-        return cap_workers(requested)
-    workers, why = auto_workers(resolve_device(spec.defaults).type == "cuda")
-    print(f"--workers auto: {workers} ({why})", flush=True)
-    return workers
 
 
 def cmd_studies(args: argparse.Namespace) -> int:

@@ -220,3 +220,22 @@ def test_a_killed_submitting_command_leaves_the_array_and_the_same_command_attac
     assert f"attaching to Slurm array(s) {array}" in again.stdout, again.stdout
     assert submitted_array(tracking, spec.name) == [array]  # nothing submitted twice
     assert assert_every_unit_done_once(tracking, storage, spec) == 0
+
+
+@pytest.mark.slow
+@needs_slurm
+def test_detach_submits_and_returns_and_status_then_the_same_command_finish_it(tmp_path):
+    spec_path = tmp_path / "tiny.toml"
+    spec_path.write_text(TINY)
+    tracking, storage = stores(tmp_path)
+    args = slurm_run(spec_path, tracking, storage, tmp_path)
+    done = cli(*args, "--detach")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "submitted Slurm array" in done.stdout and "detached: follow with" in done.stdout
+    (array,) = submitted_array(tracking, "tiny")
+    status = cli("status", str(spec_path), "--tracking-uri", tracking, "--storage", storage)
+    assert status.returncode == 0 and f"Slurm array(s) {array}: " in status.stdout
+    wait_for_array_end([array], timeout=180)
+    again = cli(*args)
+    assert again.returncode == 0 and "nothing to run" in again.stdout, again.stdout
+    assert assert_every_unit_done_once(tracking, storage, load_spec(spec_path)) == 0

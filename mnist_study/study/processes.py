@@ -70,6 +70,18 @@ def cap_workers(requested: int) -> int:
     return requested
 
 
+def choose_workers(value: str, spec) -> int:
+    """`--workers`: a count (capped by what the machine holds), or `auto`, said aloud."""
+    from mnist_study.training.train import resolve_device  # torch: not for --help
+
+    requested = parse_workers(value)
+    if requested != "auto":
+        return cap_workers(requested)
+    workers, why = auto_workers(resolve_device(spec.defaults).type == "cuda")
+    print(f"--workers auto: {workers} ({why})", flush=True)
+    return workers
+
+
 def cap_threads(requested: int) -> int:
     """More threads per run than cores only makes them wait on each other (14x slower
     measured with 1000 on 2 cores)."""
