@@ -61,7 +61,7 @@ class SlurmOptions:
         params = {
             "job_name": f"mnist-study-{study}",
             "partition": self.partition,
-            "time": self.time_limit,
+            "time": self.time_limit,  # None: the partition's limit (submitit would say 5 min)
             "cpus_per_task": self.cpus_per_worker,
             "mem": self.mem,
             "array_parallelism": workers,
@@ -70,7 +70,7 @@ class SlurmOptions:
         }
         if self.gpus_per_worker:
             params["gpus_per_task"] = self.gpus_per_worker
-        return {k: v for k, v in params.items() if v is not None}
+        return {k: v for k, v in params.items() if v is not None or k == "time"}
 
 
 def slurm_options(args, study: str) -> SlurmOptions | None:

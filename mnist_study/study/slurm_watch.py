@@ -21,7 +21,7 @@ from mnist_study.study.slurm import (
     submit,
 )
 from mnist_study.study.spec import StudySpec
-from mnist_study.study.stores import StudyStores
+from mnist_study.study.stores import StudyStores, fmt_accs
 from mnist_study.tracking.store import check_tracking_uri, find_experiment
 
 POLL_S = 1.0  # a small unit lasts seconds; a look at the stores costs milliseconds
@@ -105,6 +105,8 @@ class StudyLines:
         self.spec, self.stores, self.workers = spec, stores, workers
         self.started = time.time()
         self.seen = {key: state for key, state, _ in self.trials()}  # a resume's past: quiet
+        self.closed: set[str] = set()
+        self.cells_done()
 
     def trials(self):
         for tuning in self.spec.tunings:
@@ -121,6 +123,25 @@ class StudyLines:
             if progress is None:
                 progress = self.progress()
             out.append(describe(tuning, study is self.stores.final[tuning.key], t, progress))
+        return out + self.cells_done() if out else out
+
+    def cells_done(self) -> list[str]:
+        """`cell: done; test acc ...` once for each cell whose units are all done, as a
+        local worker says it when it closes the cell (here a worker in Slurm does)."""
+        out = []
+        for cell in self.spec.cells:
+            tunings = [t for t in self.spec.tunings if t.cell.key == cell.key]
+            if cell.key in self.closed or not all(self.stores.tuning_done(t) for t in tunings):
+                continue
+            self.closed.add(cell.key)
+            accs = [
+                t.user_attrs["test_acc"]
+                for tuning in tunings
+                for t in self.stores.final[tuning.key].get_trials(
+                    deepcopy=False, states=(TrialState.COMPLETE,)
+                )
+            ]
+            out.append(f"{cell.key}: done; test acc {fmt_accs(accs)}")
         return out
 
     def progress(self) -> str:
