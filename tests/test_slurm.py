@@ -199,9 +199,8 @@ def test_ctrl_c_cancels_the_array_and_the_same_command_resumes(tmp_path):
 @pytest.mark.slow
 @needs_slurm
 def test_a_killed_submitting_command_leaves_the_array_and_the_same_command_attaches(tmp_path):
-    longer = SLOW2.replace("epochs = 1", "epochs = 4").replace("trials = 2", "trials = 8")
     spec_path = tmp_path / "slow.toml"
-    spec_path.write_text(longer)  # outlasts the kill, status and a new command's start
+    spec_path.write_text(SLOW2.replace("trials = 2", "trials = 4"))
     spec = load_spec(spec_path)
     tracking, storage = stores(tmp_path)
     args = slurm_run(spec_path, tracking, storage, tmp_path)
@@ -210,14 +209,22 @@ def test_a_killed_submitting_command_leaves_the_array_and_the_same_command_attac
     proc.kill()
     proc.wait()
     (array,) = submitted_array(tracking, spec.name)
+    # Held (SIGSTOP by Slurm) while it is looked at, so that it cannot finish first.
+    subprocess.run(["scontrol", "suspend", array], capture_output=True)
     assert any(s in LIVE_STATES for s, _ in job_states([array]).values())
     status = cli("status", str(spec_path), "--tracking-uri", tracking, "--storage", storage)
     assert status.returncode == 0 and f"Slurm array(s) {array}: " in status.stdout
     running = int(re.search(r"units done, (\d+) running", status.stdout)[1])
-    assert status.stdout.count("  running: ") == running
-    again = cli(*args)
-    assert again.returncode == 0, again.stdout[-3000:]
-    assert f"attaching to Slurm array(s) {array}" in again.stdout, again.stdout
+    assert running >= 1 and status.stdout.count("  running: ") == running
+    again = subprocess.Popen(command(*args), stdout=subprocess.PIPE, text=True, cwd=REPO)
+    said = []
+    while not said or not said[-1].startswith(("attaching", "submitted")):
+        said.append(again.stdout.readline())
+        assert said[-1], "".join(said)  # it ended before saying either
+    subprocess.run(["scontrol", "resume", array], capture_output=True)
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, out[-3000:]
+    assert said[-1].startswith(f"attaching to Slurm array(s) {array}"), said[-1]
     assert submitted_array(tracking, spec.name) == [array]  # nothing submitted twice
     assert assert_every_unit_done_once(tracking, storage, spec) == 0
 
