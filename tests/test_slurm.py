@@ -78,6 +78,7 @@ def test_slurm_options_are_refused_in_one_line_before_anything_is_written(tmp_pa
     slurm = [*base, "--launcher", "slurm"]
     one_line_error(cli(*slurm, "--workers", "auto", process=False), "--workers auto")
     one_line_error(cli(*slurm, "--cpus-per-worker", "0", process=False), "--cpus-per-worker 0")
+    one_line_error(cli(*slurm, "--time-limit", "0", process=False), "--time-limit 0")
     # No Slurm on PATH: said in one line, not a traceback.
     done = cli(*slurm, env={"PATH": str(Path(command()[0]).parent)})
     one_line_error(done, "--launcher slurm: sinfo not found")

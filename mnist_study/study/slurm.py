@@ -83,8 +83,8 @@ def slurm_options(args, study: str) -> SlurmOptions | None:
         raise ConfigError("--workers auto: with --launcher slurm give the number of jobs, e.g. 8")
     for flag, value, low in (("--cpus-per-worker", args.cpus_per_worker, 1),
                              ("--gpus-per-worker", args.gpus_per_worker, 0),
-                             ("--time-limit", args.time_limit or 1, 1)):  # fmt: skip
-        if value < low:
+                             ("--time-limit", args.time_limit, 1)):  # fmt: skip
+        if value is not None and value < low:
             raise ConfigError(f"{flag} {value}: must be at least {low}")
     return SlurmOptions(
         folder=str(args.slurm_folder.resolve() / study),
