@@ -271,3 +271,23 @@ def test_a_brief_report_prints_each_variants_accuracy_verdicts_and_checks_and_wh
     assert "![" not in done.stdout and "Command:" not in done.stdout
     assert done.stdout.rstrip().endswith("(the whole report: results.md)")
     assert (tmp_path / "reports" / "tiny" / "results.md").read_text().count("![") >= 1
+
+
+def test_a_final_seed_that_ended_near_chance_is_named_in_the_checks(finished, tmp_path):
+    spec, tracking, storage = copy_of(finished, tmp_path)
+    args = ["report", str(spec), "--tracking-uri", tracking, "--storage", storage, "--brief"]
+    before = cli(*args, "--out", str(tmp_path / "before"), process=False)
+    assert before.returncode == 0, before.stderr
+    assert "near chance" not in before.stdout
+    client, found = runs(tracking, "tiny")
+    final = next(
+        r for r in found if r.data.tags["role"] == "final" and r.data.tags["variant"] == "batchnorm"
+    )
+    # what a net whose training diverged scores: it always guesses MNIST's commonest digit
+    client.log_metric(final.info.run_id, "accuracy/test", 0.1135, step=10**6)
+    after = cli(*args, "--out", str(tmp_path / "after"), process=False)
+    assert after.returncode == 0, after.stderr
+    named = [line for line in after.stdout.splitlines() if "near chance" in line]
+    seed, tuning = final.data.tags["seed"], final.data.tags.get("tuning", "0")
+    assert len(named) == 1
+    assert f"batchnorm: tuning {tuning}: 1 of" in named[0] and f"seed {seed} 11.35%" in named[0]

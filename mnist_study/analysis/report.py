@@ -31,6 +31,11 @@ ALPHA = 0.01
 """Holm-adjusted p below which a comparison counts as resolved: the one verdict rule of
 every report (test accuracy and gap alike)."""
 
+CHANCE = 0.10
+"""Test accuracy of guessing among MNIST's 10 classes; a final seed within DIVERGED of it
+learned nothing (its training diverged), which a mean and its interval do not show."""
+DIVERGED = 0.10
+
 
 def per_seed_gaps(curves: pd.DataFrame, variant: str, epoch: int | None) -> dict[str, list]:
     """Per final seed at `epoch` (None: last): accs, losses and the two gaps."""
@@ -204,6 +209,7 @@ def checks(data: StudyData, table: pd.DataFrame) -> list[str]:
             out.append(f"{name}: {row.n} of {want_seeds} final seeds finished")
         if row.trials_failed:
             out.append(f"{name}: {row.trials_failed} failed trial(s) (redone; see FAIL runs)")
+        out += [f"{name}: {line}" for line in at_chance(data.runs, name)]
         if want_trials and row.trials_pruned > want_trials / 2:
             out.append(
                 f"{name}: {row.trials_pruned} of {want_trials} trials pruned "
@@ -219,6 +225,30 @@ def checks(data: StudyData, table: pd.DataFrame) -> list[str]:
                             f"{name}: best {key}={value:.3g} is at the edge of its range "
                             f"[{r.low:g}, {r.high:g}]; widen it"
                         )
+    return out
+
+
+def at_chance(runs: pd.DataFrame, variant: str) -> list[str]:
+    """Final seeds that ended near chance: kept in their tuning's mean (the tuned point
+    does this to some seeds), but said, since the mean alone reads as a small loss."""
+    if runs.empty or "metrics.test_acc" not in runs:
+        return []
+    finals = runs[
+        (runs["tags.variant"] == variant)
+        & (runs["tags.role"] == Role.FINAL)
+        & (runs["status"] == "FINISHED")
+    ]
+    out = []
+    for tuning, mine in finals.groupby("tuning"):
+        accs = mine.set_index("tags.seed")["metrics.test_acc"].dropna().astype(float)
+        low = accs[accs < CHANCE + DIVERGED]
+        if not low.empty:
+            seeds = ", ".join(f"seed {seed} {acc:.2%}" for seed, acc in low.items())
+            out.append(
+                f"tuning {int(tuning)}: {len(low)} of {len(accs)} final seeds near chance "
+                f"({seeds}; chance {CHANCE:.0%}): training diverged at its tuned point; "
+                f"kept in the mean"
+            )
     return out
 
 
