@@ -236,6 +236,11 @@ def add_study_commands(sub) -> None:
         default=0.3,
         help="an effect in points of test accuracy: the fewest tunings that detect it",
     )
+    p.add_argument(
+        "--tunings",
+        type=int,
+        help="plan from a stage: only every cell's first N tunings of the pilot",
+    )
     p.set_defaults(func=commands.cmd_plan)
     p = sub.add_parser("studies", help="the studies in an MLflow store, with their UI addresses")
     add_tracking_uri(p, "MLflow store to read")

@@ -314,10 +314,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--workers {args.workers!r}: give worker counts separated by commas, e.g. 2,64"
         ) from None
-    if any(w < 1 for w in workers) or not args.effect > 0:
-        raise ConfigError("--workers counts and --effect must be positive")
+    if any(w < 1 for w in workers) or not args.effect > 0 or (args.tunings or 1) < 1:
+        raise ConfigError("--workers counts, --effect and --tunings must be positive")
     check_tracking_uri(args.tracking_uri, must_exist=True)
-    data = collect(args.tracking_uri, pilot)
+    data = collect(args.tracking_uri, pilot, tunings=args.tunings)
     if data.runs.empty:
         raise ConfigError(
             f"no runs of study {pilot!r} in {args.tracking_uri}; run it first or give "

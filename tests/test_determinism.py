@@ -106,6 +106,8 @@ def test_one_worker_three_workers_and_a_killed_resumed_run_agree_exactly(tmp_pat
     assert planned.returncode == 0, planned.stderr
     assert planned.stdout.count("wall on 2 workers | wall on 64 workers |") == 2
     assert "seeds per tuning: " in planned.stdout
+    first = cli("plan", str(path), "--tracking-uri", tracking, "--tunings", "1", process=False)
+    assert first.returncode == 2 and "tuned twice" in first.stderr  # round 1: one tuning a cell
     assert (tmp_path / "reports" / "same" / "budget_n100.png").stat().st_size > 10_000
     # Tuning replicates: runs named and tagged by tuning, each with its own sampler seed.
     names = {r.info.run_name for r in found}
