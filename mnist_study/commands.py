@@ -314,8 +314,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--workers {args.workers!r}: give worker counts separated by commas, e.g. 2,64"
         ) from None
-    if any(w < 1 for w in workers) or not args.effect > 0 or (args.tunings or 1) < 1:
-        raise ConfigError("--workers counts, --effect and --tunings must be positive")
+    bad = [f"--workers {args.workers}"] if any(w < 1 for w in workers) else []
+    bad += [f"--effect {args.effect:g}"] if not args.effect > 0 else []
+    bad += [f"--tunings {args.tunings}"] if args.tunings is not None and args.tunings < 1 else []
+    if bad:
+        raise ConfigError(f"{', '.join(bad)}: must be positive, e.g. --workers 2,64 --effect 0.3")
     check_tracking_uri(args.tracking_uri, must_exist=True)
     data = collect(args.tracking_uri, pilot, tunings=args.tunings)
     if data.runs.empty:

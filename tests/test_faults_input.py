@@ -128,6 +128,24 @@ def test_bad_command_line_is_refused_before_any_write(tmp_path, args, needle):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "tiny.toml"]
 
 
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--tunings", "0"], "--tunings 0: must be positive"),
+        (["--effect", "-0.3"], "--effect -0.3: must be positive"),
+        (["--workers", "2,0"], "--workers 2,0: must be positive"),
+        (["--workers", "2;64"], "--workers '2;64': give worker counts separated by commas"),
+    ],
+    ids=["tunings", "effect", "workers", "workers-list"],
+)
+def test_plan_refuses_its_numbers_before_it_reads_a_store(tmp_path, args, needle):
+    (tmp_path / "tiny.toml").write_text(TINY)
+    tracking = ["--tracking-uri", f"sqlite:///{tmp_path}/missing/mlflow.db"]
+    done = cli("plan", str(tmp_path / "tiny.toml"), *tracking, *args, process=False)
+    one_line_error(done, needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml"]
+
+
 @pytest.mark.parametrize("given", [["--epocs", "1"], ["--epoch", "1"]], ids=["typo", "abbreviated"])
 def test_an_unknown_option_is_refused_by_its_command(given):
     """Said by the command it was given to, with that command's help; a prefix of an
