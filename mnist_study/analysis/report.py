@@ -230,7 +230,8 @@ def checks(data: StudyData, table: pd.DataFrame) -> list[str]:
 
 def at_chance(runs: pd.DataFrame, variant: str) -> list[str]:
     """Final seeds that ended near chance: kept in their tuning's mean (the tuned point
-    does this to some seeds), but said, since the mean alone reads as a small loss."""
+    does this to some seeds), but said, since a mean holding one reads as a variant that
+    is worse throughout, not one whose tuned point sometimes fails to train."""
     if runs.empty or "metrics.test_acc" not in runs:
         return []
     finals = runs[
