@@ -25,16 +25,21 @@ RISE = 0.001
 over its last doubling of trials was not tuned to a plateau."""
 
 
-def test_acc_groups(runs: pd.DataFrame, variant: str) -> list[list[float]]:
-    """The variant's finished final runs' test accuracies, one list per tuning."""
+def scored_finals(runs: pd.DataFrame, variant: str) -> pd.DataFrame:
+    """The variant's finished final runs that logged a test accuracy."""
     if runs.empty or "metrics.test_acc" not in runs:
-        return []
-    ok = runs[
+        return pd.DataFrame(columns=["tuning", "tags.seed", "metrics.test_acc"])
+    return runs[
         (runs["tags.variant"] == variant)
         & (runs["tags.role"] == Role.FINAL)
         & (runs["status"] == "FINISHED")
         & runs["metrics.test_acc"].notna()
     ]
+
+
+def test_acc_groups(runs: pd.DataFrame, variant: str) -> list[list[float]]:
+    """The variant's finished final runs' test accuracies, one list per tuning."""
+    ok = scored_finals(runs, variant)
     return [list(g["metrics.test_acc"].astype(float)) for _, g in ok.groupby("tuning")]
 
 

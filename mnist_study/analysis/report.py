@@ -16,7 +16,7 @@ import statistics
 import pandas as pd
 
 from mnist_study.analysis.collect import StudyData
-from mnist_study.analysis.luck import test_acc_groups
+from mnist_study.analysis.luck import scored_finals, test_acc_groups
 from mnist_study.analysis.significance import (
     compare,
     holm,
@@ -232,16 +232,9 @@ def at_chance(runs: pd.DataFrame, variant: str) -> list[str]:
     """Final seeds that ended near chance: kept in their tuning's mean (the tuned point
     does this to some seeds), but said, since a mean holding one reads as a variant that
     is worse throughout, not one whose tuned point sometimes fails to train."""
-    if runs.empty or "metrics.test_acc" not in runs:
-        return []
-    finals = runs[
-        (runs["tags.variant"] == variant)
-        & (runs["tags.role"] == Role.FINAL)
-        & (runs["status"] == "FINISHED")
-    ]
     out = []
-    for tuning, mine in finals.groupby("tuning"):
-        accs = mine.set_index("tags.seed")["metrics.test_acc"].dropna().astype(float)
+    for tuning, mine in scored_finals(runs, variant).groupby("tuning"):
+        accs = mine.set_index("tags.seed")["metrics.test_acc"].astype(float)
         low = accs[accs < CHANCE + DIVERGED]
         if not low.empty:
             seeds = ", ".join(f"seed {seed} {acc:.2%}" for seed, acc in low.items())
