@@ -5,6 +5,7 @@ holds no study is no study's home. Real stores, the tiny study."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 from helpers import TINY, cli, copy_of, new_experiment, one_line_error, run_args, runs, stores
@@ -77,3 +78,39 @@ def test_an_experiment_that_holds_no_study_is_refused_before_any_write(tmp_path)
     done = cli(*run_args(tmp_path / "tiny.toml", tracking, storage), process=False)
     one_line_error(done, "MLflow experiment 'tiny'", "holds no study", "another name")
     assert not Path(storage).exists() and runs(tracking, "tiny")[1] == []
+
+
+def test_an_edit_of_the_report_is_the_same_code_and_an_edit_of_training_is_not(tmp_path):
+    """A study refuses to resume on other code; the report's and the command line's code
+    make no number, so editing them must not strand a study that has run for hours."""
+
+    def commit(path: str, text: str) -> None:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+        git("add", "-A")
+        git("commit", "-qm", path)
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                       cwd=tmp_path, check=True)  # fmt: skip
+
+    version = code_version.__wrapped__  # uncached: the repository changes under it
+    git("init", "-q")
+    for path in ("mnist_study/training/train.py", "mnist_study/analysis/report.py",
+                 "mnist_study/cli.py", "mnist_study/commands.py", "README.md"):  # fmt: skip
+        commit(path, "one\n")
+    first = version(tmp_path)
+    for path in ("mnist_study/analysis/report.py", "mnist_study/cli.py",
+                 "mnist_study/commands.py", "README.md", "tests/test_it.py"):  # fmt: skip
+        (tmp_path / path).parent.mkdir(exist_ok=True)
+        (tmp_path / path).write_text("two\n")
+        assert version(tmp_path) == first, path
+        commit(path, "two\n")
+        assert version(tmp_path) == first, path
+    (tmp_path / "mnist_study/training/train.py").write_text("two\n")
+    edited = version(tmp_path)
+    assert edited.startswith(first + "+")
+    (tmp_path / "mnist_study/training/train.py").write_text("three\n")
+    assert version(tmp_path) not in (first, edited)
+    commit("mnist_study/training/train.py", "two\n")
+    assert "+" not in version(tmp_path) and version(tmp_path) != first

@@ -239,9 +239,15 @@ TRAIN_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
 TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
-def git(*args: str) -> str:
-    """A git command's output in the package's repository."""
-    repo = Path(__file__).resolve().parents[2]
+PACKAGE_REPO = Path(__file__).resolve().parents[2]
+
+# The layers above study/ (`make lint` keeps study/ and below from importing them) read
+# stores and print; they make no number, so an edit of the report is no other code.
+NOT_UNIT_CODE = ("mnist_study/analysis/", "mnist_study/cli.py", "mnist_study/commands.py")
+
+
+def git(*args: str, repo: Path = PACKAGE_REPO) -> str:
+    """A git command's output in the package's repository (or in `repo`)."""
     return subprocess.run(
         ["git", *args], cwd=repo, capture_output=True, text=True, check=True
     ).stdout
@@ -258,15 +264,21 @@ def git_commit() -> str:
 
 
 @functools.cache
-def code_version() -> str:
-    """The package's code: the git tree of mnist_study/ at HEAD, and for an edited one
-    `+` a hash of its diff, so that two edits of one commit are two versions while a
-    commit that changes only docs or tests is the same code."""
+def code_version(repo: Path = PACKAGE_REPO) -> str:
+    """The code a study's units run: a hash of the git blobs of mnist_study/ at HEAD but
+    NOT_UNIT_CODE, and for an edited one `+` a hash of its diff, so that two edits of one
+    commit are two versions while a commit that changes only docs, tests or the report
+    is the same code."""
     try:
-        tree = git("rev-parse", "HEAD:mnist_study").strip()
-        diff = git("diff", "HEAD", "--binary", "--", "mnist_study")
+        listing = git("ls-tree", "-r", "HEAD", "--", "mnist_study", repo=repo)
+        paths = ["mnist_study", *(f":(exclude){path}" for path in NOT_UNIT_CODE)]
+        diff = git("diff", "HEAD", "--binary", "--", *paths, repo=repo)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    kept = [
+        line for line in listing.splitlines() if not line.split("\t")[1].startswith(NOT_UNIT_CODE)
+    ]
+    tree = hashlib.sha1("\n".join(kept).encode()).hexdigest()
     return f"{tree}+{hashlib.sha256(diff.encode()).hexdigest()[:12]}" if diff else tree
 
 
