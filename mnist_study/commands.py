@@ -302,7 +302,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """Per training-set size of the pilot: the design table, and the fewest tunings that
     detect --effect with the spec's seeds."""
     from mnist_study.analysis.collect import collect
-    from mnist_study.analysis.plan import plan_lines, size_facts, smallest_design
+    from mnist_study.analysis.plan import WIDE, effect_line, plan_lines, size_facts
     from mnist_study.study.spec_file import find_spec, load_spec
     from mnist_study.tracking.store import check_tracking_uri
 
@@ -336,13 +336,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"{where}: no arm of {pilot!r} has two tunings with final runs; skipped\n")
             continue
         planned += 1
-        print("\n".join(plan_lines(facts, spec.settings.trials, workers or None)))
-        fewest = smallest_design(facts, args.effect / 100, seeds)
-        print(
-            f"\nTo detect {args.effect:g} points at {where} with {seeds} seeds per tuning: "
-            + (f"{fewest} tunings per cell." if fewest else "more than 100 tunings per cell.")
-            + "\n"
-        )
+        workers = workers or (os.cpu_count() or 1, WIDE)
+        print("\n".join(plan_lines(facts, spec.settings.trials, workers)))
+        print(f"\n{effect_line(facts, args.effect, seeds, spec.settings.trials, workers, where)}\n")
     if not planned:
         raise ConfigError(
             f"study {pilot!r} has no cell tuned twice with final runs at the spec's sizes; "

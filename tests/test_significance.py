@@ -130,7 +130,7 @@ def test_expected_best_of_n_trials_by_enumeration():
 
 
 def test_plan_wall_time_is_the_larger_of_spread_work_and_one_chain():
-    from mnist_study.analysis.plan import SizeFacts, smallest_design, wall_seconds
+    from mnist_study.analysis.plan import SizeFacts, effect_line, smallest_design, wall_seconds
 
     facts = SizeFacts(300, 2, 0.006**2, 0.003**2, {"a": 10.0, "b": 30.0}, {"a": 20.0, "b": 40.0})
     # Work: 3 tunings x (8 x 10 + 4 x 20) + 3 x (8 x 30 + 4 x 40) = 1,680 s; chain: 8 x 30 + 40.
@@ -143,6 +143,14 @@ def test_plan_wall_time_is_the_larger_of_spread_work_and_one_chain():
         <= 0.01
         < detectable_effect(mean_var, fewest - 1, 0.01)
     )
+    # The plan's answer carries what that design costs, runs and wall time per worker count.
+    runs = 2 * fewest * (8 + 4)
+    walls = [wall_seconds(facts, fewest, 4, 8, w) / 60 for w in (2, 64)]
+    assert effect_line(facts, 1, 4, 8, (2, 64), "here") == (
+        f"To detect 1 points at here with 4 seeds per tuning: {fewest} tunings per cell "
+        f"({runs:,} runs; {walls[0]:.0f} min on 2 workers, {walls[1]:.0f} min on 64 workers)."
+    )
+    assert effect_line(facts, 1e-6, 4, 8, (2,), "here").endswith("more than 100 tunings per cell.")
 
 
 def test_holm_adjusts_for_several_comparisons():

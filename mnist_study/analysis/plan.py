@@ -149,3 +149,18 @@ def smallest_design(facts: SizeFacts, effect: float, seeds: int, most: int = 100
         middle = (low + high) // 2
         low, high = (low, middle) if enough(middle) else (middle + 1, high)
     return high
+
+
+def effect_line(
+    facts: SizeFacts, effect: float, seeds: int, trials: int, workers: tuple[int, ...], where: str
+) -> str:
+    """The fewest tunings per cell that detect `effect` points, with what they cost."""
+    fewest = smallest_design(facts, effect / 100, seeds)
+    line = f"To detect {effect:g} points at {where} with {seeds} seeds per tuning: "
+    if fewest is None:
+        return line + "more than 100 tunings per cell."
+    walls = ", ".join(
+        f"{hours(wall_seconds(facts, fewest, seeds, trials, w))} on {w} workers" for w in workers
+    )
+    runs = facts.cells * fewest * (trials + seeds)
+    return line + f"{fewest} tunings per cell ({runs:,} runs; {walls})."
