@@ -194,3 +194,7 @@ def test_an_extended_study_is_the_larger_study_run_fresh(tmp_path, mnist_root):
     assert grown == outcome(large, fresh_storage)
     body = write_report(tracking, "grow", tmp_path / "reports", storage=storage)
     assert "extended after it started: study.tunings 2 -> 3, study.seeds + [1]" in body
+    # Its first 2 rounds read alone: an interim read, of the units of tunings 0 and 1 only.
+    body = write_report(tracking, "grow", tmp_path / "early", storage=storage, tunings=2)
+    runs_read = 2 * 2 * (2 + 2)  # variants x tunings x (trials + seeds)
+    assert f"{runs_read} runs; read here: the first 2 of its 3 tunings per cell, an interim" in body

@@ -91,7 +91,11 @@ def collect(
     problems += found
     stage = ""
     if tunings is not None and spec is not None and tunings < spec.settings.tunings:
-        stage = f"the first {tunings} of its {spec.settings.tunings} tunings per cell"
+        # A verdict read at every round would be tested several times; the plan's is the last.
+        stage = (
+            f"the first {tunings} of its {spec.settings.tunings} tunings per cell, an interim "
+            f"read: its verdicts are those of all {spec.settings.tunings}"
+        )
         runs = runs[runs.tuning < tunings]
         spec = dataclasses.replace(
             spec, settings=spec.settings.model_copy(update={"tunings": tunings})
