@@ -14,7 +14,13 @@ import pytest
 from scipy import stats
 
 from mnist_study.analysis.significance import compare, expected_best, holm, paired_tost, seeds_only
-from mnist_study.analysis.variance import calibrate, components, detectable_effect
+from mnist_study.analysis.variance import (
+    Components,
+    calibrate,
+    components,
+    detectable_effect,
+    interim_looks,
+)
 
 SEED_SD = 0.3  # points, as at 300 training images
 TABLES = 2000  # per setting: coverage known to about ±1 point (2 standard errors)
@@ -97,6 +103,33 @@ def test_calibration_of_the_report_at_known_components():
     found = calibrate(arms[0], arms[1:], tables=4000)
     assert 0.93 <= found.coverage <= 0.97 and found.p01 <= 0.02
     assert found.any_resolved <= 0.03  # Holm over 7 at 0.01
+
+
+def test_reading_every_round_is_simulated_as_the_report_reads_it():
+    """An interim read's warning: null tables of 8 tunings x 4 seeds per arm (8 arms,
+    tuning sd = seed sd) drawn here and read after every round from 2 on with compare()
+    and holm(), as the report reads them, show a resolved verdict at some round more
+    often than at round 8 alone; interim_looks' rates, from the true components, agree
+    with these counts within 3 standard errors."""
+    rng = np.random.default_rng(5)
+    tables, planned, ever, last = 400, 8, 0, 0
+    for _ in range(tables):
+        arms = [draw_arm(rng, 92, planned, 4, SEED_SD) for _ in range(8)]
+        hits = [
+            bool((holm(pd.Series([compare(a[:r], arms[0][:r]).p for a in arms[1:]])) < 0.01).any())
+            for r in range(2, planned + 1)
+        ]
+        ever, last = ever + any(hits), last + hits[-1]
+    truth = Components((4,) * planned, SEED_SD**2, SEED_SD**2 + SEED_SD**2 / 4)
+    assert math.sqrt(truth.tuning_var) == pytest.approx(SEED_SD)
+    simulated = interim_looks(truth, [truth] * 7, planned)
+    assert simulated[0] > simulated[1] and ever > last
+    for rate, count in zip(simulated, (ever, last), strict=True):
+        se = math.sqrt(rate * (1 - rate) / 2000 + count / tables * (1 - count / tables) / tables)
+        assert abs(rate - count / tables) <= 3 * max(se, 0.005), (rate, count / tables)
+    assert simulated[1] <= 0.02  # one read, at round 8: the rule's own rate
+    one_read = interim_looks(truth, [truth] * 7, 2)
+    assert one_read[0] == one_read[1]
 
 
 def test_components_recover_the_seed_and_tuning_variance():

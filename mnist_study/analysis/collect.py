@@ -38,6 +38,8 @@ class StudyData:
     """How the study was extended after it started ('study.tunings 3 -> 8'), if it was."""
     mixed: str = ""
     """Each change of code, threads, device or data a resume was allowed (--allow-mixed)."""
+    planned: int | None = None
+    """The tunings per cell the study plans, where a stage reads fewer."""
 
     def progress(self) -> tuple[int, int]:
         """(runs finished, runs the spec plans): tuning trials ended (complete or pruned)
@@ -89,8 +91,9 @@ def collect(
     runs = upgrade_runs(runs)
     runs, found = counted_runs(runs, spec, optuna_record(storage, spec))
     problems += found
-    stage = ""
+    stage, planned = "", None
     if tunings is not None and spec is not None and tunings < spec.settings.tunings:
+        planned = spec.settings.tunings
         # A verdict read at every round would be tested several times; the plan's is the last.
         stage = (
             f"the first {tunings} of its {spec.settings.tunings} tunings per cell, an interim "
@@ -132,6 +135,7 @@ def collect(
         stage,
         tags.get(EXTENDED_TAG, ""),
         tags.get(MIXED_TAG, ""),
+        planned,
     )
 
 

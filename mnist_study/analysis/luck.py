@@ -13,9 +13,11 @@ import pandas as pd
 from mnist_study.analysis.significance import expected_best
 from mnist_study.analysis.variance import (
     COVERAGE_FLOOR,
+    TABLES,
     Components,
     calibrate,
     components,
+    interim_looks,
     width_ratio_without_luck,
 )
 from mnist_study.tracking.names import Role
@@ -80,10 +82,15 @@ def components_table(arms: dict[str, Components]) -> str:
 
 
 def tuning_section(
-    runs: pd.DataFrame, table: pd.DataFrame, variants: list[str], where: str = ""
+    runs: pd.DataFrame,
+    table: pd.DataFrame,
+    variants: list[str],
+    where: str = "",
+    planned: int | None = None,
 ) -> tuple[list[str], list[str]]:
     """With several tunings per cell: the comparisons, each arm's variance components,
-    the calibration of the intervals at those components: (lines, checks)."""
+    the calibration of the intervals at those components, and for an interim read of a
+    study that plans `planned` tunings what reading every round would do: (lines, checks)."""
     arms = {v: components(test_acc_groups(runs, v)) for v in variants}
     arms = {v: a for v, a in arms.items() if a.tunings >= 2}
     lines = [comparison_table(table), "", components_table(arms), ""]
@@ -107,6 +114,14 @@ def tuning_section(
         f"{cal.any_resolved:.1%} of null tables ({cal.tables:,} tables simulated at Δ = 0 "
         "from the components above, analysed as this report is)."
     )
+    if planned:
+        ever, last = interim_looks(base, others, planned)
+        lines.append(
+            f"An interim read: this is round {base.tunings} of {planned}. Read after every "
+            f"round from 2 to {planned}, a null table would show a resolved verdict at some "
+            f"round in {ever:.1%} of {TABLES:,} simulated, at round {planned} alone in "
+            f"{last:.1%}: a verdict is round {planned}'s."
+        )
     found = []
     if cal.coverage < COVERAGE_FLOOR:
         found.append(

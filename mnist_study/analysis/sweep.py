@@ -93,7 +93,9 @@ def sweep_section(data: StudyData, out: Path) -> tuple[list[str], dict[str, Path
             "",
         ]
         if replicated(part):
-            section, problems = tuning_section(part.runs, table, data.variants, f"n={n}: ")
+            section, problems = tuning_section(
+                part.runs, table, data.variants, f"n={n}: ", data.planned
+            )
             lines += section
             found += problems
             facts = size_facts(part.runs, data.variants, n)

@@ -115,6 +115,29 @@ def calibrate(
     )
 
 
+def interim_looks(
+    baseline: Components, variants: list[Components], planned: int, tables: int = TABLES
+) -> tuple[float, float]:
+    """Null tables of `planned` tunings per arm (each with as many seeds as the arm's
+    first), read after every round from 2 on as compare() and Holm do: the share of tables
+    with a resolved verdict at some round, and at the last round alone."""
+    rng = np.random.default_rng(0)
+    seed_var = pooled_seed_var([baseline, *variants])
+    seed_var = 0.0 if math.isnan(seed_var) else seed_var
+
+    def grown(arm: Components) -> np.ndarray:
+        sd = math.sqrt(arm.tuning_var + seed_var / arm.seeds[0])
+        return rng.standard_normal((tables, planned)) * sd
+
+    base, others = grown(baseline), [grown(a) for a in variants]
+    ever = np.zeros(tables, bool)
+    for r in range(2, planned + 1):
+        p = np.array([welch(arm[:, :r], base[:, :r])[3] for arm in others])
+        resolved = p.min(axis=0) * len(others) < 0.01  # Holm resolves iff its first step does
+        ever |= resolved
+    return float(ever.mean()), float(resolved.mean())
+
+
 def detectable_effect(
     mean_var: float, tunings: int, alpha: float, power: float = 0.8, draws: int = 20_000
 ) -> float:
