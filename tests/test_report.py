@@ -291,3 +291,15 @@ def test_a_final_seed_that_ended_near_chance_is_named_in_the_checks(finished, tm
     seed, tuning = final.data.tags["seed"], final.data.tags.get("tuning", "0")
     assert len(named) == 1
     assert f"batchnorm: tuning {tuning}: 1 of" in named[0] and f"seed {seed} 11.35%" in named[0]
+
+
+def test_runs_from_an_edited_checkout_are_counted_apart_in_the_header(finished, tmp_path):
+    """A run tagged `<commit>-dirty` ran on an edit of that commit: the header names it
+    apart from the clean commit's runs instead of cutting both to the same 12 digits."""
+    spec, tracking, storage = copy_of(finished, tmp_path)
+    client, found = runs(tracking, "tiny")
+    children = [r for r in found if r.data.tags["role"] in ("tune", "final")]
+    client.set_tag(children[0].info.run_id, "git_commit", "ab" * 20)
+    client.set_tag(children[1].info.run_id, "git_commit", "ab" * 20 + "-dirty")
+    body = write_report(tracking, "tiny", tmp_path / "reports", storage=storage)
+    assert f"`{'ab' * 6}` (1 run)" in body and f"`{'ab' * 6}-dirty` (1 run)" in body

@@ -43,6 +43,11 @@ def report_command(study: str, tracking_uri: str, storage: str | None) -> str:
     return shlex.join(["mnist-study", "report", study, *store_flags(tracking_uri, storage)])
 
 
+def short_commit(commit: str) -> str:
+    """12 hex digits, and `-dirty` kept: a run from an edited checkout is not its commit's."""
+    return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
+
+
 def provenance_line(data: StudyData, report: str = "") -> str:
     runs = data.runs
     if runs.empty:
@@ -50,10 +55,11 @@ def provenance_line(data: StudyData, report: str = "") -> str:
     children = runs[runs["tags.role"].isin([Role.TUNE, Role.FINAL])]
     start, end = children.start_time.min(), children.end_time.max()
     commits = children["tags.git_commit"].value_counts()
+    commits.index = [short_commit(c) for c in commits.index]
     commit = (
-        f"commit `{commits.index[0][:12]}`"
+        f"commit `{commits.index[0]}`"
         if len(commits) == 1
-        else "commits " + ", ".join(f"`{c[:12]}` ({n} runs)" for c, n in commits.items())
+        else "commits " + ", ".join(f"`{c}` ({n} run{'s' * (n > 1)})" for c, n in commits.items())
     )
     cpu = children["tags.cpu"].mode().iat[0] if "tags.cpu" in children else "?"
     workers = children["tags.workers"].mode().iat[0] if "tags.workers" in children else "?"
