@@ -27,6 +27,7 @@ from helpers import (
 )
 from mlflow.tracking import MlflowClient
 
+from mnist_study.analysis.collect import collect
 from mnist_study.analysis.publish import write_report
 from mnist_study.intervals import acc_interval
 from mnist_study.store_paths import file_lock
@@ -196,6 +197,9 @@ search.lr = { low = 1e-3, high = 2e-3 }
     ]
     assert all(r.info.status == "FAILED" for r in absurd)
     assert all(r.data.tags["prune_reason"].startswith("diverged: loss became") for r in absurd)
+    # The report counts them as ended: a study whose trials diverged is not left partial.
+    ended = [r for r in found if r.data.tags["role"] in ("tune", "final")]
+    assert collect(tracking, "nan", storage).progress()[0] == len(ended) == 5
 
 
 def test_resuming_with_a_changed_study_file_is_refused(smoke_study, tmp_path):

@@ -50,8 +50,10 @@ class StudyData:
         planned = len(self.spec.cells) * s.tunings * (s.trials + len(s.seeds))
         if self.runs.empty:
             return 0, planned
+        # A diverged run is FAILED in MLflow but its unit is done: Optuna prunes it for good.
+        diverged = self.runs.get("tags.outcome", pd.Series(index=self.runs.index)) == "diverged"
         ended = self.runs["tags.role"].isin([Role.TUNE, Role.FINAL]) & (
-            self.runs.status == "FINISHED"
+            (self.runs.status == "FINISHED") | diverged
         )
         return min(int(ended.sum()), planned), planned
 
