@@ -186,6 +186,28 @@ def test_plan_wall_time_is_the_larger_of_spread_work_and_one_chain():
     assert effect_line(facts, 1e-6, 4, 8, (2,), "here").endswith("more than 100 tunings per cell.")
 
 
+def test_plan_seconds_per_run_leave_out_a_paused_run():
+    """A cell's runs of one kind do the same work: a run held 20 minutes by a SIGSTOP
+    does not move the plan's seconds; complete and pruned trials weigh by their counts."""
+    from mnist_study.analysis.plan import seconds_per_run
+
+    start = pd.Timestamp("2026-12-03 10:00", tz="UTC")
+    rows = [("complete", 100), ("complete", 100), ("complete", 110), ("complete", 1300)]
+    rows += [("pruned", 20), ("pruned", 20)]
+    runs = pd.DataFrame(
+        {
+            "tags.role": "tune",
+            "tags.variant": "a",
+            "tags.outcome": [kind for kind, _ in rows] + ["complete"],
+            "status": ["FINISHED"] * len(rows) + ["RUNNING"],
+            "start_time": start,
+            "end_time": [start + pd.Timedelta(seconds=s) for _, s in rows] + [pd.NaT],
+        }
+    )
+    assert seconds_per_run(runs, "tune") == {"a": pytest.approx((4 * 105 + 2 * 20) / 6)}
+    assert seconds_per_run(runs, "final") == {}
+
+
 def test_holm_adjusts_for_several_comparisons():
     adjusted = holm(pd.Series([0.01, 0.04, math.nan, 0.03]))
     assert adjusted.tolist()[:2] == pytest.approx([0.03, 0.06])

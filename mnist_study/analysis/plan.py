@@ -32,9 +32,9 @@ class SizeFacts:
     """Mean over the arms of their between-tuning variance (accuracy, squared)."""
     seed_var: float
     tune_s: dict[str, float]
-    """Per cell: mean seconds of one tuning run (pruned ones included)."""
+    """Per cell: seconds of one tuning run (pruned ones included; seconds_per_run)."""
     final_s: dict[str, float]
-    """Per cell: mean seconds of one final run."""
+    """Per cell: seconds of one final run (seconds_per_run)."""
 
     @property
     def comparisons(self) -> int:
@@ -53,20 +53,27 @@ def size_facts(runs: pd.DataFrame, variants: list[str], size: int | None) -> Siz
     arms = [a for a in arms if a.tunings >= 2]
     if not arms:
         return None
-    done = part[part.status.isin(["FINISHED"]) & part.end_time.notna()]
-    seconds = (done.end_time - done.start_time).dt.total_seconds()
-    by_role = {
-        role: seconds[done["tags.role"] == role].groupby(done["tags.variant"]).mean().to_dict()
-        for role in (Role.TUNE, Role.FINAL)
-    }
     return SizeFacts(
         size=size,
         cells=len(variants),
         tuning_var=sum(a.tuning_var for a in arms) / len(arms),
         seed_var=pooled_seed_var(arms),
-        tune_s=by_role[Role.TUNE],
-        final_s=by_role[Role.FINAL],
+        tune_s=seconds_per_run(part, Role.TUNE),
+        final_s=seconds_per_run(part, Role.FINAL),
     )
+
+
+def seconds_per_run(runs: pd.DataFrame, role: str) -> dict[str, float]:
+    """Per variant: the mean seconds of a finished run of this role, each kind of ending
+    (complete, pruned) at its median weighed by its count. Runs of one kind in one cell
+    do the same work, so the median leaves out a run that was paused (a stopped process,
+    a suspended job, a sleeping laptop), which a mean would spread over the plan."""
+    done = runs[(runs.status == "FINISHED") & runs.end_time.notna() & (runs["tags.role"] == role)]
+    seconds = (done.end_time - done.start_time).dt.total_seconds()
+    kind = done.get("tags.outcome", pd.Series("", index=done.index)).fillna("")
+    by_kind = seconds.groupby([done["tags.variant"], kind]).agg(["median", "size"])
+    weighed = (by_kind["median"] * by_kind["size"]).groupby(level=0).sum()
+    return (weighed / by_kind["size"].groupby(level=0).sum()).to_dict()
 
 
 def wall_seconds(facts: SizeFacts, tunings: int, seeds: int, trials: int, workers: int) -> float:
