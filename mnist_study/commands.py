@@ -328,6 +328,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         )
     sizes = spec.settings.train_sizes or (None,)
     seeds = len(spec.settings.seeds)
+    workers = workers or (os.cpu_count() or 1, WIDE)
     planned = 0
     for size in sizes:
         facts = size_facts(data.runs, data.variants, size)
@@ -336,7 +337,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"{where}: no arm of {pilot!r} has two tunings with final runs; skipped\n")
             continue
         planned += 1
-        workers = workers or (os.cpu_count() or 1, WIDE)
         print("\n".join(plan_lines(facts, spec.settings.trials, workers)))
         print(f"\n{effect_line(facts, args.effect, seeds, spec.settings.trials, workers, where)}\n")
     if not planned:
