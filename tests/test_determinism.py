@@ -199,3 +199,6 @@ def test_an_extended_study_is_the_larger_study_run_fresh(tmp_path, mnist_root):
     runs_read = 2 * 2 * (2 + 2)  # variants x tunings x (trials + seeds)
     assert f"{runs_read} runs; read here: the first 2 of its 3 tunings per cell, an interim" in body
     assert "An interim read: this is round 2 of 3." in body
+    assert (
+        "Resolved so far (round 2 of 3, an interim read; Holm p<0.01; the tuning the unit)" in body
+    )

@@ -47,7 +47,7 @@ def ablation_section(data: StudyData, out: Path) -> tuple[list[str], dict[str, P
     if replicated(data):
         section, problems = tuning_section(data.runs, table, data.variants, planned=data.planned)
         lines, found = lines + section, found + problems
-    lines += [verdict(table), "", SEED_LINE, "", TABLE_LEGEND]
+    lines += [verdict(table, rounds=data.rounds), "", SEED_LINE, "", TABLE_LEGEND]
     if replicated(data):
         lines += ["", LUCK_LEGEND]
     return lines, pngs, found

@@ -41,6 +41,11 @@ class StudyData:
     planned: int | None = None
     """The tunings per cell the study plans, where a stage reads fewer."""
 
+    @property
+    def rounds(self) -> tuple[int, int] | None:
+        """(K, N) where this is a read of the first K of the study's N tunings per cell."""
+        return (self.spec.settings.tunings, self.planned) if self.planned and self.spec else None
+
     def progress(self) -> tuple[int, int]:
         """(runs finished, runs the spec plans): tuning trials ended (complete or pruned)
         and final seeds, of every cell's tunings (a stage's alone); (0, 0) without a spec."""

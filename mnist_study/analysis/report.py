@@ -253,10 +253,13 @@ def at_edge(value: float, low: float, high: float, log: bool, share: float = 0.0
     return value - low < share * span or high - value < share * span
 
 
-def verdict(table: pd.DataFrame, alpha: float = ALPHA) -> str:
+def verdict(
+    table: pd.DataFrame, alpha: float = ALPHA, rounds: tuple[int, int] | None = None
+) -> str:
     """Each variant against the baseline, by the one rule (Holm p < alpha): test accuracy
     raised or lowered, else the largest effect its interval allows; and the train−val
-    accuracy gap shrunk or widened (Welch over the final seeds)."""
+    accuracy gap shrunk or widened (Welch over the final seeds). `rounds` (K, N): an
+    interim read of K of N rounds, whose 'resolved' is so far only."""
     rest = table[(table.variant != "baseline") & table.diff_vs_baseline.notna()]
     if rest.empty:
         return "Resolved: no comparisons yet."
@@ -280,8 +283,9 @@ def verdict(table: pd.DataFrame, alpha: float = ALPHA) -> str:
         if (rest.level == "tunings").all()
         else "over the seeds of one tuning: tuning luck left out"
     )
+    interim = f"so far (round {rounds[0]} of {rounds[1]}, an interim read; " if rounds else "("
     parts = [
-        f"Resolved (Holm p<{alpha:g}; {unit}), points of test accuracy: raise it: "
+        f"Resolved {interim}Holm p<{alpha:g}; {unit}), points of test accuracy: raise it: "
         + (", ".join(up) or "none"),
         "lower it: " + (", ".join(down) or "none"),
     ]

@@ -102,7 +102,7 @@ def sweep_section(data: StudyData, out: Path) -> tuple[list[str], dict[str, Path
             if facts is not None:
                 s = data.spec.settings
                 lines += [*plan_lines(facts, s.trials, seed_counts=(len(s.seeds),)), ""]
-        lines += [verdict(table), ""]
+        lines += [verdict(table, rounds=data.rounds), ""]
         budget = budget_curves(part.runs)
         found += budget_checks(budget, f"n={n}: ")
         if replicated(part) and not budget.empty:
