@@ -302,7 +302,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """Per training-set size of the pilot: the design table, and the fewest tunings that
     detect --effect with the spec's seeds."""
     from mnist_study.analysis.collect import collect
-    from mnist_study.analysis.plan import WIDE, effect_line, plan_lines, size_facts
+    from mnist_study.analysis.plan import effect_line, plan_lines, size_facts, worker_counts
     from mnist_study.study.spec_file import find_spec, load_spec
     from mnist_study.tracking.store import check_tracking_uri
 
@@ -328,7 +328,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         )
     sizes = spec.settings.train_sizes or (None,)
     seeds = len(spec.settings.seeds)
-    workers = workers or (os.cpu_count() or 1, WIDE)
+    workers = worker_counts(workers)
     planned = 0
     for size in sizes:
         facts = size_facts(data.runs, data.variants, size)

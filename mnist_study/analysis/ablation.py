@@ -45,7 +45,7 @@ def ablation_section(data: StudyData, out: Path) -> tuple[list[str], dict[str, P
     figures.tuning_figure(data.runs, data.variants, pngs["tuning"], lr_range)
     lines, found = [markdown_table(table, axis), ""], checks(data, table)
     if replicated(data):
-        section, problems = tuning_section(data.runs, table, data.variants, planned=data.planned)
+        section, problems = tuning_section(data.runs, table, data.variants, rounds=data.rounds)
         lines, found = lines + section, found + problems
     lines += [verdict(table, rounds=data.rounds), "", SEED_LINE, "", TABLE_LEGEND]
     if replicated(data):

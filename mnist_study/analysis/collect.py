@@ -32,8 +32,6 @@ class StudyData:
     curves: pd.DataFrame  # final runs: variant, seed, epoch, metric, value
     variants: list[str]
     problems: list[str] = field(default_factory=list)
-    stage: str = ""
-    """Where the report reads part of a study (its first K tunings), which part."""
     extended: str = ""
     """How the study was extended after it started ('study.tunings 3 -> 8'), if it was."""
     mixed: str = ""
@@ -45,6 +43,18 @@ class StudyData:
     def rounds(self) -> tuple[int, int] | None:
         """(K, N) where this is a read of the first K of the study's N tunings per cell."""
         return (self.spec.settings.tunings, self.planned) if self.planned and self.spec else None
+
+    @property
+    def stage(self) -> str:
+        """Where the report reads part of a study (its first K tunings), which part."""
+        if not self.rounds:
+            return ""
+        # A verdict read at every round would be tested several times; the plan's is the last.
+        k, n = self.rounds
+        return (
+            f"the first {k} of its {n} tunings per cell, an interim read: its verdicts are "
+            f"those of all {n}"
+        )
 
     def progress(self) -> tuple[int, int]:
         """(runs finished, runs the spec plans): tuning trials ended (complete or pruned)
@@ -98,14 +108,9 @@ def collect(
     runs = upgrade_runs(runs)
     runs, found = counted_runs(runs, spec, optuna_record(storage, spec))
     problems += found
-    stage, planned = "", None
+    planned = None
     if tunings is not None and spec is not None and tunings < spec.settings.tunings:
         planned = spec.settings.tunings
-        # A verdict read at every round would be tested several times; the plan's is the last.
-        stage = (
-            f"the first {tunings} of its {spec.settings.tunings} tunings per cell, an interim "
-            f"read: its verdicts are those of all {spec.settings.tunings}"
-        )
         runs = runs[runs.tuning < tunings]
         spec = dataclasses.replace(
             spec, settings=spec.settings.model_copy(update={"tunings": tunings})
@@ -139,7 +144,6 @@ def collect(
         curves,
         variants,
         problems,
-        stage,
         tags.get(EXTENDED_TAG, ""),
         tags.get(MIXED_TAG, ""),
         planned,

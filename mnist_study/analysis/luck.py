@@ -86,11 +86,11 @@ def tuning_section(
     table: pd.DataFrame,
     variants: list[str],
     where: str = "",
-    planned: int | None = None,
+    rounds: tuple[int, int] | None = None,
 ) -> tuple[list[str], list[str]]:
     """With several tunings per cell: the comparisons, each arm's variance components,
-    the calibration of the intervals at those components, and for an interim read of a
-    study that plans `planned` tunings what reading every round would do: (lines, checks)."""
+    the calibration of the intervals at those components, and for an interim read (round
+    K of N, `rounds`) what reading every round would do: (lines, checks)."""
     arms = {v: components(test_acc_groups(runs, v)) for v in variants}
     arms = {v: a for v, a in arms.items() if a.tunings >= 2}
     lines = [comparison_table(table), "", components_table(arms), ""]
@@ -114,13 +114,12 @@ def tuning_section(
         f"{cal.any_resolved:.1%} of null tables ({cal.tables:,} tables simulated at Δ = 0 "
         "from the components above, analysed as this report is)."
     )
-    if planned:
-        ever, last = interim_looks(base, others, planned)
+    if rounds:
+        (k, n), (ever, last) = rounds, interim_looks(base, others, rounds[1])
         lines.append(
-            f"An interim read: this is round {base.tunings} of {planned}. Read after every "
-            f"round from 2 to {planned}, a null table would show a resolved verdict at some "
-            f"round in {ever:.1%} of {TABLES:,} simulated, at round {planned} alone in "
-            f"{last:.1%}: a verdict is round {planned}'s."
+            f"An interim read: this is round {k} of {n}. Read after every round from 2 to "
+            f"{n}, a null table would show a resolved verdict at some round in {ever:.1%} of "
+            f"{TABLES:,} simulated, at round {n} alone in {last:.1%}: a verdict is round {n}'s."
         )
     found = []
     if cal.coverage < COVERAGE_FLOOR:

@@ -112,6 +112,11 @@ def hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
+def worker_counts(asked: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """The worker counts a plan prices: those asked, else this machine's cores and WIDE."""
+    return asked or (os.cpu_count() or 1, WIDE)
+
+
 def plan_lines(
     facts: SizeFacts,
     trials: int,
@@ -119,7 +124,7 @@ def plan_lines(
     seed_counts: tuple[int, ...] = SEEDS,
 ) -> list[str]:
     """The design table at one size, in Markdown."""
-    workers = workers or (os.cpu_count() or 1, WIDE)
+    workers = worker_counts(workers)
     where = f"{facts.size:,} training images" if facts.size else "this study"
     lines = [
         f"Plan at {where}: tuning sd {math.sqrt(facts.tuning_var) * 100:.2f}, seed sd "

@@ -94,7 +94,7 @@ def sweep_section(data: StudyData, out: Path) -> tuple[list[str], dict[str, Path
         ]
         if replicated(part):
             section, problems = tuning_section(
-                part.runs, table, data.variants, f"n={n}: ", data.planned
+                part.runs, table, data.variants, f"n={n}: ", data.rounds
             )
             lines += section
             found += problems

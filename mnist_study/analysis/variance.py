@@ -81,13 +81,30 @@ class Calibration:
 
 
 def simulated_means(
-    rng: np.random.Generator, arm: Components, seed_var: float, tables: int
+    rng: np.random.Generator,
+    arm: Components,
+    seed_var: float,
+    tables: int,
+    tunings: int | None = None,
 ) -> np.ndarray:
     """(tables x tunings) tuning means of an arm with no effect: each tuning's luck
-    N(0, tuning_var), plus its n seeds' mean N(0, seed_var / n)."""
-    n = np.asarray(arm.seeds, float)
+    N(0, tuning_var), plus its n seeds' mean N(0, seed_var / n). With `tunings`, that
+    many, each with as many seeds as the arm's first."""
+    n = np.asarray(arm.seeds if tunings is None else (arm.seeds[0],) * tunings, float)
     sd = np.sqrt(arm.tuning_var + seed_var / n)
-    return rng.standard_normal((tables, arm.tunings)) * sd
+    return rng.standard_normal((tables, len(n))) * sd
+
+
+def null_seed_var(arms: list[Components]) -> float:
+    """The pooled seed variance simulated null tables draw with (0 without any)."""
+    seed_var = pooled_seed_var(arms)
+    return 0.0 if math.isnan(seed_var) else seed_var
+
+
+def holm_resolves(p: np.ndarray) -> np.ndarray:
+    """Per simulated table (a column of p, one row per comparison): whether Holm at 0.01
+    resolves anything, which it does iff its first step does."""
+    return p.min(axis=0) * len(p) < 0.01
 
 
 def calibrate(
@@ -97,8 +114,7 @@ def calibrate(
     comparisons of a table, as in the study), each analysed as compare() does: Welch on
     the tuning means, Holm over the table."""
     rng = np.random.default_rng(seed)
-    seed_var = pooled_seed_var([baseline, *variants])
-    seed_var = 0.0 if math.isnan(seed_var) else seed_var
+    seed_var = null_seed_var([baseline, *variants])
     base = simulated_means(rng, baseline, seed_var, tables)
     covered, p = [], []
     for arm in variants:
@@ -106,12 +122,11 @@ def calibrate(
         covered.append((low <= 0) & (high >= 0))
         p.append(p_arm)
     p = np.array(p)
-    holm_first = p.min(axis=0) * len(variants)  # Holm resolves something iff its first step does
     return Calibration(
         tables=tables,
         coverage=float(np.mean(covered)),
         p01=float(np.mean(p < 0.01)),
-        any_resolved=float(np.mean(holm_first < 0.01)),
+        any_resolved=float(np.mean(holm_resolves(p))),
     )
 
 
@@ -122,18 +137,13 @@ def interim_looks(
     first), read after every round from 2 on as compare() and Holm do: the share of tables
     with a resolved verdict at some round, and at the last round alone."""
     rng = np.random.default_rng(0)
-    seed_var = pooled_seed_var([baseline, *variants])
-    seed_var = 0.0 if math.isnan(seed_var) else seed_var
-
-    def grown(arm: Components) -> np.ndarray:
-        sd = math.sqrt(arm.tuning_var + seed_var / arm.seeds[0])
-        return rng.standard_normal((tables, planned)) * sd
-
-    base, others = grown(baseline), [grown(a) for a in variants]
+    seed_var = null_seed_var([baseline, *variants])
+    base, *others = (
+        simulated_means(rng, arm, seed_var, tables, planned) for arm in [baseline, *variants]
+    )
     ever = np.zeros(tables, bool)
     for r in range(2, planned + 1):
-        p = np.array([welch(arm[:, :r], base[:, :r])[3] for arm in others])
-        resolved = p.min(axis=0) * len(others) < 0.01  # Holm resolves iff its first step does
+        resolved = holm_resolves(np.array([welch(a[:, :r], base[:, :r])[3] for a in others]))
         ever |= resolved
     return float(ever.mean()), float(resolved.mean())
 
