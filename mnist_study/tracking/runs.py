@@ -275,6 +275,7 @@ def code_version(repo: Path = PACKAGE_REPO) -> str:
         diff = git("diff", "HEAD", "--binary", "--", *paths, repo=repo)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    # ls-tree takes no :(exclude) pathspec, so its listing is filtered here.
     kept = [
         line for line in listing.splitlines() if not line.split("\t")[1].startswith(NOT_UNIT_CODE)
     ]
