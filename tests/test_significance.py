@@ -20,7 +20,6 @@ from mnist_study.analysis.variance import (
     components,
     detectable_effect,
     interim_looks,
-    pooled_seed_var,
 )
 
 SEED_SD = 0.3  # points, as at 300 training images
@@ -140,9 +139,9 @@ def test_sizing_a_study_from_its_plan_at_an_interim_round_keeps_its_rates(scale)
     the variances, not Δ, so the final read keeps its rates: null tables of 8 arms x 4
     seeds, tuning sds unequal between the arms (the 1,000-image study's at 4 rounds,
     then 4x them), resized per table by plan.smallest_design from their first 8 rounds'
-    components: p < 0.01 in at most 2% of comparisons and a resolved table at most 2%,
-    coverage 93-98%, and the rule does raise the tunings."""
-    from mnist_study.analysis.plan import SizeFacts, smallest_design
+    components, pooled as the plan pools them: p < 0.01 in at most 2% of comparisons and
+    a resolved table at most 2%, coverage 93-98%, and the rule does raise the tunings."""
+    from mnist_study.analysis.plan import SizeFacts, pooled, smallest_design
 
     rng = np.random.default_rng(scale)
     tuning_sd = scale * np.array([0, 0.29, 0.14, 0.14, 0.08, 0, 0, 0])
@@ -150,9 +149,7 @@ def test_sizing_a_study_from_its_plan_at_an_interim_round_keeps_its_rates(scale)
     for _ in range(tables):
         luck = rng.standard_normal((8, most, 1)) * tuning_sd[:, None, None]
         arms = luck + rng.normal(0, SEED_SD, (8, most, 4))
-        pilot = [components(arm[:8]) for arm in arms]
-        tuning_var = float(np.mean([a.tuning_var for a in pilot]))
-        facts = SizeFacts(1000, 8, tuning_var, pooled_seed_var(pilot), {}, {})
+        facts = SizeFacts(1000, 8, *pooled([components(arm[:8]) for arm in arms]), {}, {})
         tunings = max(13, smallest_design(facts, 0.3, 4, most=most) or most)
         found = [compare(arm[:tunings], arms[0, :tunings]) for arm in arms[1:]]
         covered += sum(f.low <= 0 <= f.high for f in found)

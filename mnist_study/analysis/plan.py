@@ -12,7 +12,12 @@ import pandas as pd
 
 from mnist_study.analysis.luck import test_acc_groups
 from mnist_study.analysis.report import ALPHA
-from mnist_study.analysis.variance import components, detectable_effect, pooled_seed_var
+from mnist_study.analysis.variance import (
+    Components,
+    components,
+    detectable_effect,
+    pooled_seed_var,
+)
 from mnist_study.tracking.names import Role
 
 POWER = 0.8
@@ -53,14 +58,21 @@ def size_facts(runs: pd.DataFrame, variants: list[str], size: int | None) -> Siz
     arms = [a for a in arms if a.tunings >= 2]
     if not arms:
         return None
+    tuning_var, seed_var = pooled(arms)
     return SizeFacts(
         size=size,
         cells=len(variants),
-        tuning_var=sum(a.tuning_var for a in arms) / len(arms),
-        seed_var=pooled_seed_var(arms),
+        tuning_var=tuning_var,
+        seed_var=seed_var,
         tune_s=seconds_per_run(part, Role.TUNE),
         final_s=seconds_per_run(part, Role.FINAL),
     )
+
+
+def pooled(arms: list[Components]) -> tuple[float, float]:
+    """What the plan designs with, from arms tuned at least twice: (the mean of their
+    between-tuning variances, their pooled seed variance)."""
+    return sum(a.tuning_var for a in arms) / len(arms), pooled_seed_var(arms)
 
 
 def seconds_per_run(runs: pd.DataFrame, role: str) -> dict[str, float]:
