@@ -99,13 +99,13 @@ def test_one_worker_three_workers_and_a_killed_resumed_run_agree_exactly(tmp_pat
     assert body.count("| variant | Δ test, points [95%, Welch on tuning means] |") == 2
     assert body.count("| arm | tunings | seeds per tuning | tuning sd, points |") == 2
     assert body.count("Calibration at this study's variances: coverage ") == 2
-    assert body.count("| tunings R | seeds n | detectable Δ, points | runs |") == 2
+    assert body.count("| tunings R | seeds n | runs | wall on ") == 2
     assert " of 4 |" in body  # tuning pairs: 2 variant tunings x 2 baseline tunings
     # The plan from this study, as `mnist-study plan` prints it.
     planned = cli("plan", str(path), "--tracking-uri", tracking, "--workers", "2,64", process=False)
     assert planned.returncode == 0, planned.stderr
-    assert planned.stdout.count("wall on 2 workers | wall on 64 workers |") == 2
-    assert "seeds per tuning: " in planned.stdout
+    assert planned.stdout.count("wall on 2 workers | wall on 64 workers | Δ ") == 2
+    assert "seeds per tuning, tunings per cell by comparison: " in planned.stdout
     first = cli("plan", str(path), "--tracking-uri", tracking, "--tunings", "1", process=False)
     assert first.returncode == 2 and "tuned twice" in first.stderr  # round 1: one tuning a cell
     assert (tmp_path / "reports" / "same" / "budget_n100.png").stat().st_size > 10_000

@@ -138,10 +138,11 @@ def test_sizing_a_study_from_its_plan_at_an_interim_round_keeps_its_rates(scale)
     raise the tunings to what it asks for 0.3 points (never lower). The plan reads only
     the variances, not Δ, so the final read keeps its rates: null tables of 8 arms x 4
     seeds, tuning sds unequal between the arms (the 1,000-image study's at 4 rounds,
-    then 4x them), resized per table by plan.smallest_design from their first 8 rounds'
-    components, pooled as the plan pools them: p < 0.01 in at most 2% of comparisons and
-    a resolved table at most 2%, coverage 93-98%, and the rule does raise the tunings."""
-    from mnist_study.analysis.plan import SizeFacts, pooled, smallest_design
+    then 4x them), resized per table by plan.design from their first 8 rounds'
+    components, each comparison priced from its own two arms: p < 0.01 in at most 2% of
+    comparisons and a resolved table at most 2%, coverage 93-98%, and the rule does
+    raise the tunings."""
+    from mnist_study.analysis.plan import SizeFacts, design
 
     rng = np.random.default_rng(scale)
     tuning_sd = scale * np.array([0, 0.29, 0.14, 0.14, 0.08, 0, 0, 0])
@@ -149,8 +150,8 @@ def test_sizing_a_study_from_its_plan_at_an_interim_round_keeps_its_rates(scale)
     for _ in range(tables):
         luck = rng.standard_normal((8, most, 1)) * tuning_sd[:, None, None]
         arms = luck + rng.normal(0, SEED_SD, (8, most, 4))
-        facts = SizeFacts(1000, 8, *pooled([components(arm[:8]) for arm in arms]), {}, {})
-        tunings = max(13, smallest_design(facts, 0.3, 4, most=most) or most)
+        pilot = {f"arm{i}": components(arm[:8]) for i, arm in enumerate(arms)}
+        tunings = max(13, design(SizeFacts(1000, 8, pilot, {}, {}), 0.3, 4, most)[0] or most)
         found = [compare(arm[:tunings], arms[0, :tunings]) for arm in arms[1:]]
         covered += sum(f.low <= 0 <= f.high for f in found)
         low_p += sum(f.p < 0.01 for f in found)
@@ -161,6 +162,26 @@ def test_sizing_a_study_from_its_plan_at_an_interim_round_keeps_its_rates(scale)
     assert max(sizes) > 13
 
 
+def test_the_plan_prices_each_comparison_from_its_own_arms():
+    """One arm with a seed at chance (the 1,000-image study's deeper at 7 rounds) makes
+    its own comparison need more tunings than any design serves, and moves no other:
+    the design is the most the others need, and the line says what it detects for the
+    one it cannot serve."""
+    from mnist_study.analysis.plan import MOST_TUNINGS, SizeFacts, design, effect_line
+
+    rng = np.random.default_rng(7)
+    arms = {v: draw_arm(rng, 95.7, 7, 4, SEED_SD / 2) for v in ("baseline", "a", "b")}
+    healthy = {v: components(np.array(t) / 100) for v, t in arms.items()}
+    arms["b"][5][3] = 11.35  # one seed of one tuning at chance
+    broken = {v: components(np.array(t) / 100) for v, t in arms.items()}
+    before, after = (design(SizeFacts(1000, 3, c, {}, {}), 0.003, 4) for c in (healthy, broken))
+    assert before[1]["a"] == after[1]["a"] is not None
+    assert after[1]["b"] is None and before[1]["b"] is not None
+    assert after[0] == after[1]["a"] <= MOST_TUNINGS
+    line = effect_line(SizeFacts(1000, 3, broken, {}, {}), 0.3, 4, 8, (2,), "here")
+    assert f"b more than {MOST_TUNINGS}" in line and "the others detect: b " in line
+
+
 def test_components_recover_the_seed_and_tuning_variance():
     rng = np.random.default_rng(3)
     arm = components(draw_arm(rng, 92, 400, 4, 2 * SEED_SD))
@@ -168,19 +189,27 @@ def test_components_recover_the_seed_and_tuning_variance():
     assert math.sqrt(arm.tuning_var) == pytest.approx(2 * SEED_SD, rel=0.15)
 
 
-def test_detectable_effect_has_the_power_it_claims():
+@pytest.mark.parametrize("base_ratio", [2, 0])
+def test_detectable_effect_has_the_power_it_claims(base_ratio):
+    """At the Δ it names, compare() reaches p < 0.01/7 in 75-85% of tables: arms alike,
+    and an arm with tuning luck against one without (fewer Welch df)."""
     rng = np.random.default_rng(11)
-    mean_var = (2 * SEED_SD) ** 2 + SEED_SD**2 / 4
-    effect = detectable_effect(mean_var, 5, alpha=0.01 / 7)
+
+    def mean_var(ratio):
+        return (ratio * SEED_SD) ** 2 + SEED_SD**2 / 4
+
+    effect = detectable_effect(mean_var(2), mean_var(base_ratio), 5, alpha=0.01 / 7)
     hits = sum(
         compare(
-            draw_arm(rng, 92 + effect, 5, 4, 2 * SEED_SD), draw_arm(rng, 92, 5, 4, 2 * SEED_SD)
+            draw_arm(rng, 92 + effect, 5, 4, 2 * SEED_SD),
+            draw_arm(rng, 92, 5, 4, base_ratio * SEED_SD),
         ).p
         < 0.01 / 7
         for _ in range(TABLES)
     )
     assert 0.75 <= hits / TABLES <= 0.85, hits / TABLES
-    assert detectable_effect(mean_var, 10, 0.01 / 7) < effect  # more tunings, smaller
+    more = detectable_effect(mean_var(2), mean_var(base_ratio), 10, 0.01 / 7)
+    assert more < effect  # more tunings, smaller
 
 
 def test_expected_best_of_n_trials_by_enumeration():
@@ -194,25 +223,30 @@ def test_expected_best_of_n_trials_by_enumeration():
 def test_plan_wall_time_is_the_larger_of_spread_work_and_one_chain():
     from mnist_study.analysis.plan import SizeFacts, effect_line, smallest_design, wall_seconds
 
-    facts = SizeFacts(300, 2, 0.006**2, 0.003**2, {"a": 10.0, "b": 30.0}, {"a": 20.0, "b": 40.0})
+    arm = Components((4, 4), 0.003**2, 0.006**2 + 0.003**2 / 4)
+    facts = SizeFacts(300, 2, {"a": arm, "b": arm}, {"a": 10.0, "b": 30.0}, {"a": 20.0, "b": 40.0})
     # Work: 3 tunings x (8 x 10 + 4 x 20) + 3 x (8 x 30 + 4 x 40) = 1,680 s; chain: 8 x 30 + 40.
     assert wall_seconds(facts, 3, 4, 8, 2) == pytest.approx(840)
     assert wall_seconds(facts, 3, 4, 8, 64) == pytest.approx(280)
-    fewest = smallest_design(facts, 0.01, 4)
-    mean_var = facts.tuning_var + facts.seed_var / 4
+    fewest = smallest_design(facts, "b", 0.01, 4)
+    mean_var = arm.tuning_var + arm.seed_var / 4
     assert (
-        detectable_effect(mean_var, fewest, 0.01)
+        detectable_effect(mean_var, mean_var, fewest, 0.01)
         <= 0.01
-        < detectable_effect(mean_var, fewest - 1, 0.01)
+        < detectable_effect(mean_var, mean_var, fewest - 1, 0.01)
     )
     # The plan's answer carries what that design costs, runs and wall time per worker count.
     runs = 2 * fewest * (8 + 4)
     walls = [wall_seconds(facts, fewest, 4, 8, w) / 60 for w in (2, 64)]
     assert effect_line(facts, 1, 4, 8, (2, 64), "here") == (
-        f"To detect 1 points at here with 4 seeds per tuning: {fewest} tunings per cell "
-        f"({runs:,} runs; {walls[0]:.0f} min on 2 workers, {walls[1]:.0f} min on 64 workers)."
+        f"To detect 1 points at here with 4 seeds per tuning, tunings per cell by "
+        f"comparison: b {fewest}. The most any comparison needs, up to 20: {fewest} tunings "
+        f"per cell ({runs:,} runs; {walls[0]:.0f} min on 2 workers, {walls[1]:.0f} min on 64 "
+        f"workers)."
     )
-    assert effect_line(facts, 1e-6, 4, 8, (2,), "here").endswith("more than 100 tunings per cell.")
+    assert effect_line(facts, 1e-6, 4, 8, (2,), "here").endswith(
+        "No design of up to 20 tunings per cell serves any of them."
+    )
 
 
 def test_plan_seconds_per_run_leave_out_a_paused_run():

@@ -12,12 +12,7 @@ import pandas as pd
 
 from mnist_study.analysis.luck import test_acc_groups
 from mnist_study.analysis.report import ALPHA
-from mnist_study.analysis.variance import (
-    Components,
-    components,
-    detectable_effect,
-    pooled_seed_var,
-)
+from mnist_study.analysis.variance import Components, components, detectable_effect
 from mnist_study.tracking.names import Role
 
 POWER = 0.8
@@ -27,15 +22,22 @@ WIDE = 64
 """The larger worker count the plan shows beside this machine's cores."""
 
 
+MOST_TUNINGS = 20
+"""The most tunings per cell a plan proposes (at 1,000 images ~7 h of a 2-core machine).
+A comparison that needs more to detect the effect asked for is priced, not bought: the
+plan says what the design it proposes detects there instead."""
+
+
 @dataclass(frozen=True)
 class SizeFacts:
     """What the plan needs of one training-set size of a pilot study."""
 
     size: int | None
     cells: int
-    tuning_var: float
-    """Mean over the arms of their between-tuning variance (accuracy, squared)."""
-    seed_var: float
+    arms: dict[str, Components]
+    """The arms tuned at least twice, the baseline first: each comparison is priced from
+    its own two arms, so one arm's spread (a diverged seed, an unlucky tuning) moves only
+    its own comparison."""
     tune_s: dict[str, float]
     """Per cell: seconds of one tuning run (pruned ones included; seconds_per_run)."""
     final_s: dict[str, float]
@@ -45,34 +47,43 @@ class SizeFacts:
     def comparisons(self) -> int:
         return max(1, self.cells - 1)
 
-    def detectable(self, tunings: int, seeds: int) -> float:
-        """The smallest Δ R tunings x n seeds per cell detect under the verdict rule."""
-        mean_var = self.tuning_var + self.seed_var / seeds
-        return detectable_effect(mean_var, tunings, ALPHA / self.comparisons, POWER)
+    @property
+    def variants(self) -> list[str]:
+        """The compared arms priced: every arm but the baseline."""
+        return list(self.arms)[1:]
+
+    def mean_var(self, arm: str, seeds: int) -> float:
+        """Variance of one tuning's mean over `seeds` seeds in this arm."""
+        a = self.arms[arm]
+        return a.tuning_var + (0.0 if math.isnan(a.seed_var) else a.seed_var / seeds)
+
+    def detectable(self, variant: str, tunings: int, seeds: int) -> float:
+        """The smallest Δ of this variant over the baseline that R tunings x n seeds per
+        cell detect under the verdict rule."""
+        return detectable_effect(
+            self.mean_var(variant, seeds),
+            self.mean_var(next(iter(self.arms)), seeds),
+            tunings,
+            ALPHA / self.comparisons,
+            POWER,
+        )
 
 
 def size_facts(runs: pd.DataFrame, variants: list[str], size: int | None) -> SizeFacts | None:
-    """The pilot's facts at one size; None where no arm has two tunings with finals."""
+    """The pilot's facts at one size; None where the baseline (the first variant) or
+    every other arm lacks two tunings with finals."""
     part = runs if size is None else runs[runs.train_size == size]
-    arms = [components(test_acc_groups(part, v)) for v in variants]
-    arms = [a for a in arms if a.tunings >= 2]
-    if not arms:
+    arms = {v: components(test_acc_groups(part, v)) for v in variants}
+    arms = {v: a for v, a in arms.items() if a.tunings >= 2}
+    if variants[0] not in arms or len(arms) < 2:
         return None
-    tuning_var, seed_var = pooled(arms)
     return SizeFacts(
         size=size,
         cells=len(variants),
-        tuning_var=tuning_var,
-        seed_var=seed_var,
+        arms=arms,
         tune_s=seconds_per_run(part, Role.TUNE),
         final_s=seconds_per_run(part, Role.FINAL),
     )
-
-
-def pooled(arms: list[Components]) -> tuple[float, float]:
-    """What the plan designs with, from arms tuned at least twice: (the mean of their
-    between-tuning variances, their pooled seed variance)."""
-    return sum(a.tuning_var for a in arms) / len(arms), pooled_seed_var(arms)
 
 
 def seconds_per_run(runs: pd.DataFrame, role: str) -> dict[str, float]:
@@ -100,24 +111,6 @@ def wall_seconds(facts: SizeFacts, tunings: int, seeds: int, trials: int, worker
     return max(work / workers, chain)
 
 
-def plan_rows(
-    facts: SizeFacts, trials: int, workers: tuple[int, ...], seed_counts: tuple[int, ...]
-) -> list[dict]:
-    rows = []
-    for tunings in TUNINGS:
-        for seeds in seed_counts:
-            row = {
-                "tunings": tunings,
-                "seeds": seeds,
-                "effect": facts.detectable(tunings, seeds),
-                "runs": facts.cells * tunings * (trials + seeds),
-            }
-            for w in workers:
-                row[f"wall_{w}"] = wall_seconds(facts, tunings, seeds, trials, w)
-            rows.append(row)
-    return rows
-
-
 def hours(seconds: float) -> str:
     if math.isnan(seconds):
         return "–"
@@ -135,36 +128,48 @@ def plan_lines(
     workers: tuple[int, ...] | None = None,
     seed_counts: tuple[int, ...] = SEEDS,
 ) -> list[str]:
-    """The design table at one size, in Markdown."""
+    """The design table at one size, in Markdown: per design its runs, wall times and the
+    smallest Δ each comparison detects."""
     workers = worker_counts(workers)
     where = f"{facts.size:,} training images" if facts.size else "this study"
+    spreads = ", ".join(
+        f"{v} {math.sqrt(a.tuning_var) * 100:.2f} / {math.sqrt(a.seed_var) * 100:.2f}"
+        for v, a in facts.arms.items()
+    )
     lines = [
-        f"Plan at {where}: tuning sd {math.sqrt(facts.tuning_var) * 100:.2f}, seed sd "
-        f"{math.sqrt(facts.seed_var) * 100:.2f} points (pooled over the arms); the smallest "
-        f"Δ detected with {POWER:.0%} power at Holm-adjusted p < {ALPHA:g} over "
-        f"{facts.comparisons} comparisons (Welch on tuning means, simulated), {trials} trials per "
-        f"tuning, wall time at least the larger of work / workers and one tuning's chain:",
+        f"Plan at {where}: each comparison is priced from its own two arms (tuning sd / seed "
+        f"sd, points: {spreads}); the smallest Δ over the baseline each detects with "
+        f"{POWER:.0%} power at Holm-adjusted p < {ALPHA:g} over {facts.comparisons} "
+        f"comparisons (Welch on tuning means, simulated), {trials} trials per tuning, wall "
+        f"time at least the larger of work / workers and one tuning's chain:",
         "",
-        "| tunings R | seeds n | detectable Δ, points | runs | "
-        + " | ".join(f"wall on {w} workers" for w in workers)
-        + " |",
-        "|---|---|---|---|" + "---|" * len(workers),
+        "| tunings R | seeds n | runs | "
+        + "".join(f"wall on {w} workers | " for w in workers)
+        + "".join(f"Δ {v}, points | " for v in facts.variants),
+        "|---|---|---|" + "---|" * (len(workers) + len(facts.variants)),
     ]
-    for r in plan_rows(facts, trials, workers, seed_counts):
-        walls = " | ".join(hours(r[f"wall_{w}"]) for w in workers)
-        lines.append(
-            f"| {r['tunings']} | {r['seeds']} | {r['effect'] * 100:.2f} | {r['runs']:,} | {walls} |"
-        )
+    for tunings in TUNINGS:
+        for seeds in seed_counts:
+            runs = facts.cells * tunings * (trials + seeds)
+            walls = "".join(
+                f"{hours(wall_seconds(facts, tunings, seeds, trials, w))} | " for w in workers
+            )
+            effects = "".join(
+                f"{facts.detectable(v, tunings, seeds) * 100:.2f} | " for v in facts.variants
+            )
+            lines.append(f"| {tunings} | {seeds} | {runs:,} | {walls}{effects}".rstrip())
     return lines
 
 
-def smallest_design(facts: SizeFacts, effect: float, seeds: int, most: int = 100) -> int | None:
-    """The fewest tunings (2 to `most`) whose detectable Δ is at most `effect` with
-    `seeds` seeds per tuning; None if even `most` do not. Bisection: more tunings
-    detect less."""
+def smallest_design(
+    facts: SizeFacts, variant: str, effect: float, seeds: int, most: int = MOST_TUNINGS
+) -> int | None:
+    """The fewest tunings (2 to `most`) with which this variant's comparison detects
+    `effect` with `seeds` seeds per tuning; None if even `most` do not. Bisection: more
+    tunings detect less."""
 
     def enough(tunings: int) -> bool:
-        return facts.detectable(tunings, seeds) <= effect
+        return facts.detectable(variant, tunings, seeds) <= effect
 
     if not enough(most):
         return None
@@ -175,16 +180,44 @@ def smallest_design(facts: SizeFacts, effect: float, seeds: int, most: int = 100
     return high
 
 
+def design(
+    facts: SizeFacts, effect: float, seeds: int, most: int = MOST_TUNINGS
+) -> tuple[int | None, dict[str, int | None]]:
+    """(the tunings per cell the plan proposes, each comparison's fewest): the most any
+    comparison needs to detect `effect`, among those that `most` tunings can serve; None
+    if none can. It reads the variances alone, never a Δ, so a study sized by it at an
+    interim round keeps its error rates (tests/test_significance.py)."""
+    fewest = {v: smallest_design(facts, v, effect, seeds, most) for v in facts.variants}
+    served = [t for t in fewest.values() if t is not None]
+    return (max(served) if served else None), fewest
+
+
 def effect_line(
     facts: SizeFacts, effect: float, seeds: int, trials: int, workers: tuple[int, ...], where: str
 ) -> str:
-    """The fewest tunings per cell that detect `effect` points, with what they cost."""
-    fewest = smallest_design(facts, effect / 100, seeds)
-    line = f"To detect {effect:g} points at {where} with {seeds} seeds per tuning: "
-    if fewest is None:
-        return line + "more than 100 tunings per cell."
-    walls = ", ".join(
-        f"{hours(wall_seconds(facts, fewest, seeds, trials, w))} on {w} workers" for w in workers
+    """Per comparison the fewest tunings per cell that detect `effect` points; the design
+    that serves them all (up to MOST_TUNINGS), with what it costs and what it detects in
+    the comparisons it cannot serve."""
+    tunings, fewest = design(facts, effect / 100, seeds)
+    each = ", ".join(
+        f"{v} {t}" if t is not None else f"{v} more than {MOST_TUNINGS}" for v, t in fewest.items()
     )
-    runs = facts.cells * fewest * (trials + seeds)
-    return line + f"{fewest} tunings per cell ({runs:,} runs; {walls})."
+    line = (
+        f"To detect {effect:g} points at {where} with {seeds} seeds per tuning, tunings per "
+        f"cell by comparison: {each}. "
+    )
+    if tunings is None:
+        return line + f"No design of up to {MOST_TUNINGS} tunings per cell serves any of them."
+    walls = ", ".join(
+        f"{hours(wall_seconds(facts, tunings, seeds, trials, w))} on {w} workers" for w in workers
+    )
+    runs = facts.cells * tunings * (trials + seeds)
+    line += (
+        f"The most any comparison needs, up to {MOST_TUNINGS}: {tunings} tunings per cell "
+        f"({runs:,} runs; {walls})"
+    )
+    unserved = [v for v, t in fewest.items() if t is None]
+    if not unserved:
+        return line + "."
+    others = ", ".join(f"{v} {facts.detectable(v, tunings, seeds) * 100:.2f}" for v in unserved)
+    return line + f"; with it the others detect: {others} points."

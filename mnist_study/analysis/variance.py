@@ -149,25 +149,35 @@ def interim_looks(
 
 
 def detectable_effect(
-    mean_var: float, tunings: int, alpha: float, power: float = 0.8, draws: int = 20_000
+    variant_var: float,
+    baseline_var: float,
+    tunings: int,
+    alpha: float,
+    power: float = 0.8,
+    draws: int = 20_000,
 ) -> float:
     """The smallest true Δ that compare() (Welch's t on R tuning means per arm) detects at
-    two-sided `alpha` with this power, each tuning mean of variance `mean_var` (tuning
-    variance + seed variance / n). By simulation, since Welch's df are estimated from the
-    data: the equal-variance t's 2R - 2 df overstate its power (0.71 for a claimed 0.80 at
-    R = 5 and alpha = 0.01/7)."""
-    if tunings < 2 or not mean_var > 0:
+    two-sided `alpha` with this power, each tuning mean of the variant of variance
+    `variant_var` and of the baseline `baseline_var` (tuning variance + seed variance / n).
+    By simulation, since Welch's df are estimated from the data: the equal-variance t's
+    2R - 2 df overstate its power (0.71 for a claimed 0.80 at R = 5 and alpha = 0.01/7),
+    and the more the arms' variances differ the fewer df it has."""
+    total = variant_var + baseline_var
+    if tunings < 2 or not total > 0:
         return math.nan
-    return math.sqrt(mean_var) * standard_effect(tunings, alpha, power, draws)
+    share = round(variant_var / total, 2)  # df depend on it alone; rounded to share draws
+    return math.sqrt(total / 2) * standard_effect(tunings, alpha, power, draws, share)
 
 
 @functools.cache
-def standard_effect(tunings: int, alpha: float, power: float, draws: int) -> float:
-    """detectable_effect at unit variance (it scales with the sd). Δ moves neither a
-    draw's standard error nor its df, so a draw detects Δ iff |d + Δ| > its critical
-    distance: one pass of Welch, then the power curve costs nothing."""
+def standard_effect(tunings: int, alpha: float, power: float, draws: int, share: float) -> float:
+    """detectable_effect with the two arms' variances summing to 2, the variant's `share`
+    of it (it scales with the sd of their mean). Δ moves neither a draw's standard error
+    nor its df, so a draw detects Δ iff |d + Δ| > its critical distance: one pass of
+    Welch, then the power curve costs nothing."""
     rng = np.random.default_rng(0)
-    delta, se, df = welch_parts(*rng.standard_normal((2, draws, tunings)))
+    x, y = rng.standard_normal((2, draws, tunings))
+    delta, se, df = welch_parts(x * math.sqrt(2 * share), y * math.sqrt(2 * (1 - share)))
     reach = special.stdtrit(df, 1 - alpha / 2) * se
 
     def short(shift: float) -> float:
