@@ -145,7 +145,7 @@ def plan_lines(
         "",
         "| tunings R | seeds n | runs | "
         + "".join(f"wall on {w} workers | " for w in workers)
-        + "".join(f"Δ {v}, points | " for v in facts.variants),
+        + "".join(f"Δ {v}, points | " for v in facts.variants).rstrip(),
         "|---|---|---|" + "---|" * (len(workers) + len(facts.variants)),
     ]
     for tunings in TUNINGS:
