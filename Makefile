@@ -103,7 +103,7 @@ replication: data ## every variant at 300 and 1,000 images, 8 tunings x (8 trial
 	@$(BIN)/mnist-study --data-root $(DATA) run experiments/replication.toml --workers $(WORKERS) $(ARGS)
 	@$(BIN)/mnist-study report experiments/replication.toml --brief --page docs/replication.md
 
-replication1000: data ## the replication's 1,000-image cells at 19 tunings, a study of their own (3-15 h on 2 cores; rerun to resume), then report
+replication1000: data ## the replication's 1,000-image cells at 19 tunings, a study of their own (4-15 h on 2 cores; rerun to resume), then report
 	@$(BIN)/mnist-study --data-root $(DATA) run experiments/replication1000.toml --workers $(WORKERS) $(ARGS)
 	@$(BIN)/mnist-study report experiments/replication1000.toml --brief --page docs/replication.md
 
