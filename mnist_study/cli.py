@@ -202,6 +202,12 @@ def add_study_commands(sub) -> None:
         help="report a stage: only every cell's first N tunings (a study runs in rounds)",
     )
     p.add_argument(
+        "--runs",
+        type=Path,
+        help="report from the raw runs a page published (docs/data/STUDY-runs.csv and the "
+        "curves beside it) instead of the stores: STUDY then names its experiment file",
+    )
+    p.add_argument(
         "--partial",
         action="store_true",
         help="write --page from a study (or stage) that is not complete, marked partial "

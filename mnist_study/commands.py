@@ -270,24 +270,29 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from mnist_study.analysis.publish import brief, write_report
-    from mnist_study.study.spec_file import load_spec
+    from mnist_study.study.spec_file import find_spec, load_spec
     from mnist_study.tracking.store import check_tracking_uri, find_experiment
 
     study = str(args.study)
-    if study.endswith(".toml"):
+    if args.tunings is not None and args.tunings < 1:
+        raise ConfigError(f"--tunings {args.tunings}: must be at least 1")
+    raw = None
+    if args.runs is not None:
+        spec = load_spec(find_spec(study))
+        study, raw = spec.name, (args.runs, spec)
+    elif study.endswith(".toml"):
         study = load_spec(study).name
-    check_tracking_uri(args.tracking_uri, must_exist=True)
-    if find_experiment(args.tracking_uri, study) is None:
+    if raw is None:
+        check_tracking_uri(args.tracking_uri, must_exist=True)
+    if raw is None and find_experiment(args.tracking_uri, study) is None:
         raise ConfigError(
             f"no study {study!r} in {args.tracking_uri}; run it first "
             f"(mnist-study run SPEC) or pass --tracking-uri"
         )
-    if args.tunings is not None and args.tunings < 1:
-        raise ConfigError(f"--tunings {args.tunings}: must be at least 1")
     before = args.page.read_text() if args.page and args.page.exists() else None
     body = write_report(
         args.tracking_uri, study, args.out, args.page, args.storage, args.tunings,
-        args.partial, str(args.study),
+        args.partial, str(args.study), raw,
     )  # fmt: skip
     print(brief(body) if args.brief else body)
     page = ""

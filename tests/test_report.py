@@ -123,10 +123,10 @@ def test_readme_section_replaced_in_place_and_idempotent(smoke_report):
 
 
 def test_a_new_page_is_made_with_the_studys_markers(smoke_report):
-    spec, tracking, out, _, body = smoke_report
+    spec, tracking, out, _, _ = smoke_report
     page = out / "docs" / "smoke.md"
     page.parent.mkdir()
-    write_report(tracking, spec.name, out / "reports", page)
+    body = write_report(tracking, spec.name, out / "reports", page)  # names the page's CSV
     assert page.read_text() == f"# Study `smoke`\n\n{MARK_START}\n{body}\n{MARK_END}\n"
     assert (out / "docs" / "figures" / spec.name / "curves.png").exists()
 

@@ -7,7 +7,14 @@ from pathlib import Path
 
 from mnist_study.analysis import figures
 from mnist_study.analysis.collect import StudyData
-from mnist_study.analysis.luck import LUCK_LEGEND, tuning_section
+from mnist_study.analysis.luck import (
+    LUCK_LEGEND,
+    budget_checks,
+    budget_curves,
+    mean_curve,
+    tuning_section,
+)
+from mnist_study.analysis.plan import plan_lines, size_facts
 from mnist_study.analysis.report import checks, replicated, summarize, test_accs, verdict
 from mnist_study.analysis.tables import TABLE_LEGEND, markdown_table
 from mnist_study.files import CSV_FLOATS, write_atomic
@@ -44,9 +51,23 @@ def ablation_section(data: StudyData, out: Path) -> tuple[list[str], dict[str, P
     }
     figures.tuning_figure(data.runs, data.variants, pngs["tuning"], lr_range)
     lines, found = [markdown_table(table, axis), ""], checks(data, table)
+    budget = budget_curves(data.runs)
+    found += budget_checks(budget)
     if replicated(data):
         section, problems = tuning_section(data.runs, table, data.variants, rounds=data.rounds)
         lines, found = lines + section, found + problems
+        facts = size_facts(data.runs, data.variants, None)
+        if facts is not None:
+            s = data.spec.settings
+            lines += [*plan_lines(facts, s.trials, seed_counts=(len(s.seeds),)), ""]
+        if not budget.empty:
+            pngs["budget"] = out / "budget.png"
+            curves = {v: mean_curve(budget[budget.variant == v]) for v in data.variants}
+            figures.budget_figure(
+                {v: c for v, c in curves.items() if not c.empty},
+                pngs["budget"],
+                "expected best validation accuracy of n trials, mean over tunings",
+            )
     lines += [verdict(table, rounds=data.rounds), "", SEED_LINE, "", TABLE_LEGEND]
     if replicated(data):
         lines += ["", LUCK_LEGEND]

@@ -108,13 +108,6 @@ def collect(
     runs = upgrade_runs(runs)
     runs, found = counted_runs(runs, spec, optuna_record(storage, spec))
     problems += found
-    planned = None
-    if tunings is not None and spec is not None and tunings < spec.settings.tunings:
-        planned = spec.settings.tunings
-        runs = runs[runs.tuning < tunings]
-        spec = dataclasses.replace(
-            spec, settings=spec.settings.model_copy(update={"tunings": tunings})
-        )
     finals = runs[runs["tags.role"] == Role.FINAL]
     rows = []
     for _, run in finals.iterrows():
@@ -137,16 +130,29 @@ def collect(
     seen = list(dict.fromkeys(runs["tags.variant"].dropna()))
     variants = [v.name for v in spec.variants] if spec else seen
     tags = exp.tags
-    return StudyData(
-        study,
-        spec,
-        runs,
-        curves,
-        variants,
-        problems,
-        tags.get(EXTENDED_TAG, ""),
+    data = StudyData(
+        study, spec, runs, curves, variants, problems, tags.get(EXTENDED_TAG, ""),
         tags.get(MIXED_TAG, ""),
-        planned,
+    )  # fmt: skip
+    return stage(data, tunings)
+
+
+def stage(data: StudyData, tunings: int | None) -> StudyData:
+    """The study's first `tunings` tunings per cell alone (a stage of a study that runs in
+    rounds), as if it had planned them, with the tunings it does plan kept as `planned`;
+    the whole study where `tunings` is None or not fewer than it plans."""
+    spec = data.spec
+    if tunings is None or spec is None or tunings >= spec.settings.tunings:
+        return data
+    curves = data.curves
+    return dataclasses.replace(
+        data,
+        spec=dataclasses.replace(
+            spec, settings=spec.settings.model_copy(update={"tunings": tunings})
+        ),
+        runs=data.runs[data.runs.tuning < tunings],
+        curves=curves[curves.tuning < tunings] if not curves.empty else curves,
+        planned=spec.settings.tunings,
     )
 
 

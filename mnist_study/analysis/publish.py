@@ -13,10 +13,12 @@ import pandas as pd
 
 from mnist_study.analysis.ablation import ablation_section
 from mnist_study.analysis.collect import StudyData, collect
+from mnist_study.analysis.raw_runs import data_files, read_raw, write_raw
 from mnist_study.analysis.sweep import sweep_section
 from mnist_study.errors import PageRefused, SpecError
 from mnist_study.files import write_atomic
 from mnist_study.store_paths import DEFAULT_TRACKING_URI, store_flags
+from mnist_study.study.spec import StudySpec
 from mnist_study.tracking.legacy import recorded_command
 from mnist_study.tracking.names import Role
 from mnist_study.tracking.report_run import log_figures, log_report_run
@@ -198,14 +200,20 @@ def write_report(
     tunings: int | None = None,
     partial: bool = False,
     asked_as: str | None = None,
+    raw: tuple[Path, StudySpec] | None = None,
 ) -> str:
     """Write reports/<study>/ (results.md, CSV, figures), log them to MLflow, and (with
     `page`) replace the study's section in that Markdown page. Returns the section.
     With `tunings`, a stage: every cell's first `tunings` tunings alone. A page is
     published from a complete study only, unless `partial` (then its header says so);
     otherwise PageRefused is raised before anything is written. `asked_as`: the study
-    as the command named it (its spec file), for the command the header repeats."""
-    data = collect(tracking_uri, study, storage, tunings)
+    as the command named it (its spec file), for the command the header repeats. `raw`
+    (a runs CSV a page published, and the study's spec): the report from that file alone,
+    with no store read or written. A page from the stores gets its raw runs beside it."""
+    if raw is not None:
+        data = read_raw(raw[0], raw[1], tunings)
+    else:
+        data = collect(tracking_uri, study, storage, tunings)
     done, planned = data.progress()
     if page is not None and done < planned and not partial:
         raise PageRefused(
@@ -215,7 +223,10 @@ def write_report(
         )
     out = out_root / study
     out.mkdir(parents=True, exist_ok=True)
-    report = report_command(asked_as or study, tracking_uri, storage)
+    if raw is not None:
+        report = shlex.join(["mnist-study", "report", asked_as or study, "--runs", str(raw[0])])
+    else:
+        report = report_command(asked_as or study, tracking_uri, storage)
     if data.stage:
         report += f" --tunings {tunings}"
     lines = [f"**Partial**: {done} of {planned} runs finished; any verdict may change."] * (
@@ -229,7 +240,7 @@ def write_report(
     elif data.variants:
         body, pngs, found = ablation_section(data, out)
         lines += body
-    if pngs:
+    if pngs and raw is None:
         parents = data.runs[data.runs["tags.role"] == Role.VARIANT]
         log_figures(tracking_uri, list(parents.run_id), list(pngs.values()))
     lines += ["", "**Checks**: " + ("none raised." if not found else "")]
@@ -248,9 +259,22 @@ def write_report(
         base = page.parent if page is not None else out
         rel = {k: (figure_dir / p.name).relative_to(base) for k, p in pngs.items()}
         body += "\n\n" + "\n\n".join(f"![{k}]({rel[k].as_posix()})" for k in pngs)
+    if page is not None and raw is None and not data.runs.empty:
+        runs_csv, curves_csv = data_files(page, study)
+        body += (
+            f"\n\nRaw runs: [{runs_csv.relative_to(page.parent).as_posix()}]"
+            f"({runs_csv.relative_to(page.parent).as_posix()}) (one row per tuning trial and "
+            f"final seed: hyperparameters, accuracies, steps, seconds, commit, CPU) and "
+            f"[{curves_csv.relative_to(page.parent).as_posix()}]"
+            f"({curves_csv.relative_to(page.parent).as_posix()}) (final runs' curves); "
+            f"`mnist-study report {asked_as or study} --runs {runs_csv.as_posix()}` "
+            "rebuilds this section from them alone."
+        )
     write_atomic(out / "results.md", f"# Study `{study}`\n\n{body}\n")
-    if data.spec is not None or not data.runs.empty:
+    if raw is None and (data.spec is not None or not data.runs.empty):
         log_report_run(tracking_uri, study, out, body, report)
     if page is not None:
+        if raw is None and not data.runs.empty:
+            write_raw(data, tracking_uri, page)
         replace_section(page, body, study)
     return body

@@ -22,7 +22,6 @@ from mnist_study.analysis.significance import (
     holm,
     same_sign_pairs,
     seeds_only,
-    welch_p,
 )
 from mnist_study.intervals import acc_interval
 from mnist_study.tracking.names import Role
@@ -53,6 +52,18 @@ def per_seed_gaps(curves: pd.DataFrame, variant: str, epoch: int | None) -> dict
     }
 
 
+def gap_groups(curves: pd.DataFrame, variant: str) -> list[list[float]]:
+    """The final seeds' train − validation accuracy gaps at the last point, one list per
+    tuning: the unit compare() takes, as for test accuracy."""
+    mine = curves[(curves.variant == variant) & curves.metric.isin(["train_acc", "val_acc"])]
+    if mine.empty:
+        return []
+    last = mine[mine.epoch == mine.epoch.max()]
+    wide = last.pivot_table(index=["tuning", "seed"], columns="metric", values="value")
+    gaps = wide.train_acc - wide.val_acc
+    return [list(g) for _, g in gaps.groupby(level="tuning")]
+
+
 def best_val_epoch(curves: pd.DataFrame, variant: str) -> int | None:
     mine = curves[(curves.variant == variant) & (curves.metric == "val_acc")]
     if mine.empty:
@@ -72,10 +83,10 @@ def summarize(data: StudyData) -> pd.DataFrame:
     compare() (the tuning the unit where the study tuned each cell several times), the
     gaps, its trials and time; p-values Holm-adjusted over the variants."""
     base = test_acc_groups(data.runs, "baseline")
-    base_gaps = per_seed_gaps(data.curves, "baseline", None).get("acc_gap", [])
+    base_gaps = gap_groups(data.curves, "baseline")
     table = pd.DataFrame([variant_row(data, variant, base, base_gaps) for variant in data.variants])
     table["p_holm"] = holm(table.p_diff)
-    table["gap_p_holm"] = holm(table.gap_p_welch)
+    table["gap_p_holm"] = holm(table.gap_p)
     return table
 
 
@@ -129,8 +140,8 @@ def variant_row(data: StudyData, variant: str, base: list, base_gaps: list) -> d
         "loss_gap_last": avg(last.get("loss_gap")),
         "acc_gap_best": avg(best.get("acc_gap")),
         "loss_gap_best": avg(best.get("loss_gap")),
-        "gap_p_welch": welch_p(last.get("acc_gap", []), base_gaps)
-        if variant != "baseline"
+        "gap_p": compare(gap_groups(data.curves, variant), base_gaps).p
+        if variant != "baseline" and base_gaps
         else math.nan,
         "best_val_epoch": best_epoch,
         "trials_complete": int(states.get("COMPLETE", 0)),
@@ -258,7 +269,7 @@ def verdict(
 ) -> str:
     """Each variant against the baseline, by the one rule (Holm p < alpha): test accuracy
     raised or lowered, else the largest effect its interval allows; and the train−val
-    accuracy gap shrunk or widened (Welch over the final seeds). `rounds` (K, N): an
+    accuracy gap shrunk or widened (on the same unit as test accuracy). `rounds` (K, N): an
     interim read of K of N rounds, whose 'resolved' is so far only."""
     rest = table[(table.variant != "baseline") & table.diff_vs_baseline.notna()]
     if rest.empty:
@@ -278,11 +289,9 @@ def verdict(
     gap = rest[rest.gap_p_holm < alpha]
     shrink = gap[gap.acc_gap_last < base_gap].variant.tolist()
     widen = gap[gap.acc_gap_last > base_gap].variant.tolist()
-    unit = (
-        "the tuning the unit"
-        if (rest.level == "tunings").all()
-        else "over the seeds of one tuning: tuning luck left out"
-    )
+    tuned = (rest.level == "tunings").all()
+    unit = "the tuning the unit" if tuned else "over the seeds of one tuning: tuning luck left out"
+    gap_unit = "Welch on tuning means" if tuned else "Welch over final seeds"
     interim = f"so far (round {rounds[0]} of {rounds[1]}, an interim read; " if rounds else "("
     parts = [
         f"Resolved {interim}Holm p<{alpha:g}; {unit}), points of test accuracy: raise it: "
@@ -294,7 +303,7 @@ def verdict(
             "not resolved, so any effect is below (|Δ| + half-width, points): " + ", ".join(bounds)
         )
     parts.append(
-        f"train−val accuracy gap resolved (Holm p<{alpha:g}, Welch over final seeds): "
+        f"train−val accuracy gap resolved (Holm p<{alpha:g}, {gap_unit}): "
         f"shrunk by {', '.join(shrink) or 'none'}; widened by {', '.join(widen) or 'none'}"
     )
     return "; ".join(parts) + "."

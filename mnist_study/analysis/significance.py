@@ -12,13 +12,6 @@ import pandas as pd
 from scipy import special, stats
 
 
-def welch_p(a: list[float], b: list[float]) -> float:
-    """Welch's two-sided p over these values (NaN below two in an arm)."""
-    if len(a) < 2 or len(b) < 2:
-        return math.nan
-    return float(welch(np.asarray(a, float), np.asarray(b, float))[3])
-
-
 def holm(ps: pd.Series) -> pd.Series:
     """Holm-Bonferroni adjusted p-values (NaNs left out): comparing every variant to the
     baseline is several tests at once, and one of them passing p<0.05 by luck is likely."""

@@ -1,0 +1,148 @@
+"""A page's raw runs (docs/data/STUDY-runs.csv and -curves.csv): what they hold, and that
+they alone rebuild the page: `report --runs` gives the store's tables, and Welch's t on
+the tuning means, computed from the CSV with scipy, gives the page's numbers."""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+import pytest
+from helpers import cli, one_line_error, run_args, stores
+from scipy import stats
+
+from mnist_study.analysis.publish import markers
+
+# Three variants tuned 3 times each (1 trial + 2 seeds per tuning): the tuning is the unit.
+REPLICATED = """
+[study]
+tunings = 3
+trials = 1
+seeds = [0, 1]
+startup_trials = 1
+[defaults]
+epochs = 1
+train_size = 300
+val_size = 200
+train_eval_size = 200
+test_size = 500
+[variants.baseline]
+search.lr = { low = 1e-3, high = 3e-3, log = true }
+[variants.batchnorm]
+set = { batchnorm = true }
+search.lr = { low = 1e-3, high = 3e-3, log = true }
+[variants.dropout]
+search.lr = { low = 1e-3, high = 3e-3, log = true }
+search.dropout = { low = 0.1, high = 0.5 }
+"""
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """The study run to the end and published with --page: (folder, spec, page)."""
+    root = tmp_path_factory.mktemp("raw")
+    spec = root / "rep.toml"
+    spec.write_text(REPLICATED)
+    tracking, storage = stores(root)
+    done = cli(*run_args(spec, tracking, storage))
+    assert done.returncode == 0, done.stderr[-2000:]
+    page = root / "docs" / "rep.md"
+    args = ["--tracking-uri", tracking, "--storage", storage, "--out", str(root / "from-stores")]
+    done = cli("report", str(spec), *args, "--page", str(page))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return root, spec, page
+
+
+def section(page_text: str) -> str:
+    start, end = markers("rep")
+    return page_text.split(start)[1].split(end)[0]
+
+
+def tables(report: str) -> list[str]:
+    """The report without what names its source: the provenance line (its command),
+    figure links (their folder) and the raw-runs line."""
+    return [
+        line
+        for line in report.splitlines()
+        if line.strip() and not line.startswith(("Study `rep`", "![", "Raw runs:"))
+    ]
+
+
+def test_the_page_publishes_every_trial_and_final_seed(published):
+    root, _, page = published
+    runs = pd.read_csv(root / "docs" / "data" / "rep-runs.csv")
+    curves = pd.read_csv(root / "docs" / "data" / "rep-curves.csv")
+    assert len(runs) == 3 * 3 * (1 + 2) and set(runs.study) == {"rep"}
+    finals = runs[runs.role == "final"]
+    assert len(finals) == 18 and finals.test_acc.notna().all()
+    assert runs[runs.role == "tune"].test_acc.isna().all()  # the test set is the finals' alone
+    assert (runs.best_val_acc >= runs.val_acc).all() and (runs.seconds > 0).all()
+    assert set(finals.groupby(["variant", "tuning"]).seed.apply(tuple)) == {(0, 1)}
+    assert runs.lr.between(1e-3, 3e-3).all() and runs.commit.notna().all()
+    # Each final seed trains with its tuning's point.
+    assert (finals.groupby(["variant", "tuning"]).lr.nunique() == 1).all()
+    assert set(curves.metric) >= {"train_acc", "val_acc"} and len(curves) % 18 == 0
+    assert "data/rep-runs.csv" in section(page.read_text())
+
+
+def test_report_from_the_csv_alone_equals_the_report_from_the_stores(published, tmp_path):
+    root, spec, page = published
+    (root / "mlflow.db").rename(tmp_path / "away.db")  # no store to fall back on
+    try:
+        done = cli(
+            "report", str(spec), "--runs", str(root / "docs/data/rep-runs.csv"),
+            "--out", str(tmp_path / "from-csv"),
+        )  # fmt: skip
+    finally:
+        (tmp_path / "away.db").rename(root / "mlflow.db")
+    assert done.returncode == 0, done.stderr[-2000:]
+    from_csv = (tmp_path / "from-csv" / "rep" / "results.md").read_text()
+    from_stores = (root / "from-stores" / "rep" / "results.md").read_text()
+    assert tables(from_csv) == tables(from_stores)
+    for part in ("| variant |", "Calibration at", "Plan at", "Resolved (", "| arm |"):
+        assert part in from_csv
+    assert "--runs" in from_csv and not (tmp_path / "away.db").exists()
+
+
+def test_welch_on_tuning_means_from_the_csv_gives_the_pages_numbers(published):
+    root, _, page = published
+    runs = pd.read_csv(root / "docs" / "data" / "rep-runs.csv")
+    finals = runs[(runs.role == "final") & (runs.status == "FINISHED")]
+    means = finals.groupby(["variant", "tuning"]).test_acc.mean()
+    shown = section(page.read_text())
+    for variant in ("batchnorm", "dropout"):
+        result = stats.ttest_ind(means[variant], means["baseline"], equal_var=False)
+        low, high = result.confidence_interval(0.95)
+        delta = means[variant].mean() - means["baseline"].mean()
+        row = re.search(rf"^\| {variant} \| ([^|]+) \| (\S+) \(Holm", shown, re.M)
+        assert row, f"no comparison row for {variant}"
+        assert row[1].strip() == f"{delta * 100:+.2f} [{low * 100:+.2f}, {high * 100:+.2f}]"
+        assert row[2] == f"{result.pvalue:.2g}"
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        (None, "no such file"),
+        ("a,b\n1,2\n", "no column(s)"),
+        ("study,variant\n", "no column(s)"),
+    ],
+)
+def test_a_file_that_is_not_a_studys_raw_runs_is_refused_in_one_line(tmp_path, text, needle):
+    spec = tmp_path / "rep.toml"
+    spec.write_text(REPLICATED)
+    csv = tmp_path / "rep-runs.csv"
+    if text is not None:
+        csv.write_text(text)
+    done = cli("report", str(spec), "--runs", str(csv), "--out", str(tmp_path), process=False)
+    one_line_error(done, str(csv), needle)
+    assert not (tmp_path / "rep").exists()
+
+
+def test_raw_runs_of_another_study_are_refused(published, tmp_path):
+    root, spec, _ = published
+    other = tmp_path / "other.toml"
+    other.write_text(REPLICATED)
+    csv = root / "docs" / "data" / "rep-runs.csv"
+    done = cli("report", str(other), "--runs", str(csv), "--out", str(tmp_path), process=False)
+    one_line_error(done, "holds the runs of ['rep'], not of study 'other'")
