@@ -115,7 +115,7 @@ quick: data ## the same variants on a small budget (minutes), then its report in
 	@$(BIN)/mnist-study report experiments/quick.toml --brief
 
 report: $(BIN)/.installed ## rebuild reports/ablations/ and docs/ablations.md's results from MLflow
-	@$(BIN)/mnist-study report experiments/ablations.toml --brief --page docs/ablations.md
+	@$(BIN)/mnist-study report experiments/ablations.toml --brief --page docs/ablations.md $(ARGS)
 
 ui: $(BIN)/.installed ## MLflow UI on the study store, on 127.0.0.1 only (UI_PORT=5000)
 	@$(BIN)/mnist-study ui --tracking-uri $(TRACKING) --port $(UI_PORT)
