@@ -44,8 +44,8 @@ def test_the_study_left_is_the_units_not_run_at_each_variants_measured_cost(
         # Left: seeds 2 and 3, each one epoch of 5 batches, an evaluation of 200
         # training and 200 validation images, and the test set's 500 images.
         expected += 2 * (320 * cost.train + 900 * cost.eval)
-    assert study_seconds_left(spec, stores, workers=1) == pytest.approx(expected, rel=1e-9)
-    assert study_seconds_left(spec, stores, workers=2) == pytest.approx(expected / 2, rel=1e-9)
+    assert study_seconds_left(stores.ledger(), workers=1) == pytest.approx(expected, rel=1e-9)
+    assert study_seconds_left(stores.ledger(), workers=2) == pytest.approx(expected / 2, rel=1e-9)
 
 
 def test_nothing_measured_yet_gives_no_time():

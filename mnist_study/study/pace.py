@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from optuna.trial import FrozenTrial, TrialState
 
 from mnist_study.study.console import minutes
+from mnist_study.study.ledger import Ledger
 from mnist_study.study.optuna_storage import trial_id
-from mnist_study.study.spec import StudySpec
-from mnist_study.study.stores import DONE, StudyStores
 from mnist_study.training.config import TrainConfig
 from mnist_study.training.train import evaluation_points
 
@@ -103,36 +102,38 @@ def cost_of(records: list[dict]) -> Cost | None:
 
 
 def study_seconds_left(
-    spec: StudySpec, stores: StudyStores, workers: int, own: tuple[int, float] | None = None
+    ledger: Ledger, workers: int, own: tuple[int, float] | None = None
 ) -> float | None:
     """Seconds until the study is done, with `workers` working on it (more if more units
     are running); `own`: (trial id, seconds left) of this worker's unit, which it knows
     best. None until some unit has measured its pace."""
-    s = spec.settings
+    spec = ledger.spec
     measured: dict[str, list[dict]] = {}
     begun_units: list[tuple[str, Work, int]] = []  # (variant, work, points reached)
     seeds_left: list[tuple[str, Work]] = []  # (variant, work) of units not begun
     trials_left: list[tuple[str, Work]] = []
     shares: list[float] = []  # finished tuning trials: the share of their steps they ran
     running, own_left = 0, 0.0
-    for tuning in spec.tunings:
-        name, cfg = tuning.cell.name, spec.config_for(tuning.cell, {})
-        for final, study in ((False, stores.tune[tuning.key]), (True, stores.final[tuning.key])):
-            work, trials = Work.of(cfg, final), study.get_trials(deepcopy=False)
-            for t in trials:
-                if PACE in t.system_attrs:
-                    measured.setdefault(name, []).append(t.system_attrs[PACE])
-                if t.state == TrialState.RUNNING:
-                    running += 1
-                    if own and trial_id(t) == own[0]:
-                        own_left = own[1]
-                    else:
-                        begun_units.append((name, work, reached(t, work)))
-                elif not final and t.state in DONE:
-                    k = reached(t, work)
-                    shares.append(work.points[k - 1] / work.points[-1] if k else 0.0)
-            left = units_left(trials, final, s.trials, set(s.seeds))
-            (seeds_left if final else trials_left).extend([(name, work)] * left)
+    for state in ledger.tunings.values():
+        name, cfg = state.tuning.cell.name, spec.config_for(state.tuning.cell, {})
+        tune, final = Work.of(cfg, False), Work.of(cfg, True)
+        for t in state.trials + state.finals:
+            if PACE in t.system_attrs:
+                measured.setdefault(name, []).append(t.system_attrs[PACE])
+        for work, t in [(tune, t) for t in state.running_trials] + [
+            (final, t) for t in state.running_finals
+        ]:
+            running += 1
+            if own and trial_id(t) == own[0]:
+                own_left = own[1]
+            else:
+                begun_units.append((name, work, reached(t, work)))
+        for t in state.done_trials:
+            k = reached(t, tune)
+            shares.append(tune.points[k - 1] / tune.points[-1] if k else 0.0)
+        trials, seeds = state.units_left
+        trials_left.extend([(name, tune)] * trials)
+        seeds_left.extend([(name, final)] * seeds)
     pooled = cost_of([r for rs in measured.values() for r in rs])
     if pooled is None:
         return None
@@ -153,15 +154,6 @@ def reached(trial: FrozenTrial, work: Work) -> int:
     return (
         len(work.points) if trial.state == TrialState.COMPLETE else len(trial.intermediate_values)
     )
-
-
-def units_left(trials: list[FrozenTrial], final: bool, budget: int, seeds: set[int]) -> int:
-    """Units of one study neither done nor running: trials short of the budget, or the
-    final seeds not yet run."""
-    active = [t for t in trials if t.state in DONE or t.state == TrialState.RUNNING]
-    if final:
-        return len(seeds - {t.user_attrs.get("seed") for t in active})
-    return max(0, budget - len(active))
 
 
 def eta(seconds: float | None) -> str:

@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 
 from mnist_study.errors import StudyIncomplete, said_in_one_line
 from mnist_study.study.console import Console
+from mnist_study.study.ledger import Ledger
 from mnist_study.study.liveness import TrialTaken, mark_alive
 from mnist_study.study.optuna_storage import set_system_attrs, trial_id
 from mnist_study.study.pace import PACE, UnitPace, Work, eta, study_seconds_left
@@ -30,7 +31,7 @@ from mnist_study.study.signals import (
 from mnist_study.study.slurm import check_reach
 from mnist_study.study.slurm_watch import run_on_slurm
 from mnist_study.study.spec import StudySpec
-from mnist_study.study.stores import StudyStores, best_trial
+from mnist_study.study.stores import StudyStores
 from mnist_study.tracking.names import Role
 from mnist_study.tracking.outcome import Outcome
 from mnist_study.tracking.retries import bound_remote_retries
@@ -65,8 +66,9 @@ def run_study(spec: StudySpec, opts: RunOptions) -> None:
     stores.attach(experiment_id)
     with stores.claim_lock():  # dead workers' trials failed first, so that they count
         stores.reap()
-    done, total = stores.progress()
-    resumed = resume_line(stores, done, total)
+    ledger = stores.ledger()
+    done, total = ledger.progress()
+    resumed = resume_line(stores.spec.name, ledger)
     if resumed:
         print(resumed, flush=True)
     if done == total:  # no worker to start: close the cells a killed command left open
@@ -95,7 +97,7 @@ def run_workers_of(spec, opts, experiment_id, stores: StudyStores) -> None:
             stores.reap()
 
     deaths = run_workers(worker_main, (spec, opts, experiment_id), opts.workers, reap)
-    done, total = stores.progress()
+    done, total = stores.ledger().progress()
     if done < total:
         raise StudyIncomplete(
             f"study {spec.name!r} incomplete ({done} of {total} units done) after "
@@ -109,26 +111,18 @@ def stop_parents(stores: StudyStores) -> None:
     still runs a unit of theirs."""
     with signals_deferred(), stores.claim_lock():
         stores.reap()
-        busy = {
-            t.cell.key
-            for t in stores.spec.tunings
-            for study in (stores.tune[t.key], stores.final[t.key])
-            if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        }
-        stores.tracker.stop_parents(busy)
+        stores.tracker.stop_parents(stores.ledger().busy_cells())
 
 
-def resume_line(stores: StudyStores, done: int, total: int) -> str:
-    """What a resume keeps and redoes (`done` of `total` units), in a line ('' for a
-    study not begun)."""
-    studies = [s for key in stores.tune for s in (stores.tune[key], stores.final[key])]
-    failed = sum(t.state == TrialState.FAIL for s in studies for t in s.get_trials(deepcopy=False))
+def resume_line(study: str, ledger: Ledger) -> str:
+    """What a resume keeps and redoes, in a line ('' for a study not begun)."""
+    (done, total), failed = ledger.progress(), ledger.failed
     if not done and not failed:
         return ""
     if done == total:
-        return f"study {stores.spec.name!r} is complete: all {total} units done; nothing to run"
+        return f"study {study!r} is complete: all {total} units done; nothing to run"
     return (
-        f"resuming study {stores.spec.name!r}: {done} of {total} units done and kept, "
+        f"resuming study {study!r}: {done} of {total} units done and kept, "
         f"{total - done} to run; {failed} interrupted or failed run(s) stay recorded as FAIL"
     )
 
@@ -211,7 +205,7 @@ class Worker:
             shown = ", ".join(
                 f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
             )
-            progress = self.console.progress(*self.stores.progress(), self.study_left())
+            progress = self.console.progress(*self.stores.ledger().progress(), self.study_left())
             self.console.say(f"{progress} {name}: {shown}", force=True)
             splits = load_splits(self.opts.data_root, cfg)
             training = Training(cfg, splits)
@@ -270,7 +264,8 @@ class Worker:
         would spend seconds a line), counted down in between."""
         now = time.monotonic()
         if self.estimate is None or now - self.estimate[0] > 15 or self.estimate[1] is None:
-            self.estimate = now, study_seconds_left(self.spec, self.stores, self.opts.workers, own)
+            left = study_seconds_left(self.stores.ledger(), self.opts.workers, own)
+            self.estimate = now, left
         at, seconds = self.estimate
         return None if seconds is None else max(seconds - (now - at), own[1] if own else 0.0)
 
@@ -310,6 +305,6 @@ class Worker:
         if unit.role == Role.TUNE:
             extra |= {"slot": unit.slot, "proposal_seed": proposal_seed(tuning, unit.slot)}
             return f"{tuning.key}/trial-{unit.slot}", dict(unit.trial.params), extra
-        best = best_trial(self.stores.tune[tuning.key])
+        best = self.stores.ledger()[tuning].best
         extra |= {"seed": unit.seed, "tuned_by_trial": best.user_attrs.get("slot")}
         return f"{tuning.key}/seed-{unit.seed}", dict(best.params, seed=unit.seed), extra

@@ -17,15 +17,12 @@ import hashlib
 from dataclasses import dataclass
 
 import optuna
-from optuna.trial import TrialState
 
 from mnist_study.study.liveness import claim_trial, waiting_line
 from mnist_study.study.spec import Cell, StudySpec, Tuning
-from mnist_study.study.stores import DONE, StudyStores, best_trial
+from mnist_study.study.stores import StudyStores
 from mnist_study.tracking.names import Role
 from mnist_study.training.config import TrainConfig
-
-TAKEN = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
 
 @dataclass(frozen=True)
@@ -59,26 +56,23 @@ class Scheduler:
     def claim(self) -> Unit | Idle:
         """The next unit, claimed as an Optuna trial of this process; or WAIT, or DONE."""
         waiting, self.waiting_on = False, []
+        ledger = self.stores.ledger()
         for tuning in claim_order(self.spec):
-            study = self.stores.tune[tuning.key]
-            tune = study.get_trials(deepcopy=False)
-            running = [t for t in tune if t.state == TrialState.RUNNING]
-            if running:  # trials of a tuning run one at a time
+            state = ledger[tuning]
+            if state.running_trials:  # trials of a tuning run one at a time
                 waiting = True
-                lines = (waiting_line(study.study_name, t) for t in running)
+                study = self.stores.tune[tuning.key]
+                lines = (waiting_line(study.study_name, t) for t in state.running_trials)
                 self.waiting_on += [line for line in lines if line]
                 continue
-            done = [t for t in tune if t.state in DONE]
-            if len(done) < self.spec.settings.trials:
-                return self.claim_trial(tuning, done)
-            finals = self.stores.final[tuning.key].get_trials(deepcopy=False)
-            taken = {t.user_attrs.get("seed") for t in finals if t.state in TAKEN}
-            free = [s for s in self.spec.settings.seeds if s not in taken]
-            if free and best_trial(study) is not None:
-                trial = claim_trial(self.stores.final[tuning.key], {"worker": self.index})
-                trial.set_user_attr("seed", free[0])
-                return Unit(self.stores.final[tuning.key], tuning, Role.FINAL, trial, seed=free[0])
-            if any(t.state == TrialState.RUNNING for t in finals):
+            if len(state.done_trials) < self.spec.settings.trials:
+                return self.claim_trial(tuning, state.done_trials)
+            if state.free_seeds and state.best is not None:
+                seed, final = state.free_seeds[0], self.stores.final[tuning.key]
+                trial = claim_trial(final, {"worker": self.index})
+                trial.set_user_attr("seed", seed)
+                return Unit(final, tuning, Role.FINAL, trial, seed=seed)
+            if state.running_finals:
                 waiting = True
         return Idle.WAIT if waiting else Idle.DONE
 

@@ -88,7 +88,7 @@ def watch(spec: StudySpec, stores: StudyStores, arrays: list[str], workers: int)
             raise
     with stores.claim_lock():
         stores.reap()
-    done, total = stores.progress()
+    done, total = stores.ledger().progress()
     if done < total:
         ended = ", ".join(f"{j} {s}" for j, s in sorted(jobs.items()))
         raise StudyIncomplete(
@@ -109,44 +109,40 @@ class StudyLines:
         self.cells_done()
 
     def trials(self):
-        for tuning in self.spec.tunings:
-            for study in (self.stores.tune[tuning.key], self.stores.final[tuning.key]):
-                for t in study.get_trials(deepcopy=False):
-                    yield (study.study_name, t.number), t.state, (tuning, study, t)
+        for state in self.stores.ledger().tunings.values():
+            for final, trials in ((False, state.trials), (True, state.finals)):
+                for t in trials:
+                    yield (state.tuning.key, final, t.number), t.state, (state.tuning, final, t)
 
     def new(self) -> list[str]:
         out, progress = [], None
-        for key, state, (tuning, study, t) in list(self.trials()):
+        for key, state, (tuning, final, t) in list(self.trials()):
             if self.seen.get(key) == state:
                 continue
             self.seen[key] = state
             if progress is None:
                 progress = self.progress()
-            out.append(describe(tuning, study is self.stores.final[tuning.key], t, progress))
+            out.append(describe(tuning, final, t, progress))
         return out + self.cells_done() if out else out
 
     def cells_done(self) -> list[str]:
         """`cell: done; test acc ...` once for each cell whose units are all done, as a
         local worker says it when it closes the cell (here a worker in Slurm does)."""
-        out = []
+        out, ledger = [], self.stores.ledger()
         for cell in self.spec.cells:
-            tunings = [t for t in self.spec.tunings if t.cell.key == cell.key]
-            if cell.key in self.closed or not all(self.stores.tuning_done(t) for t in tunings):
+            if cell.key in self.closed or not ledger.cell_finished(cell):
                 continue
             self.closed.add(cell.key)
             accs = [
-                t.user_attrs["test_acc"]
-                for tuning in tunings
-                for t in self.stores.final[tuning.key].get_trials(
-                    deepcopy=False, states=(TrialState.COMPLETE,)
-                )
+                t.user_attrs["test_acc"] for s in ledger.of_cell(cell) for t in s.complete_finals
             ]
             out.append(f"{cell.key}: done; test acc {fmt_accs(accs)}")
         return out
 
     def progress(self) -> str:
-        done, total = self.stores.progress()
-        left = study_seconds_left(self.spec, self.stores, self.workers)
+        ledger = self.stores.ledger()
+        done, total = ledger.progress()
+        left = study_seconds_left(ledger, self.workers)
         elapsed = minutes(time.time() - self.started)
         return f"{done}/{total} done | {elapsed}" + (f", ~{minutes(left)} left" if left else "")
 
@@ -175,15 +171,9 @@ def describe(tuning, final: bool, t: FrozenTrial, progress: str) -> str:
 def status_lines(spec: StudySpec, stores: StudyStores) -> list[str]:
     """Where a study stands: units done, those running (where, last sign of life), the
     time left, and its Slurm jobs."""
-    done, total = stores.progress()
-    now = time.time()
-    running = [
-        (tuning, study is stores.final[tuning.key], t)
-        for tuning in spec.tunings
-        for study in (stores.tune[tuning.key], stores.final[tuning.key])
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    ]
-    left = study_seconds_left(spec, stores, max(1, len(running)))
+    ledger = stores.ledger()
+    (done, total), running, now = ledger.progress(), ledger.running(), time.time()
+    left = study_seconds_left(ledger, max(1, len(running)))
     out = [
         f"study {spec.name!r}: {done} of {total} units done, {len(running)} running"
         + (f", ~{minutes(left)} left at {max(1, len(running))} worker(s)" if left else "")

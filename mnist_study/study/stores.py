@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from mnist_study.errors import StoresDisagree
 from mnist_study.intervals import acc_interval
+from mnist_study.study.ledger import Ledger
 from mnist_study.study.liveness import dead_trials, death_reason
 from mnist_study.study.optuna_storage import fail_trial, optuna_storage, set_system_attrs
 from mnist_study.study.spec import Cell, StudySpec, Tuning
@@ -35,7 +36,6 @@ from mnist_study.tracking.outcome import Outcome
 from mnist_study.tracking.runs import Tracker, unit_runs
 from mnist_study.tracking.store import check_tracking_uri, experiment_store, find_experiment
 
-DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 OBJECTIVE = "validation accuracy at the last evaluation"
 
 
@@ -246,14 +246,9 @@ class StudyStores:
                 if run_id is not None:
                     self.tracker.end(run_id, Outcome.WORKER_DIED, reason)
 
-    def progress(self) -> tuple[int, int]:
-        """(units done, units in the budget), counted in Optuna's record."""
-        s, done = self.spec.settings, 0
-        for key, tune in self.tune.items():
-            done += min(s.trials, sum(t.state in DONE for t in tune.trials))
-            seeds = {t.user_attrs.get("seed") for t in self.final[key].trials if t.state in DONE}
-            done += len(seeds & set(s.seeds))
-        return done, len(self.spec.tunings) * (s.trials + len(s.seeds))
+    def ledger(self) -> Ledger:
+        """The study's state as Optuna's record holds it now (after attach)."""
+        return Ledger.read(self.spec, self.tune, self.final)
 
     def parent_run(self, cell: Cell, command: str) -> str:
         """The cell's parent run, created before its first unit (under the claim lock, or
@@ -266,20 +261,16 @@ class StudyStores:
     def close_finished_cells(self, closed: set[str]) -> list[str]:
         """Record each newly finished cell's outcome on its parent run (per tuning its best
         trial and point, prefixed t0., t1., ... when tuned several times); a line each."""
-        lines = []
+        lines, ledger = [], self.ledger()
         for cell in self.spec.cells:
-            tunings = [t for t in self.spec.tunings if t.cell.key == cell.key]
-            if cell.key in closed or not all(self.tuning_done(t) for t in tunings):
+            if cell.key in closed or not ledger.cell_finished(cell):
                 continue
             closed.add(cell.key)
             tags, params, groups, best_vals = {}, {}, [], []
-            for tuning in tunings:
-                best = best_trial(self.tune[tuning.key])
-                finals = self.final[tuning.key].get_trials(
-                    deepcopy=False, states=(TrialState.COMPLETE,)
-                )
+            for state in ledger.of_cell(cell):
+                best, finals = state.best, state.complete_finals
                 groups.append([t.user_attrs["test_acc"] for t in finals])
-                prefix = tuning.prefix
+                prefix = state.tuning.prefix
                 tags[f"{prefix}best_trial"] = (
                     best.user_attrs.get("slot", best.number)
                     if best
@@ -310,15 +301,6 @@ class StudyStores:
             lines.append(f"{cell.key}: done; test acc {fmt_accs(accs)}")
         return lines
 
-    def tuning_done(self, tuning: Tuning) -> bool:
-        """All its trials ended, and its final seeds complete (or no trial to seed them)."""
-        s = self.spec.settings
-        tune = self.tune[tuning.key].get_trials(deepcopy=False)
-        finals = self.final[tuning.key].get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        seeds = {t.user_attrs.get("seed") for t in finals}
-        no_best = best_trial(self.tune[tuning.key]) is None
-        return sum(t.state in DONE for t in tune) >= s.trials and (no_best or seeds >= set(s.seeds))
-
 
 def study_roles(tuning: Tuning) -> tuple[tuple[str, str], tuple[str, str]]:
     """(metric name, role) of a tuning's two Optuna studies, as optuna-dashboard shows
@@ -331,14 +313,6 @@ def study_roles(tuning: Tuning) -> tuple[tuple[str, str], tuple[str, str]]:
             f"final seeds of {which}: not a tuning; one trial per seed",
         ),
     )
-
-
-def best_trial(study: optuna.Study):
-    """The best complete trial; a tie goes to the earlier slot (trial numbers also count
-    failed trials, which depend on crashes)."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    key = lambda t: (t.value, -t.user_attrs.get("slot", t.number))  # noqa: E731
-    return max(complete, key=key) if complete else None
 
 
 def fmt_accs(accs: list[float]) -> str:
