@@ -12,8 +12,9 @@ from helpers import TINY, cli, copy_of, new_experiment, one_line_error, run_args
 from mlflow.tracking import MlflowClient
 
 from mnist_study.analysis.publish import write_report
+from mnist_study.study.record import code_version
 from mnist_study.tracking.names import IDENTITY_TAG, MIXED_TAG
-from mnist_study.tracking.runs import code_version, git_commit
+from mnist_study.tracking.runs import git_commit
 
 
 def recorded_identity(tracking: str) -> dict:

@@ -272,7 +272,7 @@ def test_bad_derived_spec_is_refused(tmp_path, text, expected):
 def test_a_change_in_the_base_is_a_changed_study(tmp_path):
     import json
 
-    from mnist_study.study.spec_file import refuse_changed_study
+    from mnist_study.study.record import refuse_changed_study
 
     (tmp_path / "base.toml").write_text(GOOD)
     child = tmp_path / "child.toml"
@@ -289,7 +289,7 @@ def test_a_changed_default_in_the_code_is_a_changed_study(tmp_path):
     another value is refused on resume; how runs execute (threads, device) is not design."""
     import json
 
-    from mnist_study.study.spec_file import refuse_changed_study
+    from mnist_study.study.record import refuse_changed_study
 
     path = tmp_path / "study.toml"
     path.write_text(GOOD)
@@ -338,7 +338,7 @@ def test_the_tiny_spec_cannot_raise_a_check_whatever_its_trials_score(tmp_path):
 def test_raising_tunings_or_adding_seeds_alone_extends_a_study(tmp_path):
     """Those two changes alone are accepted (and said); with anything else, or from a
     study tuned once (its runs carry no tuning index), the study is still refused."""
-    from mnist_study.study.spec_file import refuse_changed_study
+    from mnist_study.study.record import refuse_changed_study
 
     path = tmp_path / "grow.toml"
     path.write_text(GOOD.replace("trials = 2", "trials = 2\ntunings = 3\nseeds = [0, 1]"))

@@ -11,8 +11,8 @@ import pandas as pd
 
 from mnist_study.errors import SpecError
 from mnist_study.study.optuna_storage import optuna_storage
+from mnist_study.study.record import spec_from_record
 from mnist_study.study.spec import StudySpec
-from mnist_study.study.spec_file import spec_from_record
 from mnist_study.study.stores import OptunaSide, open_runs_of_ended_trials, optuna_side
 from mnist_study.tracking.legacy import metric_history, recorded_spec_text, upgrade_runs
 from mnist_study.tracking.names import EXTENDED_TAG, MIXED_TAG, Role

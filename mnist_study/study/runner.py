@@ -20,6 +20,7 @@ from mnist_study.study.liveness import TrialTaken, mark_alive
 from mnist_study.study.optuna_storage import set_system_attrs, trial_id
 from mnist_study.study.pace import PACE, UnitPace, Work, eta, study_seconds_left
 from mnist_study.study.processes import REFUSED, run_workers, start_fork_server
+from mnist_study.study.record import study_identity
 from mnist_study.study.run_options import RunOptions
 from mnist_study.study.scheduler import Idle, Scheduler, Unit, proposal_seed
 from mnist_study.study.signals import (
@@ -35,7 +36,6 @@ from mnist_study.study.stores import StudyStores
 from mnist_study.tracking.names import Role
 from mnist_study.tracking.outcome import Outcome
 from mnist_study.tracking.retries import bound_remote_retries
-from mnist_study.tracking.runs import study_identity
 from mnist_study.training.mnist_data import load_splits
 from mnist_study.training.train import Training, check_device, evaluate_test, point_line
 

@@ -254,7 +254,7 @@ class StudySpec:
         """What the stores keep of this study: the resolved spec with its defaults spelled
         out in full, so that a default changed later in the code is seen on resume."""
         return json.dumps(
-            self.resolved | {"defaults": design(self.defaults)}, separators=(",", ":")
+            self.resolved | {"defaults": design_params(self.defaults)}, separators=(",", ":")
         )
 
     def config_for(self, variant: Variant | Cell, params: dict[str, object]) -> TrainConfig:
@@ -267,7 +267,8 @@ class StudySpec:
 EXECUTION_FIELDS = {"device", "cuda_graph", "threads"}
 
 
-def design(cfg: TrainConfig) -> dict[str, object]:
+def design_params(cfg: TrainConfig) -> dict[str, object]:
+    """The config as a study's design: every field but how it executes."""
     return {k: v for k, v in cfg.as_params().items() if k not in EXECUTION_FIELDS}
 
 

@@ -1,28 +1,15 @@
 """A study's spec as text: read from its file (bytes to TOML, its `base` merged in
 beneath it, then validated by spec.py), and as the stores record it when the study
 starts (a summary line and the resolved spec, and the description the UI shows atop
-it), which a resumed spec is compared with: a changed design is refused, more tunings or
-seeds extend the study.
-
-A resume is also compared with the study's identity: its numbers are a function of the
-spec, the code, the threads per run, the device kind and the data (and the CPU kind), so
-a resume on other code, threads, device or data would mix two studies in one table. It
-is refused in one line naming what differs, unless the user allows the mix, which is
-then recorded and reported. An MLflow experiment that holds no study (made by
-`mnist-study train --mlflow`, by hand, or MLflow's own Default) is refused as a study's
-home."""
+it). A resume is compared with that record in record.py."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import tomllib
 from pathlib import Path
 
-from mnist_study.errors import ConfigError, SpecError, StoresDisagree
-from mnist_study.study.spec import StudySettings, StudySpec, design, parse_raw
-from mnist_study.tracking.legacy import recorded_spec_text
-from mnist_study.tracking.names import IDENTITY_TAG
+from mnist_study.errors import SpecError
+from mnist_study.study.spec import StudySpec, parse_raw
 
 
 def find_spec(given: Path | str) -> Path:
@@ -162,134 +149,3 @@ def experiment_description(spec: StudySpec) -> str:
         f"Spec: `{spec.path}`. Run: `mnist-study run {spec.path} --workers auto`; "
         f"report: `mnist-study report {spec.path}`."
     ).strip()
-
-
-def spec_from_record(text: str, path: Path) -> StudySpec:
-    """The spec a study recorded when it started: resolved JSON; from versions before
-    the spec tag, the file's TOML text."""
-    if text.lstrip().startswith("{"):
-        return parse_raw(json.loads(text), path)
-    return parse_spec(text, path)
-
-
-def refuse_changed_study(spec: StudySpec, recorded_text: str | None, where: str) -> str | None:
-    """A study resumed under the same name must be the study that was started: a changed
-    budget or search space would mix trials of two designs in one table. Raising
-    study.tunings or adding study.seeds, and nothing else, extends it: the finished units
-    are what a fresh run of the larger spec gives (proposals follow from the tuning's
-    seed and its own trials), so they are kept. Returns that extension, said in a line."""
-    if not recorded_text:
-        return None
-    try:
-        old = spec_from_record(recorded_text, spec.path)
-    except (ConfigError, ValueError):
-        return None  # written by an older version of this tool: nothing to compare against
-    extension = extended(old.settings, spec.settings)
-    changed = [
-        label
-        for label, a, b in (
-            ("[study]", old.settings, spec.settings),
-            ("[defaults]", design(old.defaults), design(spec.defaults)),
-        )
-        if a != b and not (label == "[study]" and extension)
-    ]
-    if old.settings.tunings == 1 < spec.settings.tunings and "[study]" in changed:
-        changed[changed.index("[study]")] = (
-            f"[study] with study.tunings 1 -> {spec.settings.tunings}: a study tuned once "
-            "names its runs without a tuning index, so it cannot gain tunings"
-        )
-    old_variants = {v.name: v for v in old.variants}
-    changed += [  # a new description only rewords the report: not a change of design
-        f"variants.{v.name}"
-        for v in spec.variants
-        if v.name in old_variants
-        and dataclasses.replace(old_variants[v.name], description="")
-        != dataclasses.replace(v, description="")
-    ]
-    added = [v.name for v in spec.variants if v.name not in old_variants]
-    removed = sorted(set(old_variants) - {v.name for v in spec.variants})
-    changed += [f"added variants.{n}" for n in added] + [f"removed variants.{n}" for n in removed]
-    if changed:
-        raise SpecError(
-            f"{spec.path}: changed since study {spec.name!r} started in {where} "
-            f"({', '.join(changed)}); restore the file to resume it (raising study.tunings "
-            f"or adding study.seeds alone extends it), or set a new "
-            f'name = "..." at its top to start a new study'
-        )
-    return extension
-
-
-def extended(old: StudySettings, new: StudySettings) -> str | None:
-    """'study.tunings 3 -> 8' (and/or the seeds added) where `new` only raises the
-    tunings of a study tuned several times or adds final seeds; else None."""
-    same = new.model_copy(update={"tunings": old.tunings, "seeds": old.seeds}) == old
-    grows = new.tunings >= old.tunings and set(new.seeds) >= set(old.seeds)
-    if not same or not grows or new == old or (old.tunings == 1 < new.tunings):
-        return None
-    parts = []
-    if new.tunings != old.tunings:
-        parts.append(f"study.tunings {old.tunings} -> {new.tunings}")
-    if set(new.seeds) != set(old.seeds):
-        parts.append(f"study.seeds + {sorted(set(new.seeds) - set(old.seeds))}")
-    return ", ".join(parts)
-
-
-ADVICE = {
-    "code": "check out a commit with its code ({commit})",
-    "threads": "pass the --threads it ran with",
-    "device": "set the device it ran on",
-    "data": "use the data it ran on",
-}
-
-
-def recorded_study(spec: StudySpec, tags: dict[str, str] | None, where: str) -> str | None:
-    """The spec the study's experiment recorded (None when there is no experiment yet);
-    refuses an experiment of that name that records no study."""
-    if tags is None:
-        return None
-    recorded = recorded_spec_text(tags)
-    if not recorded:
-        raise SpecError(
-            f"{spec.path}: MLflow experiment {spec.name!r} in {where} exists but holds no "
-            f"study (made by `mnist-study train --mlflow`, by hand, or MLflow's Default); "
-            f'give the study another name (name = "..." in {spec.path}) or another '
-            f"--tracking-uri"
-        )
-    return recorded
-
-
-def recorded_identity(tags: dict[str, str] | None) -> dict[str, str]:
-    try:
-        return json.loads((tags or {}).get(IDENTITY_TAG) or "{}")
-    except ValueError:
-        return {}
-
-
-def identity_change(tags: dict[str, str] | None, identity: dict[str, str]) -> str:
-    """How `identity` differs from the one the study recorded ('threads 1 -> 2'); empty
-    when it does not, or when nothing was recorded (a new study, or one from before).
-    The commit is not compared: one that changes no code changes no number."""
-    recorded = recorded_identity(tags)
-    return "; ".join(
-        f"{key} {recorded[key]} -> {value}"
-        for key, value in identity.items()
-        if key in recorded and recorded[key] != value and key != "commit"
-    )
-
-
-def refuse_other_study(
-    spec: StudySpec, tags: dict[str, str] | None, where: str, identity: dict, allowed: bool
-) -> str | None:
-    """Refuse an experiment that holds no study, another design, or (unless allowed) a
-    resume on another identity; returns the spec's extension, if it is one."""
-    recorded = recorded_study(spec, tags, where)
-    change = identity_change(tags, identity)
-    if change and not allowed:
-        keys = [part.split(" ", 1)[0] for part in change.split("; ")]
-        raise StoresDisagree(
-            f"study {spec.name!r} in {where} ran with other {', '.join(keys)} ({change}): "
-            f"resuming would mix two studies in one table; "
-            f"{ADVICE[keys[0]].format(commit=recorded_identity(tags).get('commit', '?'))}, or pass "
-            f"--allow-mixed (the report then says which runs ran on which)"
-        )
-    return refuse_changed_study(spec, recorded, where)

@@ -10,7 +10,6 @@ runs, and a report would count every seed twice: refused instead.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import warnings
@@ -24,14 +23,9 @@ from mnist_study.intervals import acc_interval
 from mnist_study.study.ledger import Ledger
 from mnist_study.study.liveness import dead_trials, death_reason
 from mnist_study.study.optuna_storage import fail_trial, optuna_storage, set_system_attrs
+from mnist_study.study.record import Resume, StudyRecord
 from mnist_study.study.spec import Cell, StudySpec, Tuning
-from mnist_study.study.spec_file import (
-    experiment_description,
-    identity_change,
-    refuse_other_study,
-    spec_tag,
-)
-from mnist_study.tracking.names import METRIC_NAMES, cells_view
+from mnist_study.tracking.names import METRIC_NAMES, VIEW_TAG, cells_view
 from mnist_study.tracking.outcome import Outcome
 from mnist_study.tracking.runs import Tracker, unit_runs
 from mnist_study.tracking.store import check_tracking_uri, experiment_store, find_experiment
@@ -94,24 +88,22 @@ class StudyStores:
         allow_mixed: bool = False,
     ):
         self.spec, self.tracking_uri = spec, tracking_uri
-        self.identity, self.allow_mixed = identity or {}, allow_mixed
+        self.record, self.allow_mixed = StudyRecord(spec, identity or {}), allow_mixed
         self.optuna = optuna_storage(storage_url)
         self.tracker: Tracker | None = None  # once the experiment exists
         self.tune: dict[str, optuna.Study] = {}  # tuning key -> its trials' study
         self.final: dict[str, optuna.Study] = {}  # tuning key -> its final seeds' study
 
-    def check(self) -> str | None:
+    def check(self) -> str:
         """Refuse bad addresses and a changed spec before either store is written;
         returns the extension of the recorded spec this one is, if it is one."""
         check_tracking_uri(self.tracking_uri)
         self.optuna.check()
         found = find_experiment(self.tracking_uri, self.spec.name)
-        return self.refuse_other_study(found.tags if found else None)
+        return self.check_resume(found.tags if found else None).extension
 
-    def refuse_other_study(self, tags: dict[str, str] | None) -> str | None:
-        return refuse_other_study(
-            self.spec, tags, self.tracking_uri, self.identity, self.allow_mixed
-        )
+    def check_resume(self, tags: dict[str, str] | None) -> Resume:
+        return self.record.check_resume(tags, self.tracking_uri, self.allow_mixed)
 
     def create(self) -> str:
         """The MLflow experiment and the tunings' Optuna studies, created once (or found,
@@ -130,17 +122,12 @@ class StudyStores:
                 # Compared again where the spec is recorded: two commands started at
                 # once with different designs under one name both passed check().
                 tags = store.tags(self.spec.name)
-                extension = self.refuse_other_study(tags)
+                resume = self.check_resume(tags)
+                tuned = list(dict.fromkeys(p for t in self.spec.tunings for p in t.tuned_params))
                 experiment_id = store.open(
                     self.spec.name,
-                    experiment_description(self.spec),
-                    spec_tag(self.spec),
-                    extension,
-                    json.dumps(self.identity, sort_keys=True) if self.identity else "",
-                    identity_change(tags, self.identity),
-                    cells_view(
-                        list(dict.fromkeys(p for t in self.spec.tunings for p in t.tuned_params))
-                    ),
+                    self.record.experiment_tags(tags, resume) | {VIEW_TAG: cells_view(tuned)},
+                    self.record.appended(resume),
                 )
             self.tracker = Tracker(self.tracking_uri, experiment_id)
             self.reconcile(side, runs)

@@ -241,10 +241,6 @@ TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 PACKAGE_REPO = Path(__file__).resolve().parents[2]
 
-# The layers above study/ (`make lint` keeps study/ and below from importing them) read
-# stores and print; they make no number, so an edit of the report is no other code.
-NOT_UNIT_CODE = ("mnist_study/analysis/", "mnist_study/cli.py", "mnist_study/commands.py")
-
 
 def git(*args: str, repo: Path = PACKAGE_REPO) -> str:
     """A git command's output in the package's repository (or in `repo`)."""
@@ -261,40 +257,6 @@ def git_commit() -> str:
         return commit + ("-dirty" if git("diff", "HEAD", "--stat") else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-@functools.cache
-def code_version(repo: Path = PACKAGE_REPO) -> str:
-    """The code a study's units run: a hash of the git blobs of mnist_study/ at HEAD but
-    NOT_UNIT_CODE, and for an edited one `+` a hash of its diff, so that two edits of one
-    commit are two versions while a commit that changes only docs, tests or the report
-    is the same code."""
-    try:
-        listing = git("ls-tree", "-r", "HEAD", "--", "mnist_study", repo=repo)
-        paths = ["mnist_study", *(f":(exclude){path}" for path in NOT_UNIT_CODE)]
-        diff = git("diff", "HEAD", "--binary", "--", *paths, repo=repo)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    # ls-tree takes no :(exclude) pathspec, so its listing is filtered here.
-    kept = [
-        line for line in listing.splitlines() if not line.split("\t")[1].startswith(NOT_UNIT_CODE)
-    ]
-    tree = hashlib.sha1("\n".join(kept).encode()).hexdigest()
-    return f"{tree}+{hashlib.sha256(diff.encode()).hexdigest()[:12]}" if diff else tree
-
-
-def study_identity(cfg: TrainConfig) -> dict[str, str]:
-    """What a study's numbers are a function of besides its spec and the CPU kind: the
-    code, the threads per run, the device kind and the data (its files' checksums); and
-    the commit it started on, which says where that code is."""
-    data = hashlib.sha256(",".join(sorted(checksums().values())).encode()).hexdigest()[:12]
-    return {
-        "code": code_version(),
-        "threads": str(cfg.threads or 1),
-        "device": resolve_device(cfg).type,
-        "data": data,
-        "commit": git_commit(),
-    }
 
 
 def provenance(cfg: TrainConfig, source: str) -> dict[str, str]:

@@ -30,11 +30,6 @@ from mnist_study.store_paths import (
 )
 from mnist_study.tracking.names import (
     EXPERIMENT_KIND,
-    EXTENDED_TAG,
-    IDENTITY_TAG,
-    MIXED_TAG,
-    NOTE_TAG,
-    SPEC_TAG,
     VIEW_TAG,
 )
 
@@ -111,37 +106,22 @@ class ExperimentStore:
         return None if found is None else found.tags
 
     def open(
-        self,
-        experiment: str,
-        description: str = "",
-        spec_tag: str = "",
-        extension: str | None = None,
-        identity: str = "",
-        mixed: str = "",
-        view: str = "",
+        self, experiment: str, tags: dict[str, str] | None = None, appended: dict | None = None
     ) -> str:
-        """The experiment's id, created with its kind, description, spec tag, identity
-        and saved view; an existing one that is `extension` of its recorded spec records
-        the larger spec (and the extension, which its report says), one resumed on
-        another identity (`mixed`, allowed) records the new one and the change, and one
-        made before views were saved gets its view."""
+        """The experiment's id: created with its kind and `tags`; an existing one gets
+        each of `tags` that it holds otherwise, and each of `appended` added to what that
+        tag holds ('; ' between entries: the extensions and mixes a study accepted).
+        Empty values are not written."""
+        tags = {k: v for k, v in (tags or {}).items() if v}
+        appended = {k: v for k, v in (appended or {}).items() if v}
         found = self.client.get_experiment_by_name(experiment)
         if found is not None:
-            wanted = {IDENTITY_TAG: identity, VIEW_TAG: view}
-            updates = {k: v for k, v in wanted.items() if found.tags.get(k) != v}
-            if extension:
-                before = found.tags.get(EXTENDED_TAG)
-                updates |= {
-                    SPEC_TAG: spec_tag,
-                    EXTENDED_TAG: f"{before}; {extension}" if before else extension,
-                    NOTE_TAG: description,
-                }
-            if mixed:
-                before = found.tags.get(MIXED_TAG)
-                updates[MIXED_TAG] = f"{before}; {mixed}" if before else mixed
+            updates = {k: v for k, v in tags.items() if found.tags.get(k) != v}
+            for key, value in appended.items():
+                before = found.tags.get(key)
+                updates[key] = f"{before}; {value}" if before else value
             for key, value in updates.items():
-                if value:
-                    self.client.set_experiment_tag(found.experiment_id, key, value)
+                self.client.set_experiment_tag(found.experiment_id, key, value)
             return found.experiment_id
         database = sqlite_file(self.uri)
         location = None  # a tracking server (http) decides where artifacts go
@@ -149,16 +129,9 @@ class ExperimentStore:
             location = ((database.parent / "artifacts").resolve() / experiment).as_uri()
         elif not self.uri.startswith(("http://", "https://")):  # a database: local folder
             location = (Path("mlruns/artifacts").resolve() / experiment).as_uri()
-        tags = dict(EXPERIMENT_KIND)
-        if description:
-            tags[NOTE_TAG] = description
-        if spec_tag:
-            tags[SPEC_TAG] = spec_tag
-        if identity:
-            tags[IDENTITY_TAG] = identity
-        if view:
-            tags[VIEW_TAG] = view
-        return self.client.create_experiment(experiment, artifact_location=location, tags=tags)
+        return self.client.create_experiment(
+            experiment, artifact_location=location, tags=dict(EXPERIMENT_KIND) | tags
+        )
 
 
 @contextlib.contextmanager
