@@ -6,7 +6,7 @@ import pytest
 
 from mnist_study.errors import Diverged
 from mnist_study.training.config import TrainConfig
-from mnist_study.training.train import Training, evaluate_test, evaluation_points, train
+from mnist_study.training.train import Training, evaluate_test, evaluation_points, fit
 
 SMALL = TrainConfig(train_size=1000, val_size=500, train_eval_size=500, epochs=2, threads=1)
 KEYS = {
@@ -36,9 +36,9 @@ def test_history_has_one_entry_per_epoch_with_all_metrics(small_splits):
 @pytest.mark.parametrize("change", [{}, {"augment": True, "dropout": 0.3, "batchnorm": True}])
 def test_same_config_and_seed_give_identical_metrics(small_splits, change):
     cfg = SMALL.replace(epochs=1, **change)
-    first = without_time(train(cfg, small_splits).history)
-    again = without_time(train(cfg, small_splits).history)
-    other = without_time(train(cfg.replace(seed=1), small_splits).history)
+    first = without_time(fit(cfg, small_splits).history)
+    again = without_time(fit(cfg, small_splits).history)
+    other = without_time(fit(cfg.replace(seed=1), small_splits).history)
     assert first == again
     assert first != other
 
@@ -46,14 +46,14 @@ def test_same_config_and_seed_give_identical_metrics(small_splits, change):
 def test_nan_loss_stops_with_epoch_and_step(small_splits):
     cfg = SMALL.model_copy(update={"optimizer": "sgd", "lr": 1e12})  # past the bound
     with pytest.raises(Diverged) as err:
-        train(cfg, small_splits)
+        fit(cfg, small_splits)
     assert err.value.epoch == 1 and err.value.step >= 1
     assert f"epoch 1, step {err.value.step}" in str(err.value)
 
 
 def test_baseline_learns_end_to_end(small_splits):
     """A short real run: the seed's setup on 1,000 MNIST images reaches >85% validation."""
-    result = train(SMALL.replace(epochs=3), small_splits)
+    result = fit(SMALL.replace(epochs=3), small_splits)
     assert result.history[-1]["val_acc"] > 0.85
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     test = evaluate_test(result.model, small_splits, SMALL)
@@ -108,7 +108,7 @@ def test_evaluation_points_by_epoch_or_spread_over_steps():
 
 def test_steps_train_exactly_like_epochs_and_log_at_each_point(small_splits):
     per_epoch = -(-len(small_splits.train_x) // SMALL.batch_size)
-    by_epoch = train(SMALL, small_splits)
+    by_epoch = fit(SMALL, small_splits)
     by_step = Training(SMALL.replace(steps=2 * per_epoch, evals=2), small_splits)
     assert [point for point, _ in by_step] == [per_epoch, 2 * per_epoch]
     assert without_time(by_step.history) == without_time(by_epoch.history)

@@ -10,7 +10,7 @@ from pathlib import Path
 from mnist_study.analysis.significance import paired_tost
 from mnist_study.training.config import TrainConfig
 from mnist_study.training.mnist_data import load_splits
-from mnist_study.training.train import evaluate_test, train
+from mnist_study.training.train import evaluate_test, fit
 
 
 def compare_precisions(root: Path, seeds: int, margin: float) -> dict:
@@ -21,7 +21,7 @@ def compare_precisions(root: Path, seeds: int, margin: float) -> dict:
         for precision in accs:  # interleaved, so a noisy stretch hits both alike
             cfg = TrainConfig(seed=seed, precision=precision)
             started = time.perf_counter()
-            model = train(cfg, splits).model
+            model = fit(cfg, splits).model
             seconds[precision] += time.perf_counter() - started
             accs[precision].append(evaluate_test(model, splits, cfg)["test_acc"])
             print(f"seed {seed} {precision}: test acc {accs[precision][-1]:.4f}", flush=True)

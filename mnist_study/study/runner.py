@@ -37,7 +37,7 @@ from mnist_study.tracking.names import Role
 from mnist_study.tracking.outcome import Outcome
 from mnist_study.tracking.retries import bound_remote_retries
 from mnist_study.training.mnist_data import load_splits
-from mnist_study.training.train import Training, check_device, evaluate_test, point_line
+from mnist_study.training.train import check_device, fit, point_line
 
 
 def preflight(spec: StudySpec, opts: RunOptions) -> StudyStores:
@@ -207,15 +207,14 @@ class Worker:
             )
             progress = self.console.progress(*self.stores.ledger().progress(), self.study_left())
             self.console.say(f"{progress} {name}: {shown}", force=True)
-            splits = load_splits(self.opts.data_root, cfg)
-            training = Training(cfg, splits)
             pace = UnitPace(Work.of(cfg, final))
-            for point, metrics in training:
-                # First: a trial taken from it gets no more points.
+
+            def on_point(point: int, last: int, metrics: dict[str, float]) -> None:
+                # First: a trial taken from it gets no more points (nor a test set).
                 mark_alive(study, trial, {PACE: pace.point(metrics["epoch_seconds"])})
                 tracker.log_metrics(run_id, metrics, step=point)
                 if not self.opts.quiet:
-                    line = point_line(cfg, point, training.last, metrics)
+                    line = point_line(cfg, point, last, metrics)
                     unit_left = pace.seconds_left()
                     left = self.study_left((trial_id(trial), unit_left))
                     self.console.say(f"  {line} | unit {eta(unit_left)}, study {eta(left)} left")
@@ -225,14 +224,13 @@ class Worker:
                 if not final:
                     trial.report(metrics["val_acc"], point)
                     # At the last point the work is done: keep it as a complete trial.
-                    if point < training.last and trial.should_prune():
+                    if point < last and trial.should_prune():
                         raise optuna.TrialPruned(f"median pruner at {cfg.axis} {point}")
-            result = dict(training.history[-1])
+
+            training = fit(cfg, load_splits(self.opts.data_root, cfg), on_point, test=final)
+            result = training.result
             if final:
-                mark_alive(study, trial)  # still this worker's before the test set is scored
-                test = evaluate_test(training.model, splits, cfg)
-                tracker.log_metrics(run_id, test, step=training.last)
-                result |= test
+                tracker.log_metrics(run_id, training.test, step=training.last)
                 if self.opts.log_models:
                     tracker.log_model(run_id, training.model)
         except TrialTaken as exc:  # its run was closed by whoever ended the trial

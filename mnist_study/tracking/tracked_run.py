@@ -1,6 +1,6 @@
 """`mnist-study train`'s run: a line per evaluation point, mirrored to an MLflow run when
 one is given (`--mlflow`), the test set evaluated with `--test`, the run ended with its
-outcome. A study's units have their own life (study/runner.py), which adds Optuna's."""
+outcome. A study's units live the same life (training.train.fit) with Optuna's hooks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from mnist_study.tracking.outcome import Outcome
 from mnist_study.tracking.runs import Tracker
 from mnist_study.training.config import TrainConfig
 from mnist_study.training.mnist_data import Splits
-from mnist_study.training.train import Training, evaluate_test, point_line
+from mnist_study.training.train import fit, point_line
 
 
 @dataclass(frozen=True)
@@ -34,18 +34,18 @@ def train_tracked(cfg: TrainConfig, splits: Splits, run: TrackedRun, test: bool)
     """Train `cfg`, print and log every point, and with `test` evaluate (and log) the
     test set; returns the last point's metrics (test ones included). Any exception ends
     the run as what it means (outcome.py) and is raised again."""
-    training = Training(cfg, splits)
+
+    def on_point(point: int, last: int, metrics: dict[str, float]) -> None:
+        run.log(metrics, step=point)
+        print(point_line(cfg, point, last, metrics), flush=True)
+
     try:
-        for point, metrics in training:
-            run.log(metrics, step=point)
-            print(point_line(cfg, point, training.last, metrics), flush=True)
-        final = dict(training.history[-1])
+        training = fit(cfg, splits, on_point, test)
         if test:
-            final |= evaluate_test(training.model, splits, cfg)
-            run.log({k: final[k] for k in ("test_loss", "test_acc")}, step=training.last)
+            run.log(training.test, step=training.last)
     except BaseException as exc:  # diverged, Ctrl-C, a bug
         outcome = Outcome.of(exc)
         run.end(outcome, outcome.reason(exc))
         raise
     run.end(Outcome.COMPLETE)
-    return final
+    return training.result

@@ -12,7 +12,7 @@ import functools
 import itertools
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +157,12 @@ class Training:
         self.points = evaluation_points(cfg, len(splits.train_x))
         self.last = last_point(cfg, len(splits.train_x))  # the MLflow step of its end
         self.history: list[dict[str, float]] = []
+        self.test: dict[str, float] = {}  # test_loss, test_acc: a final run's, after fit
+
+    @property
+    def result(self) -> dict[str, float]:
+        """The last point's metrics, and the test set's where it was scored."""
+        return dict(self.history[-1]) | self.test
 
     def __iter__(self) -> Iterator[tuple[int, dict[str, float]]]:
         cfg, splits, device = self.cfg, self.splits, self.device
@@ -195,11 +201,22 @@ class Training:
             yield (point if cfg.axis == "step" else number), metrics
 
 
-def train(cfg: TrainConfig, splits: Splits) -> Training:
-    """Train `cfg` to its end, unobserved (see Training)."""
+def fit(
+    cfg: TrainConfig,
+    splits: Splits,
+    on_point: Callable[[int, int, dict[str, float]], None] | None = None,
+    test: bool = False,
+) -> Training:
+    """One run's life, whoever observes it: train `cfg` to its end, calling
+    `on_point(point, last point, metrics)` at each evaluation point (it logs, prints, and
+    may stop the run by raising: the pruner, a signal), then with `test` score the test
+    set (a final run's alone). Returns the run: its model, history, `test` and `result`."""
     run = Training(cfg, splits)
-    for _ in run:
-        pass
+    for point, metrics in run:
+        if on_point is not None:
+            on_point(point, run.last, metrics)
+    if test:
+        run.test = evaluate_test(run.model, splits, cfg)
     return run
 
 
