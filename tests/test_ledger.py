@@ -3,13 +3,18 @@ final seeds done, running and free, its best trial, and the study's progress."""
 
 from __future__ import annotations
 
+import statistics
+
 import optuna
+import pytest
 from optuna.distributions import FloatDistribution
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState, create_trial
+from scipy import stats
 
-from mnist_study.study.ledger import Ledger
+from mnist_study.study.cells import cell_outcome
+from mnist_study.study.ledger import Ledger, TuningLedger
 from mnist_study.study.spec_file import parse_spec
 from mnist_study.study.stores import study_names
 
@@ -86,3 +91,26 @@ def test_a_ledger_counts_each_tuning_from_the_stored_trials(tmp_path):
     seed1 = final[base0.key].trials[1]
     final[base0.key].tell(seed1.number, 0.85)
     assert Ledger.read(spec, tune, final)[base0].finished
+
+
+def test_a_finished_cells_outcome_is_its_tunings_best_points_and_seeds(tmp_path):
+    spec = parse_spec(SPEC, tmp_path / "ledger.toml")
+    base0, base1 = spec.tunings[:2]
+    tunings = []
+    for tuning, accs in ((base0, (0.90, 0.92)), (base1, (0.94, 0.96))):
+        trials = (trial(TrialState.COMPLETE, 0, 0.8), trial(TrialState.COMPLETE, 1, 0.85))
+        finals = tuple(
+            trial(TrialState.COMPLETE, 0, 0.8, seed=seed, test_acc=acc)
+            for seed, acc in zip((0, 1), accs, strict=True)
+        )
+        tunings.append(TuningLedger(tuning, trials, finals, 3, (0, 1)))
+    tags, params, metrics = cell_outcome(tunings)
+    assert tags == {"t0.best_trial": 1, "t0.final_seeds": "0,1", "t1.best_trial": 1,
+                    "t1.final_seeds": "0,1"}  # fmt: skip
+    assert params == {"t0.best_lr": 2e-3, "t1.best_lr": 2e-3}
+    # The mean over the tunings' means, and a t-interval over those 2 means (0.91, 0.95).
+    half = stats.t.ppf(0.975, 1) * statistics.stdev([0.91, 0.95]) / 2**0.5
+    assert metrics["test_acc_mean"] == pytest.approx(0.93, abs=1e-6)
+    assert metrics["test_acc_low"] == pytest.approx(0.93 - half, abs=1e-6)
+    assert metrics["n_final"] == 4 and metrics["best_val_acc"] == pytest.approx(0.85)
+    assert cell_outcome([TuningLedger(base0, (), (), 3, (0, 1))])[2] == {}

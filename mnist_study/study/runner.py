@@ -14,6 +14,7 @@ import optuna
 from optuna.trial import TrialState
 
 from mnist_study.errors import StudyIncomplete, said_in_one_line
+from mnist_study.study.cells import close_finished_cells
 from mnist_study.study.console import Console
 from mnist_study.study.ledger import Ledger
 from mnist_study.study.liveness import TrialTaken, mark_alive
@@ -73,7 +74,7 @@ def run_study(spec: StudySpec, opts: RunOptions) -> None:
         print(resumed, flush=True)
     if done == total:  # no worker to start: close the cells a killed command left open
         with stores.claim_lock():
-            for line in stores.close_finished_cells(set()):
+            for line in close_finished_cells(stores, set()):
                 print(line, flush=True)
         return
     try:
@@ -180,7 +181,7 @@ class Worker:
         """The next unit (or WAIT, DONE) and a line for each cell it found finished."""
         with self.stores.claim_lock():
             self.stores.reap()
-            finished = self.stores.close_finished_cells(self.closed)
+            finished = close_finished_cells(self.stores, self.closed)
             unit = self.scheduler.claim()
             if isinstance(unit, Unit) and unit.cell.key not in self.parents:
                 command = self.opts.command(self.spec.path)

@@ -9,6 +9,7 @@ import time
 from optuna.trial import FrozenTrial, TrialState
 
 from mnist_study.errors import StudyIncomplete
+from mnist_study.study.cells import fmt_accs, test_accs
 from mnist_study.study.console import minutes
 from mnist_study.study.pace import study_seconds_left
 from mnist_study.study.signals import Interrupted, stop_if_signalled, stopping_on_signals
@@ -21,7 +22,7 @@ from mnist_study.study.slurm import (
     submit,
 )
 from mnist_study.study.spec import StudySpec
-from mnist_study.study.stores import StudyStores, fmt_accs
+from mnist_study.study.stores import StudyStores
 from mnist_study.tracking.store import check_tracking_uri, find_experiment
 
 POLL_S = 1.0  # a small unit lasts seconds; a look at the stores costs milliseconds
@@ -133,10 +134,7 @@ class StudyLines:
             if cell.key in self.closed or not ledger.cell_finished(cell):
                 continue
             self.closed.add(cell.key)
-            accs = [
-                t.user_attrs["test_acc"] for s in ledger.of_cell(cell) for t in s.complete_finals
-            ]
-            out.append(f"{cell.key}: done; test acc {fmt_accs(accs)}")
+            out.append(f"{cell.key}: done; test acc {fmt_accs(test_accs(ledger.of_cell(cell)))}")
         return out
 
     def progress(self) -> str:

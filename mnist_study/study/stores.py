@@ -1,8 +1,8 @@
 """Both records of one study in one object: Optuna's storage says what is done, MLflow
 mirrors it (curves, tags, models). Checked once before anything is written, created
 (or found on a resume and shown to agree), reconciled, reaped of dead workers' trials;
-and each cell's parent run, opened before its first unit and closed with the cell's
-outcome after its last.
+and each cell's parent run, opened before its first unit (cells.py closes it). What the
+record says is done is read through the Ledger.
 
 If one record is lost or replaced, running on would redo the whole study beside the old
 runs, and a report would count every seed twice: refused instead.
@@ -10,8 +10,6 @@ runs, and a report would count every seed twice: refused instead.
 
 from __future__ import annotations
 
-import math
-import statistics
 import warnings
 from dataclasses import dataclass, field
 
@@ -19,13 +17,12 @@ import optuna
 from optuna.trial import TrialState
 
 from mnist_study.errors import StoresDisagree
-from mnist_study.intervals import acc_interval
 from mnist_study.study.ledger import Ledger
 from mnist_study.study.liveness import dead_trials, death_reason
 from mnist_study.study.optuna_storage import fail_trial, optuna_storage, set_system_attrs
 from mnist_study.study.record import Resume, StudyRecord
 from mnist_study.study.spec import Cell, StudySpec, Tuning
-from mnist_study.tracking.names import METRIC_NAMES, VIEW_TAG, cells_view
+from mnist_study.tracking.names import VIEW_TAG, cells_view
 from mnist_study.tracking.outcome import Outcome
 from mnist_study.tracking.runs import Tracker, unit_runs
 from mnist_study.tracking.store import check_tracking_uri, experiment_store, find_experiment
@@ -245,49 +242,6 @@ class StudyStores:
             cell.key, cell.name, cell.train_size, cell.description, cfg, command
         )
 
-    def close_finished_cells(self, closed: set[str]) -> list[str]:
-        """Record each newly finished cell's outcome on its parent run (per tuning its best
-        trial and point, prefixed t0., t1., ... when tuned several times); a line each."""
-        lines, ledger = [], self.ledger()
-        for cell in self.spec.cells:
-            if cell.key in closed or not ledger.cell_finished(cell):
-                continue
-            closed.add(cell.key)
-            tags, params, groups, best_vals = {}, {}, [], []
-            for state in ledger.of_cell(cell):
-                best, finals = state.best, state.complete_finals
-                groups.append([t.user_attrs["test_acc"] for t in finals])
-                prefix = state.tuning.prefix
-                tags[f"{prefix}best_trial"] = (
-                    best.user_attrs.get("slot", best.number)
-                    if best
-                    else "none (no trial completed)"
-                )
-                tags[f"{prefix}final_seeds"] = ",".join(str(t.user_attrs["seed"]) for t in finals)
-                if best is not None:
-                    best_vals.append(best.value)
-                    params |= {f"{prefix}best_{k}": v for k, v in best.params.items()}
-            parent = self.tracker.parent_run(cell.key, cell.name, cell.train_size, cell.description)
-            accs = [a for group in groups for a in group]
-            status, recorded = self.tracker.status_and_metric(parent, METRIC_NAMES["n_final"])
-            # Closed with as many final runs as now: done. Fewer: the study was extended
-            # since, and the cell is closed again with the larger budget's outcome.
-            if status == "FINISHED" and recorded == (len(accs) or None):
-                continue
-            self.tracker.set_tags(parent, tags)
-            self.tracker.log_params(parent, params)
-            if accs:
-                mean, low, high, _ = acc_interval(groups)  # the report's interval
-                shown = {"test_acc_mean": mean, "test_acc_low": low, "test_acc_high": high}
-                shown |= {"test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0}
-                shown |= {"best_val_acc": statistics.mean(best_vals)}
-                # To 6 digits: what a reader of MLflow's table sees, not float noise.
-                shown = {k: round(v, 6) for k, v in shown.items() if not math.isnan(v)}
-                self.tracker.log_metrics(parent, shown | {"n_final": len(accs)}, step=0)
-            self.tracker.finish(parent)
-            lines.append(f"{cell.key}: done; test acc {fmt_accs(accs)}")
-        return lines
-
 
 def study_roles(tuning: Tuning) -> tuple[tuple[str, str], tuple[str, str]]:
     """(metric name, role) of a tuning's two Optuna studies, as optuna-dashboard shows
@@ -300,10 +254,3 @@ def study_roles(tuning: Tuning) -> tuple[tuple[str, str], tuple[str, str]]:
             f"final seeds of {which}: not a tuning; one trial per seed",
         ),
     )
-
-
-def fmt_accs(accs: list[float]) -> str:
-    if not accs:
-        return "no final run completed"
-    sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-    return f"{statistics.mean(accs):.4f} ± {sd:.4f} (n={len(accs)})"
