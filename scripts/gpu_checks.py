@@ -42,7 +42,7 @@ def variants(base: TrainConfig) -> dict:
     for name, changes in VARIANTS.items():
         history = train(replace(base, **changes), load_splits(ROOT, base)).history
         rows[name] = {
-            "epoch_s": round(history[-1]["epoch_seconds"], 3),
+            "epoch_s": round(history[-1]["train_seconds"], 3),
             "val_acc": history[-1]["val_acc"],
         }
         print(f"variant {name}: {rows[name]}", flush=True)
@@ -58,7 +58,7 @@ def graph_vs_eager(base: TrainConfig, seeds: list[int], epochs: int) -> dict:
             cfg = replace(base, seed=seed, epochs=epochs, cuda_graph=graph)
             history = train(cfg, load_splits(ROOT, cfg)).history
             accs.append(history[-1]["val_acc"])
-            secs += [h["epoch_seconds"] for h in history[1:]]  # the first includes capture
+            secs += [h["train_seconds"] for h in history[1:]]  # the first includes capture
         out["graph" if graph else "eager"] = {
             "val_acc": accs,
             "epoch_s_median": round(statistics.median(secs or [0.0]), 3),

@@ -81,7 +81,7 @@ def test_one_row_per_variant_with_values_recomputed_from_runs(smoke_report):
         )
         best = {k.removeprefix("best_"): [float(v)] for k, v in parent.data.params.items()}
         assert row.tuned_params == best  # read from the final runs, as the parent says
-        assert row.best_val_epoch in range(1, spec.defaults.epochs + 1)
+        assert row.best_val_point in range(1, spec.defaults.epochs + 1)
         assert row.acc_gap_last == pytest.approx(row.train_acc_last - row.val_acc_last)
 
 

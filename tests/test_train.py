@@ -16,13 +16,13 @@ KEYS = {
     "val_loss",
     "val_acc",
     "lr",
-    "epoch_seconds",
+    "train_seconds",
     "optimizer_steps",
 }
 
 
 def without_time(history):
-    return [{k: v for k, v in m.items() if k != "epoch_seconds"} for m in history]
+    return [{k: v for k, v in m.items() if k != "train_seconds"} for m in history]
 
 
 def test_history_has_one_entry_per_epoch_with_all_metrics(small_splits):

@@ -19,7 +19,7 @@ from mnist_study.tracking.names import EXTENDED_TAG, MIXED_TAG, Role
 from mnist_study.tracking.runs import runs_frame
 from mnist_study.tracking.store import find_experiment
 
-CURVES = ("train_loss", "val_loss", "train_acc", "val_acc", "epoch_seconds")
+CURVES = ("train_loss", "val_loss", "train_acc", "val_acc", "train_seconds")
 
 
 @dataclass
@@ -100,7 +100,7 @@ def collect(
     # A run reaped after its worker died ends when it was reaped, perhaps long after; its
     # last logged epoch is when it really stopped (the study's wall time depends on it).
     for i in runs.index[runs.status == "KILLED"]:
-        history = metric_history(tracking_uri, runs.at[i, "run_id"], "epoch_seconds")
+        history = metric_history(tracking_uri, runs.at[i, "run_id"], "train_seconds")
         last = max((m.timestamp for m in history), default=None)
         runs.at[i, "end_time"] = (
             pd.Timestamp(last, unit="ms", tz="UTC") if last else runs.at[i, "start_time"]
@@ -125,7 +125,7 @@ def collect(
                     )
                 )
     curves = pd.DataFrame(
-        rows, columns=["variant", "train_size", "tuning", "seed", "epoch", "metric", "value"]
+        rows, columns=["variant", "train_size", "tuning", "seed", "point", "metric", "value"]
     )
     seen = list(dict.fromkeys(runs["tags.variant"].dropna()))
     variants = [v.name for v in spec.variants] if spec else seen

@@ -50,7 +50,7 @@ def curves_figure(
             if mine.empty:
                 continue
             scale = 100 if metric.endswith("acc") else 1  # accuracy in %, as in every table
-            g = (mine.value * scale).groupby(mine.epoch)
+            g = (mine.value * scale).groupby(mine.point)
             mean, lo, hi = g.mean(), g.min(), g.max()
             ax.plot(mean.index, mean.values, marker="o", ms=3, label=v, color=palette[v])
             ax.fill_between(mean.index, lo.values, hi.values, alpha=0.15, color=palette[v])

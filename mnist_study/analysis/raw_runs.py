@@ -51,7 +51,7 @@ MEASURED = {
 }
 HYPERPARAMETERS = [k for k in TrainConfig.model_fields if k not in IDENTITY | MEASURED]
 NUMERIC = [c for c, frame in (IDENTITY | MEASURED).items() if frame.startswith("metrics.")]
-CURVE_COLUMNS = ["variant", "train_size", "tuning", "seed", "epoch", "metric", "value"]
+CURVE_COLUMNS = ["variant", "train_size", "tuning", "seed", "point", "metric", "value"]
 
 
 def data_files(page: Path, study: str) -> tuple[Path, Path]:
@@ -129,7 +129,7 @@ def read_raw(runs_csv: Path, spec: StudySpec, tunings: int | None = None) -> Stu
     curves = pd.DataFrame(columns=CURVE_COLUMNS)
     if curves_csv.exists():
         curves = read_csv(curves_csv, CURVE_COLUMNS).astype(
-            {"train_size": float, "tuning": int, "seed": int, "epoch": int, "value": float}
+            {"train_size": float, "tuning": int, "seed": int, "point": int, "value": float}
         )
     variants = [v.name for v in spec.variants]
     found = [] if curves_csv.exists() else [f"{curves_csv} not found: gaps and curves left out"]

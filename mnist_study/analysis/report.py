@@ -3,7 +3,7 @@
 One row per variant: tuned hyperparameters, test accuracy with its 95% interval, the
 difference from the baseline by compare() (the tuning as the unit where each cell was
 tuned several times, else Welch over seeds), the generalization gap at the last and at
-the best-validation epoch, trial outcomes and time. Plus figures and the tuning
+the best-validation point, trial outcomes and time. Plus figures and the tuning
 playbook's sanity checks, and the verdict rule: resolved at Holm-adjusted p < ALPHA.
 """
 
@@ -36,14 +36,14 @@ learned nothing (its training diverged), which a mean and its interval do not sh
 DIVERGED = 0.10
 
 
-def per_seed_gaps(curves: pd.DataFrame, variant: str, epoch: int | None) -> dict[str, list]:
-    """Per final seed at `epoch` (None: last): accs, losses and the two gaps."""
+def per_seed_gaps(curves: pd.DataFrame, variant: str, point: int | None) -> dict[str, list]:
+    """Per final seed at evaluation `point` (None: the last): accs, losses and the two gaps."""
     mine = curves[curves.variant == variant]
     if mine.empty:
         return {}
-    wide = mine.pivot_table(index=["tuning", "seed", "epoch"], columns="metric", values="value")
-    epoch = epoch or int(mine.epoch.max())
-    at = wide.xs(epoch, level="epoch")
+    wide = mine.pivot_table(index=["tuning", "seed", "point"], columns="metric", values="value")
+    point = point or int(mine.point.max())
+    at = wide.xs(point, level="point")
     return {
         "train_acc": list(at.train_acc),
         "val_acc": list(at.val_acc),
@@ -58,17 +58,17 @@ def gap_groups(curves: pd.DataFrame, variant: str) -> list[list[float]]:
     mine = curves[(curves.variant == variant) & curves.metric.isin(["train_acc", "val_acc"])]
     if mine.empty:
         return []
-    last = mine[mine.epoch == mine.epoch.max()]
+    last = mine[mine.point == mine.point.max()]
     wide = last.pivot_table(index=["tuning", "seed"], columns="metric", values="value")
     gaps = wide.train_acc - wide.val_acc
     return [list(g) for _, g in gaps.groupby(level="tuning")]
 
 
-def best_val_epoch(curves: pd.DataFrame, variant: str) -> int | None:
+def best_val_point(curves: pd.DataFrame, variant: str) -> int | None:
     mine = curves[(curves.variant == variant) & (curves.metric == "val_acc")]
     if mine.empty:
         return None
-    return int(mine.groupby("epoch").value.mean().idxmax())
+    return int(mine.groupby("point").value.mean().idxmax())
 
 
 def replicated(data: StudyData) -> bool:
@@ -99,8 +99,8 @@ def variant_row(data: StudyData, variant: str, base: list, base_gaps: list) -> d
     groups = test_acc_groups(runs, variant)
     mean, low, high, level = acc_interval(groups)
     last = per_seed_gaps(data.curves, variant, None)
-    best_epoch = best_val_epoch(data.curves, variant)
-    best = per_seed_gaps(data.curves, variant, best_epoch) if best_epoch else {}
+    best_point = best_val_point(data.curves, variant)
+    best = per_seed_gaps(data.curves, variant, best_point) if best_point else {}
     states = tune["tags.optuna_state"].value_counts() if not tune.empty else {}
     variant_spec = (
         next((v for v in data.spec.variants if v.name == variant), None) if data.spec else None
@@ -143,7 +143,7 @@ def variant_row(data: StudyData, variant: str, base: list, base_gaps: list) -> d
         "gap_p": compare(gap_groups(data.curves, variant), base_gaps).p
         if variant != "baseline" and base_gaps
         else math.nan,
-        "best_val_epoch": best_epoch,
+        "best_val_point": best_point,
         "trials_complete": int(states.get("COMPLETE", 0)),
         "trials_pruned": int(states.get("PRUNED", 0)),
         "trials_failed": int(states.get("FAIL", 0)),
@@ -183,8 +183,8 @@ def test_accs(runs: pd.DataFrame, variant: str) -> list[float]:
 
 
 def run_seconds(curves: pd.DataFrame, variant: str) -> float:
-    """Mean training time of a final run (sum of its epochs' training passes)."""
-    mine = curves[(curves.variant == variant) & (curves.metric == "epoch_seconds")]
+    """Mean training time of a final run (sum of its training passes between evaluation points)."""
+    mine = curves[(curves.variant == variant) & (curves.metric == "train_seconds")]
     runs = mine.groupby(["tuning", "seed"]).value.sum()
     return float(runs.mean()) if not mine.empty else math.nan
 

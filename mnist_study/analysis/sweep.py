@@ -42,7 +42,7 @@ def val_loss_turn(curves: pd.DataFrame, variant: str = "baseline") -> tuple[int,
     mine = curves[(curves.variant == variant) & (curves.metric == "val_loss")]
     if mine.empty:
         return 0, math.nan, math.nan
-    mean = mine.groupby("epoch").value.mean().sort_index()
+    mean = mine.groupby("point").value.mean().sort_index()
     return int(mean.idxmin()), float(mean.min()), float(mean.iloc[-1])
 
 

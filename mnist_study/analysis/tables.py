@@ -36,7 +36,7 @@ def markdown_table(table: pd.DataFrame, point: str = "epoch") -> str:
             "–" if math.isnan(r.loss_gap_last) else f"{r.loss_gap_last:.4f} / {r.loss_gap_best:.4f}"
         )
         secs = "–" if math.isnan(r.train_s_per_run) else f"{r.train_s_per_run:.0f}"
-        epoch = "–" if pd.isna(r.best_val_epoch) else f"{r.best_val_epoch:.0f}"
+        epoch = "–" if pd.isna(r.best_val_point) else f"{r.best_val_point:.0f}"
         lines.append(
             f"| {r.variant} | {r.change} | {r.tuned or '–'} | {test} | {r.n} | {diff or '–'} "
             f"| {pct(r.train_acc_last)} | {pct(r.val_acc_last)} "

@@ -212,7 +212,7 @@ class Worker:
 
             def on_point(point: int, last: int, metrics: dict[str, float]) -> None:
                 # First: a trial taken from it gets no more points (nor a test set).
-                mark_alive(study, trial, {PACE: pace.point(metrics["epoch_seconds"])})
+                mark_alive(study, trial, {PACE: pace.point(metrics["train_seconds"])})
                 tracker.log_metrics(run_id, metrics, step=point)
                 if not self.opts.quiet:
                     line = point_line(cfg, point, last, metrics)

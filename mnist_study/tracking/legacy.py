@@ -27,12 +27,17 @@ def client_of(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri)
 
 
+# Short names renamed since runs recorded them under those names (before the grouped
+# names): today's name -> the old one.
+RENAMED = {"train_seconds": "epoch_seconds"}
+
+
 def metric_history(tracking_uri: str, run_id: str, name: str) -> list[Metric]:
     """A metric's history under its MLflow name, or the short name that runs recorded
     before the names were grouped."""
     client = client_of(tracking_uri)
     return client.get_metric_history(run_id, METRIC_NAMES.get(name, name)) or (
-        client.get_metric_history(run_id, name) if name in METRIC_NAMES else []
+        client.get_metric_history(run_id, RENAMED.get(name, name)) if name in METRIC_NAMES else []
     )
 
 
@@ -46,7 +51,8 @@ def upgrade_runs(runs: pd.DataFrame) -> pd.DataFrame:
     (`metrics.val_acc`), and the cell, tuning and training-set size of each run."""
     for short, name in METRIC_NAMES.items():  # runs from before the grouped names
         new, old = (
-            pd.to_numeric(column(runs, f"metrics.{n}"), errors="coerce") for n in (name, short)
+            pd.to_numeric(column(runs, f"metrics.{n}"), errors="coerce")
+            for n in (name, RENAMED.get(short, short))
         )
         runs[f"metrics.{short}"] = new.fillna(old)
     # Runs from before sweeps have no cell tag: their cell is their variant.

@@ -43,7 +43,7 @@ METRIC_NAMES = {
     "test_loss": "loss/test",
     "lr": "optimizer/lr",
     "optimizer_steps": "optimizer/steps",
-    "epoch_seconds": "time/train_seconds",
+    "train_seconds": "time/train_seconds",
     "test_acc_mean": "final/test_acc_mean",
     "test_acc_low": "final/test_acc_low",
     "test_acc_high": "final/test_acc_high",

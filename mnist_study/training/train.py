@@ -145,7 +145,7 @@ class Training:
 
     Metrics per point: train_loss/train_acc (clean eval-mode pass over a fixed training
     subset, so dropout and augmentation do not hide the gap), train_loss_running (mean
-    optimizer loss), val_loss, val_acc, lr, epoch_seconds (training since the previous
+    optimizer loss), val_loss, val_acc, lr, train_seconds (training since the previous
     point, evaluation left out), optimizer_steps (so far).
     Raises Diverged if the loss stops being finite. The test set is not touched.
     """
@@ -194,7 +194,7 @@ class Training:
                 "val_loss": val_loss,
                 "val_acc": val_acc,
                 "lr": optimizer.param_groups[0]["lr"],
-                "epoch_seconds": seconds,
+                "train_seconds": seconds,
                 "optimizer_steps": point,
             }
             self.history.append(metrics)
@@ -225,7 +225,7 @@ def point_line(cfg: TrainConfig, point: int, last: int, m: dict[str, float]) -> 
     return (
         f"  {cfg.axis} {point}/{last}  train acc {m['train_acc']:.4f} "
         f"loss {m['train_loss']:.4f}"
-        f" | val acc {m['val_acc']:.4f} loss {m['val_loss']:.4f} | {m['epoch_seconds']:.1f}s"
+        f" | val acc {m['val_acc']:.4f} loss {m['val_loss']:.4f} | {m['train_seconds']:.1f}s"
     )
 
 
