@@ -39,10 +39,16 @@ def test_a_study_records_what_its_numbers_are_a_function_of(finished):
 
 def test_a_resume_on_other_code_or_device_is_refused_naming_both(finished, tmp_path):
     spec, tracking, storage = copy_of(finished, tmp_path)
+    spec.write_text(TINY.replace("seeds = [0, 1]", "seeds = [0, 1, 2]"))  # units left to run
     before = (len(runs(tracking, "tiny")[1]), Path(storage).read_bytes())
-    as_if_recorded(tracking, code="0" * 40)
+    as_if_recorded(tracking, code="0" * 40, commit="ab" * 20)
     done = cli(*run_args(spec, tracking, storage), process=False)
-    one_line_error(done, f"code {'0' * 40} -> {code_version()}", "check out a commit with its code")
+    one_line_error(
+        done,
+        "started at commit abababababab, this checkout runs ",  # edited or another commit's
+        f"its results so far: mnist-study report {spec}",
+        "check out a commit with its code (abababababab)",
+    )
     assert "--allow-mixed" in done.stderr
     as_if_recorded(tracking, code=code_version(), device="cuda")
     done = cli(*run_args(spec, tracking, storage), process=False)
@@ -50,16 +56,34 @@ def test_a_resume_on_other_code_or_device_is_refused_naming_both(finished, tmp_p
     assert (len(runs(tracking, "tiny")[1]), Path(storage).read_bytes()) == before
 
 
-def test_other_threads_are_refused_then_allowed_mixed_and_reported(finished, tmp_path):
-    """A study of 1 thread per run resumed with --threads 2: refused. Extended by a seed
-    with --allow-mixed: the new runs run with 2, the mix is recorded, and the report
-    says how many runs ran with each."""
+def test_a_finished_study_on_other_code_says_it_is_complete_and_runs_nothing(finished, tmp_path):
+    """Editing the code after a study finished (README's 'Adding a variant') must not
+    strand it: nothing would run, so nothing would mix."""
     spec, tracking, storage = copy_of(finished, tmp_path)
+    as_if_recorded(tracking, code="0" * 40)
+    tags = MlflowClient(tracking).get_experiment_by_name("tiny").tags
+    before = (len(runs(tracking, "tiny")[1]), Path(storage).read_bytes())
+    done = cli(*run_args(spec, tracking, storage), process=False)
+    assert done.returncode == 0, done.stderr
+    assert "study 'tiny' is complete: every unit ran, on other code" in done.stdout
+    assert f"Its report: mnist-study report {spec}" in done.stdout
+    assert (len(runs(tracking, "tiny")[1]), Path(storage).read_bytes()) == before
+    assert MlflowClient(tracking).get_experiment_by_name("tiny").tags == tags  # no mix recorded
+    # A changed design is still refused, finished or not.
+    spec.write_text(TINY.replace("trials = 2", "trials = 3"))
+    one_line_error(cli(*run_args(spec, tracking, storage), process=False), "changed since")
+
+
+def test_other_threads_are_refused_then_allowed_mixed_and_reported(finished, tmp_path):
+    """A study of 1 thread per run, extended by a seed, resumed with --threads 2:
+    refused. With --allow-mixed: the new runs run with 2, the mix is recorded, and the
+    report says how many runs ran with each."""
+    spec, tracking, storage = copy_of(finished, tmp_path)
+    spec.write_text(TINY.replace("seeds = [0, 1]", "seeds = [0, 1, 2]"))  # units left to run
     before = (len(runs(tracking, "tiny")[1]), Path(storage).read_bytes())
     done = cli(*run_args(spec, tracking, storage, "--threads", "2"), process=False)
     one_line_error(done, "ran with other threads (threads 1 -> 2)", "pass the --threads")
     assert (len(runs(tracking, "tiny")[1]), Path(storage).read_bytes()) == before
-    spec.write_text(TINY.replace("seeds = [0, 1]", "seeds = [0, 1, 2]"))
     done = cli(*run_args(spec, tracking, storage, "--threads", "2", "--allow-mixed"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert recorded_identity(tracking)["threads"] == "2"

@@ -51,11 +51,10 @@ def ablation_section(data: StudyData, out: Path) -> tuple[list[str], dict[str, P
     }
     figures.tuning_figure(data.runs, data.variants, pngs["tuning"], lr_range)
     lines, found = [markdown_table(table, axis), ""], checks(data, table)
-    budget = budget_curves(data.runs)
-    found += budget_checks(budget)
-    if replicated(data):
+    if replicated(data):  # the budget read over several tunings, as a sweep's cells are
         section, problems = tuning_section(data.runs, table, data.variants, rounds=data.rounds)
-        lines, found = lines + section, found + problems
+        budget = budget_curves(data.runs)
+        lines, found = lines + section, found + problems + budget_checks(budget)
         facts = size_facts(data.runs, data.variants, None)
         if facts is not None:
             s = data.spec.settings

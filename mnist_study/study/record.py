@@ -16,6 +16,7 @@ import functools
 import hashlib
 import json
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,6 +169,19 @@ def recorded_study(spec: StudySpec, tags: dict[str, str] | None, where: str) -> 
     return recorded
 
 
+def worded(change: str, commit: str) -> str:
+    """A change of identity as a reader can act on it: a change of code as the commit the
+    study started at and whether this checkout's code is another commit's or an edit of
+    one (the hashes are in the experiment's identity tag)."""
+    parts = []
+    for part in change.split("; "):
+        if part.startswith("code "):
+            now = "edited code" if "+" in part.rsplit(" -> ", 1)[1] else "another commit's code"
+            part = f"started at commit {commit[:12]}, this checkout runs {now}"
+        parts.append(part)
+    return "; ".join(parts)
+
+
 def recorded_identity(tags: dict[str, str] | None) -> dict[str, str]:
     try:
         return json.loads((tags or {}).get(IDENTITY_TAG) or "{}")
@@ -194,6 +208,9 @@ class Resume:
 
     extension: str = ""
     mixed: str = ""
+    finished_on: str = ""
+    """Where a finished study ran on another identity ('code ... -> ...'): nothing is left
+    to run, so nothing would mix, and a resume only says it is complete."""
 
 
 @dataclass(frozen=True)
@@ -211,22 +228,33 @@ class StudyRecord:
             IDENTITY_TAG: json.dumps(self.identity, sort_keys=True) if self.identity else "",
         }
 
-    def check_resume(self, tags: dict[str, str] | None, where: str, allowed: bool) -> Resume:
+    def check_resume(
+        self,
+        tags: dict[str, str] | None,
+        where: str,
+        allowed: bool,
+        finished: Callable[[], bool] = lambda: False,
+    ) -> Resume:
         """Compare this study with the one an experiment's `tags` record (None: no such
         experiment yet, nothing to compare): refuse an experiment that holds no study,
-        another design, or (unless `allowed`) another identity."""
+        another design, or (unless `allowed`, or the recorded study has `finished`: no
+        unit left to run) another identity."""
         recorded = recorded_study(self.spec, tags, where)
         change = identity_change(tags, self.identity)
+        extension = refuse_changed_study(self.spec, recorded, where) or ""
+        if change and not allowed and not extension and finished():
+            return Resume(finished_on=change)
         if change and not allowed:
             keys = [part.split(" ", 1)[0] for part in change.split("; ")]
             commit = recorded_identity(tags).get("commit", "?")
             raise StoresDisagree(
                 f"study {self.spec.name!r} in {where} ran with other {', '.join(keys)} "
-                f"({change}): resuming would mix two studies in one table; "
-                f"{ADVICE[keys[0]].format(commit=commit)}, or pass "
-                f"--allow-mixed (the report then says which runs ran on which)"
+                f"({worded(change, commit)}): resuming would mix two studies in one table; its "
+                f"results so far: mnist-study report {self.spec.path}; to resume, "
+                f"{ADVICE[keys[0]].format(commit=commit[:12])}, or pass --allow-mixed (the "
+                f"report then says which runs ran on which)"
             )
-        return Resume(refuse_changed_study(self.spec, recorded, where) or "", change)
+        return Resume(extension, change)
 
     def experiment_tags(self, tags: dict[str, str] | None, resume: Resume) -> dict[str, str]:
         """The tags to write on the experiment: all of them on a new one; its identity on

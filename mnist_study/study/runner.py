@@ -49,12 +49,12 @@ def preflight(spec: StudySpec, opts: RunOptions) -> StudyStores:
         check_device(spec.config_for(v, {}), f"{spec.path}: variants.{v.name}")
     identity = study_identity(spec.defaults.replace("run", threads=opts.run_threads(spec.defaults)))
     stores = StudyStores(spec, opts.tracking_uri, opts.storage, identity, opts.allow_mixed)
-    extension = stores.check()
+    resume = stores.check()
     if opts.slurm:  # before the first write: a store no worker could reach is refused
         for line in check_reach(opts.tracking_uri, opts.storage, opts.data_root, opts.slurm):
             print(line, flush=True)
-    if extension:
-        print(f"extending study {spec.name!r}: {extension}; its finished units are kept")
+    if resume.extension:
+        print(f"extending study {spec.name!r}: {resume.extension}; its finished units are kept")
     return stores
 
 
@@ -63,6 +63,14 @@ def run_study(spec: StudySpec, opts: RunOptions) -> None:
     if opts.workers > 1 and not opts.slurm:
         start_fork_server(__name__)  # its imports overlap the checks below
     stores = preflight(spec, opts)
+    if stores.resume.finished_on:  # nothing runs, so nothing mixes: the stores stay as they are
+        print(
+            f"study {spec.name!r} is complete: every unit ran, on other code or setup than "
+            f"now ({stores.resume.finished_on}); nothing to run. Its report: mnist-study report "
+            f"{spec.path}",
+            flush=True,
+        )
+        return
     experiment_id = stores.create()
     stores.attach(experiment_id)
     with stores.claim_lock():  # dead workers' trials failed first, so that they count

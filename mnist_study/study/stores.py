@@ -86,21 +86,40 @@ class StudyStores:
     ):
         self.spec, self.tracking_uri = spec, tracking_uri
         self.record, self.allow_mixed = StudyRecord(spec, identity or {}), allow_mixed
+        self.resume = Resume()  # what check() found the stores to hold of this study
         self.optuna = optuna_storage(storage_url)
         self.tracker: Tracker | None = None  # once the experiment exists
         self.tune: dict[str, optuna.Study] = {}  # tuning key -> its trials' study
         self.final: dict[str, optuna.Study] = {}  # tuning key -> its final seeds' study
 
-    def check(self) -> str:
+    def check(self) -> Resume:
         """Refuse bad addresses and a changed spec before either store is written;
-        returns the extension of the recorded spec this one is, if it is one."""
+        returns what the resume is (an extension, a finished study), if anything."""
         check_tracking_uri(self.tracking_uri)
         self.optuna.check()
         found = find_experiment(self.tracking_uri, self.spec.name)
-        return self.check_resume(found.tags if found else None).extension
+        self.resume = self.check_resume(found.tags if found else None)
+        return self.resume
 
     def check_resume(self, tags: dict[str, str] | None) -> Resume:
-        return self.record.check_resume(tags, self.tracking_uri, self.allow_mixed)
+        return self.record.check_resume(
+            tags, self.tracking_uri, self.allow_mixed, self.finished_on_record
+        )
+
+    def finished_on_record(self) -> bool:
+        """Whether Optuna's record holds every unit of this spec (read only)."""
+        if not self.optuna.exists():
+            return False
+        storage = self.optuna.open()
+        existing = set(optuna.get_all_study_names(storage))
+        names = [n for t in self.spec.tunings for n in study_names(self.spec, t)]
+        if not set(names) <= existing:
+            return False
+        studies = {n: optuna.load_study(study_name=n, storage=storage) for n in names}
+        tune = {t.key: studies[study_names(self.spec, t)[0]] for t in self.spec.tunings}
+        final = {t.key: studies[study_names(self.spec, t)[1]] for t in self.spec.tunings}
+        done, total = Ledger.read(self.spec, tune, final).progress()
+        return done == total
 
     def create(self) -> str:
         """The MLflow experiment and the tunings' Optuna studies, created once (or found,
