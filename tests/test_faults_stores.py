@@ -276,3 +276,25 @@ def test_a_run_left_running_after_its_trial_ended_is_named_then_closed(finished,
     assert client.get_run(final.info.run_id).info.status == "FINISHED"
     body = write_report(tracking, "tiny", tmp_path / "reports", storage=storage)
     assert "still RUNNING" not in body
+
+
+@pytest.mark.parametrize("made", ["by hand, no runs", "by hand, with runs", "by train"])
+def test_report_and_plan_on_an_experiment_that_holds_no_study_are_one_line(tmp_path, made):
+    """An experiment that `mnist-study run` did not make (the MLflow UI, another tool,
+    `train --mlflow`): its runs carry none of a study's tags, so it is named, not read."""
+    tracking, _ = stores(tmp_path)
+    client = MlflowClient(tracking)
+    experiment = client.create_experiment("tiny")
+    if made == "by hand, with runs":
+        run = client.create_run(experiment, tags={"role": "final", "variant": "baseline"})
+        client.log_metric(run.info.run_id, "accuracy/test", 0.9)
+    elif made == "by train":
+        client.set_experiment_tag(experiment, "mlflow.note.content", "a note, not a spec")
+        client.create_run(experiment, tags={"role": "train"})
+    (tmp_path / "tiny.toml").write_text(TINY.replace("trials = 2", "trials = 2\ntunings = 2", 1))
+    for args in (["report", "tiny"], ["plan", str(tmp_path / "tiny.toml"), "--pilot", "tiny"]):
+        done = cli(*args, "--tracking-uri", tracking, process=False, cwd=tmp_path)
+        one_line_error(
+            done, "MLflow experiment 'tiny'", "holds no study", "not by `mnist-study run`"
+        )
+    assert not (tmp_path / "reports").exists()

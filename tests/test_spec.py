@@ -269,6 +269,21 @@ def test_bad_derived_spec_is_refused(tmp_path, text, expected):
     assert "\n" not in str(err.value)
 
 
+def test_a_base_chain_is_bounded_before_pythons_recursion_limit(tmp_path):
+    """A chain of thousands of files would end in RecursionError: refused at the bound,
+    naming it, and a chain at the bound still reads."""
+    from mnist_study.study.spec_file import MAX_BASES
+
+    (tmp_path / "c0.toml").write_text(GOOD)
+    for i in range(1, 2000):
+        (tmp_path / f"c{i}.toml").write_text(f'base = "c{i - 1}.toml"\n')
+    assert load_spec(tmp_path / f"c{MAX_BASES - 1}.toml").name == f"c{MAX_BASES - 1}"
+    for top in (MAX_BASES, 1999):
+        with pytest.raises(SpecError, match=f"chain of more than {MAX_BASES} files") as err:
+            load_spec(tmp_path / f"c{top}.toml")
+        assert "\n" not in str(err.value)
+
+
 def test_a_change_in_the_base_is_a_changed_study(tmp_path):
     import json
 

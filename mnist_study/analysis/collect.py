@@ -89,11 +89,18 @@ def collect(
             [],
             [f"no MLflow experiment named {study!r} in {tracking_uri}"],
         )
-    spec, problems = None, []
+    problems: list[str] = []
+    text = recorded_spec_text(exp.tags)
     try:
-        spec = spec_from_record(recorded_spec_text(exp.tags) or "", Path(f"{study}.toml"))
+        spec = spec_from_record(text or "", Path(f"{study}.toml"))
     except (SpecError, ValueError) as exc:
-        problems.append(f"study spec not readable from the experiment ({exc})")
+        # Every read below assumes a study's runs and tags: refuse any other experiment.
+        what = f"its recorded spec does not read ({exc})" if text else "it records no spec"
+        raise SpecError(
+            f"MLflow experiment {study!r} in {tracking_uri} holds no study: {what}; it was "
+            f"made by hand, by another tool or by `mnist-study train --mlflow`, not by "
+            f"`mnist-study run`"
+        ) from None
     runs = runs_frame(tracking_uri, exp.experiment_id)
     if runs.empty:
         return StudyData(study, spec, runs, pd.DataFrame(), [], problems + ["no runs recorded yet"])

@@ -97,6 +97,11 @@ def parse_toml(text: str, path: Path) -> dict:
         raise SpecError(f"{path}: nested too deeply to be a study spec") from None
 
 
+MAX_BASES = 8
+"""Files a spec's `base` chain may hold, itself included (the deepest here holds 3):
+bounded like every other input, before Python's recursion limit is."""
+
+
 def resolve_base(raw: dict, path: Path, chain: tuple[Path, ...]) -> dict:
     """`raw` merged onto its base file, recursively. The base's `name` is not inherited:
     a derived spec is a study of its own (its file name, unless it sets `name`)."""
@@ -108,6 +113,11 @@ def resolve_base(raw: dict, path: Path, chain: tuple[Path, ...]) -> dict:
     base_path = path.parent / base
     if base_path.resolve() in chain:
         raise SpecError(f"{path}: base = {base!r} leads back to itself")
+    if len(chain) >= MAX_BASES:
+        raise SpecError(
+            f"{path}: base = {base!r} makes a chain of more than {MAX_BASES} files from "
+            f"{chain[0].name}; a study builds on a few others: base it on one nearer the root"
+        )
     inherited = resolve_base(
         parse_toml(read_spec_text(base_path), base_path), base_path, (*chain, base_path.resolve())
     )
