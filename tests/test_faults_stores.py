@@ -15,6 +15,7 @@ from helpers import (
     TINY,
     cli,
     copy_of,
+    copy_stores,
     one_line_error,
     run_args,
     runs,
@@ -298,3 +299,23 @@ def test_report_and_plan_on_an_experiment_that_holds_no_study_are_one_line(tmp_p
             done, "MLflow experiment 'tiny'", "holds no study", "not by `mnist-study run`"
         )
     assert not (tmp_path / "reports").exists()
+
+
+@pytest.mark.parametrize("how", ["copied", "moved"])
+def test_a_store_copied_or_moved_is_refused_before_it_writes_elsewhere(finished, tmp_path, how):
+    """Its experiment records its artifact folder by absolute path: resumed, a copy would
+    write new models into the original's folder, a moved one would recreate the old."""
+    original = copy_stores(finished, tmp_path / "original")  # a store of this test's own
+    place = tmp_path / "elsewhere"
+    (shutil.copytree if how == "copied" else shutil.move)(original, place)
+    spec = place / "tiny.toml"
+    spec.write_text(TINY.replace("seeds = [0, 1]", "seeds = [0, 1, 2]"))  # units to run
+    tracking, storage = stores(place)
+    before = (Path(storage).read_bytes(), len(runs(tracking, "tiny")[1]))
+    done = cli(*run_args(spec, tracking, storage), process=False)
+    one_line_error(
+        done, "keeps its artifacts in", str(original / "artifacts"), "copied or moved",
+        str(place / "artifacts"),
+    )  # fmt: skip
+    assert (Path(storage).read_bytes(), len(runs(tracking, "tiny")[1])) == before
+    assert how == "copied" or not original.exists()  # a moved store's old folder stays gone

@@ -25,7 +25,12 @@ from mnist_study.study.spec import Cell, StudySpec, Tuning
 from mnist_study.tracking.names import VIEW_TAG, cells_view
 from mnist_study.tracking.outcome import Outcome
 from mnist_study.tracking.runs import Tracker, unit_runs
-from mnist_study.tracking.store import check_tracking_uri, experiment_store, find_experiment
+from mnist_study.tracking.store import (
+    check_artifact_place,
+    check_tracking_uri,
+    experiment_store,
+    find_experiment,
+)
 
 OBJECTIVE = "validation accuracy at the last evaluation"
 
@@ -98,6 +103,8 @@ class StudyStores:
         check_tracking_uri(self.tracking_uri)
         self.optuna.check()
         found = find_experiment(self.tracking_uri, self.spec.name)
+        if found is not None:
+            check_artifact_place(self.tracking_uri, found)
         self.resume = self.check_resume(found.tags if found else None)
         return self.resume
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from mlflow.entities import Experiment
 from mlflow.tracking import MlflowClient
 
-from mnist_study.errors import ConfigError
+from mnist_study.errors import ConfigError, StoresDisagree
 from mnist_study.store_paths import (
     STORE_NEEDS_WRITING,
     check_database,
@@ -123,12 +123,7 @@ class ExperimentStore:
             for key, value in updates.items():
                 self.client.set_experiment_tag(found.experiment_id, key, value)
             return found.experiment_id
-        database = sqlite_file(self.uri)
-        location = None  # a tracking server (http) decides where artifacts go
-        if database is not None:
-            location = ((database.parent / "artifacts").resolve() / experiment).as_uri()
-        elif not self.uri.startswith(("http://", "https://")):  # a database: local folder
-            location = (Path("mlruns/artifacts").resolve() / experiment).as_uri()
+        location = artifact_place(self.uri, experiment)
         return self.client.create_experiment(
             experiment, artifact_location=location, tags=dict(EXPERIMENT_KIND) | tags
         )
@@ -148,6 +143,34 @@ def experiment_store(tracking_uri: str) -> Iterator[ExperimentStore]:
         if not database.exists():
             build_store(database)
         yield ExperimentStore(tracking_uri)
+
+
+def artifact_place(tracking_uri: str, experiment: str) -> str | None:
+    """Where a new experiment of this store keeps its artifacts: beside a SQLite file,
+    so the folder moves with it; a local folder for a database; a tracking server's
+    choice (None) behind http."""
+    database = sqlite_file(tracking_uri)
+    if database is not None:
+        return ((database.parent / "artifacts").resolve() / experiment).as_uri()
+    if tracking_uri.startswith(("http://", "https://")):
+        return None
+    return (Path("mlruns/artifacts").resolve() / experiment).as_uri()
+
+
+def check_artifact_place(tracking_uri: str, found: Experiment) -> None:
+    """Refuse a SQLite store whose experiment keeps its artifacts elsewhere than beside
+    it: a store folder copied or moved since. Resumed, it would write new models into
+    the old folder (two copies then share files), or recreate a moved one."""
+    expected = artifact_place(tracking_uri, found.name)
+    recorded = found.artifact_location
+    if sqlite_file(tracking_uri) is None or recorded in (expected, None):
+        return
+    raise StoresDisagree(
+        f"{sqlite_file(tracking_uri)}: study {found.name!r} keeps its artifacts in "
+        f"{recorded}, not beside this database ({expected}): the store was copied or moved "
+        f"since it started; resume it where it was made (--tracking-uri naming the "
+        f"original database), or start a new study here"
+    )
 
 
 def find_experiment(tracking_uri: str, experiment: str) -> Experiment | None:
