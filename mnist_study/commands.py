@@ -198,8 +198,8 @@ def invoked_as() -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from mnist_study.study.slurm_watch import print_status
     from mnist_study.study.spec_file import find_spec, load_spec
+    from mnist_study.study.status import print_status
 
     print_status(load_spec(find_spec(args.spec)), args.tracking_uri, args.storage)
     return 0

@@ -44,6 +44,11 @@ class DataError(RuntimeError):
     """Missing or corrupt data; the message is one line and says how to fix it."""
 
 
+class ToolMissing(RuntimeError):
+    """A program the command needs (Slurm's sinfo, sbatch, ...) is not here or does not
+    answer: the machine's, not the configuration's; one line saying where to run."""
+
+
 class Diverged(ArithmeticError):
     """The training loss became NaN or infinite; training stopped there."""
 
@@ -104,7 +109,7 @@ def environment_error(exc: BaseException) -> str | None:
 
 
 def failure_line(exc: BaseException) -> str | None:
-    if isinstance(exc, ConfigError | DataError):
+    if isinstance(exc, ConfigError | DataError | ToolMissing):
         return str(exc)
     if isinstance(exc, Diverged):
         return f"training diverged: {exc}; lower --lr (or the regularizer's strength)"

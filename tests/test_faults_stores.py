@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from mnist_study.analysis.collect import collect
 from mnist_study.analysis.publish import write_report
-from mnist_study.analysis.report import summarize
+from mnist_study.analysis.summary import summarize
 from mnist_study.errors import ConfigError
 from mnist_study.study.runner import RunOptions, run_study
 from mnist_study.study.spec_file import load_spec

@@ -22,7 +22,7 @@ from mnist_study.analysis.publish import (
     seed_ranges,
     write_report,
 )
-from mnist_study.analysis.report import summarize
+from mnist_study.analysis.summary import summarize
 
 MARK_START, MARK_END = markers("smoke")
 README = f"# Title\n\nintro\n\n{MARK_START}\nold results\n{MARK_END}\n\n## After\n"

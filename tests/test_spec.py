@@ -8,7 +8,7 @@ import optuna
 import pytest
 from helpers import REPO, TINY, cli
 
-from mnist_study.analysis.report import at_edge
+from mnist_study.analysis.summary import at_edge
 from mnist_study.errors import ConfigError, SpecError
 from mnist_study.study.scheduler import distributions, propose
 from mnist_study.study.spec_file import load_spec

@@ -16,7 +16,7 @@ from helpers import REPO, assert_budget_met_exactly, command, runs, stores, tria
 
 from mnist_study.analysis.collect import collect
 from mnist_study.analysis.publish import markers, write_report
-from mnist_study.analysis.report import summarize, verdict
+from mnist_study.analysis.summary import summarize, verdict
 from mnist_study.analysis.sweep import at_size, val_loss_turn
 from mnist_study.errors import ConfigError, SpecError
 from mnist_study.study.optuna_storage import optuna_storage

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from mnist_study.analysis.luck import test_acc_groups
-from mnist_study.analysis.report import ALPHA
+from mnist_study.analysis.summary import ALPHA
 from mnist_study.analysis.variance import Components, components, detectable_effect
 from mnist_study.tracking.names import Role
 

@@ -21,7 +21,7 @@ from mnist_study.analysis.luck import (
     tuning_section,
 )
 from mnist_study.analysis.plan import plan_lines, size_facts
-from mnist_study.analysis.report import checks, replicated, summarize, verdict
+from mnist_study.analysis.summary import checks, replicated, summarize, verdict
 from mnist_study.analysis.tables import TABLE_LEGEND, markdown_table
 from mnist_study.files import CSV_FLOATS, write_atomic
 from mnist_study.tracking.names import Role

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from mnist_study.errors import ConfigError
+from mnist_study.errors import ConfigError, ToolMissing
 
 ARRAYS_TAG = "mnist_study.slurm_arrays"
 """Experiment tag: the study's job arrays, comma-separated, oldest first."""
@@ -102,12 +102,12 @@ def slurm_tool(*args: str) -> str:
     try:
         done = subprocess.run(args, capture_output=True, text=True, timeout=60)
     except FileNotFoundError:
-        raise ConfigError(
+        raise ToolMissing(
             f"--launcher slurm: {args[0]} not found; run on a Slurm cluster's login node "
             f"(a one-node cluster here: scripts/slurm-one-node.sh), or drop --launcher"
         ) from None
     except subprocess.TimeoutExpired:
-        raise ConfigError(f"--launcher slurm: {args[0]} did not answer in 60 s") from None
+        raise ToolMissing(f"--launcher slurm: {args[0]} did not answer in 60 s") from None
     if done.returncode:
         why = (done.stderr.strip().splitlines() or ["no message"])[-1][:200]
         raise ConfigError(f"--launcher slurm: `{shlex.join(args)}` failed: {why}")

@@ -1,9 +1,10 @@
-"""The comparison report of a study, built from MLflow alone (any store, local or server).
+"""The summary of a study: one row per variant, checks and the verdict (publish.py writes
+the report around them).
 
 One row per variant: tuned hyperparameters, test accuracy with its 95% interval, the
 difference from the baseline by compare() (the tuning as the unit where each cell was
 tuned several times, else Welch over seeds), the generalization gap at the last and at
-the best-validation point, trial outcomes and time. Plus figures and the tuning
+the best-validation point, trial outcomes and time. Plus the tuning
 playbook's sanity checks, and the verdict rule: resolved at Holm-adjusted p < ALPHA.
 """
 

@@ -1,0 +1,49 @@
+"""`mnist-study status`: where a study stands, from its stores alone (units done and
+running, where and how recently heard from, the time left, its Slurm jobs), whoever
+runs it: local workers, other commands, other machines or a Slurm array."""
+
+from __future__ import annotations
+
+import time
+
+from mnist_study.study.console import minutes
+from mnist_study.study.pace import study_seconds_left
+from mnist_study.study.slurm import ARRAYS_TAG, array_ids, job_states
+from mnist_study.study.slurm_watch import describe
+from mnist_study.study.spec import StudySpec
+from mnist_study.study.stores import StudyStores
+from mnist_study.tracking.store import check_tracking_uri, find_experiment
+
+
+def status_lines(spec: StudySpec, stores: StudyStores) -> list[str]:
+    """Where a study stands: units done, those running (where, last sign of life), the
+    time left, and its Slurm jobs."""
+    ledger = stores.ledger()
+    (done, total), running, now = ledger.progress(), ledger.running(), time.time()
+    left = study_seconds_left(ledger, max(1, len(running)))
+    out = [
+        f"study {spec.name!r}: {done} of {total} units done, {len(running)} running"
+        + (f", ~{minutes(left)} left at {max(1, len(running))} worker(s)" if left else "")
+    ]
+    for tuning, final, t in running:
+        beat = now - t.system_attrs.get("heartbeat", now)
+        out.append(describe(tuning, final, t, f"{done}/{total} done").split("] ", 1)[1])
+        out[-1] = f"  running: {out[-1]}, last heartbeat {beat:.0f} s ago"
+    arrays = array_ids(stores.tracker.experiment_tag(ARRAYS_TAG))
+    if arrays:
+        states = job_states(arrays)
+        jobs = ", ".join(f"{j} {s}" + (f" on {w}" if s == "RUNNING" else "") for j, (s, w) in
+                         sorted(states.items())) or "none left in squeue"  # fmt: skip
+        out.append(f"  Slurm array(s) {', '.join(arrays)}: {jobs}")
+    return out
+
+
+def print_status(spec: StudySpec, tracking_uri: str, storage: str) -> None:
+    check_tracking_uri(tracking_uri, must_exist=True)
+    found = find_experiment(tracking_uri, spec.name)
+    stores = StudyStores(spec, tracking_uri, storage)
+    if found is None or not stores.optuna.exists():
+        print(f"study {spec.name!r}: not started in {tracking_uri} and {storage}")
+        return
+    stores.attach(found.experiment_id)
+    print("\n".join(status_lines(spec, stores)))
