@@ -132,8 +132,17 @@ def test_a_new_page_is_made_with_the_studys_markers(smoke_report):
 
 
 def test_empty_study_says_what_is_missing(tmp_path):
+    """A study that recorded its spec and then ran nothing (stopped at once)."""
+    from helpers import TINY
+    from mlflow.tracking import MlflowClient
+
+    from mnist_study.study.spec_file import parse_spec, spec_tag
+    from mnist_study.tracking.names import SPEC_TAG
+
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
-    new_experiment(tracking, "empty")
+    experiment = new_experiment(tracking, "empty")
+    spec = spec_tag(parse_spec(TINY, tmp_path / "empty.toml"))
+    MlflowClient(tracking).set_experiment_tag(experiment, SPEC_TAG, spec)
     body = write_report(tracking, "empty", tmp_path / "reports")
     assert "no runs" in body
 
