@@ -28,7 +28,9 @@ import optuna
 import mnist_study
 from mnist_study import cli
 from mnist_study.study.console import Console
+from mnist_study.study.ledger import Ledger, TuningLedger
 from mnist_study.study.optuna_storage import Database, JournalFile
+from mnist_study.study.record import Resume, StudyRecord
 from mnist_study.study.runner import RunOptions, Worker
 from mnist_study.study.scheduler import Scheduler, Unit
 from mnist_study.study.spec import Cell, StudySettings, StudySpec, Tuning, Variant
@@ -46,6 +48,7 @@ PACKAGE = str(Path(mnist_study.__file__).parent)
 PASSED = (argparse.Namespace, StudySpec, Tuning, Variant, Cell, RunOptions, StudyStores, Worker)
 PASSED += (Scheduler, Unit, JournalFile, Database, ExperimentStore, Tracker, Console)
 PASSED += (TrainConfig, Splits, Training, optuna.Study, optuna.Trial, PurePath)
+PASSED += (Ledger, TuningLedger, StudyRecord, Resume)
 NARROW = (
     argparse.Namespace,
     StudySpec,
