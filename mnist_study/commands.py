@@ -270,6 +270,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from mnist_study.analysis.publish import brief, write_report
+    from mnist_study.store_paths import check_writable_folder
     from mnist_study.study.spec_file import find_spec, load_spec
     from mnist_study.tracking.store import check_tracking_uri, find_experiment
 
@@ -289,6 +290,11 @@ def cmd_report(args: argparse.Namespace) -> int:
             f"no study {study!r} in {args.tracking_uri}; run it first "
             f"(mnist-study run SPEC) or pass --tracking-uri"
         )
+    # Every place the report writes, tried before it reads a run.
+    check_writable_folder(args.out / study / "results.md", "--out")
+    if args.page:
+        check_writable_folder(args.page, "--page")
+        check_writable_folder(args.page.parent / "data" / f"{study}-runs.csv", "--page's data")
     before = args.page.read_text() if args.page and args.page.exists() else None
     body = write_report(
         args.tracking_uri, study, args.out, args.page, args.storage, args.tunings,

@@ -183,3 +183,32 @@ def test_a_byte_flipped_mid_study_stops_the_worker_that_loads_it(tmp_path, mnist
     assert sum(states["FAIL"] for states in trial_states(storage, spec).values()) == 1
     run_study(spec, opts)
     assert_redone_once(storage, spec)
+
+
+@pytest.mark.parametrize("where", ["a 300-byte study name", "artifacts is a file"])
+def test_a_place_the_study_could_not_write_its_models_is_refused_before_training(tmp_path, where):
+    """Tried when the first final seed logged its model, this would stop a study after
+    minutes of training: every place a study writes is tried before its first run."""
+    text = TINY
+    if where == "a 300-byte study name":
+        text = f'name = "{"a" * 300}"\n' + TINY
+    else:
+        (tmp_path / "artifacts").write_text("a file where the artifacts folder goes")
+    (tmp_path / "tiny.toml").write_text(text)
+    tracking, storage = stores(tmp_path)
+    done = cli(*run_args(tmp_path / "tiny.toml", tracking, storage), process=False)
+    if where == "a 300-byte study name":
+        one_line_error(done, "300 bytes", "file systems allow 255", "shorter name")
+    else:
+        one_line_error(done, str(tmp_path / "artifacts"), "not a directory")
+    assert not Path(storage).exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_report_whose_folders_are_files_is_refused_before_it_reads(finished, tmp_path):
+    spec, tracking, storage = copy_of(finished, tmp_path)
+    (tmp_path / "docs").write_text("a file where the page's folder goes")
+    for flag in (["--out", str(tmp_path / "docs" / "reports")], ["--page", "docs/tiny.md"]):
+        done = cli("report", str(spec), "--tracking-uri", tracking, *flag, process=False,
+                   cwd=tmp_path)  # fmt: skip
+        one_line_error(done, flag[0], "not a directory")
+    assert not (tmp_path / "reports").exists()

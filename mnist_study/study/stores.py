@@ -26,6 +26,7 @@ from mnist_study.tracking.names import VIEW_TAG, cells_view
 from mnist_study.tracking.outcome import Outcome
 from mnist_study.tracking.runs import Tracker, unit_runs
 from mnist_study.tracking.store import (
+    check_artifact_folder,
     check_artifact_place,
     check_tracking_uri,
     experiment_store,
@@ -105,6 +106,7 @@ class StudyStores:
         found = find_experiment(self.tracking_uri, self.spec.name)
         if found is not None:
             check_artifact_place(self.tracking_uri, found)
+        check_artifact_folder(self.tracking_uri, self.spec.name, found)
         self.resume = self.check_resume(found.tags if found else None)
         return self.resume
 

@@ -173,6 +173,38 @@ def check_artifact_place(tracking_uri: str, found: Experiment) -> None:
     )
 
 
+NAME_BYTES = 255  # a file name's limit on Linux's and macOS's file systems
+# The deepest path MLflow writes under a run's artifacts (a logged model's files), with room.
+DEEPEST_BELOW = 300
+
+
+def check_artifact_folder(tracking_uri: str, experiment: str, found: Experiment | None) -> None:
+    """Refuse, before anything trains, a local artifact folder the study could not write
+    its models into: a component over NAME_BYTES (a long study name is one), a path
+    too long for the system, a folder that is a file or not writable."""
+    location = (
+        found.artifact_location if found is not None else artifact_place(tracking_uri, experiment)
+    )
+    if not location or not location.startswith("file:"):
+        return  # a tracking server's or a cloud store's place: it checks its own
+    folder = Path(urllib.request.url2pathname(location.removeprefix("file://")))
+    long = next((part for part in folder.parts if len(part.encode()) > NAME_BYTES), None)
+    if long is not None:
+        raise ConfigError(
+            f"study {experiment[:40]!r}...: its artifact folder's name is "
+            f"{len(long.encode())} bytes, and file systems allow {NAME_BYTES}; give the "
+            f'study a shorter name = "..."'
+        )
+    if len(str(folder).encode()) + DEEPEST_BELOW > os.pathconf("/", "PC_PATH_MAX"):
+        raise ConfigError(
+            f"{folder}: too deep for the models the study writes below it "
+            f"({len(str(folder))} characters); choose a store nearer the root"
+        )
+    check_writable_folder(
+        folder / "models", "MLflow artifacts in", "the study logs its models there; "
+    )
+
+
 def find_experiment(tracking_uri: str, experiment: str) -> Experiment | None:
     """The experiment, or None; a SQLite store that does not exist yet is not created
     just to look."""
