@@ -269,8 +269,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from mnist_study.analysis.publish import brief, write_report
-    from mnist_study.store_paths import check_writable_folder
+    from mnist_study.analysis.publish import brief, check_places, write_report
     from mnist_study.study.spec_file import find_spec, load_spec
     from mnist_study.tracking.store import check_tracking_uri, find_experiment
 
@@ -278,23 +277,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.tunings is not None and args.tunings < 1:
         raise ConfigError(f"--tunings {args.tunings}: must be at least 1")
     raw = None
-    if args.runs is not None:
+    if args.runs is not None:  # the published raw runs alone: no store is read
         spec = load_spec(find_spec(study))
         study, raw = spec.name, (args.runs, spec)
-    elif study.endswith(".toml"):
-        study = load_spec(study).name
-    if raw is None:
+    else:
+        study = load_spec(study).name if study.endswith(".toml") else study
         check_tracking_uri(args.tracking_uri, must_exist=True)
-    if raw is None and find_experiment(args.tracking_uri, study) is None:
-        raise ConfigError(
-            f"no study {study!r} in {args.tracking_uri}; run it first "
-            f"(mnist-study run SPEC) or pass --tracking-uri"
-        )
-    # Every place the report writes, tried before it reads a run.
-    check_writable_folder(args.out / study / "results.md", "--out")
-    if args.page:
-        check_writable_folder(args.page, "--page")
-        check_writable_folder(args.page.parent / "data" / f"{study}-runs.csv", "--page's data")
+        if find_experiment(args.tracking_uri, study) is None:
+            raise ConfigError(
+                f"no study {study!r} in {args.tracking_uri}; run it first "
+                f"(mnist-study run SPEC) or pass --tracking-uri"
+            )
+    check_places(args.out, study, args.page)
     before = args.page.read_text() if args.page and args.page.exists() else None
     body = write_report(
         args.tracking_uri, study, args.out, args.page, args.storage, args.tunings,

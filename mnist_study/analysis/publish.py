@@ -17,7 +17,7 @@ from mnist_study.analysis.raw_runs import data_files, read_raw, write_raw
 from mnist_study.analysis.sweep import sweep_section
 from mnist_study.errors import PageRefused, SpecError
 from mnist_study.files import write_atomic
-from mnist_study.store_paths import DEFAULT_TRACKING_URI, store_flags
+from mnist_study.store_paths import DEFAULT_TRACKING_URI, check_writable_folder, store_flags
 from mnist_study.study.spec import StudySpec
 from mnist_study.tracking.legacy import recorded_command
 from mnist_study.tracking.names import Role
@@ -189,6 +189,15 @@ def aligned(rows: list[list[str]]) -> str:
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
     )
+
+
+def check_places(out_root: Path, study: str, page: Path | None) -> None:
+    """Every place the report writes, tried before it reads a run: a refusal after
+    minutes of reading would be one too late."""
+    check_writable_folder(out_root / study / "results.md", "--out")
+    if page is not None:
+        check_writable_folder(page, "--page")
+        check_writable_folder(data_files(page, study)[0], "--page's data")
 
 
 def write_report(
