@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from helpers import TINY, cli, copy_of, one_line_error, run_args
 
-from mnist_study.errors import MESSAGE_CAP, environment_error
+from mnist_study.errors import MESSAGE_CAP, ConfigError, environment_error
 
 
 def test_a_diverging_train_is_one_line():
@@ -32,7 +32,8 @@ def report_into_a_file(finished, tmp_path, *flags: str):
 
 def test_a_report_page_under_a_file_is_one_line(finished, tmp_path):
     blocker, done = report_into_a_file(finished, tmp_path)
-    one_line_error(done, str(blocker), "Not a directory")
+    one_line_error(done, str(blocker), "not a directory")  # tried before anything is read
+    assert not (tmp_path / "reports").exists()
 
 
 def test_a_database_nothing_listens_on_is_one_line(tmp_path):
@@ -52,7 +53,7 @@ def test_a_huge_value_is_cut_to_the_message_cap(tmp_path):
 
 
 def test_debug_shows_the_traceback(finished, tmp_path):
-    with pytest.raises(NotADirectoryError):
+    with pytest.raises(ConfigError, match="not a directory"):
         report_into_a_file(finished, tmp_path, "--debug")
 
 
