@@ -276,8 +276,9 @@ def write_report(
             f"final seed: hyperparameters, accuracies, steps, seconds, commit, CPU) and "
             f"[{curves_csv.relative_to(page.parent).as_posix()}]"
             f"({curves_csv.relative_to(page.parent).as_posix()}) (final runs' curves); "
-            f"`mnist-study report {asked_as or study} --runs {runs_csv.as_posix()}` "
-            "rebuilds this section from them alone."
+            f"`mnist-study report {asked_as or study} --runs {runs_csv.as_posix()}"
+            f"{f' --tunings {tunings}' if data.stage else ''}` rebuilds this section from "
+            "them alone."
         )
     write_atomic(out / "results.md", f"# Study `{study}`\n\n{body}\n")
     if raw is None and (data.spec is not None or not data.runs.empty):
