@@ -8,33 +8,22 @@ import re
 
 import pandas as pd
 import pytest
-from helpers import cli, one_line_error, run_args, stores
+from helpers import TINY, cli, one_line_error, run_args, stores
 from scipy import stats
 
 from mnist_study.analysis.publish import markers
 
-# Three variants tuned 3 times each (1 trial + 2 seeds per tuning): the tuning is the unit.
-REPLICATED = """
-[study]
-tunings = 3
-trials = 1
-seeds = [0, 1]
-startup_trials = 1
-[defaults]
-epochs = 1
-train_size = 300
-val_size = 200
-train_eval_size = 200
-test_size = 500
-[variants.baseline]
-search.lr = { low = 1e-3, high = 3e-3, log = true }
-[variants.batchnorm]
-set = { batchnorm = true }
-search.lr = { low = 1e-3, high = 3e-3, log = true }
-[variants.dropout]
+# The tiny study with a third variant, tuned 3 times each (1 trial + 2 seeds per tuning):
+# the tuning is the unit.
+REPLICATED = (
+    TINY.replace("trials = 2", "trials = 1\ntunings = 3", 1).replace(
+        "startup_trials = 2", "startup_trials = 1"
+    )
+    + """[variants.dropout]
 search.lr = { low = 1e-3, high = 3e-3, log = true }
 search.dropout = { low = 0.1, high = 0.5 }
 """
+)
 
 
 @pytest.fixture(scope="module")

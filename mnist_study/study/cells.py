@@ -9,15 +9,18 @@ import math
 import statistics
 
 from mnist_study.intervals import acc_interval
-from mnist_study.study.ledger import TuningLedger
+from mnist_study.study.ledger import Ledger, TuningLedger
 from mnist_study.study.stores import StudyStores
 from mnist_study.tracking.names import METRIC_NAMES
 
 
-def close_finished_cells(stores: StudyStores, closed: set[str]) -> list[str]:
+def close_finished_cells(
+    stores: StudyStores, closed: set[str], ledger: Ledger | None = None
+) -> list[str]:
     """Record each newly finished cell's outcome on its parent run and close it; a line
-    each. `closed`: the cells this process has seen closed (updated)."""
-    lines, ledger, tracker = [], stores.ledger(), stores.tracker
+    each. `closed`: the cells this process has seen closed (updated); `ledger`: the
+    study's state if the caller has just read it."""
+    lines, ledger, tracker = [], ledger or stores.ledger(), stores.tracker
     for cell in stores.spec.cells:
         if cell.key in closed or not ledger.cell_finished(cell):
             continue

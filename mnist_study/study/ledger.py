@@ -31,6 +31,20 @@ class TuningLedger:
     seeds: tuple[int, ...]
     """The final seeds the spec asks for."""
 
+    @classmethod
+    def read(
+        cls, tuning: Tuning, tune: optuna.Study, final: optuna.Study, spec: StudySpec
+    ) -> TuningLedger:
+        """From the tuning's Optuna studies: its trials, and its final seeds."""
+        s = spec.settings
+        return cls(
+            tuning,
+            tuple(tune.get_trials(deepcopy=False)),
+            tuple(final.get_trials(deepcopy=False)),
+            s.trials,
+            s.seeds,
+        )
+
     def _in(self, trials, states) -> list[FrozenTrial]:
         return [t for t in trials if t.state in states]
 
@@ -108,20 +122,8 @@ class Ledger:
         cls, spec: StudySpec, tune: dict[str, optuna.Study], final: dict[str, optuna.Study]
     ) -> Ledger:
         """From the tunings' Optuna studies (trials, and final seeds), by tuning key."""
-        s = spec.settings
-        return cls(
-            spec,
-            {
-                t.key: TuningLedger(
-                    t,
-                    tuple(tune[t.key].get_trials(deepcopy=False)),
-                    tuple(final[t.key].get_trials(deepcopy=False)),
-                    s.trials,
-                    s.seeds,
-                )
-                for t in spec.tunings
-            },
-        )
+        read = TuningLedger.read
+        return cls(spec, {t.key: read(t, tune[t.key], final[t.key], spec) for t in spec.tunings})
 
     def __getitem__(self, tuning: Tuning) -> TuningLedger:
         return self.tunings[tuning.key]

@@ -189,8 +189,9 @@ class Worker:
         """The next unit (or WAIT, DONE) and a line for each cell it found finished."""
         with self.stores.claim_lock():
             self.stores.reap()
-            finished = close_finished_cells(self.stores, self.closed)
-            unit = self.scheduler.claim()
+            ledger = self.stores.ledger()  # closing cells changes no trial: one read serves both
+            finished = close_finished_cells(self.stores, self.closed, ledger)
+            unit = self.scheduler.claim(ledger)
             if isinstance(unit, Unit) and unit.cell.key not in self.parents:
                 command = self.opts.command(self.spec.path)
                 self.parents[unit.cell.key] = self.stores.parent_run(unit.cell, command)
@@ -312,6 +313,6 @@ class Worker:
         if unit.role == Role.TUNE:
             extra |= {"slot": unit.slot, "proposal_seed": proposal_seed(tuning, unit.slot)}
             return f"{tuning.key}/trial-{unit.slot}", dict(unit.trial.params), extra
-        best = self.stores.ledger()[tuning].best
+        best = self.stores.tuning_ledger(tuning).best
         extra |= {"seed": unit.seed, "tuned_by_trial": best.user_attrs.get("slot")}
         return f"{tuning.key}/seed-{unit.seed}", dict(best.params, seed=unit.seed), extra

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import optuna
 
+from mnist_study.study.ledger import Ledger
 from mnist_study.study.liveness import claim_trial, waiting_line
 from mnist_study.study.spec import Cell, StudySpec, Tuning
 from mnist_study.study.stores import StudyStores
@@ -53,10 +54,10 @@ class Scheduler:
         self.spec, self.stores, self.index = spec, stores, index
         self.waiting_on: list[str] = []  # what the last WAIT waits on, from other hosts
 
-    def claim(self) -> Unit | Idle:
-        """The next unit, claimed as an Optuna trial of this process; or WAIT, or DONE."""
+    def claim(self, ledger: Ledger) -> Unit | Idle:
+        """The next unit, claimed as an Optuna trial of this process, from the study's
+        state as read under the claim lock (`ledger`); or WAIT, or DONE."""
         waiting, self.waiting_on = False, []
-        ledger = self.stores.ledger()
         for tuning in claim_order(self.spec):
             state = ledger[tuning]
             if state.running_trials:  # trials of a tuning run one at a time

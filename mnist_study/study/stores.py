@@ -17,7 +17,7 @@ import optuna
 from optuna.trial import TrialState
 
 from mnist_study.errors import StoresDisagree
-from mnist_study.study.ledger import Ledger
+from mnist_study.study.ledger import Ledger, TuningLedger
 from mnist_study.study.liveness import dead_trials, death_reason
 from mnist_study.study.optuna_storage import fail_trial, optuna_storage, set_system_attrs
 from mnist_study.study.record import Resume, StudyRecord
@@ -120,15 +120,21 @@ class StudyStores:
         if not self.optuna.exists():
             return False
         storage = self.optuna.open()
-        existing = set(optuna.get_all_study_names(storage))
-        names = [n for t in self.spec.tunings for n in study_names(self.spec, t)]
-        if not set(names) <= existing:
+        names = {n for t in self.spec.tunings for n in study_names(self.spec, t)}
+        if not names <= set(optuna.get_all_study_names(storage)):
             return False
-        studies = {n: optuna.load_study(study_name=n, storage=storage) for n in names}
-        tune = {t.key: studies[study_names(self.spec, t)[0]] for t in self.spec.tunings}
-        final = {t.key: studies[study_names(self.spec, t)[1]] for t in self.spec.tunings}
-        done, total = Ledger.read(self.spec, tune, final).progress()
+        done, total = Ledger.read(self.spec, *self.load_studies(storage)).progress()
         return done == total
+
+    def load_studies(self, storage, pruner=None) -> tuple[dict, dict]:
+        """Every tuning's two Optuna studies (its trials, with `pruner`; its final seeds),
+        by tuning key."""
+        tune, final = {}, {}
+        for tuning in self.spec.tunings:
+            trials, seeds = study_names(self.spec, tuning)
+            tune[tuning.key] = optuna.load_study(study_name=trials, storage=storage, pruner=pruner)
+            final[tuning.key] = optuna.load_study(study_name=seeds, storage=storage)
+        return tune, final
 
     def create(self) -> str:
         """The MLflow experiment and the tunings' Optuna studies, created once (or found,
@@ -227,12 +233,7 @@ class StudyStores:
             if s.pruner == "median"
             else optuna.pruners.NopPruner()
         )
-        for tuning in self.spec.tunings:
-            tune, final = study_names(self.spec, tuning)
-            self.tune[tuning.key] = optuna.load_study(
-                study_name=tune, storage=storage, pruner=pruner
-            )
-            self.final[tuning.key] = optuna.load_study(study_name=final, storage=storage)
+        self.tune, self.final = self.load_studies(storage, pruner)
 
     def claim_lock(self):
         """Held while a worker reaps, closes cells and claims the next unit; refuses to
@@ -261,6 +262,10 @@ class StudyStores:
     def ledger(self) -> Ledger:
         """The study's state as Optuna's record holds it now (after attach)."""
         return Ledger.read(self.spec, self.tune, self.final)
+
+    def tuning_ledger(self, tuning: Tuning) -> TuningLedger:
+        """One tuning's state alone (two reads, not two per tuning of the study)."""
+        return TuningLedger.read(tuning, self.tune[tuning.key], self.final[tuning.key], self.spec)
 
     def parent_run(self, cell: Cell, command: str) -> str:
         """The cell's parent run, created before its first unit (under the claim lock, or

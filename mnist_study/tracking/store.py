@@ -161,12 +161,12 @@ def check_artifact_place(tracking_uri: str, found: Experiment) -> None:
     """Refuse a SQLite store whose experiment keeps its artifacts elsewhere than beside
     it: a store folder copied or moved since. Resumed, it would write new models into
     the old folder (two copies then share files), or recreate a moved one."""
-    expected = artifact_place(tracking_uri, found.name)
-    recorded = found.artifact_location
-    if sqlite_file(tracking_uri) is None or recorded in (expected, None):
+    database = sqlite_file(tracking_uri)
+    expected, recorded = artifact_place(tracking_uri, found.name), found.artifact_location
+    if database is None or recorded in (expected, None):
         return
     raise StoresDisagree(
-        f"{sqlite_file(tracking_uri)}: study {found.name!r} keeps its artifacts in "
+        f"{database}: study {found.name!r} keeps its artifacts in "
         f"{recorded}, not beside this database ({expected}): the store was copied or moved "
         f"since it started; resume it where it was made (--tracking-uri naming the "
         f"original database), or start a new study here"
