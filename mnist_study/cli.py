@@ -232,9 +232,10 @@ def add_study_commands(sub) -> None:
         help="study whose variance components and run times to use (default: the spec's own)",
     )
     p.add_argument(
-        "--workers",
+        "--worker-counts",
         default="",
-        help="worker counts to time, comma-separated (default: this machine's cores and 64)",
+        help="worker counts to price the wall time at, comma-separated (default: this "
+        "machine's cores and 64); not --workers, which is a count of processes in `run`",
     )
     p.add_argument(
         "--effect",

@@ -213,31 +213,28 @@ def cmd_studies(args: argparse.Namespace) -> int:
     check_tracking_uri(args.tracking_uri, must_exist=True)
     found = studies(args.tracking_uri)
     for name, experiment_id, view in found:
-        print(f"  {name:<12} {ui_link(experiment_id, ui=args.ui, view=view)}")
+        print(f"  {name:<12} {ui_link(experiment_id, ui=args.ui, view=view is not None)}")
     if not found:
         print("  no studies yet: make quick, or make ablations")
     return 0
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    """The studies' links, then `mlflow ui` on the store until Ctrl-C: a missing store or
-    a taken port refused in one line first, no request log, Ctrl-C ending it in seconds
-    without tracebacks (the server in a session of its own, stopped by SIGTERM, then KILL)."""
+    """The studies' links, then MLflow's UI on the store (behind ui_server's layer) until
+    Ctrl-C: a missing store or a taken port refused in one line first, no request log,
+    Ctrl-C ending it in seconds without tracebacks."""
     import signal
-    import socket
-    import subprocess
 
     from mnist_study.tracking.store import check_tracking_uri
+    from mnist_study.tracking.ui_server import bind, serve
 
     check_tracking_uri(args.tracking_uri, must_exist=True)  # before any line is printed
-    ui = f"http://127.0.0.1:{args.port}"
-    with socket.socket() as probe:  # mlflow would print the links, then fail and exit 0
-        try:
-            probe.bind(("127.0.0.1", args.port))
-        except OSError as exc:
-            raise port_taken(args.port, exc, "make ui UI_PORT=5001") from None
-    print(f"MLflow UI: {ui}  (Ctrl-C to stop); each study's runs, its numbers as columns:")
-    args.ui = ui
+    try:
+        layer = bind(args.port)
+    except OSError as exc:
+        raise port_taken(args.port, exc, "make ui UI_PORT=5001") from None
+    args.ui = f"http://127.0.0.1:{args.port}"
+    print(f"MLflow UI: {args.ui}  (Ctrl-C to stop); each study's runs, its numbers as columns:")
     cmd_studies(args)
 
     def stop(signum, frame):  # also where SIGINT came ignored (a background job)
@@ -245,27 +242,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
-    mlflow = Path(sys.executable).with_name("mlflow")
-    server = None
-    try:
-        server = subprocess.Popen(
-            [str(mlflow), "ui", "--backend-store-uri", args.tracking_uri, "--host", "127.0.0.1",
-             "--port", str(args.port), "--workers", "1",
-             "--uvicorn-opts", "--no-access-log --log-level warning"],
-            start_new_session=True,
-            env={**os.environ, "PYTHONWARNINGS": "ignore"},  # a library's, not the user's
-        )  # fmt: skip
-        return server.wait()
-    except KeyboardInterrupt:
-        if server is not None:  # it holds nothing to save: its job runners get 2 s
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
-        print("MLflow UI stopped")
-        return 0
+    code = serve(args.tracking_uri, layer)
+    print("MLflow UI stopped")
+    return code
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -307,30 +286,35 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """Per training-set size of the pilot: the design table, and the fewest tunings that
     detect --effect with the spec's seeds."""
     from mnist_study.analysis.collect import collect
-    from mnist_study.analysis.plan import effect_line, plan_lines, size_facts, worker_counts
+    from mnist_study.analysis.plan import (
+        effect_line,
+        no_pilot,
+        plan_lines,
+        size_facts,
+        worker_counts,
+    )
     from mnist_study.study.spec_file import find_spec, load_spec
     from mnist_study.tracking.store import check_tracking_uri
 
     spec = load_spec(find_spec(args.spec))
     pilot = args.pilot or spec.name
     try:
-        workers = tuple(int(w) for w in args.workers.split(",") if w.strip())
+        workers = tuple(int(w) for w in args.worker_counts.split(",") if w.strip())
     except ValueError:
         raise ConfigError(
-            f"--workers {args.workers!r}: give worker counts separated by commas, e.g. 2,64"
+            f"--worker-counts {args.worker_counts!r}: give counts separated by commas, e.g. 2,64"
         ) from None
-    bad = [f"--workers {args.workers}"] if any(w < 1 for w in workers) else []
+    bad = [f"--worker-counts {args.worker_counts}"] if any(w < 1 for w in workers) else []
     bad += [f"--effect {args.effect:g}"] if not args.effect > 0 else []
     bad += [f"--tunings {args.tunings}"] if args.tunings is not None and args.tunings < 1 else []
     if bad:
-        raise ConfigError(f"{', '.join(bad)}: must be positive, e.g. --workers 2,64 --effect 0.3")
+        raise ConfigError(
+            f"{', '.join(bad)}: must be positive, e.g. --worker-counts 2,64 --effect 0.3"
+        )
     check_tracking_uri(args.tracking_uri, must_exist=True)
     data = collect(args.tracking_uri, pilot, tunings=args.tunings)
     if data.runs.empty:
-        raise ConfigError(
-            f"no runs of study {pilot!r} in {args.tracking_uri}; run it first or give "
-            f"--pilot NAME of a study tuned several times"
-        )
+        raise ConfigError(no_pilot(pilot, args.tracking_uri, args.spec, "has no runs here"))
     sizes = spec.settings.train_sizes or (None,)
     seeds = len(spec.settings.seeds)
     workers = worker_counts(workers)
@@ -345,8 +329,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print("\n".join(plan_lines(facts, spec.settings.trials, workers)))
         print(f"\n{effect_line(facts, args.effect, seeds, spec.settings.trials, workers, where)}\n")
     if not planned:
-        raise ConfigError(
-            f"study {pilot!r} has no cell tuned twice with final runs at the spec's sizes; "
-            f"give --pilot NAME of one that has"
-        )
+        lacks = "has no cell tuned twice with final runs at the spec's sizes"
+        raise ConfigError(no_pilot(pilot, args.tracking_uri, args.spec, lacks))
     return 0

@@ -102,7 +102,9 @@ def test_one_worker_three_workers_and_a_killed_resumed_run_agree_exactly(tmp_pat
     assert body.count("| tunings R | seeds n | runs | wall on ") == 2
     assert " of 4 |" in body  # tuning pairs: 2 variant tunings x 2 baseline tunings
     # The plan from this study, as `mnist-study plan` prints it.
-    planned = cli("plan", str(path), "--tracking-uri", tracking, "--workers", "2,64", process=False)
+    planned = cli(
+        "plan", str(path), "--tracking-uri", tracking, "--worker-counts", "2,64", process=False
+    )
     assert planned.returncode == 0, planned.stderr
     assert planned.stdout.count("wall on 2 workers | wall on 64 workers | Δ ") == 2
     assert "seeds per tuning, tunings per cell by comparison: " in planned.stdout

@@ -133,8 +133,8 @@ def test_bad_command_line_is_refused_before_any_write(tmp_path, args, needle):
     [
         (["--tunings", "0"], "--tunings 0: must be positive"),
         (["--effect", "-0.3"], "--effect -0.3: must be positive"),
-        (["--workers", "2,0"], "--workers 2,0: must be positive"),
-        (["--workers", "2;64"], "--workers '2;64': give worker counts separated by commas"),
+        (["--worker-counts", "2,0"], "--worker-counts 2,0: must be positive"),
+        (["--worker-counts", "2;64"], "--worker-counts '2;64': give counts separated by commas"),
     ],
     ids=["tunings", "effect", "workers", "workers-list"],
 )

@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 from helpers import copy_of
 
-from mnist_study.study.pace import PACE, Cost, Work, cost_of, study_seconds_left
+from mnist_study.study.pace import (
+    PACE,
+    Cost,
+    Work,
+    cost_of,
+    cost_per_flop,
+    flops_per_image,
+    study_seconds_left,
+)
 from mnist_study.study.runner import RunOptions, preflight
 from mnist_study.study.spec_file import load_spec
 from mnist_study.training.config import TrainConfig
@@ -51,3 +59,14 @@ def test_the_study_left_is_the_units_not_run_at_each_variants_measured_cost(
 def test_nothing_measured_yet_gives_no_time():
     assert cost_of([]) is None
     assert cost_of([{"train_s": 0.0, "train_images": 0, "eval_s": 0.0, "eval_images": 0}]) is None
+
+
+def test_a_variant_not_yet_measured_is_priced_by_its_flops_not_the_others_mean():
+    baseline = {"train_s": 2.0, "train_images": 1000, "eval_s": 0.5, "eval_images": 500}
+    flops = {"baseline": flops_per_image(1), "deeper": flops_per_image(2)}
+    assert 4 < flops["deeper"] / flops["baseline"] < 5  # its extra 3x3 convolutions
+    per_flop = cost_per_flop({"baseline": [baseline]}, flops)
+    measured = cost_of([baseline])
+    deeper = flops["deeper"] / flops["baseline"]
+    assert per_flop.train * flops["deeper"] == pytest.approx(measured.train * deeper)
+    assert per_flop.eval * flops["deeper"] == pytest.approx(measured.eval * deeper)

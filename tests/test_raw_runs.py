@@ -8,7 +8,7 @@ import re
 
 import pandas as pd
 import pytest
-from helpers import TINY, cli, one_line_error, run_args, stores
+from helpers import TINY, cli, copy_of, one_line_error, run_args, stores
 from scipy import stats
 
 from mnist_study.analysis.publish import markers
@@ -135,3 +135,17 @@ def test_raw_runs_of_another_study_are_refused(published, tmp_path):
     csv = root / "docs" / "data" / "rep-runs.csv"
     done = cli("report", str(other), "--runs", str(csv), "--out", str(tmp_path), process=False)
     one_line_error(done, "holds the runs of ['rep'], not of study 'other'")
+
+
+def test_plan_without_a_pilot_names_one_of_the_store_or_says_how_to_make_one(
+    published, finished, tmp_path
+):
+    root, _, _ = published
+    other = tmp_path / "other.toml"  # a study this store has no runs of
+    other.write_text(TINY)
+    tracking, _ = stores(root)
+    done = cli("plan", str(other), "--tracking-uri", tracking, process=False)
+    one_line_error(done, "study 'other' has no runs here", "several times: rep (--pilot NAME)")
+    spec, tracking, _ = copy_of(finished, tmp_path)  # tuned once, alone in its store
+    done = cli("plan", str(spec), "--tracking-uri", tracking, process=False)
+    one_line_error(done, "study 'tiny' has no cell tuned twice", "set study.tunings = 2 in")

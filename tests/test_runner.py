@@ -107,14 +107,15 @@ def test_parent_holds_best_params_and_test_mean(smoke_study):
             if r.data.tags.get("variant") == v.name and r.data.tags["role"] == "final"
         ]
         accs = [r.data.metrics["accuracy/test"] for r in finals]
-        assert parent.data.metrics["final/test_acc_mean"] == pytest.approx(
-            sum(accs) / len(accs), abs=1e-6
+        # In percent: what a reader of the table compares with the report.
+        assert parent.data.metrics["test_acc_mean"] == pytest.approx(
+            100 * sum(accs) / len(accs), abs=1e-4
         )
-        assert parent.data.metrics["final/seeds"] == len(spec.settings.seeds)
+        assert parent.data.metrics["seeds"] == len(spec.settings.seeds)
         # The report's 95% interval (over the seeds of its one tuning), as columns.
         _, low, high, _ = acc_interval([accs])
-        assert parent.data.metrics["final/test_acc_low"] == pytest.approx(low, abs=1e-6)
-        assert parent.data.metrics["final/test_acc_high"] == pytest.approx(high, abs=1e-6)
+        assert parent.data.metrics["test_acc_mean_lo95"] == pytest.approx(100 * low, abs=1e-4)
+        assert parent.data.metrics["test_acc_mean_up95"] == pytest.approx(100 * high, abs=1e-4)
         assert {f"best_{k}" for k in v.search} <= set(parent.data.params)
         # Final runs train the tuned hyperparameters.
         for run in finals:
@@ -468,7 +469,8 @@ def test_studies_lists_links_to_each_studys_runs_in_model_training_mode(smoke_st
     assert f"  {spec.name:<12} {link}" in capsys.readouterr().out.splitlines()
     view = json.loads(experiment.tags["mlflow.sharedViewState.cells"])
     assert view["searchFilter"] == "tags.role = 'variant'"
-    assert view["selectedColumns"][0] == "metrics.`final/test_acc_mean`"
+    assert view["selectedColumns"][0] == "metrics.`test_acc_mean`"
+    assert view["columnOrder"] == view["selectedColumns"]
     assert {f"params.`best_{k}`" for v in spec.variants for k in v.search} <= set(
         view["selectedColumns"]
     )

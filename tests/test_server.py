@@ -102,7 +102,7 @@ def test_two_workers_log_a_study_to_an_mlflow_server_and_it_reports(tmp_path, ml
     body = write_report(mlflow_server, "tiny", tmp_path / "reports", storage=storage)
     assert "| baseline |" in body and "**Checks**: none raised." in body
     # The final runs' models went through the server into its artifact root.
-    models = list((tmp_path / "artifacts").glob("*/*/artifacts/model/MLmodel"))
+    models = list((tmp_path / "artifacts").glob("*/models/*/artifacts/MLmodel"))
     assert len(models) == 2 * len(spec.settings.seeds)
 
     # The link `mnist-study studies` prints (and `make ui` shows) opens the runs table,
@@ -116,7 +116,7 @@ def test_two_workers_log_a_study_to_an_mlflow_server_and_it_reports(tmp_path, ml
     assert "Run Name" in page and "baseline" in page and "batchnorm" in page
     assert "Detect Issues" not in page
     # The study's saved view: its cells' numbers are columns, without touching Columns.
-    for column in ("final/test_acc_mean", "final/test_acc_low", "final/best_val_acc", "best_lr"):
+    for column in ("test_acc_mean", "test_acc_mean_lo95", "best_val_acc", "best_lr"):
         assert column in page, column
 
 
@@ -209,7 +209,7 @@ def test_ui_shows_the_links_serves_quietly_and_stops_on_ctrl_c(finished, tmp_pat
         if ui.poll() is None:
             ui.kill()
     assert ui.returncode == 0 and time.time() - asked < 10
-    assert "Traceback" not in err and "GET /" not in out + err  # no request log
+    assert "Traceback" not in err and "GET /" not in out + err, err  # no request log
     assert f"http://127.0.0.1:{port}/#/experiments/" in out and "viewStateShareKey=cells" in out
     assert out.rstrip().endswith("MLflow UI stopped")
 

@@ -4,6 +4,7 @@ at 80% power under the verdict rule, its runs and its wall time on W workers."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -221,3 +222,34 @@ def effect_line(
         return line + "."
     others = ", ".join(f"{v} {facts.detectable(v, tunings, seeds) * 100:.2f}" for v in unserved)
     return line + f"; with it the others detect: {others} points."
+
+
+def pilots_in(tracking_uri: str) -> list[str]:
+    """The studies in the store that were tuned several times (their recorded
+    `study.tunings` at least 2): those a plan can be read from."""
+    from mnist_study.tracking.legacy import recorded_spec_text
+    from mnist_study.tracking.store import experiment_tags, studies
+
+    found = []
+    for name, _, _ in studies(tracking_uri):
+        text = recorded_spec_text(experiment_tags(tracking_uri, name) or {}) or ""
+        try:
+            tunings = json.loads(text).get("study", {}).get("tunings", 1)
+        except ValueError:  # a record from before the JSON spec: tuned once then
+            continue
+        if tunings >= 2:
+            found.append(name)
+    return found
+
+
+def no_pilot(study: str, tracking_uri: str, spec_path: str, lacks: str) -> str:
+    """Why `plan` has nothing to read in `study` (it `lacks` ...), and where it could
+    read instead: a study of the store tuned several times, or how to make one."""
+    others = [name for name in pilots_in(tracking_uri) if name != study]
+    where = (
+        f"studies here tuned several times: {', '.join(others)} (--pilot NAME)"
+        if others
+        else f"none here is; set study.tunings = 2 in {spec_path} and run it (extending "
+        "keeps its runs), or run make replication"
+    )
+    return f"study {study!r} {lacks} ({tracking_uri}); {where}"

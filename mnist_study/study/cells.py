@@ -69,8 +69,8 @@ def cell_outcome(tunings: list[TuningLedger]) -> tuple[dict, dict, dict[str, flo
     shown = {"test_acc_mean": mean, "test_acc_low": low, "test_acc_high": high}
     shown |= {"test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0}
     shown |= {"best_val_acc": statistics.mean(best_vals)}
-    # To 6 digits: what a reader of MLflow's table sees, not float noise.
-    shown = {k: round(v, 6) for k, v in shown.items() if not math.isnan(v)}
+    # In percent, to 4 decimals: what a reader of MLflow's table sees, not float noise.
+    shown = {k: round(v * 100, 4) for k, v in shown.items() if not math.isnan(v)}
     return tags, params, shown | {"n_final": len(accs)}
 
 

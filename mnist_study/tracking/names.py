@@ -44,12 +44,14 @@ METRIC_NAMES = {
     "lr": "optimizer/lr",
     "optimizer_steps": "optimizer/steps",
     "train_seconds": "time/train_seconds",
-    "test_acc_mean": "final/test_acc_mean",
-    "test_acc_low": "final/test_acc_low",
-    "test_acc_high": "final/test_acc_high",
-    "test_acc_std": "final/test_acc_std",
-    "n_final": "final/seeds",
-    "best_val_acc": "final/best_val_acc",
+    # A cell's parent run, in percent, named so that MLflow's table (which orders
+    # columns by name) reads mean, then its 95% interval's lower and upper end.
+    "test_acc_mean": "test_acc_mean",
+    "test_acc_low": "test_acc_mean_lo95",
+    "test_acc_high": "test_acc_mean_up95",
+    "test_acc_std": "test_acc_sd",
+    "n_final": "seeds",
+    "best_val_acc": "best_val_acc",
 }
 
 # MLflow 3.x's UI opens a bare experiment or run link in its GenAI mode whatever the
@@ -68,7 +70,7 @@ def ui_link(experiment_id: str, page: str = "runs", ui: str = "", view: bool = F
 
 def cells_view(tuned: list[str]) -> str:
     """The saved view a study's link opens, as MLflow's UI reads it (JSON): each cell's
-    parent run, best first, with its mean test accuracy over the final seeds and the
+    parent run, best first, with its mean test accuracy (%) over the final seeds and the
     report's 95% interval of it, the seed count, the best validation accuracy and the
     tuned hyperparameters (`tuned`, the parent's param names). Without it the table
     shows Created, Dataset, Duration, Source and Models, and the numbers only under
@@ -81,5 +83,6 @@ def cells_view(tuned: list[str]) -> str:
         "orderByKey": mean,
         "orderByAsc": False,
         "selectedColumns": columns,
+        "columnOrder": columns,
     }
     return json.dumps(view)

@@ -24,7 +24,15 @@ import mlflow
 import optuna
 import pandas as pd
 import torch
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.entities import (
+    DatasetInput,
+    InputTag,
+    LoggedModelOutput,
+    LoggedModelStatus,
+    Metric,
+    Param,
+    RunTag,
+)
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -158,9 +166,11 @@ class Tracker:
                 self.finish(run.info.run_id, "KILLED")
 
     def log_model(self, run_id: str, model: torch.nn.Module) -> None:
-        """The trained model in MLflow's pytorch format, as the run's `model` artifact:
+        """The trained model in MLflow's pytorch format, as a logged model named `model`
+        that the run lists (its page's "Logged models", the experiment's Models tab):
         mlflow.pytorch.load_model("runs:/RUN_ID/model"). Saved, then logged through this
-        client: mlflow.pytorch.log_model would need MLflow's process-wide tracking URI.
+        client, as mlflow.pytorch.log_model does through MLflow's process-wide tracking
+        URI, which a study does not set.
 
         Pickle format, not the pt2 default: torch.export costs seconds per model here
         and needs an input example; the pickle needs mnist_study importable to load.
@@ -182,7 +192,12 @@ class Tracker:
                     raise
                 where = tempfile.gettempdir()
                 raise OSError(errno.ENOSPC, "no space left for the model", where) from None
-            self.client.log_artifacts(run_id, f"{folder}/model", "model")
+            logged = self.client.create_logged_model(
+                self.experiment_id, name="model", source_run_id=run_id
+            )
+            self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+            self.client.log_model_artifacts(logged.model_id, f"{folder}/model")
+            self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
 
     def end(self, run_id: str, outcome: Outcome, reason: str = "", trial: bool = True) -> None:
         """Close a run as `outcome`; a trial's run also gets the Optuna state it mirrors."""

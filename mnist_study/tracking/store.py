@@ -200,8 +200,9 @@ def check_artifact_folder(tracking_uri: str, experiment: str, found: Experiment 
             f"{folder}: too deep for the models the study writes below it "
             f"({len(str(folder))} characters); choose a store nearer the root"
         )
+    # A file name MLflow never writes: the check is of the folder, which may exist.
     check_writable_folder(
-        folder / "models", "MLflow artifacts in", "the study logs its models there; "
+        folder / ".write-test", "MLflow artifacts in", "the study logs its models there; "
     )
 
 
@@ -225,11 +226,11 @@ def experiment_tags(tracking_uri: str, experiment: str) -> dict[str, str] | None
     return None if found is None else found.tags
 
 
-def studies(tracking_uri: str) -> list[tuple[str, str, bool]]:
-    """(name, id, whether it has the saved view of its cells) of every experiment in the
-    store but MLflow's Default."""
+def studies(tracking_uri: str) -> list[tuple[str, str, str | None]]:
+    """(name, id, the saved view of its cells as JSON, or None) of every experiment in
+    the store but MLflow's Default."""
     found = MlflowClient(tracking_uri).search_experiments(filter_string="name != 'Default'")
-    return [(e.name, e.experiment_id, VIEW_TAG in e.tags) for e in found]
+    return [(e.name, e.experiment_id, e.tags.get(VIEW_TAG)) for e in found]
 
 
 def sqlite_file(tracking_uri: str) -> Path | None:
