@@ -12,6 +12,7 @@ Assistant panel from opening over the runs table on a first visit."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import http.server
 import json
@@ -117,10 +118,8 @@ class Layer(http.server.BaseHTTPRequestHandler):
             self.wfile.write(content)
 
     def handle(self) -> None:
-        try:
+        with contextlib.suppress(ConnectionError):  # the browser left before the answer
             super().handle()
-        except ConnectionError:  # the browser left before the answer (a page closed)
-            pass
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = forward
 
