@@ -12,7 +12,7 @@ from helpers import TINY, cli, copy_of, new_experiment, one_line_error, run_args
 from mlflow.tracking import MlflowClient
 
 from mnist_study.analysis.publish import write_report
-from mnist_study.study.record import code_version
+from mnist_study.study.record import changed_code, code_version
 from mnist_study.tracking.names import IDENTITY_TAG, MIXED_TAG
 from mnist_study.tracking.runs import git_commit
 
@@ -46,8 +46,9 @@ def test_a_resume_on_other_code_or_device_is_refused_naming_both(finished, tmp_p
     one_line_error(
         done,
         "started at commit abababababab, this checkout runs ",  # edited or another commit's
-        f"its results so far: mnist-study report {spec}",
-        "check out a commit with its code (abababababab)",
+        f"Its report needs none of this: mnist-study report {spec}.",
+        "To resume: check out a commit with its code (abababababab), pass --allow-mixed",
+        "or use another store (--tracking-uri, --storage)",
     )
     assert "--allow-mixed" in done.stderr
     as_if_recorded(tracking, code=code_version(), device="cuda")
@@ -125,6 +126,8 @@ def test_an_edit_of_the_report_is_the_same_code_and_an_edit_of_training_is_not(t
                  "mnist_study/cli.py", "mnist_study/commands.py", "README.md"):  # fmt: skip
         commit(path, "one\n")
     first = version(tmp_path)
+    started = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True,
+                             text=True, check=True).stdout.strip()  # fmt: skip
     for path in ("mnist_study/analysis/report.py", "mnist_study/cli.py",
                  "mnist_study/commands.py", "README.md", "tests/test_it.py"):  # fmt: skip
         (tmp_path / path).parent.mkdir(exist_ok=True)
@@ -139,3 +142,9 @@ def test_an_edit_of_the_report_is_the_same_code_and_an_edit_of_training_is_not(t
     assert version(tmp_path) not in (first, edited)
     commit("mnist_study/training/train.py", "two\n")
     assert "+" not in version(tmp_path) and version(tmp_path) != first
+    # The refusal names the files of unit code changed since the study's commit alone.
+    (tmp_path / "mnist_study/training/step.py").write_text("new\n")
+    git("add", "-N", "mnist_study/training/step.py")  # known to git, not committed
+    changed = ["mnist_study/training/step.py", "mnist_study/training/train.py"]
+    assert changed_code(started, tmp_path) == changed
+    assert changed_code("f" * 40, tmp_path) == []  # a commit this clone lacks

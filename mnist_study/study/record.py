@@ -169,15 +169,29 @@ def recorded_study(spec: StudySpec, tags: dict[str, str] | None, where: str) -> 
     return recorded
 
 
+def changed_code(commit: str, repo: Path = PACKAGE_REPO) -> list[str]:
+    """The files of unit code this checkout has changed since `commit` (committed or
+    not); empty where git cannot tell (no such commit here, no git)."""
+    paths = ["mnist_study", *(f":(exclude){path}" for path in NOT_UNIT_CODE)]
+    try:
+        return git("diff", "--name-only", commit.removesuffix("-dirty"), "--", *paths,
+                   repo=repo).split()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return []
+
+
 def worded(change: str, commit: str) -> str:
     """A change of identity as a reader can act on it: a change of code as the commit the
-    study started at and whether this checkout's code is another commit's or an edit of
-    one (the hashes are in the experiment's identity tag)."""
+    study started at, whether this checkout's code is another commit's or an edit of
+    one, and the files that differ (the hashes are in the experiment's identity tag)."""
     parts = []
     for part in change.split("; "):
         if part.startswith("code "):
             now = "edited code" if "+" in part.rsplit(" -> ", 1)[1] else "another commit's code"
-            part = f"started at commit {commit[:12]}, this checkout runs {now}"
+            files = [f.removeprefix("mnist_study/") for f in changed_code(commit)]
+            more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+            what = f", changed: {', '.join(files[:3])}{more}" if files else ""
+            part = f"started at commit {commit[:12]}, this checkout runs {now}{what}"
         parts.append(part)
     return "; ".join(parts)
 
@@ -248,11 +262,12 @@ class StudyRecord:
             keys = [part.split(" ", 1)[0] for part in change.split("; ")]
             commit = recorded_identity(tags).get("commit", "?")
             raise StoresDisagree(
-                f"study {self.spec.name!r} in {where} ran with other {', '.join(keys)} "
-                f"({worded(change, commit)}): resuming would mix two studies in one table; its "
-                f"results so far: mnist-study report {self.spec.path}; to resume, "
-                f"{ADVICE[keys[0]].format(commit=commit[:12])}, or pass --allow-mixed (the "
-                f"report then says which runs ran on which)"
+                f"study {self.spec.name!r} ran with other {', '.join(keys)} "
+                f"({worded(change, commit)}): resuming would mix two studies. Its report "
+                f"needs none of this: mnist-study report {self.spec.path}. To resume: "
+                f"{ADVICE[keys[0]].format(commit=commit[:12])}, pass --allow-mixed (the "
+                f"report then says which runs ran on which), or use another store "
+                f"(--tracking-uri, --storage)"
             )
         return Resume(extension, change)
 
