@@ -250,7 +250,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from mnist_study.analysis.publish import brief, check_places, write_report
     from mnist_study.study.spec_file import find_spec, load_spec
-    from mnist_study.tracking.store import check_tracking_uri, find_experiment
+    from mnist_study.tracking.store import (
+        check_tracking_uri,
+        find_experiment,
+        follow_artifact_place,
+    )
 
     study = str(args.study)
     if args.tunings is not None and args.tunings < 1:
@@ -262,12 +266,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     else:
         study = load_spec(study).name if study.endswith(".toml") else study
         check_tracking_uri(args.tracking_uri, must_exist=True)
-        if find_experiment(args.tracking_uri, study) is None:
+        found = find_experiment(args.tracking_uri, study)
+        if found is None:
             raise ConfigError(
                 f"no study {study!r} in {args.tracking_uri}; run it first "
                 f"(mnist-study run SPEC) or pass --tracking-uri"
             )
     check_places(args.out, study, args.page)
+    if raw is None and (followed := follow_artifact_place(args.tracking_uri, found)):
+        print(followed)  # before the report run logs its files
     before = args.page.read_text() if args.page and args.page.exists() else None
     body = write_report(
         args.tracking_uri, study, args.out, args.page, args.storage, args.tunings,

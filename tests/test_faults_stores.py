@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow.pytorch
 import pytest
 from helpers import (
     TINY,
@@ -301,21 +302,60 @@ def test_report_and_plan_on_an_experiment_that_holds_no_study_are_one_line(tmp_p
     assert not (tmp_path / "reports").exists()
 
 
+def files_in(folder: Path) -> dict[str, bytes]:
+    """Every file's bytes but the (empty) lock files a reader of the stores takes."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in folder.rglob("*")
+        if p.is_file() and p.suffix != ".lock"
+    }
+
+
 @pytest.mark.parametrize("how", ["copied", "moved"])
-def test_a_store_copied_or_moved_is_refused_before_it_writes_elsewhere(finished, tmp_path, how):
-    """Its experiment records its artifact folder by absolute path: resumed, a copy would
-    write new models into the original's folder, a moved one would recreate the old."""
+def test_a_store_copied_or_moved_follows_itself_and_writes_nothing_elsewhere(
+    finished, tmp_path, how
+):
+    """Its experiment records its artifact folder by absolute path: resumed as it was, a
+    copy would write new models into the original's folder, a moved one would recreate
+    the old. The store follows itself (saying so) and writes only into itself."""
     original = copy_stores(finished, tmp_path / "original")  # a store of this test's own
     place = tmp_path / "elsewhere"
     (shutil.copytree if how == "copied" else shutil.move)(original, place)
+    kept = files_in(original) if how == "copied" else None
     spec = place / "tiny.toml"
     spec.write_text(TINY.replace("seeds = [0, 1]", "seeds = [0, 1, 2]"))  # units to run
     tracking, storage = stores(place)
-    before = (Path(storage).read_bytes(), len(runs(tracking, "tiny")[1]))
     done = cli(*run_args(spec, tracking, storage), process=False)
-    one_line_error(
-        done, "keeps its artifacts in", str(original / "artifacts"), "copied or moved",
-        str(place / "artifacts"),
-    )  # fmt: skip
-    assert (Path(storage).read_bytes(), len(runs(tracking, "tiny")[1])) == before
+    assert done.returncode == 0, done.stderr
+    assert "the store was copied or moved" in done.stdout and "now follow it" in done.stdout
+    report = cli("report", str(spec), "--tracking-uri", tracking, "--storage", storage,
+                 "--out", str(tmp_path / "reports"), process=False)  # fmt: skip
+    assert report.returncode == 0, report.stderr
     assert how == "copied" or not original.exists()  # a moved store's old folder stays gone
+    assert how == "moved" or files_in(original) == kept  # the original: not one byte changed
+    client = MlflowClient(tracking)
+    experiment = client.get_experiment_by_name("tiny")
+    assert experiment.artifact_location == (place / "artifacts" / "tiny").resolve().as_uri()
+    found = client.search_runs([experiment.experiment_id], max_results=100)
+    assert all(r.info.artifact_uri.startswith(experiment.artifact_location) for r in found)
+    models = list((place / "artifacts" / "tiny" / "models").glob("*/artifacts/MLmodel"))
+    assert len(models) == 2 * 3  # two variants' three seeds, the new ones among them
+    mlflow.set_tracking_uri(tracking)
+    for final in [r for r in found if r.data.tags.get("role") == "final"]:  # each loads
+        assert mlflow.pytorch.load_model(f"runs:/{final.info.run_id}/model") is not None
+
+
+def test_a_database_copied_without_its_artifacts_is_refused_naming_both(finished, tmp_path):
+    original = copy_stores(finished, tmp_path / "original")
+    place = tmp_path / "elsewhere"
+    place.mkdir()
+    for name in ("tiny.toml", "mlflow.db", "optuna.journal"):
+        shutil.copy(original / name, place / name)
+    tracking, storage = stores(place)
+    before = files_in(place)
+    done = cli(*run_args(place / "tiny.toml", tracking, storage), process=False)
+    one_line_error(
+        done, "keeps its artifacts in", str(original / "artifacts"),
+        str(place / "artifacts"), "does not exist", "copy that folder beside it",
+    )  # fmt: skip
+    assert files_in(place) == before

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 from pathlib import Path
 
 import pytest
-from helpers import assert_budget_met_exactly, cli, stores
+from helpers import assert_budget_met_exactly, cli, copy_stores, stores
+from mlflow.tracking import MlflowClient
 
 from mnist_study.study.spec_file import load_spec
 
@@ -62,13 +64,18 @@ FLAGS = [
     ["--bogus"], ["--workers"], ["--allow-mixed"],
 ]  # fmt: skip
 PLACES = ["file"] * 8 + ["folder", "missing", "fifo", "bytes"]
+# The stores a case runs on: fresh ones, or a finished study's (ORIGIN) after what befalls
+# stores: an experiment of its name made by hand, a journal swapped for another run's,
+# the folder copied by hand (its artifact place still the original's), one side emptied.
+STORES = ["fresh"] * 10 + ["foreign", "swapped", "copied", "empty journal", "no mlflow"]
+CHAINS = [0] * 8 + [3, 12]  # files chained by `base` before the case's own (bound: 8)
 
 
 def mutated(rng: random.Random) -> dict:
     """One case: the experiment file's text, where it is, and the extra flags."""
     lines = BASE.splitlines()
     for _ in range(rng.choice([0, 1, 1, 2, 3])):  # some cases change only the command line
-        op = rng.choice(["drop", "dup", "value", "typo", "add", "cut", "char"])
+        op = rng.choice(["drop", "dup", "value", "typo", "add", "cut", "char", "nest"])
         i = rng.randrange(len(lines))
         if op == "drop" and len(lines) > 1:
             del lines[i]
@@ -86,10 +93,16 @@ def mutated(rng: random.Random) -> dict:
             lines = text[: rng.randrange(1, len(text))].splitlines() or [""]
         elif op == "char":
             lines[i] += rng.choice(["\x00", "\\", '"', "[", "é"])
+        elif op == "nest":  # tables or arrays nested past any reason
+            depth = rng.choice([40, 3_000])
+            lines.insert(i, rng.choice(["[" + ".".join(["t"] * depth) + "]",
+                                        "x = " + "[" * depth + "]" * depth]))  # fmt: skip
     return {
         "text": "\n".join(lines) + "\n",
         "place": rng.choice(PLACES),
         "flags": rng.choice(FLAGS),
+        "store": rng.choice(STORES),
+        "chain": rng.choice(CHAINS),
     }
 
 
@@ -102,22 +115,50 @@ def hung(signum, frame):
 
 
 def files_under(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    """Every path below `root` but the (empty) lock files a reader of a store takes."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix != ".lock")
 
 
-def run_case(case: dict, root: Path) -> str | None:
-    """Run one case in `root`; None if it behaved, else what went wrong."""
+def start_stores(kind: str, folder: Path, made: dict[str, Path]) -> None:
+    """The stores in `folder` a case starts from (see STORES); none for "fresh"."""
+    if kind == "fresh":
+        return
+    if kind == "foreign":
+        folder.mkdir()
+        MlflowClient(stores(folder)[0]).create_experiment("fuzz")  # made by hand
+    elif kind == "copied":
+        shutil.copytree(made["origin"], folder)  # by hand: its artifact place unchanged
+    else:
+        copy_stores(made["origin"], folder)
+        journal = folder / "optuna.journal"
+        if kind == "swapped":
+            shutil.copyfile(made["other"] / "optuna.journal", journal)
+        elif kind == "empty journal":
+            journal.write_bytes(b"")
+        elif kind == "no mlflow":
+            (folder / "mlflow.db").unlink()
+
+
+def run_case(case: dict, root: Path, made: dict[str, Path]) -> str | None:
+    """Run one case in `root` (`made`: finished studies' stores to start from); None if
+    it behaved, else what went wrong."""
     root.mkdir()
     (root / "file").write_text("a file where a folder should be")
     spec = root / "fuzz.toml"
+    text, chain = case["text"], case.get("chain", 0)
+    for k in range(1, chain + 1):
+        last = k == chain
+        (root / f"chain{k}.toml").write_text(BASE if last else f'base = "chain{k + 1}.toml"\n')
+    text = f'base = "chain1.toml"\n{text}' if chain else text
     if case["place"] == "folder":
         spec.mkdir()
     elif case["place"] == "fifo":
         os.mkfifo(spec)
     elif case["place"] == "bytes":
-        spec.write_bytes(b"\xff\xfe" + case["text"].encode())
+        spec.write_bytes(b"\xff\xfe" + text.encode())
     elif case["place"] == "file":
-        spec.write_text(case["text"])
+        spec.write_text(text)
+    start_stores(case.get("store", "fresh"), root / "s", made)
     tracking, storage = stores(root / "s")
     flags = [f.replace("{tmp}", str(root)) for f in case["flags"]]
     before = files_under(root)
@@ -159,14 +200,36 @@ def run_case(case: dict, root: Path) -> str | None:
     return None if report.returncode == 0 else f"report exit {report.returncode}: {report.stderr}"
 
 
+@pytest.fixture
+def made(tmp_path) -> dict[str, Path]:
+    """The base study run to the end twice, in stores of their own: `origin`, and
+    `other` (another sampler seed: another journal of a study of the same name)."""
+    found = {}
+    for name, extra in (("origin", ""), ("other", "sampler_seed = 7\n")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "fuzz.toml").write_text(BASE.replace("[study]\n", f"[study]\n{extra}", 1))
+        tracking, storage = stores(folder)
+        done = cli("run", str(folder / "fuzz.toml"), "--tracking-uri", tracking,
+                   "--storage", storage, "--quiet", process=False)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        found[name] = folder
+    return found
+
+
 @pytest.mark.slow
-def test_every_mutated_case_runs_or_is_refused_in_one_line(tmp_path, mnist_root):
+def test_every_mutated_case_runs_or_is_refused_in_one_line(tmp_path, mnist_root, made):
     kept = json.loads(KEPT.read_text())
     rng = random.Random(SEED)
     cases = kept + [mutated(rng) for _ in range(CASES)]
     failed, outcomes = [], {"ran": 0, "refused": 0}
+    untouched = {name: files_under(folder) for name, folder in made.items()}
     for i, case in enumerate(cases):
-        problem = run_case(case, tmp_path / f"case{i}")
+        problem = run_case(case, tmp_path / f"case{i}", made)
+        changed = [name for name, folder in made.items() if files_under(folder) != untouched[name]]
+        if changed:  # a copied store wrote into the one it was copied from
+            problem = f"wrote into the stores of {changed}, which it was not given"
+            untouched = {name: files_under(folder) for name, folder in made.items()}
         if problem:
             failed.append((i, problem, case))
         else:

@@ -27,10 +27,10 @@ from mnist_study.tracking.outcome import Outcome
 from mnist_study.tracking.runs import Tracker, unit_runs
 from mnist_study.tracking.store import (
     check_artifact_folder,
-    check_artifact_place,
     check_tracking_uri,
     experiment_store,
     find_experiment,
+    follow_artifact_place,
 )
 
 OBJECTIVE = "validation accuracy at the last evaluation"
@@ -104,8 +104,9 @@ class StudyStores:
         check_tracking_uri(self.tracking_uri)
         self.optuna.check()
         found = find_experiment(self.tracking_uri, self.spec.name)
-        if found is not None:
-            check_artifact_place(self.tracking_uri, found)
+        if found is not None and (followed := follow_artifact_place(self.tracking_uri, found)):
+            print(followed)
+            found = find_experiment(self.tracking_uri, self.spec.name)
         check_artifact_folder(self.tracking_uri, self.spec.name, found)
         self.resume = self.check_resume(found.tags if found else None)
         return self.resume

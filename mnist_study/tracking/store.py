@@ -30,6 +30,7 @@ from mnist_study.store_paths import (
 )
 from mnist_study.tracking.names import (
     EXPERIMENT_KIND,
+    SPEC_TAG,
     VIEW_TAG,
 )
 
@@ -157,20 +158,45 @@ def artifact_place(tracking_uri: str, experiment: str) -> str | None:
     return (Path("mlruns/artifacts").resolve() / experiment).as_uri()
 
 
-def check_artifact_place(tracking_uri: str, found: Experiment) -> None:
-    """Refuse a SQLite store whose experiment keeps its artifacts elsewhere than beside
-    it: a store folder copied or moved since. Resumed, it would write new models into
-    the old folder (two copies then share files), or recreate a moved one."""
+def follow_artifact_place(tracking_uri: str, found: Experiment) -> str | None:
+    """A SQLite store whose experiment keeps its artifacts elsewhere than beside it was
+    copied or moved since: written as it is, it would put new models and reports into
+    the old folder (two copies then share files) or recreate a moved one. Where its
+    artifacts came along, the store follows itself: every recorded place (experiment,
+    runs, logged models) is rewritten to the folder beside it, and a line saying so is
+    returned; where they did not, refused naming both places. None: nothing to do."""
     database = sqlite_file(tracking_uri)
     expected, recorded = artifact_place(tracking_uri, found.name), found.artifact_location
-    if database is None or recorded in (expected, None):
-        return
-    raise StoresDisagree(
-        f"{database}: study {found.name!r} keeps its artifacts in "
-        f"{recorded}, not beside this database ({expected}): the store was copied or moved "
-        f"since it started; resume it where it was made (--tracking-uri naming the "
-        f"original database), or start a new study here"
+    if database is None or recorded in (expected, None) or SPEC_TAG not in found.tags:
+        return None  # a store of no place to follow, or an experiment that is no study
+    folder = Path(urllib.request.url2pathname(expected.removeprefix("file://")))
+    if not folder.is_dir():
+        raise StoresDisagree(
+            f"{database}: study {found.name!r} keeps its artifacts in {recorded}, and "
+            f"{folder} beside this database does not exist: the database was copied or "
+            f"moved without its artifacts folder; copy that folder beside it, or use the "
+            f"store where it was made (--tracking-uri naming the original database)"
+        )
+    with file_lock(creation_lock(database)), sqlite3.connect(database) as con:
+        for table, column in PLACES:
+            con.execute(
+                f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                f"WHERE substr({column}, 1, ?) = ?",
+                (expected, len(recorded) + 1, len(recorded), recorded),
+            )
+    con.close()
+    return (
+        f"{database}: the store was copied or moved since study {found.name!r} started; "
+        f"its artifacts now follow it ({recorded} -> {expected})"
     )
+
+
+# Where MLflow's SQLite schema records a place of artifacts.
+PLACES = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+)
 
 
 NAME_BYTES = 255  # a file name's limit on Linux's and macOS's file systems
