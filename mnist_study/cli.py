@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder holding MNIST/raw (default: data)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    add_training_commands(sub)
-    add_study_commands(sub)
+    for add_commands in (add_training_commands, add_run_command, add_report_command,
+                         add_plan_command, add_browse_commands):  # fmt: skip
+        add_commands(sub)
     return parser
 
 
@@ -147,7 +148,7 @@ def add_training_commands(sub) -> None:
     p.set_defaults(func=commands.cmd_precision)
 
 
-def add_study_commands(sub) -> None:
+def add_run_command(sub) -> None:
     p = sub.add_parser("run", help="run a study spec: tune every variant, then final seeds")
     p.add_argument(
         "spec", type=Path, help="experiment file or its name, e.g. experiments/ablations.toml"
@@ -185,6 +186,8 @@ def add_study_commands(sub) -> None:
     add_storage(p, "Optuna storage to read")
     p.set_defaults(func=commands.cmd_status)
 
+
+def add_report_command(sub) -> None:
     p = sub.add_parser("report", help="results table, figures and checks of a study, from MLflow")
     p.add_argument("study", help="experiment file or study name, e.g. experiments/ablations.toml")
     add_tracking_uri(p, "MLflow store to read")
@@ -220,6 +223,9 @@ def add_study_commands(sub) -> None:
         "verdicts and checks only, and where the whole report is",
     )
     p.set_defaults(func=commands.cmd_report)
+
+
+def add_plan_command(sub) -> None:
     p = sub.add_parser(
         "plan", help="power and cost of designs (tunings x seeds) from a finished study's spread"
     )
@@ -249,6 +255,9 @@ def add_study_commands(sub) -> None:
         help="plan from a stage: only every cell's first N tunings of the pilot",
     )
     p.set_defaults(func=commands.cmd_plan)
+
+
+def add_browse_commands(sub) -> None:
     p = sub.add_parser("studies", help="the studies in an MLflow store, with their UI addresses")
     add_tracking_uri(p, "MLflow store to read")
     p.add_argument("--ui", default="http://127.0.0.1:5000", help="the MLflow UI's address")

@@ -145,16 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         slurm=slurm,
         detach=args.detach,
     )
-    s = spec.settings
-    cells = f" x {len(s.train_sizes)} training-set sizes" if s.train_sizes else ""
-    tunings = f" x {s.tunings} tunings" if s.tunings > 1 else ""
-    print(
-        f"study {spec.name!r}: {len(spec.variants)} variants{cells}{tunings} x ({s.trials} "
-        f"trials + {len(s.seeds)} seeds); MLflow {args.tracking_uri}, "
-        f"Optuna {args.storage}; {opts.workers} worker(s), "
-        f"{opts.run_threads(spec.defaults)} thread(s) per run",
-        flush=True,
-    )
+    print(study_line(spec, opts), flush=True)
     try:
         run_study(spec, opts)
     except KeyboardInterrupt as exc:
@@ -184,6 +175,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{args.storage}. {then}Browse: {ui}"
     )
     return 0
+
+
+def study_line(spec, opts) -> str:
+    """What `run` is about to run, and where."""
+    s = spec.settings
+    cells = f" x {len(s.train_sizes)} training-set sizes" if s.train_sizes else ""
+    tunings = f" x {s.tunings} tunings" if s.tunings > 1 else ""
+    return (
+        f"study {spec.name!r}: {len(spec.variants)} variants{cells}{tunings} x ({s.trials} "
+        f"trials + {len(s.seeds)} seeds); MLflow {opts.tracking_uri}, Optuna {opts.storage}; "
+        f"{opts.workers} worker(s), {opts.run_threads(spec.defaults)} thread(s) per run"
+    )
 
 
 def invoked_as() -> str:

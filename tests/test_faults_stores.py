@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import mlflow.pytorch
+import optuna
 import pytest
 from helpers import (
     TINY,
@@ -29,6 +30,7 @@ from mnist_study.analysis.collect import collect
 from mnist_study.analysis.publish import write_report
 from mnist_study.analysis.summary import summarize
 from mnist_study.errors import ConfigError
+from mnist_study.study.optuna_storage import optuna_storage
 from mnist_study.study.runner import RunOptions, run_study
 from mnist_study.study.spec_file import load_spec
 
@@ -359,3 +361,13 @@ def test_a_database_copied_without_its_artifacts_is_refused_naming_both(finished
         str(place / "artifacts"), "does not exist", "copy that folder beside it",
     )  # fmt: skip
     assert files_in(place) == before
+
+
+@pytest.mark.parametrize("journal", ["emptied", "another study's"])
+def test_status_on_a_journal_that_lacks_the_study_says_so_in_one_line(finished, tmp_path, journal):
+    spec, tracking, storage = copy_of(finished, tmp_path)
+    Path(storage).write_bytes(b"")
+    if journal == "another study's":
+        optuna.create_study(study_name="other", storage=optuna_storage(storage).open())
+    done = cli("status", str(spec), "--tracking-uri", tracking, "--storage", storage, process=False)
+    one_line_error(done, "holds 8 runs of study 'tiny'", "has none of its trials", storage)

@@ -10,9 +10,9 @@ from mnist_study.study.pace import (
     PACE,
     Cost,
     Work,
+    cell_costs,
     cost_of,
-    cost_per_flop,
-    flops_per_image,
+    image_seconds,
     study_seconds_left,
 )
 from mnist_study.study.runner import RunOptions, preflight
@@ -61,12 +61,13 @@ def test_nothing_measured_yet_gives_no_time():
     assert cost_of([{"train_s": 0.0, "train_images": 0, "eval_s": 0.0, "eval_images": 0}]) is None
 
 
-def test_a_variant_not_yet_measured_is_priced_by_its_flops_not_the_others_mean():
+def test_a_variant_not_yet_measured_is_priced_by_its_timed_step_not_the_others_mean():
     baseline = {"train_s": 2.0, "train_images": 1000, "eval_s": 0.5, "eval_images": 500}
-    flops = {"baseline": flops_per_image(1), "deeper": flops_per_image(2)}
-    assert 4 < flops["deeper"] / flops["baseline"] < 5  # its extra 3x3 convolutions
-    per_flop = cost_per_flop({"baseline": [baseline]}, flops)
-    measured = cost_of([baseline])
-    deeper = flops["deeper"] / flops["baseline"]
-    assert per_flop.train * flops["deeper"] == pytest.approx(measured.train * deeper)
-    assert per_flop.eval * flops["deeper"] == pytest.approx(measured.eval * deeper)
+    cfgs = {"baseline": TrainConfig(), "deeper": TrainConfig(convs_per_block=2)}
+    costs = cell_costs({"baseline": [baseline]}, cfgs)
+    assert costs["baseline"] == cost_of([baseline])  # measured: its own
+    work = {name: image_seconds(cfg) for name, cfg in cfgs.items()}  # timed once, cached
+    ratio = work["deeper"] / work["baseline"]
+    assert costs["deeper"].train == pytest.approx(costs["baseline"].train * ratio)
+    assert costs["deeper"].eval == pytest.approx(costs["baseline"].eval * ratio)
+    assert cell_costs({}, cfgs) is None  # nothing measured: no price

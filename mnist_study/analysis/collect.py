@@ -73,6 +73,20 @@ class StudyData:
         return min(int(ended.sum()), planned), planned
 
 
+def final_curves(tracking_uri: str, finals: pd.DataFrame) -> pd.DataFrame:
+    """The final runs' curves, one row per run, metric and evaluation point."""
+    rows = [
+        (run["tags.variant"], run["train_size"], int(run["tuning"]), int(run["tags.seed"]),
+         m.step, metric, m.value)
+        for _, run in finals.iterrows()
+        for metric in CURVES
+        for m in metric_history(tracking_uri, run.run_id, metric)
+    ]  # fmt: skip
+    return pd.DataFrame(
+        rows, columns=["variant", "train_size", "tuning", "seed", "point", "metric", "value"]
+    )
+
+
 def collect(
     tracking_uri: str, study: str, storage: str | None = None, tunings: int | None = None
 ) -> StudyData:
@@ -81,14 +95,8 @@ def collect(
     of every cell's first `tunings` tunings (a stage of a study that runs in rounds)."""
     exp = find_experiment(tracking_uri, study)
     if exp is None:
-        return StudyData(
-            study,
-            None,
-            pd.DataFrame(),
-            pd.DataFrame(),
-            [],
-            [f"no MLflow experiment named {study!r} in {tracking_uri}"],
-        )
+        missing = [f"no MLflow experiment named {study!r} in {tracking_uri}"]
+        return StudyData(study, None, pd.DataFrame(), pd.DataFrame(), [], missing)
     problems: list[str] = []
     text = recorded_spec_text(exp.tags)
     try:
@@ -115,25 +123,7 @@ def collect(
     runs = upgrade_runs(runs)
     runs, found = counted_runs(runs, spec, optuna_record(storage, spec))
     problems += found
-    finals = runs[runs["tags.role"] == Role.FINAL]
-    rows = []
-    for _, run in finals.iterrows():
-        for metric in CURVES:
-            for m in metric_history(tracking_uri, run.run_id, metric):
-                rows.append(
-                    (
-                        run["tags.variant"],
-                        run["train_size"],
-                        int(run["tuning"]),
-                        int(run["tags.seed"]),
-                        m.step,
-                        metric,
-                        m.value,
-                    )
-                )
-    curves = pd.DataFrame(
-        rows, columns=["variant", "train_size", "tuning", "seed", "point", "metric", "value"]
-    )
+    curves = final_curves(tracking_uri, runs[runs["tags.role"] == Role.FINAL])
     seen = list(dict.fromkeys(runs["tags.variant"].dropna()))
     variants = [v.name for v in spec.variants] if spec else seen
     tags = exp.tags

@@ -40,9 +40,13 @@ def seed_ranges(seeds: tuple[int, ...]) -> str:
     return ", ".join(f"{r[0]}–{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs)
 
 
-def report_command(study: str, tracking_uri: str, storage: str | None) -> str:
-    """The `mnist-study report` command for these stores (defaults left out)."""
-    return shlex.join(["mnist-study", "report", study, *store_flags(tracking_uri, storage)])
+def report_command(
+    study: str, tracking_uri: str, storage: str | None, raw_args: list[str] | None = None
+) -> str:
+    """The `mnist-study report` command for these stores (defaults left out), or with
+    `raw_args` (--runs CSV) for the raw runs alone."""
+    flags = raw_args or store_flags(tracking_uri, storage)
+    return shlex.join(["mnist-study", "report", study, *flags])
 
 
 def short_commit(commit: str) -> str:
@@ -200,6 +204,34 @@ def check_places(out_root: Path, study: str, page: Path | None) -> None:
         check_writable_folder(data_files(page, study)[0], "--page's data")
 
 
+def figure_links(pngs: dict[str, Path], out: Path, page: Path | None, study: str) -> str:
+    """The figures' Markdown links; a page's figures are its evidence, copied beside it
+    (figures/<study>/, rewritten only where they changed) to be committed with it."""
+    figure_dir = out
+    if page is not None:
+        figure_dir = page.parent / "figures" / study
+        figure_dir.mkdir(parents=True, exist_ok=True)
+        for png in pngs.values():
+            target = figure_dir / png.name
+            if not target.exists() or target.read_bytes() != png.read_bytes():
+                write_atomic(target, png.read_bytes())
+    base = page.parent if page is not None else out
+    rel = {k: (figure_dir / p.name).relative_to(base) for k, p in pngs.items()}
+    return "\n\n".join(f"![{k}]({rel[k].as_posix()})" for k in pngs)
+
+
+def raw_runs_line(page: Path, study: str, asked_as: str, tunings: int | None) -> str:
+    """The page's line naming its raw runs and the command that rebuilds it from them."""
+    runs_csv, curves_csv = data_files(page, study)
+    runs, curves = (f.relative_to(page.parent).as_posix() for f in (runs_csv, curves_csv))
+    return (
+        f"Raw runs: [{runs}]({runs}) (one row per tuning trial and final seed: "
+        f"hyperparameters, accuracies, steps, seconds, commit, CPU) and [{curves}]({curves}) "
+        f"(final runs' curves); `mnist-study report {asked_as} --runs {runs_csv.as_posix()}"
+        f"{f' --tunings {tunings}' if tunings else ''}` rebuilds this section from them alone."
+    )
+
+
 def write_report(
     tracking_uri: str,
     study: str,
@@ -212,16 +244,16 @@ def write_report(
     raw: tuple[Path, StudySpec] | None = None,
 ) -> str:
     """Write reports/<study>/ (results.md, CSV, figures), log them to MLflow, and (with
-    `page`) replace the study's section in that Markdown page. Returns the section.
+    `page`) replace the study's section in that page, its raw runs beside it; returns it.
     With `tunings`, a stage: every cell's first `tunings` tunings alone. A page is
     published from a complete study only, unless `partial` (then its header says so);
     otherwise PageRefused is raised before anything is written. `asked_as`: the study
     as the command named it (its spec file), for the command the header repeats. `raw`
     (a runs CSV a page published, and the study's spec): the report from that file alone,
-    with no store read or written. A page from the stores gets its raw runs beside it."""
+    with no store read or written."""
     if raw is not None:
         data = read_raw(raw[0], raw[1], tunings)
-    else:
+    else:  # the stores
         data = collect(tracking_uri, study, storage, tunings)
     done, planned = data.progress()
     if page is not None and done < planned and not partial:
@@ -232,54 +264,25 @@ def write_report(
         )
     out = out_root / study
     out.mkdir(parents=True, exist_ok=True)
-    if raw is not None:
-        report = shlex.join(["mnist-study", "report", asked_as or study, "--runs", str(raw[0])])
-    else:
-        report = report_command(asked_as or study, tracking_uri, storage)
-    if data.stage:
-        report += f" --tunings {tunings}"
-    lines = [f"**Partial**: {done} of {planned} runs finished; any verdict may change."] * (
-        done < planned
-    )
-    lines += [provenance_line(data, report), ""]
-    pngs, found = {}, list(data.problems)
-    if data.variants and data.spec is not None and data.spec.settings.train_sizes:
-        body, pngs, found = sweep_section(data, out)
-        lines += body
-    elif data.variants:
-        body, pngs, found = ablation_section(data, out)
-        lines += body
+    raw_args = [] if raw is None else ["--runs", str(raw[0])]
+    report = report_command(asked_as or study, tracking_uri, storage, raw_args)
+    report += f" --tunings {tunings}" if data.stage else ""
+    partial_line = f"**Partial**: {done} of {planned} runs finished; any verdict may change."
+    lines = [partial_line] * (done < planned) + [provenance_line(data, report), ""]
+    sweep = data.spec is not None and data.spec.settings.train_sizes
+    section = sweep_section if sweep else ablation_section
+    body, pngs, found = section(data, out) if data.variants else ([], {}, list(data.problems))
+    lines += body
     if pngs and raw is None:
         parents = data.runs[data.runs["tags.role"] == Role.VARIANT]
         log_figures(tracking_uri, list(parents.run_id), list(pngs.values()))
     lines += ["", "**Checks**: " + ("none raised." if not found else "")]
     lines += [f"- {c}" for c in found]
     body = "\n".join(lines)
-    figure_dir = out
-    if page is not None and pngs:
-        # A page's figures are its evidence: committed beside it, in figures/<study>/.
-        figure_dir = page.parent / "figures" / study
-        figure_dir.mkdir(parents=True, exist_ok=True)
-        for png in pngs.values():
-            target = figure_dir / png.name
-            if not target.exists() or target.read_bytes() != png.read_bytes():
-                write_atomic(target, png.read_bytes())
     if pngs:
-        base = page.parent if page is not None else out
-        rel = {k: (figure_dir / p.name).relative_to(base) for k, p in pngs.items()}
-        body += "\n\n" + "\n\n".join(f"![{k}]({rel[k].as_posix()})" for k in pngs)
+        body += "\n\n" + figure_links(pngs, out, page, study)
     if page is not None and raw is None and not data.runs.empty:
-        runs_csv, curves_csv = data_files(page, study)
-        body += (
-            f"\n\nRaw runs: [{runs_csv.relative_to(page.parent).as_posix()}]"
-            f"({runs_csv.relative_to(page.parent).as_posix()}) (one row per tuning trial and "
-            f"final seed: hyperparameters, accuracies, steps, seconds, commit, CPU) and "
-            f"[{curves_csv.relative_to(page.parent).as_posix()}]"
-            f"({curves_csv.relative_to(page.parent).as_posix()}) (final runs' curves); "
-            f"`mnist-study report {asked_as or study} --runs {runs_csv.as_posix()}"
-            f"{f' --tunings {tunings}' if data.stage else ''}` rebuilds this section from "
-            "them alone."
-        )
+        body += "\n\n" + raw_runs_line(page, study, asked_as or study, data.stage and tunings)
     write_atomic(out / "results.md", f"# Study `{study}`\n\n{body}\n")
     if raw is None and (data.spec is not None or not data.runs.empty):
         log_report_run(tracking_uri, study, out, body, report)

@@ -58,6 +58,23 @@ def overfit_line(curves: pd.DataFrame, axis: str) -> str:
     return f"Baseline validation loss: still falling at the end ({last:.3f}): no overfitting."
 
 
+def budget_part(
+    part: StudyData, variants: list[str], n: int, out: Path, pngs: dict[str, Path]
+) -> list[str]:
+    """The checks of a size's tuning budget, and (tuned several times) its budget curve
+    added to `pngs`."""
+    budget = budget_curves(part.runs)
+    if replicated(part) and not budget.empty:
+        pngs[f"budget_n{n}"] = out / f"budget_n{n}.png"
+        figures.budget_figure(
+            {v: mean_curve(budget[budget.variant == v]) for v in variants
+             if (budget.variant == v).any()},
+            pngs[f"budget_n{n}"],
+            f"{n:,} training images: expected best of n trials, mean over tunings",
+        )  # fmt: skip
+    return budget_checks(budget, f"n={n}: ")
+
+
 def sweep_section(data: StudyData, out: Path) -> tuple[list[str], dict[str, Path], list[str]]:
     """A table per size with its verdicts, the learning-curve figure, curves at every
     size: (lines, figures, checks)."""
@@ -103,19 +120,7 @@ def sweep_section(data: StudyData, out: Path) -> tuple[list[str], dict[str, Path
                 s = data.spec.settings
                 lines += [*plan_lines(facts, s.trials, seed_counts=(len(s.seeds),)), ""]
         lines += [verdict(table, rounds=data.rounds), ""]
-        budget = budget_curves(part.runs)
-        found += budget_checks(budget, f"n={n}: ")
-        if replicated(part) and not budget.empty:
-            pngs[f"budget_n{n}"] = out / f"budget_n{n}.png"
-            figures.budget_figure(
-                {
-                    v: mean_curve(budget[budget.variant == v])
-                    for v in data.variants
-                    if (budget.variant == v).any()
-                },
-                pngs[f"budget_n{n}"],
-                f"{n:,} training images: expected best of n trials, mean over tunings",
-            )
+        found += budget_part(part, data.variants, n, out, pngs)
     if tables:
         every = [t.drop(columns=["tuned_params"]).assign(train_size=n) for n, t in tables.items()]
         write_atomic(

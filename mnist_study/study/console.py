@@ -40,3 +40,10 @@ class Console:
 def minutes(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+
+def shown_params(params: dict) -> str:
+    """`lr=0.00123, seed=0`: a unit's point as a progress line shows it."""
+    return ", ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+    )

@@ -7,13 +7,14 @@ deeper nets, larger training sets) and says nothing before the first one ends.
 Every unit's measurements go on its trial (system attribute `pace`, with its heartbeat),
 so each worker prices the study from what all workers, on every host, have measured:
 per variant (a deeper net costs more per image), and a variant not yet run from what it
-will compute: its net's FLOPs per image at the seconds per FLOP measured so far, not at
-the others' mean (the deeper net has 4.4x the baseline's FLOPs and takes ~3.5x its time:
-priced a little high, where the mean priced it at a third)."""
+will compute: its net's training step timed here (model.step_seconds) against those of
+the variants measured, not at their mean (which priced the deeper net at a third).
+Trials not yet run past the pruner's startup are priced at the share of their steps
+that such trials ran so far, and before any has ended at the median pruner's prior:
+half stopped at their first point."""
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from mnist_study.study.console import minutes
 from mnist_study.study.ledger import Ledger
 from mnist_study.study.optuna_storage import trial_id
 from mnist_study.training.config import TrainConfig
-from mnist_study.training.model import SeedCNN, train_flops_per_image
+from mnist_study.training.model import step_seconds
 from mnist_study.training.train import evaluation_points
 
 PACE = "pace"  # the trial's system attribute: its measurements so far
@@ -105,27 +106,46 @@ def cost_of(records: list[dict]) -> Cost | None:
     )
 
 
-@functools.cache
-def flops_per_image(convs_per_block: int) -> float:
-    """A net's training FLOPs per image: its depth alone changes them (batchnorm and
-    dropout add no multiply-adds worth pricing)."""
-    return train_flops_per_image(SeedCNN(convs_per_block=convs_per_block))
+def image_seconds(cfg: TrainConfig) -> float:
+    """A training image's seconds in this cell's net, as timed here (no data, no
+    evaluation): the unit by which variants' measured costs are compared."""
+    net = (cfg.convs_per_block, cfg.batchnorm, cfg.dropout > 0, cfg.batch_size)
+    return step_seconds(*net) / cfg.batch_size
 
 
-def cost_per_flop(measured: dict[str, list[dict]], flops: dict[str, float]) -> Cost | None:
-    """Seconds per image and FLOP pooled over every measured variant: the price of a
-    variant not yet measured is this times its FLOPs per image."""
+def cost_per_work(measured: dict[str, list[dict]], work: dict[str, float]) -> Cost | None:
+    """Seconds per image and unit of `work` (a variant's image_seconds), pooled over the
+    measured variants: a variant not yet measured costs this times its work."""
     return cost_of(
         [
             r
             | {
-                "train_images": r["train_images"] * flops[name],
-                "eval_images": r["eval_images"] * flops[name],
+                "train_images": r["train_images"] * work[name],
+                "eval_images": r["eval_images"] * work[name],
             }
             for name, records in measured.items()
             for r in records
         ]
     )
+
+
+def cell_costs(measured: dict[str, list[dict]], cfgs: dict[str, TrainConfig]) -> dict | None:
+    """Each cell's Cost: its own measurements, or (none yet) its net's timed step priced
+    at the seconds per unit of that time the measured cells took; None with nothing
+    measured."""
+    if not measured:
+        return None
+    costs = {name: cost_of(measured.get(name, [])) for name in cfgs}
+    if all(costs.values()):
+        return costs
+    work = {name: image_seconds(cfg) for name, cfg in cfgs.items()}
+    per_work = cost_per_work(measured, work)
+    if per_work is None:
+        return None
+    return {
+        name: cost or Cost(per_work.train * work[name], per_work.eval * work[name])
+        for name, cost in costs.items()
+    }
 
 
 def study_seconds_left(
@@ -136,15 +156,16 @@ def study_seconds_left(
     best. None until some unit has measured its pace."""
     spec = ledger.spec
     measured: dict[str, list[dict]] = {}
+    cfgs: dict[str, TrainConfig] = {}
     begun_units: list[tuple[str, Work, int]] = []  # (variant, work, points reached)
     seeds_left: list[tuple[str, Work]] = []  # (variant, work) of units not begun
-    trials_left: list[tuple[str, Work]] = []
-    shares: list[float] = []  # finished tuning trials: the share of their steps they ran
+    trials_left: list[tuple[str, Work, bool]] = []  # ..., and whether the pruner may stop it
+    shares: list[float] = []  # finished trials the pruner could stop: the share they ran
     running, own_left = 0, 0.0
-    flops: dict[str, float] = {}
+    startup = spec.settings.startup_trials if spec.settings.pruner == "median" else math.inf
     for state in ledger.tunings.values():
         name, cfg = state.tuning.cell.name, spec.config_for(state.tuning.cell, {})
-        flops[name] = flops_per_image(cfg.convs_per_block)
+        cfgs[name] = cfg
         tune, final = Work.of(cfg, False), Work.of(cfg, True)
         for t in state.trials + state.finals:
             if PACE in t.system_attrs:
@@ -158,22 +179,28 @@ def study_seconds_left(
             else:
                 begun_units.append((name, work, reached(t, work)))
         for t in state.done_trials:
-            k = reached(t, tune)
-            shares.append(tune.points[k - 1] / tune.points[-1] if k else 0.0)
+            if t.user_attrs.get("slot", t.number) >= startup:
+                k = reached(t, tune)
+                shares.append(tune.points[k - 1] / tune.points[-1] if k else 0.0)
         trials, seeds = state.units_left
-        trials_left.extend([(name, tune)] * trials)
+        started = len(state.done_trials) + len(state.running_trials)
+        unpruned = max(0, min(trials, startup - started))  # still in the pruner's startup
+        trials_left += [(name, tune, False)] * unpruned + [(name, tune, True)] * (trials - unpruned)
         seeds_left.extend([(name, final)] * seeds)
-    per_flop = cost_per_flop(measured, flops)
-    if per_flop is None:
+    costs = cell_costs(measured, cfgs)
+    if costs is None:
         return None
-    costs = {
-        name: cost_of(measured.get(name, [])) or Cost(per_flop.train * f, per_flop.eval * f)
-        for name, f in flops.items()
-    }
-    share = sum(shares) / len(shares) if shares else 1.0  # pruned trials stop early
+
+    def share(work: Work, prunable: bool) -> float:
+        if not prunable:
+            return 1.0
+        if shares:
+            return sum(shares) / len(shares)
+        return 0.5 + 0.5 * work.points[0] / work.points[-1]  # the median pruner's prior
+
     begun = [w.seconds_left(k, costs[n]) for n, w, k in begun_units] + [own_left]
     seconds = sum(begun) + sum(w.seconds_left(0, costs[n]) for n, w in seeds_left)
-    seconds += share * sum(w.seconds_left(0, costs[n]) for n, w in trials_left)
+    seconds += sum(share(w, p) * w.seconds_left(0, costs[n]) for n, w, p in trials_left)
     # Shared among the workers, but no sooner than the longest unit already begun.
     return max(seconds / max(workers, running, 1), *begun)
 

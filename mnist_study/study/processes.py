@@ -127,7 +127,6 @@ def run_workers(
     forked from one fork server that imported target's module (torch, MLflow, Optuna)
     once: a worker starts in a fraction of a second, not the seconds of a fresh import
     each, and never inherits this process's open stores or threads as a fork of it would.
-
     A signal to this process (SIGINT, SIGTERM, SIGHUP; a terminal's Ctrl-C, a supervisor,
     `timeout`) stops the whole command: it is passed on to every worker as SIGTERM, each
     records its trial as FAIL and its run as KILLED, and Interrupted is raised. A worker

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 
 from mnist_study.errors import StudyIncomplete, said_in_one_line
 from mnist_study.study.cells import close_finished_cells
-from mnist_study.study.console import Console
+from mnist_study.study.console import Console, shown_params
 from mnist_study.study.ledger import Ledger
 from mnist_study.study.liveness import TrialTaken, mark_alive
 from mnist_study.study.optuna_storage import set_system_attrs, trial_id
@@ -212,11 +212,8 @@ class Worker:
             with signals_deferred():
                 name, params, cfg, run_id = self.create_run(unit)
                 set_system_attrs(study, trial, {"mlflow_run_id": run_id})
-            shown = ", ".join(
-                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
-            )
             progress = self.console.progress(*self.stores.ledger().progress(), self.study_left())
-            self.console.say(f"{progress} {name}: {shown}", force=True)
+            self.console.say(f"{progress} {name}: {shown_params(params)}", force=True)
             pace = UnitPace(Work.of(cfg, final))
 
             def on_point(point: int, last: int, metrics: dict[str, float]) -> None:
@@ -247,17 +244,8 @@ class Worker:
             self.console.say(f"    {exc}: left to it, this worker goes on", force=True)
             return
         except BaseException as exc:  # pruned, diverged, Ctrl-C, a killed parent, a bug
-            outcome = Outcome.of(exc)
-            pruned = outcome.trial_state == TrialState.PRUNED
-            trial.set_user_attr("prune_reason" if pruned else "fail_reason", outcome.reason(exc))
-            study.tell(trial, state=outcome.trial_state)
-            if run_id is None:  # stopped before the run was linked: found by its tags
-                run_id = tracker.trial_run(study.study_name, trial.number)
-            if run_id is not None:
-                tracker.end(run_id, outcome, outcome.reason(exc))
-            if not pruned:
+            if not self.end_stopped(unit, run_id, exc):
                 raise
-            self.console.say(f"    pruned: {outcome.reason(exc)}", force=True)
             return
         if final:
             trial.set_user_attr("test_acc", result["test_acc"])
@@ -265,6 +253,22 @@ class Worker:
         tracker.end(run_id, Outcome.COMPLETE)
         if final:
             self.console.say(f"    test acc {result['test_acc']:.4f}", force=True)
+
+    def end_stopped(self, unit: Unit, run_id: str | None, exc: BaseException) -> bool:
+        """A unit stopped by `exc`: its trial told why, then its run closed (Optuna's
+        record first, as for a finished unit); whether it was pruned (else re-raised)."""
+        study, trial, tracker = unit.study, unit.trial, self.stores.tracker
+        outcome = Outcome.of(exc)
+        pruned = outcome.trial_state == TrialState.PRUNED
+        trial.set_user_attr("prune_reason" if pruned else "fail_reason", outcome.reason(exc))
+        study.tell(trial, state=outcome.trial_state)
+        if run_id is None:  # stopped before the run was linked: found by its tags
+            run_id = tracker.trial_run(study.study_name, trial.number)
+        if run_id is not None:
+            tracker.end(run_id, outcome, outcome.reason(exc))
+        if pruned:
+            self.console.say(f"    pruned: {outcome.reason(exc)}", force=True)
+        return pruned
 
     def study_left(self, own: tuple[int, float] | None = None) -> float | None:
         """Seconds the study has left, priced from every unit's measured pace: read from

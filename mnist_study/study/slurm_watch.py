@@ -10,7 +10,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mnist_study.errors import StudyIncomplete
 from mnist_study.study.cells import fmt_accs, test_accs
-from mnist_study.study.console import minutes
+from mnist_study.study.console import minutes, shown_params
 from mnist_study.study.pace import study_seconds_left
 from mnist_study.study.signals import Interrupted, stop_if_signalled, stopping_on_signals
 from mnist_study.study.slurm import (
@@ -151,9 +151,7 @@ def describe(tuning, final: bool, t: FrozenTrial, progress: str) -> str:
     unit = f"seed-{t.user_attrs.get('seed')}" if final else f"trial-{t.user_attrs.get('slot')}"
     name = f"{tuning.key}/{unit}"
     if t.state == TrialState.RUNNING:
-        shown = ", ".join(
-            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items()
-        )
+        shown = shown_params(t.params)
         host = t.system_attrs.get("host", "?")
         return f"[w{worker} {progress}] {name}: {shown or 'best point'} (on {host})"
     if t.state == TrialState.COMPLETE:

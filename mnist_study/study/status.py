@@ -11,7 +11,7 @@ from mnist_study.study.pace import study_seconds_left
 from mnist_study.study.slurm import ARRAYS_TAG, array_ids, job_states
 from mnist_study.study.slurm_watch import describe
 from mnist_study.study.spec import StudySpec
-from mnist_study.study.stores import StudyStores
+from mnist_study.study.stores import StudyStores, optuna_side
 from mnist_study.tracking.store import check_tracking_uri, find_experiment
 
 
@@ -45,5 +45,8 @@ def print_status(spec: StudySpec, tracking_uri: str, storage: str) -> None:
     if found is None or not stores.optuna.exists():
         print(f"study {spec.name!r}: not started in {tracking_uri} and {storage}")
         return
+    # Both records read, compared as `run` compares them: a journal lost, emptied or
+    # swapped for another run's is said in one line, not met as a missing record.
+    stores.agree(optuna_side(stores.optuna.open(), spec), stores.mirrored_runs())
     stores.attach(found.experiment_id)
     print("\n".join(status_lines(spec, stores)))

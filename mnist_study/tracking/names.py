@@ -83,6 +83,5 @@ def cells_view(tuned: list[str]) -> str:
         "orderByKey": mean,
         "orderByAsc": False,
         "selectedColumns": columns,
-        "columnOrder": columns,
     }
     return json.dumps(view)

@@ -57,22 +57,16 @@ def first_visit_script(views: dict[str, str]) -> bytes:
     keys = dict(FIRST_VISIT)
     for experiment_id, view in views.items():
         keys[SAVED_VIEW_KEY.format(experiment_id)] = json.dumps(SAVED_VIEW | json.loads(view))
+    pairs = json.dumps(keys).replace("</", "<\\/")  # no value can end the script early
     return (
         "<script>(() => { const s = window.localStorage; "
-        f"for (const [k, v] of Object.entries({json.dumps(keys)})) "
+        f"for (const [k, v] of Object.entries({pairs})) "
         "if (s.getItem(k) === null) s.setItem(k, v); })();</script>"
     ).encode()
 
 
 # Hop-by-hop headers (RFC 9110 7.6.1), and those the layer recomputes.
 NOT_FORWARDED = {"connection", "keep-alive", "transfer-encoding", "content-length", "upgrade"}
-
-
-SCRIPT = (
-    "<script>(() => { const s = window.localStorage; "
-    f"for (const [k, v] of Object.entries({json.dumps(FIRST_VISIT)})) "
-    "if (s.getItem(k) === null) s.setItem(k, v); })();</script>"
-).encode()
 
 
 class Layer(http.server.BaseHTTPRequestHandler):

@@ -213,6 +213,18 @@ def process_seconds(root: Path, rounds: int) -> dict:
     }
 
 
+def study_workers(study: Path, root: Path) -> dict:
+    """A whole study's wall time with 1, then 2 workers: one after the other, never at
+    once, since each must have the whole machine."""
+    walls = {n: study_wall_seconds(study, root, n) for n in (1, 2)}
+    return {
+        "spec": str(study),
+        "wall_s_1_worker": round(walls[1], 1),
+        "wall_s_2_workers": round(walls[2], 1),
+        "speedup": round(walls[1] / walls[2], 2),
+    }
+
+
 def run_bench(
     root: Path,
     steps: int,
@@ -261,14 +273,7 @@ def run_bench(
         "rows": rows,
     }
     if study is not None:
-        # Sequential, never at once: each run must have the whole machine.
-        walls = {n: study_wall_seconds(study, root, n) for n in (1, 2)}
-        result["study_workers"] = {
-            "spec": str(study),
-            "wall_s_1_worker": round(walls[1], 1),
-            "wall_s_2_workers": round(walls[2], 1),
-            "speedup": round(walls[1] / walls[2], 2),
-        }
+        result["study_workers"] = study_workers(study, root)
     if processes:
         result["processes"] = process_seconds(root, rounds)
     print(format_table(result))
