@@ -67,6 +67,7 @@ def test_a_finished_study_on_other_code_says_it_is_complete_and_runs_nothing(fin
     done = cli(*run_args(spec, tracking, storage), process=False)
     assert done.returncode == 0, done.stderr
     assert "study 'tiny' is complete: every unit ran, on other code" in done.stdout
+    assert "this checkout runs " in done.stdout and "code 0000" not in done.stdout  # words
     assert f"Its report: mnist-study report {spec}" in done.stdout
     assert (len(runs(tracking, "tiny")[1]), Path(storage).read_bytes()) == before
     assert MlflowClient(tracking).get_experiment_by_name("tiny").tags == tags  # no mix recorded

@@ -257,7 +257,7 @@ class StudyRecord:
         change = identity_change(tags, self.identity)
         extension = refuse_changed_study(self.spec, recorded, where) or ""
         if change and not allowed and not extension and finished():
-            return Resume(finished_on=change)
+            return Resume(finished_on=worded(change, recorded_identity(tags).get("commit", "?")))
         if change and not allowed:
             keys = [part.split(" ", 1)[0] for part in change.split("; ")]
             commit = recorded_identity(tags).get("commit", "?")

@@ -66,8 +66,8 @@ def run_study(spec: StudySpec, opts: RunOptions) -> None:
     if stores.resume.finished_on:  # nothing runs, so nothing mixes: the stores stay as they are
         print(
             f"study {spec.name!r} is complete: every unit ran, on other code or setup than "
-            f"now ({stores.resume.finished_on}); nothing to run. Its report: mnist-study report "
-            f"{spec.path}",
+            f"now ({stores.resume.finished_on}); nothing to run, so nothing mixes. Its report: "
+            f"mnist-study report {spec.path}",
             flush=True,
         )
         return
