@@ -104,11 +104,14 @@ class StudyStores:
         check_tracking_uri(self.tracking_uri)
         self.optuna.check()
         found = find_experiment(self.tracking_uri, self.spec.name)
-        if found is not None and (followed := follow_artifact_place(self.tracking_uri, found)):
+        self.resume = self.check_resume(found.tags if found else None)
+        # A store copied or moved follows itself only once the study is known to resume
+        # and to have units left: a refused or finished one is left as it was.
+        follows = found is not None and not self.resume.finished_on
+        if follows and (followed := follow_artifact_place(self.tracking_uri, found)):
             print(followed)
             found = find_experiment(self.tracking_uri, self.spec.name)
         check_artifact_folder(self.tracking_uri, self.spec.name, found)
-        self.resume = self.check_resume(found.tags if found else None)
         return self.resume
 
     def check_resume(self, tags: dict[str, str] | None) -> Resume:
