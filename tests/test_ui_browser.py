@@ -73,7 +73,10 @@ def test_every_page_a_click_reaches_from_the_bare_address_is_model_training(ui):
     browser.click("baseline/seed-0")  # a final seed
     final = browser.wait_for("Parent run", "accuracy/test", "Logged models (1)")
     model_training(final)
-    assert "Ready" in final.split("Logged models (1)")[1]
+    deadline = time.time() + 60  # the models' rows come with a request of their own
+    while "Ready" not in (listed := browser.text().split("Logged models (1)")[-1][:300]):
+        assert time.time() < deadline, f"the run's logged model is not listed Ready: {listed}"
+        time.sleep(0.5)
 
     browser.click("Model metrics", tag="button")  # its curves
     curves = browser.wait_for(
