@@ -110,6 +110,12 @@ class Browser:
                 clickCount=0 if kind == "mouseMoved" else 1,
             )  # fmt: skip
 
+    def press(self, key: str, code: int) -> None:
+        """A key pressed and released, as a keyboard sends it to the focused element."""
+        for kind, text in (("keyDown", {"Enter": "\r"}.get(key, "")), ("keyUp", "")):
+            self.call("Input.dispatchKeyEvent", type=kind, key=key, code=key,
+                      windowsVirtualKeyCode=code, text=text)  # fmt: skip
+
     def local_storage(self) -> dict:
         return self.eval("Object.fromEntries(Object.entries(localStorage))")
 

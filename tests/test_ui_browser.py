@@ -85,6 +85,17 @@ def test_every_page_a_click_reaches_from_the_bare_address_is_model_training(ui):
     model_training(curves)
     assert "/model-metrics" in browser.url()
 
+    # Back on the study, its search box cleared as a person would: every run, sort kept.
+    browser.open(address)
+    browser.click("tiny")
+    browser.wait_for("Sort: test_acc_mean", "2 matching runs")
+    box = "[...document.querySelectorAll('input')].find(e => e.value.includes('role'))"
+    assert browser.eval(f"(() => {{ const i = {box}; i.focus(); i.select(); return i.value; }})()")
+    browser.press("Backspace", 8)
+    browser.press("Enter", 13)
+    cleared = browser.wait_for("Sort: test_acc_mean", "10 matching runs")
+    model_training(cleared)
+
 
 def test_a_users_own_choice_of_genai_mode_is_kept(ui):
     browser, address = ui
