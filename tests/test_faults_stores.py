@@ -371,3 +371,17 @@ def test_status_on_a_journal_that_lacks_the_study_says_so_in_one_line(finished, 
         optuna.create_study(study_name="other", storage=optuna_storage(storage).open())
     done = cli("status", str(spec), "--tracking-uri", tracking, "--storage", storage, process=False)
     one_line_error(done, "holds 8 runs of study 'tiny'", "has none of its trials", storage)
+
+
+def test_report_on_a_journal_of_another_run_of_the_study_is_one_line(finished, tmp_path):
+    spec, tracking, storage = copy_of(finished, tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "tiny.toml").write_text(TINY.replace("[study]", "[study]\nsampler_seed = 7", 1))
+    done = cli(*run_args(other / "tiny.toml", *stores(other)), process=False)
+    assert done.returncode == 0, done.stderr
+    shutil.copyfile(stores(other)[1], storage)  # the same study's name, another run's trials
+    args = ["--tracking-uri", tracking, "--storage", storage, "--out", str(tmp_path / "r")]
+    done = cli("report", str(spec), *args, process=False)
+    one_line_error(done, storage, "links none of the 8 runs of study 'tiny'", "(--storage)")
+    assert not (tmp_path / "r").exists()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mnist_study.errors import SpecError
+from mnist_study.errors import SpecError, StoresDisagree
 from mnist_study.study.optuna_storage import optuna_storage
 from mnist_study.study.record import spec_from_record
 from mnist_study.study.spec import StudySpec
@@ -121,7 +121,14 @@ def collect(
             pd.Timestamp(last, unit="ms", tz="UTC") if last else runs.at[i, "start_time"]
         )
     runs = upgrade_runs(runs)
+    units = int(runs["tags.role"].isin([Role.TUNE, Role.FINAL]).sum())
     runs, found = counted_runs(runs, spec, optuna_record(storage, spec))
+    if units and not runs["tags.role"].isin([Role.TUNE, Role.FINAL]).any():
+        raise StoresDisagree(
+            f"the Optuna storage {storage} links none of the {units} runs of study {study!r} "
+            f"in {tracking_uri} (a journal of another run of it?); give the storage the "
+            f"study ran with (--storage)"
+        )
     problems += found
     curves = final_curves(tracking_uri, runs[runs["tags.role"] == Role.FINAL])
     seen = list(dict.fromkeys(runs["tags.variant"].dropna()))
