@@ -158,6 +158,11 @@ def artifact_place(tracking_uri: str, experiment: str) -> str | None:
     return (Path("mlruns/artifacts").resolve() / experiment).as_uri()
 
 
+def file_path(uri: str) -> Path:
+    """The local path of a `file://` artifact place."""
+    return Path(urllib.request.url2pathname(uri.removeprefix("file://")))
+
+
 def follow_artifact_place(tracking_uri: str, found: Experiment) -> str | None:
     """A SQLite store whose experiment keeps its artifacts elsewhere than beside it was
     copied or moved since: written as it is, it would put new models and reports into
@@ -169,7 +174,7 @@ def follow_artifact_place(tracking_uri: str, found: Experiment) -> str | None:
     expected, recorded = artifact_place(tracking_uri, found.name), found.artifact_location
     if database is None or recorded in (expected, None) or SPEC_TAG not in found.tags:
         return None  # a store of no place to follow, or an experiment that is no study
-    folder = Path(urllib.request.url2pathname(expected.removeprefix("file://")))
+    folder = file_path(expected)
     if not folder.is_dir():
         raise StoresDisagree(
             f"{database}: study {found.name!r} keeps its artifacts in {recorded}, and "
@@ -213,7 +218,7 @@ def check_artifact_folder(tracking_uri: str, experiment: str, found: Experiment 
     )
     if not location or not location.startswith("file:"):
         return  # a tracking server's or a cloud store's place: it checks its own
-    folder = Path(urllib.request.url2pathname(location.removeprefix("file://")))
+    folder = file_path(location)
     long = next((part for part in folder.parts if len(part.encode()) > NAME_BYTES), None)
     if long is not None:
         raise ConfigError(
