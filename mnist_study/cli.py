@@ -165,8 +165,8 @@ def add_run_command(sub) -> None:
     p.add_argument(
         "--threads",
         type=int,
-        default=0,
-        help="threads per run (0: the spec's, else 1); recorded on every run, since runs "
+        help="threads per run (default: the spec's, 1 unless it says; 0: one per core); "
+        "recorded on every run, since runs "
         "with other thread counts round differently",
     )
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines, only per run")

@@ -131,8 +131,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     args.spec = find_spec(args.spec)
     spec = load_spec(args.spec)
     optuna_storage(args.storage)  # refuses an unsupported address
-    if not 0 <= args.threads <= 1024:
-        raise ConfigError(f"--threads {args.threads}: must be in [0, 1024] (0: automatic)")
+    if args.threads is not None and not 0 <= args.threads <= 1024:
+        raise ConfigError(f"--threads {args.threads}: must be in [0, 1024] (0: one per core)")
     slurm = slurm_options(args, spec.name)
     opts = RunOptions(
         tracking_uri=args.tracking_uri,
@@ -182,10 +182,12 @@ def study_line(spec, opts) -> str:
     s = spec.settings
     cells = f" x {len(s.train_sizes)} training-set sizes" if s.train_sizes else ""
     tunings = f" x {s.tunings} tunings" if s.tunings > 1 else ""
+    threads = opts.run_threads(spec.defaults)
     return (
         f"study {spec.name!r}: {len(spec.variants)} variants{cells}{tunings} x ({s.trials} "
         f"trials + {len(s.seeds)} seeds); MLflow {opts.tracking_uri}, Optuna {opts.storage}; "
-        f"{opts.workers} worker(s), {opts.run_threads(spec.defaults)} thread(s) per run"
+        f"{opts.workers} worker(s), "
+        + (f"{threads} thread(s) per run" if threads else "one thread per core per run")
     )
 
 

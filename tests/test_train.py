@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mnist_study.errors import Diverged
 from mnist_study.training.config import TrainConfig
@@ -114,3 +115,19 @@ def test_steps_train_exactly_like_epochs_and_log_at_each_point(small_splits):
     assert without_time(by_step.history) == without_time(by_epoch.history)
     for a, b in zip(by_epoch.model.parameters(), by_step.model.parameters(), strict=True):
         assert a.equal(b)
+
+
+def test_threads_mean_one_thing_in_train_and_in_a_study():
+    """`threads` is threads per run wherever it is read: 1 by default, 0 one per core (as
+    torch would), and a study's --threads overrides the spec's without another meaning."""
+    from mnist_study.study.run_options import RunOptions
+    from mnist_study.training.train import thread_count
+
+    per_core = TrainConfig(threads=0)
+    assert TrainConfig().threads == 1
+    assert thread_count(per_core) == torch.get_num_threads()
+    opts = RunOptions("sqlite:///mlflow.db", "optuna.journal", "data")
+    assert opts.run_threads(TrainConfig()) == 1
+    assert opts.run_threads(per_core) == 0
+    assert RunOptions("sqlite:///mlflow.db", "j", "data", threads=2).run_threads(per_core) == 2
+    assert RunOptions("sqlite:///mlflow.db", "j", "data", threads=0).run_threads(TrainConfig()) == 0

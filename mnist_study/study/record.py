@@ -34,7 +34,7 @@ from mnist_study.tracking.names import (
 from mnist_study.tracking.runs import PACKAGE_REPO, git, git_commit
 from mnist_study.training.config import TrainConfig
 from mnist_study.training.mnist_data import checksums
-from mnist_study.training.train import resolve_device
+from mnist_study.training.train import resolve_device, thread_count
 
 # The layers above study/ (`make lint` keeps study/ and below from importing them) read
 # stores and print; they make no number, so an edit of the report is no other code.
@@ -68,7 +68,7 @@ def study_identity(cfg: TrainConfig) -> dict[str, str]:
     data = hashlib.sha256(",".join(sorted(checksums().values())).encode()).hexdigest()[:12]
     return {
         "code": code_version(),
-        "threads": str(cfg.threads or 1),
+        "threads": str(thread_count(cfg)),
         "device": resolve_device(cfg).type,
         "data": data,
         "commit": git_commit(),

@@ -17,10 +17,10 @@ class RunOptions:
     storage: str
     data_root: str
     workers: int = 1
-    threads: int = 0
-    """Threads per run (0: the spec's, else 1). Never derived from the worker count:
-    runs with other thread counts round differently, and results must not depend on
-    how many workers ran them."""
+    threads: int | None = None
+    """Threads per run (None: the spec's; 0: one per core). Never derived from the worker
+    count: runs with other thread counts round differently, and results must not depend
+    on how many workers ran them."""
     quiet: bool = False
     log_models: bool = True
     allow_mixed: bool = False
@@ -30,8 +30,8 @@ class RunOptions:
     detach: bool = False
 
     def run_threads(self, cfg: TrainConfig) -> int:
-        """The threads a run of `cfg` gets: --threads, else the spec's, else 1."""
-        return self.threads or cfg.threads or 1
+        """The threads a run of `cfg` gets: --threads, else the spec's (0: one per core)."""
+        return cfg.threads if self.threads is None else self.threads
 
     def store_args(self) -> list[str]:
         """The flags that name these stores, where they are not the defaults."""
@@ -49,5 +49,5 @@ class RunOptions:
                 str(self.workers),
             ]
             + (["--launcher", "slurm"] if self.slurm else [])
-            + (["--threads", str(self.threads)] if self.threads else [])
+            + (["--threads", str(self.threads)] if self.threads is not None else [])
         )

@@ -41,7 +41,7 @@ from mnist_study.tracking.outcome import Outcome
 from mnist_study.training.config import MNIST_TEST_IMAGES, TrainConfig
 from mnist_study.training.machine import cpu_model
 from mnist_study.training.mnist_data import checksums
-from mnist_study.training.train import resolve_device
+from mnist_study.training.train import resolve_device, thread_count
 
 # Free bytes below which a model that torch failed to write is taken for a full disk
 # (the model is ~0.5 MB; torch reports any failed write as a RuntimeError).
@@ -291,7 +291,7 @@ def provenance(cfg: TrainConfig, source: str) -> dict[str, str]:
         "mlflow_version": mlflow.__version__,
         "device": str(resolve_device(cfg)),
         "precision": cfg.precision,
-        "threads": str(cfg.threads or torch.get_num_threads()),
+        "threads": str(thread_count(cfg)),
         "host": platform.node(),
         "cpu": cpu_model(),
     }

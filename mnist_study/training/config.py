@@ -91,8 +91,9 @@ class TrainConfig(BaseModel):
     cuda_graph: bool = True
     """On CUDA, capture the training step as a CUDA graph and replay it (no effect on
     a CPU); false runs it eagerly."""
-    threads: int = Field(0, ge=0, le=1024)
-    """CPU threads for torch (0 = torch's default: one per core)."""
+    threads: int = Field(1, ge=0, le=1024)
+    """CPU threads per run: 1, as a study runs its runs side by side on the cores; 0: one
+    per core (torch's default), for a lone `train` on an idle machine."""
 
     @model_validator(mode="after")
     def _fits_mnist(self) -> TrainConfig:

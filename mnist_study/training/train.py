@@ -58,6 +58,11 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
+def thread_count(cfg: TrainConfig) -> int:
+    """The CPU threads a run of `cfg` uses (its `threads`; 0: torch's, one per core)."""
+    return cfg.threads or torch.get_num_threads()
+
+
 def build_model(cfg: TrainConfig) -> SeedCNN:
     return SeedCNN(cfg.batchnorm, cfg.dropout, cfg.convs_per_block)
 
