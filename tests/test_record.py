@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mnist_study.errors import SpecError, StoresDisagree
-from mnist_study.study.record import Resume, StudyRecord
+from mnist_study.study.record import NoStudy, Resume, StudyRecord
 from mnist_study.study.spec_file import parse_spec
 from mnist_study.tracking.names import EXTENDED_TAG, IDENTITY_TAG, MIXED_TAG, NOTE_TAG, SPEC_TAG
 
@@ -65,3 +65,23 @@ def test_another_identity_is_refused_unless_allowed_then_recorded_as_a_mix(tmp_p
 def test_an_experiment_that_holds_no_study_is_refused(tmp_path):
     with pytest.raises(SpecError, match="exists but holds no study"):
         record(tmp_path).check_resume({"mlflow.note.content": ""}, "store", False)
+
+
+def test_the_record_reads_back_from_its_tags_and_any_other_experiment_says_why_not(tmp_path):
+    started = record(tmp_path)
+    tags = started.to_tags() | {EXTENDED_TAG: "study.tunings 3 -> 5", MIXED_TAG: "threads 1 -> 2"}
+    back = StudyRecord.from_tags(tags, "rec")
+    assert back.spec.settings == started.spec.settings
+    assert back.spec.variants == started.spec.variants
+    assert back.identity == IDENTITY
+    assert (back.extensions, back.mixes) == ("study.tunings 3 -> 5", "threads 1 -> 2")
+    older = StudyRecord.from_tags({SPEC_TAG: tags[SPEC_TAG]}, "rec")  # before identities
+    assert (older.identity, older.extensions, older.mixes) == ({}, "", "")
+    with pytest.raises(NoStudy, match="^it records no spec$"):
+        StudyRecord.from_tags({"mlflow.user": "someone"}, "rec")
+    with pytest.raises(NoStudy, match="does not read .*not valid TOML"):  # a description
+        StudyRecord.from_tags({"mlflow.note.content": "made by hand"}, "rec")
+    with pytest.raises(NoStudy, match="its recorded spec does not read"):
+        StudyRecord.from_tags({SPEC_TAG: '{"study": {"trials": "many"}}'}, "rec")
+    broken = tags | {IDENTITY_TAG: "not json"}  # an identity that does not read: none recorded
+    assert StudyRecord.from_tags(broken, "rec").identity == {}

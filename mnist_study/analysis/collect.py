@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pandas as pd
 
 from mnist_study.errors import SpecError, StoresDisagree
 from mnist_study.study.optuna_storage import optuna_storage
-from mnist_study.study.record import spec_from_record
+from mnist_study.study.record import NoStudy, StudyRecord
 from mnist_study.study.spec import StudySpec
 from mnist_study.study.stores import OptunaSide, open_runs_of_ended_trials, optuna_side
-from mnist_study.tracking.legacy import metric_history, recorded_spec_text, upgrade_runs
-from mnist_study.tracking.names import EXTENDED_TAG, MIXED_TAG, Role
+from mnist_study.tracking.legacy import metric_history, upgrade_runs
+from mnist_study.tracking.names import Role
 from mnist_study.tracking.runs import runs_frame
 from mnist_study.tracking.store import find_experiment
 
@@ -98,17 +97,16 @@ def collect(
         missing = [f"no MLflow experiment named {study!r} in {tracking_uri}"]
         return StudyData(study, None, pd.DataFrame(), pd.DataFrame(), [], missing)
     problems: list[str] = []
-    text = recorded_spec_text(exp.tags)
     try:
-        spec = spec_from_record(text or "", Path(f"{study}.toml"))
-    except (SpecError, ValueError) as exc:
+        record = StudyRecord.from_tags(exp.tags, study)
+    except NoStudy as exc:
         # Every read below assumes a study's runs and tags: refuse any other experiment.
-        what = f"its recorded spec does not read ({exc})" if text else "it records no spec"
         raise SpecError(
-            f"MLflow experiment {study!r} in {tracking_uri} holds no study: {what}; it was "
+            f"MLflow experiment {study!r} in {tracking_uri} holds no study: {exc}; it was "
             f"made by hand, by another tool or by `mnist-study train --mlflow`, not by "
             f"`mnist-study run`"
         ) from None
+    spec = record.spec
     runs = runs_frame(tracking_uri, exp.experiment_id)
     if runs.empty:
         return StudyData(study, spec, runs, pd.DataFrame(), [], problems + ["no runs recorded yet"])
@@ -133,11 +131,7 @@ def collect(
     curves = final_curves(tracking_uri, runs[runs["tags.role"] == Role.FINAL])
     seen = list(dict.fromkeys(runs["tags.variant"].dropna()))
     variants = [v.name for v in spec.variants] if spec else seen
-    tags = exp.tags
-    data = StudyData(
-        study, spec, runs, curves, variants, problems, tags.get(EXTENDED_TAG, ""),
-        tags.get(MIXED_TAG, ""),
-    )  # fmt: skip
+    data = StudyData(study, spec, runs, curves, variants, problems, record.extensions, record.mixes)
     return stage(data, tunings)
 
 

@@ -7,14 +7,12 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 
 from mnist_study.analysis.luck import test_acc_groups
 from mnist_study.analysis.summary import ALPHA
 from mnist_study.analysis.variance import Components, components, detectable_effect
-from mnist_study.errors import SpecError
 from mnist_study.tracking.names import Role
 
 POWER = 0.8
@@ -228,17 +226,16 @@ def effect_line(
 def pilots_in(tracking_uri: str) -> list[str]:
     """The studies in the store that were tuned several times (their recorded
     `study.tunings` at least 2): those a plan can be read from."""
-    from mnist_study.study.record import spec_from_record
-    from mnist_study.tracking.legacy import recorded_spec_text
+    from mnist_study.study.record import NoStudy, StudyRecord
     from mnist_study.tracking.store import experiment_tags, studies
 
     found = []
     for name, _, _ in studies(tracking_uri):
-        text = recorded_spec_text(experiment_tags(tracking_uri, name) or {})
-        try:  # the recorded spec read as every resume reads it
-            tunings = spec_from_record(text or "", Path(f"{name}.toml")).settings.tunings
-        except (SpecError, ValueError):  # an experiment that records no study
+        try:  # the recorded study read as every resume reads it
+            record = StudyRecord.from_tags(experiment_tags(tracking_uri, name) or {}, name)
+        except NoStudy:
             continue
+        tunings = record.spec.settings.tunings
         if tunings >= 2:
             found.append(name)
     return found

@@ -83,18 +83,12 @@ def spec_from_record(text: str, path: Path) -> StudySpec:
     return parse_spec(text, path)
 
 
-def refuse_changed_study(spec: StudySpec, recorded_text: str | None, where: str) -> str | None:
+def refuse_changed_study(spec: StudySpec, old: StudySpec, where: str) -> str | None:
     """A study resumed under the same name must be the study that was started: a changed
     budget or search space would mix trials of two designs in one table. Raising
     study.tunings or adding study.seeds, and nothing else, extends it: the finished units
     are what a fresh run of the larger spec gives (proposals follow from the tuning's
     seed and its own trials), so they are kept. Returns that extension, said in a line."""
-    if not recorded_text:
-        return None
-    try:
-        old = spec_from_record(recorded_text, spec.path)
-    except (ConfigError, ValueError):
-        return None  # written by an older version of this tool: nothing to compare against
     extension = extended(old.settings, spec.settings)
     changed = [
         label
@@ -153,22 +147,6 @@ ADVICE = {
 }
 
 
-def recorded_study(spec: StudySpec, tags: dict[str, str] | None, where: str) -> str | None:
-    """The spec the study's experiment recorded (None when there is no experiment yet);
-    refuses an experiment of that name that records no study."""
-    if tags is None:
-        return None
-    recorded = recorded_spec_text(tags)
-    if not recorded:
-        raise SpecError(
-            f"{spec.path}: MLflow experiment {spec.name!r} in {where} exists but holds no "
-            f"study (made by `mnist-study train --mlflow`, by hand, or MLflow's Default); "
-            f'give the study another name (name = "..." in {spec.path}) or another '
-            f"--tracking-uri"
-        )
-    return recorded
-
-
 def changed_code(commit: str, repo: Path = PACKAGE_REPO) -> list[str]:
     """The files of unit code this checkout has changed since `commit` (committed or
     not); empty where git cannot tell (no such commit here, no git)."""
@@ -196,23 +174,27 @@ def worded(change: str, commit: str) -> str:
     return "; ".join(parts)
 
 
-def recorded_identity(tags: dict[str, str] | None) -> dict[str, str]:
+def recorded_identity(tags: dict[str, str]) -> dict[str, str]:
     try:
-        return json.loads((tags or {}).get(IDENTITY_TAG) or "{}")
+        return json.loads(tags.get(IDENTITY_TAG) or "{}")
     except ValueError:
         return {}
 
 
-def identity_change(tags: dict[str, str] | None, identity: dict[str, str]) -> str:
-    """How `identity` differs from the one the study recorded ('threads 1 -> 2'); empty
-    when it does not, or when nothing was recorded (a new study, or one from before).
-    The commit is not compared: one that changes no code changes no number."""
-    recorded = recorded_identity(tags)
+def identity_change(recorded: dict[str, str], identity: dict[str, str]) -> str:
+    """How `identity` differs from the `recorded` one ('threads 1 -> 2'); empty when it
+    does not, or when nothing was recorded (a study from before identities). The commit
+    is not compared: one that changes no code changes no number."""
     return "; ".join(
         f"{key} {recorded[key]} -> {value}"
         for key, value in identity.items()
         if key in recorded and recorded[key] != value and key != "commit"
     )
+
+
+class NoStudy(SpecError):
+    """An MLflow experiment whose tags record no study (made by `mnist-study train
+    --mlflow`, by hand, by another tool, or MLflow's Default); says why."""
 
 
 @dataclass(frozen=True)
@@ -233,6 +215,25 @@ class StudyRecord:
 
     spec: StudySpec
     identity: dict[str, str]
+    extensions: str = ""
+    """Each extension accepted since it started ('study.tunings 3 -> 8')."""
+    mixes: str = ""
+    """Each mix of identities a resume was allowed (--allow-mixed: 'threads 1 -> 2')."""
+
+    @classmethod
+    def from_tags(cls, tags: dict[str, str], name: str) -> StudyRecord:
+        """The study an experiment's `tags` record (named `name`); NoStudy, saying why,
+        where they record none. Never assumes a tag is there."""
+        text = recorded_spec_text(tags)
+        if not text:
+            raise NoStudy("it records no spec")
+        try:
+            spec = spec_from_record(text, Path(f"{name}.toml"))
+        except (ConfigError, ValueError) as exc:
+            raise NoStudy(f"its recorded spec does not read ({exc})") from None
+        return cls(
+            spec, recorded_identity(tags), tags.get(EXTENDED_TAG, ""), tags.get(MIXED_TAG, "")
+        )
 
     def to_tags(self) -> dict[str, str]:
         """The experiment tags that record it: description, spec and identity."""
@@ -253,14 +254,24 @@ class StudyRecord:
         experiment yet, nothing to compare): refuse an experiment that holds no study,
         another design, or (unless `allowed`, or the recorded study has `finished`: no
         unit left to run) another identity."""
-        recorded = recorded_study(self.spec, tags, where)
-        change = identity_change(tags, self.identity)
-        extension = refuse_changed_study(self.spec, recorded, where) or ""
+        if tags is None:
+            return Resume()
+        try:
+            recorded = StudyRecord.from_tags(tags, self.spec.name)
+        except NoStudy as exc:
+            raise SpecError(
+                f"{self.spec.path}: MLflow experiment {self.spec.name!r} in {where} exists "
+                f"but holds no study ({exc}: made by `mnist-study train --mlflow`, by hand, "
+                f'or MLflow\'s Default); give the study another name (name = "..." in '
+                f"{self.spec.path}) or another --tracking-uri"
+            ) from None
+        change = identity_change(recorded.identity, self.identity)
+        extension = refuse_changed_study(self.spec, recorded.spec, where) or ""
+        commit = recorded.identity.get("commit", "?")
         if change and not allowed and not extension and finished():
-            return Resume(finished_on=worded(change, recorded_identity(tags).get("commit", "?")))
+            return Resume(finished_on=worded(change, commit))
         if change and not allowed:
             keys = [part.split(" ", 1)[0] for part in change.split("; ")]
-            commit = recorded_identity(tags).get("commit", "?")
             raise StoresDisagree(
                 f"study {self.spec.name!r} ran with other {', '.join(keys)} "
                 f"({worded(change, commit)}): resuming would mix two studies. Its report "
