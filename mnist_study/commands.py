@@ -122,30 +122,15 @@ def cmd_precision(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from mnist_study.errors import StudyIncomplete, WorkerRefused
     from mnist_study.study.optuna_storage import optuna_storage
-    from mnist_study.study.processes import cap_threads, choose_workers, parse_workers
     from mnist_study.study.runner import RunOptions, run_study
     from mnist_study.study.signals import Interrupted
-    from mnist_study.study.slurm import slurm_options
     from mnist_study.study.spec_file import find_spec, load_spec
 
     args.spec = find_spec(args.spec)
     spec = load_spec(args.spec)
     optuna_storage(args.storage)  # refuses an unsupported address
-    if args.threads is not None and not 0 <= args.threads <= 1024:
-        raise ConfigError(f"--threads {args.threads}: must be in [0, 1024] (0: one per core)")
-    slurm = slurm_options(args, spec.name)
-    opts = RunOptions(
-        tracking_uri=args.tracking_uri,
-        storage=args.storage,
-        data_root=str(args.data_root.resolve() if slurm else args.data_root),
-        workers=parse_workers(args.workers) if slurm else choose_workers(args.workers, spec),
-        threads=args.threads if slurm else cap_threads(args.threads),  # the nodes' cores
-        quiet=args.quiet,
-        allow_mixed=args.allow_mixed,
-        slurm=slurm,
-        detach=args.detach,
-    )
-    print(study_line(spec, opts), flush=True)
+    opts = RunOptions.from_args(args, spec)
+    print(opts.headline(spec), flush=True)
     try:
         run_study(spec, opts)
     except KeyboardInterrupt as exc:
@@ -175,20 +160,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{args.storage}. {then}Browse: {ui}"
     )
     return 0
-
-
-def study_line(spec, opts) -> str:
-    """What `run` is about to run, and where."""
-    s = spec.settings
-    cells = f" x {len(s.train_sizes)} training-set sizes" if s.train_sizes else ""
-    tunings = f" x {s.tunings} tunings" if s.tunings > 1 else ""
-    threads = opts.run_threads(spec.defaults)
-    return (
-        f"study {spec.name!r}: {len(spec.variants)} variants{cells}{tunings} x ({s.trials} "
-        f"trials + {len(s.seeds)} seeds); MLflow {opts.tracking_uri}, Optuna {opts.storage}; "
-        f"{opts.workers} worker(s), "
-        + (f"{threads} thread(s) per run" if threads else "one thread per core per run")
-    )
 
 
 def invoked_as() -> str:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mnist_study.study.processes import GPU_WORKERS, auto_workers, cap_workers, worker_cap
+from mnist_study.study.run_options import GPU_WORKERS, auto_workers, cap_workers, worker_cap
 
 
 def test_workers_auto_is_within_the_machine():
     """One per core this process may use, as many as the free memory holds (read here
     from the kernel, not through the code under test), at least one."""
-    from mnist_study.study.processes import WORKER_MEMORY_BYTES
+    from mnist_study.study.run_options import WORKER_MEMORY_BYTES
 
     cores = len(os.sched_getaffinity(0))
     meminfo = dict(line.split(":") for line in Path("/proc/meminfo").read_text().splitlines())
@@ -35,7 +35,7 @@ def test_workers_are_capped_to_what_the_machine_holds(capsys):
 
 def test_threads_are_capped_to_the_cores_and_default_to_one(capsys):
     """`--threads 1000` on 2 cores ran 14x slower: capped, with a line, like --workers."""
-    from mnist_study.study.processes import cap_threads
+    from mnist_study.study.run_options import cap_threads
 
     cores = len(os.sched_getaffinity(0))
     assert cap_threads(1000) == cores
@@ -43,4 +43,5 @@ def test_threads_are_capped_to_the_cores_and_default_to_one(capsys):
         capsys.readouterr().out
         == f"--threads 1000: this machine has {cores} cores; using {cores}\n"
     )
-    assert cap_threads(1) == 1 and cap_threads(0) == 0  # 0: the spec's, else 1 per run
+    assert cap_threads(1) == 1 and cap_threads(0) == 0  # 0: one per core
+    assert cap_threads(None) is None  # unset: the spec's

@@ -1,5 +1,5 @@
-"""Worker processes of one study command: how many the machine holds, starting them, and
-noticing at once when one dies (out of memory, kill -9) so that its trial is redone."""
+"""Worker processes of one study command: starting them, and noticing at once when one
+dies (out of memory, kill -9) so that its trial is redone."""
 
 from __future__ import annotations
 
@@ -10,87 +10,8 @@ import multiprocessing.forkserver
 import signal
 from collections.abc import Callable
 
-from mnist_study.errors import ConfigError, WorkerRefused
+from mnist_study.errors import WorkerRefused
 from mnist_study.study.signals import STOP_SIGNALS, Interrupted
-from mnist_study.training.machine import available_memory, usable_cores
-
-# Peak resident memory of one process training the seed CNN on full MNIST (torch, the
-# data in memory, MLflow): 1.3 GB measured with /usr/bin/time -v; rounded up.
-WORKER_MEMORY_BYTES = 1_500_000_000
-
-
-def worker_cap() -> tuple[int, str]:
-    """(most workers this machine holds, why): one per core, and the memory they need."""
-    cores = usable_cores()
-    cap, why = cores, f"{cores} cores"
-    memory = available_memory()
-    if memory // WORKER_MEMORY_BYTES < cap:
-        cap = max(1, memory // WORKER_MEMORY_BYTES)
-        why = f"{memory / 2**30:.1f} GiB of free memory at ~{WORKER_MEMORY_BYTES / 2**30:.1f} each"
-    return cap, why
-
-
-# Processes sharing one GPU. Measured on an H100 with CUDA graphs (scripts/gpu-checks.sh,
-# docs/speed.md): one process already keeps it busy (159k images/s; 1 to 8 processes
-# together 155k-157k), as processes time-share the GPU. More than one only keep it fed
-# while another logs, evaluates or starts; 4 ran the ablation study in 161-165 s.
-GPU_WORKERS = 4
-
-
-def auto_workers(cuda: bool) -> tuple[int, str]:
-    """(workers, why) for `--workers auto`. CPU: one single-thread process per core
-    (2 beat 1 two-thread process on 2 cores, `make bench --study-workers`); CUDA: enough
-    processes to keep the GPU busy, within the cores and memory they need."""
-    cap, why = worker_cap()
-    if not cuda:
-        return cap, f"one per core, within memory ({why})"
-    if cap < GPU_WORKERS:
-        return cap, f"{GPU_WORKERS} keep one GPU busy, this machine holds {cap} ({why})"
-    return GPU_WORKERS, f"{GPU_WORKERS} keep one GPU busy"
-
-
-def parse_workers(value: str) -> int | str:
-    """`--workers`: "auto", or a count (checked here for a one-line error, not by argparse)."""
-    if value == "auto":
-        return value
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise ConfigError(f"--workers {value}: must be 'auto' or a whole number >= 1")
-    return number
-
-
-def cap_workers(requested: int) -> int:
-    cap, why = worker_cap()
-    if requested > cap:
-        print(f"--workers {requested}: this machine holds {cap} ({why}); using {cap}", flush=True)
-        return cap
-    return requested
-
-
-def choose_workers(value: str, spec) -> int:
-    """`--workers`: a count (capped by what the machine holds), or `auto`, said aloud."""
-    from mnist_study.training.train import resolve_device  # torch: not for --help
-
-    requested = parse_workers(value)
-    if requested != "auto":
-        return cap_workers(requested)
-    workers, why = auto_workers(resolve_device(spec.defaults).type == "cuda")
-    print(f"--workers auto: {workers} ({why})", flush=True)
-    return workers
-
-
-def cap_threads(requested: int | None) -> int | None:
-    """More threads per run than cores only makes them wait on each other (14x slower
-    measured with 1000 on 2 cores)."""
-    cores = usable_cores()
-    if requested is not None and requested > cores:
-        print(f"--threads {requested}: this machine has {cores} cores; using {cores}", flush=True)
-        return cores
-    return requested
-
 
 REFUSED = 2
 """A worker's exit code when it refused to go on (its reason printed in one line): the

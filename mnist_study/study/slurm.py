@@ -73,12 +73,8 @@ class SlurmOptions:
         return {k: v for k, v in params.items() if v is not None or k == "time"}
 
 
-def slurm_options(args, study: str) -> SlurmOptions | None:
-    """--launcher slurm's options, checked; None for local workers."""
-    if args.launcher != "slurm":
-        if args.detach:
-            raise ConfigError("--detach: only with --launcher slurm (local workers end with it)")
-        return None
+def slurm_options(args, study: str) -> SlurmOptions:
+    """--launcher slurm's options, checked."""
     if args.workers == "auto":
         raise ConfigError("--workers auto: with --launcher slurm give the number of jobs, e.g. 8")
     for flag, value, low in (("--cpus-per-worker", args.cpus_per_worker, 1),
