@@ -283,9 +283,10 @@ def test_a_run_left_running_after_its_trial_ended_is_named_then_closed(finished,
 
 
 @pytest.mark.parametrize("made", ["by hand, no runs", "by hand, with runs", "by train"])
-def test_report_and_plan_on_an_experiment_that_holds_no_study_are_one_line(tmp_path, made):
+def test_report_plan_status_on_an_experiment_that_holds_no_study_are_one_line(tmp_path, made):
     """An experiment that `mnist-study run` did not make (the MLflow UI, another tool,
-    `train --mlflow`): its runs carry none of a study's tags, so it is named, not read."""
+    `train --mlflow`): its runs carry none of a study's tags, so it is named, not read
+    (status once called it "not started")."""
     tracking, _ = stores(tmp_path)
     client = MlflowClient(tracking)
     experiment = client.create_experiment("tiny")
@@ -296,7 +297,8 @@ def test_report_and_plan_on_an_experiment_that_holds_no_study_are_one_line(tmp_p
         client.set_experiment_tag(experiment, "mlflow.note.content", "a note, not a spec")
         client.create_run(experiment, tags={"role": "train"})
     (tmp_path / "tiny.toml").write_text(TINY.replace("trials = 2", "trials = 2\ntunings = 2", 1))
-    for args in (["report", "tiny"], ["plan", str(tmp_path / "tiny.toml"), "--pilot", "tiny"]):
+    spec = str(tmp_path / "tiny.toml")
+    for args in (["report", "tiny"], ["plan", spec, "--pilot", "tiny"], ["status", spec]):
         done = cli(*args, "--tracking-uri", tracking, process=False, cwd=tmp_path)
         one_line_error(
             done, "MLflow experiment 'tiny'", "holds no study", "not by `mnist-study run`"
@@ -373,7 +375,9 @@ def test_status_on_a_journal_that_lacks_the_study_says_so_in_one_line(finished, 
     one_line_error(done, "holds 8 runs of study 'tiny'", "has none of its trials", storage)
 
 
-def test_report_on_a_journal_of_another_run_of_the_study_is_one_line(finished, tmp_path):
+def test_report_and_status_on_a_journal_of_another_run_of_the_study_are_one_line(
+    finished, tmp_path
+):
     spec, tracking, storage = copy_of(finished, tmp_path)
     other = tmp_path / "other"
     other.mkdir()
@@ -381,7 +385,8 @@ def test_report_on_a_journal_of_another_run_of_the_study_is_one_line(finished, t
     done = cli(*run_args(other / "tiny.toml", *stores(other)), process=False)
     assert done.returncode == 0, done.stderr
     shutil.copyfile(stores(other)[1], storage)  # the same study's name, another run's trials
-    args = ["--tracking-uri", tracking, "--storage", storage, "--out", str(tmp_path / "r")]
-    done = cli("report", str(spec), *args, process=False)
-    one_line_error(done, storage, "links none of the 8 runs of study 'tiny'", "(--storage)")
+    args = ["--tracking-uri", tracking, "--storage", storage]
+    for command in (["report", str(spec), "--out", str(tmp_path / "r")], ["status", str(spec)]):
+        done = cli(*command, *args, process=False)
+        one_line_error(done, storage, "links none of the 8 runs of study 'tiny'", "(--storage)")
     assert not (tmp_path / "r").exists()

@@ -8,15 +8,12 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from mnist_study.errors import SpecError, StoresDisagree
-from mnist_study.study.optuna_storage import optuna_storage
-from mnist_study.study.record import NoStudy, StudyRecord
 from mnist_study.study.spec import StudySpec
-from mnist_study.study.stores import OptunaSide, open_runs_of_ended_trials, optuna_side
+from mnist_study.study.stored import read_stored
+from mnist_study.study.stores import open_runs_of_ended_trials
 from mnist_study.tracking.legacy import metric_history, upgrade_runs
 from mnist_study.tracking.names import Role
 from mnist_study.tracking.runs import runs_frame
-from mnist_study.tracking.store import find_experiment
 
 CURVES = ("train_loss", "val_loss", "train_acc", "val_acc", "train_seconds")
 
@@ -92,22 +89,14 @@ def collect(
     """Everything the report reads: the recorded spec, the runs it may count (with the
     problems found on the way), and the final runs' curves; with `tunings`, only those
     of every cell's first `tunings` tunings (a stage of a study that runs in rounds)."""
-    exp = find_experiment(tracking_uri, study)
-    if exp is None:
+    stored = read_stored(tracking_uri, study, storage)
+    if stored is None:
         missing = [f"no MLflow experiment named {study!r} in {tracking_uri}"]
         return StudyData(study, None, pd.DataFrame(), pd.DataFrame(), [], missing)
     problems: list[str] = []
-    try:
-        record = StudyRecord.from_tags(exp.tags, study)
-    except NoStudy as exc:
-        # Every read below assumes a study's runs and tags: refuse any other experiment.
-        raise SpecError(
-            f"MLflow experiment {study!r} in {tracking_uri} holds no study: {exc}; it was "
-            f"made by hand, by another tool or by `mnist-study train --mlflow`, not by "
-            f"`mnist-study run`"
-        ) from None
+    record = stored.record
     spec = record.spec
-    runs = runs_frame(tracking_uri, exp.experiment_id)
+    runs = runs_frame(tracking_uri, stored.experiment_id)
     if runs.empty:
         return StudyData(study, spec, runs, pd.DataFrame(), [], problems + ["no runs recorded yet"])
     # A run reaped after its worker died ends when it was reaped, perhaps long after; its
@@ -119,14 +108,7 @@ def collect(
             pd.Timestamp(last, unit="ms", tz="UTC") if last else runs.at[i, "start_time"]
         )
     runs = upgrade_runs(runs)
-    units = int(runs["tags.role"].isin([Role.TUNE, Role.FINAL]).sum())
-    runs, found = counted_runs(runs, spec, optuna_record(storage, spec))
-    if units and not runs["tags.role"].isin([Role.TUNE, Role.FINAL]).any():
-        raise StoresDisagree(
-            f"the Optuna storage {storage} links none of the {units} runs of study {study!r} "
-            f"in {tracking_uri} (a journal of another run of it?); give the storage the "
-            f"study ran with (--storage)"
-        )
+    runs, found = counted_runs(runs, spec, stored.side)
     problems += found
     curves = final_curves(tracking_uri, runs[runs["tags.role"] == Role.FINAL])
     seen = list(dict.fromkeys(runs["tags.variant"].dropna()))
@@ -152,22 +134,6 @@ def stage(data: StudyData, tunings: int | None) -> StudyData:
         curves=curves[curves.tuning < tunings] if not curves.empty else curves,
         planned=spec.settings.tunings,
     )
-
-
-def optuna_record(storage: str | None, spec: StudySpec | None) -> OptunaSide | str:
-    """Optuna's side of the record (the MLflow run ids it links to trials, the FAIL
-    trials with no run), or why it cannot be had. Reads only: a missing storage is not
-    created."""
-    if storage is None or spec is None:
-        return "no Optuna storage given: runs not cross-checked against trials"
-    found = optuna_storage(storage)
-    if not found.exists():
-        return f"Optuna storage {storage} not found: runs not cross-checked against trials"
-    found.check()  # a folder, or one it cannot open: one line, not Optuna's traceback
-    side = optuna_side(found.connect(), spec)
-    if side.trials == 0:
-        return f"Optuna storage {storage} holds no trials of this study: runs not cross-checked"
-    return side
 
 
 def counted_runs(

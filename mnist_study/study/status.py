@@ -11,8 +11,8 @@ from mnist_study.study.pace import study_seconds_left
 from mnist_study.study.slurm import ARRAYS_TAG, array_ids, job_states
 from mnist_study.study.slurm_watch import describe
 from mnist_study.study.spec import StudySpec
-from mnist_study.study.stores import StudyStores, optuna_side
-from mnist_study.tracking.store import check_tracking_uri, find_experiment
+from mnist_study.study.stored import read_stored
+from mnist_study.study.stores import OptunaSide, StudyStores
 
 
 def status_lines(spec: StudySpec, stores: StudyStores) -> list[str]:
@@ -39,14 +39,14 @@ def status_lines(spec: StudySpec, stores: StudyStores) -> list[str]:
 
 
 def print_status(spec: StudySpec, tracking_uri: str, storage: str) -> None:
-    check_tracking_uri(tracking_uri, must_exist=True)
-    found = find_experiment(tracking_uri, spec.name)
+    stored = read_stored(tracking_uri, spec.name, storage)
     stores = StudyStores(spec, tracking_uri, storage)
-    if found is None or not stores.optuna.exists():
+    if stored is None or not stores.optuna.exists():
         print(f"study {spec.name!r}: not started in {tracking_uri} and {storage}")
         return
     # Both records read, compared as `run` compares them: a journal lost, emptied or
     # swapped for another run's is said in one line, not met as a missing record.
-    stores.agree(optuna_side(stores.optuna.open(), spec), stores.mirrored_runs())
-    stores.attach(found.experiment_id)
+    side = stored.side if isinstance(stored.side, OptunaSide) else OptunaSide(0, {})
+    stores.agree(side, stored.runs)
+    stores.attach(stored.experiment_id)
     print("\n".join(status_lines(spec, stores)))
