@@ -7,6 +7,7 @@ any failure, so `FUZZ_SEED=N make test-slow ARGS='-k fuzz'` replays a run."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import random
@@ -69,6 +70,9 @@ PLACES = ["file"] * 8 + ["folder", "missing", "fifo", "bytes"]
 # the folder copied by hand (its artifact place still the original's), one side emptied.
 STORES = ["fresh"] * 10 + ["foreign", "swapped", "copied", "empty journal", "no mlflow"]
 CHAINS = [0] * 8 + [3, 12]  # files chained by `base` before the case's own (bound: 8)
+# The command: mostly `run`; else a read-only one on the same stores, which must read
+# them or refuse in one line and never write them (report writes only after reading).
+COMMANDS = ["run"] * 5 + ["report", "status", "plan"]
 
 
 def mutated(rng: random.Random) -> dict:
@@ -103,6 +107,7 @@ def mutated(rng: random.Random) -> dict:
         "flags": rng.choice(FLAGS),
         "store": rng.choice(STORES),
         "chain": rng.choice(CHAINS),
+        "command": rng.choice(COMMANDS),
     }
 
 
@@ -139,9 +144,9 @@ def start_stores(kind: str, folder: Path, made: dict[str, Path]) -> None:
             (folder / "mlflow.db").unlink()
 
 
-def run_case(case: dict, root: Path, made: dict[str, Path]) -> str | None:
-    """Run one case in `root` (`made`: finished studies' stores to start from); None if
-    it behaved, else what went wrong."""
+def run_case(case: dict, root: Path, made: dict[str, Path]) -> tuple[str | None, str]:
+    """Run one case in `root` (`made`: finished studies' stores to start from): (None if
+    it behaved, else what went wrong; the command and how it ended)."""
     root.mkdir()
     (root / "file").write_text("a file where a folder should be")
     spec = root / "fuzz.toml"
@@ -161,43 +166,59 @@ def run_case(case: dict, root: Path, made: dict[str, Path]) -> str | None:
     start_stores(case.get("store", "fresh"), root / "s", made)
     tracking, storage = stores(root / "s")
     flags = [f.replace("{tmp}", str(root)) for f in case["flags"]]
+    command = case.get("command", "run")
+    if command != "run":  # a read-only command takes the store flags alone
+        flags = flags if flags[:1] in (["--tracking-uri"], ["--storage"]) else []
+        flags = flags if command != "plan" or flags[:1] != ["--storage"] else []
     before = files_under(root)
     previous = signal.signal(signal.SIGALRM, hung)
     signal.alarm(120)
-    args = ["run", str(spec), "--tracking-uri", tracking, "--storage", storage, "--quiet", *flags]
+    args = {
+        "run": ["run", str(spec), "--tracking-uri", tracking, "--storage", storage, "--quiet"],
+        "report": ["report", str(spec), "--tracking-uri", tracking, "--storage", storage,
+                   "--out", str(root / "reports")],
+        "status": ["status", str(spec), "--tracking-uri", tracking, "--storage", storage],
+        "plan": ["plan", str(spec), "--tracking-uri", tracking],
+    }[command] + flags  # fmt: skip
     for i, arg in enumerate(args[:-1]):  # the stores the case names last are those it uses
         tracking = args[i + 1] if arg == "--tracking-uri" else tracking
         storage = args[i + 1] if arg == "--storage" else storage
     try:
         done = cli(*args, process=False)
     except CaseHung:
-        return "ran past 120 s"
+        return "ran past 120 s", command
     except BaseException as exc:  # a bug: the traceback escaped the error boundary
-        return f"raised {type(exc).__name__}: {str(exc)[:300]}"
+        return f"raised {type(exc).__name__}: {str(exc)[:300]}", command
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+    ended = f"{command} exit {done.returncode}"
     err = done.stderr.strip().splitlines()
     if done.returncode == 2:
         if len(err) > 3 or "Traceback" in done.stderr or not err:
-            return f"exit 2 with {len(err)} lines: {done.stderr[-500:]}"
+            return f"exit 2 with {len(err)} lines: {done.stderr[-500:]}", ended
         if files_under(root) != before:
-            return (
-                f"refused ({err[-1][:200]}) but left {sorted(set(files_under(root)) - set(before))}"
-            )
-        return None
+            left = sorted(set(files_under(root)) - set(before))
+            return f"refused ({err[-1][:200]}) but left {left}", ended
+        return None, ended
     if done.returncode != 0:
-        return f"exit {done.returncode}: {done.stderr[-500:]}"
+        return f"exit {done.returncode}: {done.stderr[-500:]}", ended
+    if command in ("status", "plan") and files_under(root) != before:
+        return f"{command} wrote {sorted(set(files_under(root)) ^ set(before))}", ended
+    if command != "run":
+        return None, ended
     database = Path(tracking.removeprefix("sqlite:///"))
     if tracking.startswith("sqlite:///") and not database.is_file():
-        return f"exit 0, but no MLflow store at {database}: its runs went elsewhere"
+        return f"exit 0, but no MLflow store at {database}: its runs went elsewhere", ended
     try:
         assert_budget_met_exactly(tracking, storage, load_spec(spec))
     except AssertionError as exc:
-        return f"exit 0 but the stores disagree: {exc}"
+        return f"exit 0 but the stores disagree: {exc}", ended
     report = cli("report", str(spec), "--tracking-uri", tracking, "--storage", storage,
                  "--out", str(root / "reports"), process=False)  # fmt: skip
-    return None if report.returncode == 0 else f"report exit {report.returncode}: {report.stderr}"
+    if report.returncode != 0:
+        return f"report exit {report.returncode}: {report.stderr}", ended
+    return None, ended
 
 
 @pytest.fixture
@@ -222,10 +243,10 @@ def test_every_mutated_case_runs_or_is_refused_in_one_line(tmp_path, mnist_root,
     kept = json.loads(KEPT.read_text())
     rng = random.Random(SEED)
     cases = kept + [mutated(rng) for _ in range(CASES)]
-    failed, outcomes = [], {"ran": 0, "refused": 0}
+    failed, outcomes = [], collections.Counter()
     untouched = {name: files_under(folder) for name, folder in made.items()}
     for i, case in enumerate(cases):
-        problem = run_case(case, tmp_path / f"case{i}", made)
+        problem, ended = run_case(case, tmp_path / f"case{i}", made)
         changed = [name for name, folder in made.items() if files_under(folder) != untouched[name]]
         if changed:  # a copied store wrote into the one it was copied from
             problem = f"wrote into the stores of {changed}, which it was not given"
@@ -233,7 +254,7 @@ def test_every_mutated_case_runs_or_is_refused_in_one_line(tmp_path, mnist_root,
         if problem:
             failed.append((i, problem, case))
         else:
-            outcomes["ran" if (tmp_path / f"case{i}" / "reports").exists() else "refused"] += 1
-    print(f"fuzz: {len(cases)} cases ({len(kept)} kept), seed {SEED}: {outcomes}")
+            outcomes[ended] += 1
+    print(f"fuzz: {len(cases)} cases ({len(kept)} kept), seed {SEED}: {sorted(outcomes.items())}")
     shown = [f"case {i}: {p}\n  {json.dumps(c)[:600]}" for i, p, c in failed]
     assert not failed, f"{len(failed)} of {len(cases)} cases (seed {SEED}):\n" + "\n".join(shown)
