@@ -287,16 +287,18 @@ def test_a_base_chain_is_bounded_before_pythons_recursion_limit(tmp_path):
 def test_a_change_in_the_base_is_a_changed_study(tmp_path):
     import json
 
-    from mnist_study.study.record import refuse_changed_study
+    from mnist_study.study.record import refuse_changed_study, spec_from_record
 
     (tmp_path / "base.toml").write_text(GOOD)
     child = tmp_path / "child.toml"
     child.write_text('base = "base.toml"\n[study]\nseeds = [0]\n')
     recorded = json.dumps(load_spec(child).resolved)
-    refuse_changed_study(load_spec(child), recorded, "store")  # unchanged: resumes
+    refuse_changed_study(
+        load_spec(child), spec_from_record(recorded, child), "store"
+    )  # unchanged: resumes
     (tmp_path / "base.toml").write_text(GOOD.replace("high = 1e-2", "high = 2e-2"))
     with pytest.raises(SpecError, match=r"changed since study 'child' started in store \(variants"):
-        refuse_changed_study(load_spec(child), recorded, "store")
+        refuse_changed_study(load_spec(child), spec_from_record(recorded, child), "store")
 
 
 def test_a_changed_default_in_the_code_is_a_changed_study(tmp_path):
@@ -304,7 +306,7 @@ def test_a_changed_default_in_the_code_is_a_changed_study(tmp_path):
     another value is refused on resume; how runs execute (threads, device) is not design."""
     import json
 
-    from mnist_study.study.record import refuse_changed_study
+    from mnist_study.study.record import refuse_changed_study, spec_from_record
 
     path = tmp_path / "study.toml"
     path.write_text(GOOD)
@@ -315,9 +317,11 @@ def test_a_changed_default_in_the_code_is_a_changed_study(tmp_path):
         "defaults": recorded["defaults"] | {"train_eval_size": 5000}
     }
     with pytest.raises(SpecError, match=r"\(\[defaults\]\)"):
-        refuse_changed_study(spec, json.dumps(started_under_old_code), "store")
+        refuse_changed_study(
+            spec, spec_from_record(json.dumps(started_under_old_code), path), "store"
+        )
     path.write_text("[defaults]\nthreads = 1\n" + GOOD)
-    refuse_changed_study(load_spec(path), spec.record(), "store")
+    refuse_changed_study(load_spec(path), spec_from_record(spec.record(), path), "store")
 
 
 def test_missing_file(tmp_path):
@@ -353,7 +357,7 @@ def test_the_tiny_spec_cannot_raise_a_check_whatever_its_trials_score(tmp_path):
 def test_raising_tunings_or_adding_seeds_alone_extends_a_study(tmp_path):
     """Those two changes alone are accepted (and said); with anything else, or from a
     study tuned once (its runs carry no tuning index), the study is still refused."""
-    from mnist_study.study.record import refuse_changed_study
+    from mnist_study.study.record import refuse_changed_study, spec_from_record
 
     path = tmp_path / "grow.toml"
     path.write_text(GOOD.replace("trials = 2", "trials = 2\ntunings = 3\nseeds = [0, 1]"))
@@ -361,7 +365,7 @@ def test_raising_tunings_or_adding_seeds_alone_extends_a_study(tmp_path):
 
     def again(text: str):
         path.write_text(text)
-        return refuse_changed_study(load_spec(path), recorded, "store")
+        return refuse_changed_study(load_spec(path), spec_from_record(recorded, path), "store")
 
     start = GOOD.replace("trials = 2", "trials = 2\ntunings = 3\nseeds = [0, 1]")
     assert again(start) is None
