@@ -83,5 +83,5 @@ def test_the_record_reads_back_from_its_tags_and_any_other_experiment_says_why_n
         StudyRecord.from_tags({"mlflow.note.content": "made by hand"}, "rec")
     with pytest.raises(NoStudy, match="its recorded spec does not read"):
         StudyRecord.from_tags({SPEC_TAG: '{"study": {"trials": "many"}}'}, "rec")
-    broken = tags | {IDENTITY_TAG: "not json"}  # an identity that does not read: none recorded
-    assert StudyRecord.from_tags(broken, "rec").identity == {}
+    for broken in ("not json", "[1, 2]", "7"):  # an identity that does not read: none
+        assert StudyRecord.from_tags(tags | {IDENTITY_TAG: broken}, "rec").identity == {}

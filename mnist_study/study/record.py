@@ -175,10 +175,13 @@ def worded(change: str, commit: str) -> str:
 
 
 def recorded_identity(tags: dict[str, str]) -> dict[str, str]:
+    """The identity an experiment records; none where its tag is missing or not one
+    (an experiment from before identities, or a tag edited by hand)."""
     try:
-        return json.loads(tags.get(IDENTITY_TAG) or "{}")
+        found = json.loads(tags.get(IDENTITY_TAG) or "{}")
     except ValueError:
         return {}
+    return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
 
 
 def identity_change(recorded: dict[str, str], identity: dict[str, str]) -> str:
