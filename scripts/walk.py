@@ -9,9 +9,11 @@ parsed command line, the spec or its parts, the run options, the stores and thei
 classes, a unit, a config, the data, a tracker, a console, a path, or one of the
 command's store addresses as a string (`--narrow`: only the command line, the spec and
 its parts, the run options, the configurations made from them, paths and the
-addresses; not the objects that carry them). A return is a stop in a file already left.
+addresses; not the objects that carry them; `--no-configs`: as --narrow without the
+configurations, which is the command line, the spec, the options or a store address).
+A return is a stop in a file already left.
 
-    .venv/bin/python scripts/walk.py [--list] [--narrow]
+    .venv/bin/python scripts/walk.py [--list] [--narrow | --no-configs]
 """
 
 from __future__ import annotations
@@ -110,9 +112,13 @@ def main() -> None:
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--list", action="store_true", help="print the walk, file by file")
     parser.add_argument("--narrow", action="store_true", help="follow the command's own values")
+    parser.add_argument("--no-configs", action="store_true", help="--narrow but the configs")
     args = parser.parse_args()
+    passed = PASSED
+    if args.narrow or args.no_configs:
+        passed = tuple(t for t in NARROW if not (args.no_configs and t is TrainConfig))
     with tempfile.TemporaryDirectory() as folder:
-        order = walk(Path(folder), args.data_root, NARROW if args.narrow else PASSED)
+        order = walk(Path(folder), args.data_root, passed)
     visited, returns, previous, lines = set(), 0, None, []
     for file, function in order:
         if file != previous:
