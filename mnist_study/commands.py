@@ -182,14 +182,21 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_studies(args: argparse.Namespace) -> int:
-    """Each study in the store with its address in the MLflow UI."""
+    """Each study in the store with its address in the MLflow UI; an experiment that
+    holds no study (made by hand, or by `train --mlflow`) is listed and said to be one."""
+    from mnist_study.study.record import NoStudy, StudyRecord
     from mnist_study.tracking.names import ui_link
-    from mnist_study.tracking.store import check_tracking_uri, studies
+    from mnist_study.tracking.store import check_tracking_uri, experiment_tags, studies
 
     check_tracking_uri(args.tracking_uri, must_exist=True)
     found = studies(args.tracking_uri)
     for name, experiment_id, view in found:
-        print(f"  {name:<12} {ui_link(experiment_id, ui=args.ui, view=view is not None)}")
+        link = ui_link(experiment_id, ui=args.ui, view=view is not None)
+        try:
+            StudyRecord.from_tags(experiment_tags(args.tracking_uri, name) or {}, name)
+        except NoStudy:
+            link += "  (no study: made by hand or by `train --mlflow`)"
+        print(f"  {name:<12} {link}")
     if not found:
         print("  no studies yet: make quick, or make ablations")
     return 0

@@ -304,6 +304,9 @@ def test_report_plan_status_on_an_experiment_that_holds_no_study_are_one_line(tm
             done, "MLflow experiment 'tiny'", "holds no study", "not by `mnist-study run`"
         )
     assert not (tmp_path / "reports").exists()
+    listed = cli("studies", "--tracking-uri", tracking, process=False)
+    assert listed.returncode == 0, listed.stderr
+    assert "tiny" in listed.stdout and "(no study: made by hand" in listed.stdout
 
 
 def files_in(folder: Path) -> dict[str, bytes]:
