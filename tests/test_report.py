@@ -312,3 +312,11 @@ def test_runs_from_an_edited_checkout_are_counted_apart_in_the_header(finished, 
     client.set_tag(children[1].info.run_id, "git_commit", "ab" * 20 + "-dirty")
     body = write_report(tracking, "tiny", tmp_path / "reports", storage=storage)
     assert f"`{'ab' * 6}` (1 run)" in body and f"`{'ab' * 6}-dirty` (1 run)" in body
+
+
+def test_a_difference_that_rounds_to_zero_is_shown_without_a_sign():
+    """-0.00 would claim a direction the rounded number does not have."""
+    from mnist_study.analysis.tables import points
+
+    assert points(-0.00004) == points(0.00004) == points(0.0) == "0.00"
+    assert (points(-0.0011), points(0.0011)) == ("-0.11", "+0.11")

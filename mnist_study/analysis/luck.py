@@ -11,6 +11,7 @@ import math
 import pandas as pd
 
 from mnist_study.analysis.significance import expected_best
+from mnist_study.analysis.tables import points
 from mnist_study.analysis.variance import (
     COVERAGE_FLOOR,
     TABLES,
@@ -57,8 +58,8 @@ def comparison_table(table: pd.DataFrame) -> str:
         if math.isnan(r.diff_vs_baseline):
             continue
         lines.append(
-            f"| {r.variant} | {r.diff_vs_baseline * 100:+.2f} "
-            f"[{r.diff_low * 100:+.2f}, {r.diff_high * 100:+.2f}] | "
+            f"| {r.variant} | {points(r.diff_vs_baseline)} "
+            f"[{points(r.diff_low)}, {points(r.diff_high)}] | "
             f"{r.p_diff:.2g} (Holm {r.p_holm:.2g}) | ± {r.seed_ci95 * 100:.2f} | "
             f"{r.same_sign} of {r.tuning_pairs} |"
         )

@@ -24,6 +24,7 @@ from mnist_study.analysis.significance import (
     same_sign_pairs,
     seeds_only,
 )
+from mnist_study.analysis.tables import points
 from mnist_study.intervals import acc_interval
 from mnist_study.tracking.names import Role
 
@@ -277,7 +278,7 @@ def verdict(
         return "Resolved: no comparisons yet."
 
     def shown(r) -> str:
-        return f"{r.variant} {r.diff_vs_baseline * 100:+.2f} ± {r.diff_ci95 * 100:.2f}"
+        return f"{r.variant} {points(r.diff_vs_baseline)} ± {r.diff_ci95 * 100:.2f}"
 
     resolved = rest.p_holm < alpha
     up = [shown(r) for r in rest[resolved & (rest.diff_vs_baseline > 0)].itertuples()]

@@ -11,6 +11,13 @@ def pct(x: float, digits: int = 2) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}%}"
 
 
+def points(x: float) -> str:
+    """A difference of accuracies in signed points; one that rounds to zero is 0.00, not
+    -0.00 (a sign it does not have at that precision)."""
+    shown = f"{x * 100:+.2f}"
+    return "0.00" if shown in ("+0.00", "-0.00") else shown
+
+
 def markdown_table(table: pd.DataFrame, point: str = "epoch") -> str:
     """`point`: what the best-validation column counts (epoch, or optimizer step)."""
     head = (
@@ -29,7 +36,7 @@ def markdown_table(table: pd.DataFrame, point: str = "epoch") -> str:
         diff = (
             ""
             if math.isnan(r.diff_vs_baseline) or r.variant == "baseline"
-            else f"{r.diff_vs_baseline * 100:+.2f} ± {r.diff_ci95 * 100:.2f} "
+            else f"{points(r.diff_vs_baseline)} ± {r.diff_ci95 * 100:.2f} "
             f"(p={r.p_diff:.2g}, Holm {r.p_holm:.2g})"
         )
         loss = (
