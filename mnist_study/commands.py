@@ -185,15 +185,15 @@ def cmd_studies(args: argparse.Namespace) -> int:
     """Each study in the store with its address in the MLflow UI; an experiment that
     holds no study (made by hand, or by `train --mlflow`) is listed and said to be one."""
     from mnist_study.study.record import NoStudy, StudyRecord
-    from mnist_study.tracking.names import ui_link
-    from mnist_study.tracking.store import check_tracking_uri, experiment_tags, studies
+    from mnist_study.tracking.names import VIEW_TAG, ui_link
+    from mnist_study.tracking.store import check_tracking_uri, studies
 
     check_tracking_uri(args.tracking_uri, must_exist=True)
     found = studies(args.tracking_uri)
-    for name, experiment_id, view in found:
-        link = ui_link(experiment_id, ui=args.ui, view=view is not None)
+    for name, experiment_id, tags in found:
+        link = ui_link(experiment_id, ui=args.ui, view=VIEW_TAG in tags)
         try:
-            StudyRecord.from_tags(experiment_tags(args.tracking_uri, name) or {}, name)
+            StudyRecord.from_tags(tags, name)
         except NoStudy:
             link += "  (no study: made by hand or by `train --mlflow`)"
         print(f"  {name:<12} {link}")

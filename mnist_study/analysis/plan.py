@@ -227,12 +227,12 @@ def pilots_in(tracking_uri: str) -> list[str]:
     """The studies in the store that were tuned several times (their recorded
     `study.tunings` at least 2): those a plan can be read from."""
     from mnist_study.study.record import NoStudy, StudyRecord
-    from mnist_study.tracking.store import experiment_tags, studies
+    from mnist_study.tracking.store import studies
 
     found = []
-    for name, _, _ in studies(tracking_uri):
+    for name, _, tags in studies(tracking_uri):
         try:  # the recorded study read as every resume reads it
-            record = StudyRecord.from_tags(experiment_tags(tracking_uri, name) or {}, name)
+            record = StudyRecord.from_tags(tags, name)
         except NoStudy:
             continue
         tunings = record.spec.settings.tunings

@@ -31,7 +31,6 @@ from mnist_study.store_paths import (
 from mnist_study.tracking.names import (
     EXPERIMENT_KIND,
     SPEC_TAG,
-    VIEW_TAG,
 )
 
 SCHEMES = ("sqlite:///", "postgresql://", "postgresql+psycopg://", "http://", "https://")
@@ -251,17 +250,11 @@ def find_experiment(tracking_uri: str, experiment: str) -> Experiment | None:
         return MlflowClient(tracking_uri).get_experiment_by_name(experiment)
 
 
-def experiment_tags(tracking_uri: str, experiment: str) -> dict[str, str] | None:
-    """The tags of the experiment, if it exists (its recorded spec among them)."""
-    found = find_experiment(tracking_uri, experiment)
-    return None if found is None else found.tags
-
-
-def studies(tracking_uri: str) -> list[tuple[str, str, str | None]]:
-    """(name, id, the saved view of its cells as JSON, or None) of every experiment in
-    the store but MLflow's Default."""
+def studies(tracking_uri: str) -> list[tuple[str, str, dict[str, str]]]:
+    """(name, id, tags) of every experiment in the store but MLflow's Default, read in
+    one query (the tags hold its recorded study and its saved view, if any)."""
     found = MlflowClient(tracking_uri).search_experiments(filter_string="name != 'Default'")
-    return [(e.name, e.experiment_id, e.tags.get(VIEW_TAG)) for e in found]
+    return [(e.name, e.experiment_id, e.tags) for e in found]
 
 
 def sqlite_file(tracking_uri: str) -> Path | None:

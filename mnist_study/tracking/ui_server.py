@@ -25,6 +25,7 @@ import threading
 import time
 from pathlib import Path
 
+from mnist_study.tracking.names import VIEW_TAG
 from mnist_study.tracking.store import studies
 
 # The keys and JSON values MLflow's useLocalStorage writes (key + "_v" + version).
@@ -141,7 +142,8 @@ def serve(tracking_uri: str, layer: http.server.HTTPServer) -> int:
         env={**os.environ, "PYTHONWARNINGS": "ignore"},  # a library's, not the user's
     )  # fmt: skip
     Layer.upstream = inner
-    Layer.script = first_visit_script({i: view for _, i, view in studies(tracking_uri) if view})
+    views = {i: tags[VIEW_TAG] for _, i, tags in studies(tracking_uri) if tags.get(VIEW_TAG)}
+    Layer.script = first_visit_script(views)
     threading.Thread(target=lambda: (server.wait(), layer.shutdown()), daemon=True).start()
     try:
         layer.serve_forever(poll_interval=0.5)
