@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mnist_study.errors import ConfigError, SpecError, StoresDisagree
-from mnist_study.study.spec import StudySettings, StudySpec, design_params, parse_raw
-from mnist_study.study.spec_file import experiment_description, parse_spec, spec_tag
+from mnist_study.study.spec import StudySettings, StudySpec, design_params
+from mnist_study.study.spec_file import experiment_description, parse_raw, parse_spec, spec_tag
 from mnist_study.tracking.legacy import recorded_spec_text
 from mnist_study.tracking.names import (
     EXTENDED_TAG,

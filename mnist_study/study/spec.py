@@ -1,4 +1,5 @@
-"""Study specs: TOML files in experiments/, validated completely before anything runs.
+"""Study specs: TOML files in experiments/, read and validated completely (spec_file.py)
+before anything runs, into the types here.
 
 base = "ablations.toml"  # optional: start from that file (beside this one); this file
                          # then states only what it changes, key by key
@@ -31,8 +32,7 @@ from pathlib import Path
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, model_validator
 
-from mnist_study.errors import SpecError
-from mnist_study.training.config import SCHEMA, SEED_MAX, TrainConfig, validated
+from mnist_study.training.config import SCHEMA, SEED_MAX, TrainConfig
 
 MAX_SEEDS = 1000
 MAX_SIZES = 20
@@ -270,81 +270,3 @@ EXECUTION_FIELDS = {"device", "cuda_graph", "threads"}
 def design_params(cfg: TrainConfig) -> dict[str, object]:
     """The config as a study's design: every field but how it executes."""
     return {k: v for k, v in cfg.as_params().items() if k not in EXECUTION_FIELDS}
-
-
-def parse_raw(raw: dict, path: Path) -> StudySpec:
-    where = str(path)
-    top = validated(SpecTables, where, raw)
-    name = top.name or path.stem
-    settings = validated(StudySettings, where, top.study, "study.")
-    defaults = TrainConfig().replace(f"{where}: defaults", **top.defaults)
-    if not top.variants:
-        raise SpecError(f"{where}: variants: none defined; add at least one [variants.NAME]")
-    check_selection(settings.variants, top.variants, where)
-    variants = tuple(
-        parse_variant(vname, body, defaults, where)
-        for vname, body in top.variants.items()
-        if vname in (settings.variants or top.variants)
-    )
-    check_sweep(settings, defaults, variants, where)
-    return StudySpec(name, path, settings, defaults, variants, raw | {"name": name})
-
-
-def check_selection(selected: tuple[str, ...], defined: dict, where: str) -> None:
-    missing = [n for n in selected if n not in defined]
-    if missing:
-        raise SpecError(
-            f"{where}: study.variants: {', '.join(missing)} not defined; "
-            f"defined: {', '.join(defined)}"
-        )
-    if selected and "baseline" in defined and "baseline" not in selected:
-        raise SpecError(
-            f"{where}: study.variants: add 'baseline'; every comparison is made against it"
-        )
-
-
-def check_sweep(
-    settings: StudySettings, defaults: TrainConfig, variants: tuple[Variant, ...], where: str
-) -> None:
-    """Each size must make a valid run, and no variant may fix or tune the swept size."""
-    for v in variants if settings.train_sizes else ():
-        if "train_size" in v.changes or "train_size" in v.search:
-            raise SpecError(
-                f"{where}: variants.{v.name}: sets train_size, which study.train_sizes "
-                f"sweeps; remove it from the variant"
-            )
-        for n in settings.train_sizes:
-            defaults.replace(f"{where}: study.train_sizes", **v.changes, train_size=n)
-
-
-def parse_variant(name: str, body: dict, defaults: TrainConfig, where: str) -> Variant:
-    at = f"variants.{name}"
-    if not name.replace("_", "").isalnum():
-        raise SpecError(f"{where}: {at}: variant names are letters, digits and '_'")
-    table = validated(VariantTable, where, body, f"{at}.")
-    # Validates every key and type of the variant's changes against TrainConfig.
-    cfg = defaults.replace(f"{where}: {at}.set", **table.set)
-    fields = TrainConfig.model_fields
-    numeric = sorted(k for k, f in fields.items() if f.annotation in (float, int))
-    search = {}
-    for key, spec in table.search.items():
-        key_at = f"{at}.search.{key}"
-        if key not in numeric:
-            raise SpecError(
-                f"{where}: {key_at}: not a numeric config field; searchable: {', '.join(numeric)}"
-            )
-        if key in table.set:
-            raise SpecError(f"{where}: {key_at}: also fixed in {at}.set; choose one")
-        search[key] = validated(SearchRange, where, spec, f"{key_at}.")
-        for end in ("low", "high"):
-            # An integer field is searched over integers; both ends must make a valid
-            # config (e.g. dropout < 1).
-            if fields[key].annotation is int and type(spec[end]) is not int:
-                raise SpecError(f"{where}: {key_at}.{end} = {spec[end]!r}; must be an integer")
-            cfg.replace(f"{where}: {key_at}", **{key: spec[end]})
-    if not search:
-        raise SpecError(
-            f"{where}: {at}.search: empty; tune at least lr "
-            f"(e.g. search.lr = {{ low = 1e-4, high = 1e-2, log = true }})"
-        )
-    return Variant(name, dict(table.set), search, table.description)
