@@ -368,6 +368,44 @@ def test_a_database_copied_without_its_artifacts_is_refused_naming_both(finished
     assert files_in(place) == before
 
 
+def test_status_reads_an_extended_spec_before_its_run_and_refuses_another_design(tmp_path):
+    """A spec raised to more tunings is read before `run` extends the storage (it once
+    failed with Optuna's KeyError): the new round not started, the rounds finished offered
+    to `report` by a command that reads them; another design is refused in run's words."""
+    spec, (tracking, storage) = tmp_path / "rounds.toml", stores(tmp_path)
+    small = TINY.replace("startup_trials = 2\n", "").replace(
+        "trials = 2", "trials = 1\ntunings = 2"
+    )
+    spec.write_text(small.replace("seeds = [0, 1]", "seeds = [0]"))
+    assert cli(*run_args(spec, tracking, storage), process=False).returncode == 0
+    spec.write_text(
+        small.replace("seeds = [0, 1]", "seeds = [0]").replace("tunings = 2", "tunings = 3")
+    )
+    status = ["status", str(spec), "--tracking-uri", tracking, "--storage", storage]
+    done = cli(*status, process=False)
+    assert done.returncode == 0, done.stderr
+    assert "8 of 12 units done" in done.stdout
+    read = f"report {spec} --tracking-uri {tracking} --storage {storage} --tunings 2"
+    assert (
+        f"rounds finished: 2 of 3 (round 3: 0 of 4 units done); read them: mnist-study {read}"
+        in done.stdout
+    )
+    report = cli(*read.split(), "--out", str(tmp_path / "reports"), process=False)
+    assert report.returncode == 0, report.stderr
+    assert (
+        "Study `rounds` (2 tunings (sampler seeds 0, 1)"
+        in (tmp_path / "reports/rounds/results.md").read_text()
+    )
+    # Seeds added to every round: no round is finished until they ran.
+    spec.write_text(small.replace("tunings = 2", "tunings = 3"))
+    assert (
+        "rounds finished: 0 of 3 (round 1: 4 of 6 units done)\n"
+        in cli(*status, process=False).stdout
+    )
+    spec.write_text(small.replace("epochs = 1", "epochs = 2"))
+    one_line_error(cli(*status, process=False), str(spec), "changed since study", "[defaults]")
+
+
 @pytest.mark.parametrize("journal", ["emptied", "another study's"])
 def test_status_on_a_journal_that_lacks_the_study_says_so_in_one_line(finished, tmp_path, journal):
     spec, tracking, storage = copy_of(finished, tmp_path)

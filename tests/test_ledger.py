@@ -81,6 +81,8 @@ def test_a_ledger_counts_each_tuning_from_the_stored_trials(tmp_path):
     assert second.units_left == (1, 2) and second.free_seeds == [0, 1] and second.best.value == 0.7
     assert ledger[bn0].finished and ledger[bn0].best is None and ledger[bn0].units_done == 3
     assert ledger.progress() == (4 + 1 + 3, 4 * (3 + 2))
+    # No round finished (baseline t0 still runs a seed); round 1 holds t0 of both cells.
+    assert ledger.rounds() == (0, 4 + 3, 2 * (3 + 2))
     assert ledger.failed == 1
     running = {(t.key, final) for t, final, _ in ledger.running()}
     assert running == {(base0.key, True), (base1.key, False)}
@@ -90,7 +92,11 @@ def test_a_ledger_counts_each_tuning_from_the_stored_trials(tmp_path):
     # Read again after the running seed ends: the tuning is finished.
     seed1 = final[base0.key].trials[1]
     final[base0.key].tell(seed1.number, 0.85)
-    assert Ledger.read(spec, tune, final)[base0].finished
+    after = Ledger.read(spec, tune, final)
+    assert after[base0].finished and after.rounds() == (1, 1, 2 * (3 + 2))
+    # A tuning whose studies are not created yet (an extension before its run) is empty.
+    del tune[base1.key], final[base1.key]
+    assert Ledger.read(spec, tune, final)[base1].units_done == 0
 
 
 def test_a_finished_cells_outcome_is_its_tunings_best_points_and_seeds(tmp_path):

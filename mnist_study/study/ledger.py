@@ -33,14 +33,15 @@ class TuningLedger:
 
     @classmethod
     def read(
-        cls, tuning: Tuning, tune: optuna.Study, final: optuna.Study, spec: StudySpec
+        cls, tuning: Tuning, tune: optuna.Study | None, final: optuna.Study | None, spec: StudySpec
     ) -> TuningLedger:
-        """From the tuning's Optuna studies: its trials, and its final seeds."""
+        """From the tuning's Optuna studies: its trials, and its final seeds (None: not
+        created yet, a tuning that an extended spec adds before its first run)."""
         s = spec.settings
         return cls(
             tuning,
-            tuple(tune.get_trials(deepcopy=False)),
-            tuple(final.get_trials(deepcopy=False)),
+            tuple(tune.get_trials(deepcopy=False)) if tune else (),
+            tuple(final.get_trials(deepcopy=False)) if final else (),
             s.trials,
             s.seeds,
         )
@@ -121,9 +122,12 @@ class Ledger:
     def read(
         cls, spec: StudySpec, tune: dict[str, optuna.Study], final: dict[str, optuna.Study]
     ) -> Ledger:
-        """From the tunings' Optuna studies (trials, and final seeds), by tuning key."""
+        """From the tunings' Optuna studies (trials, and final seeds), by tuning key; a
+        tuning with none is not started."""
         read = TuningLedger.read
-        return cls(spec, {t.key: read(t, tune[t.key], final[t.key], spec) for t in spec.tunings})
+        return cls(
+            spec, {t.key: read(t, tune.get(t.key), final.get(t.key), spec) for t in spec.tunings}
+        )
 
     def __getitem__(self, tuning: Tuning) -> TuningLedger:
         return self.tunings[tuning.key]
@@ -133,6 +137,19 @@ class Ledger:
         s = self.spec.settings
         done = sum(t.units_done for t in self.tunings.values())
         return done, len(self.tunings) * (s.trials + len(s.seeds))
+
+    def rounds(self) -> tuple[int, int, int]:
+        """(K, units done in round K + 1, units a round holds), where K is the rounds
+        finished: every cell's first K tunings, which `report --tunings K` reads whole."""
+        s = self.spec.settings
+        finished = 0
+        while finished < s.tunings and all(
+            t.finished for t in self.tunings.values() if t.tuning.index == finished
+        ):
+            finished += 1
+        following = [t for t in self.tunings.values() if t.tuning.index == finished]
+        per_round = len(self.spec.cells) * (s.trials + len(s.seeds))
+        return finished, sum(t.units_done for t in following), per_round
 
     @property
     def failed(self) -> int:

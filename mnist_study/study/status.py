@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import time
 
+from mnist_study.store_paths import store_flags
 from mnist_study.study.console import minutes
 from mnist_study.study.pace import study_seconds_left
+from mnist_study.study.record import refuse_changed_study
 from mnist_study.study.slurm import ARRAYS_TAG, array_ids, job_states
 from mnist_study.study.slurm_watch import describe
 from mnist_study.study.spec import StudySpec
@@ -16,8 +18,8 @@ from mnist_study.study.stores import OptunaSide, StudyStores
 
 
 def status_lines(spec: StudySpec, stores: StudyStores) -> list[str]:
-    """Where a study stands: units done, those running (where, last sign of life), the
-    time left, and its Slurm jobs."""
+    """Where a study stands: units done, rounds finished (a study that runs in rounds),
+    those running (where, last sign of life), the time left, and its Slurm jobs."""
     ledger = stores.ledger()
     (done, total), running, now = ledger.progress(), ledger.running(), time.time()
     left = study_seconds_left(ledger, max(1, len(running)))
@@ -25,6 +27,16 @@ def status_lines(spec: StudySpec, stores: StudyStores) -> list[str]:
         f"study {spec.name!r}: {done} of {total} units done, {len(running)} running"
         + (f", ~{minutes(left)} left at {max(1, len(running))} worker(s)" if left else "")
     ]
+    finished, next_done, per_round = ledger.rounds()
+    if spec.settings.tunings > 1 and finished < spec.settings.tunings:
+        out.append(
+            f"  rounds finished: {finished} of {spec.settings.tunings} (round {finished + 1}: "
+            f"{next_done} of {per_round} units done)"
+        )
+        if finished:  # what a user waits on a round for
+            flags = store_flags(stores.tracking_uri, stores.optuna.url)
+            command = ["mnist-study", "report", str(spec.path), *flags, "--tunings", str(finished)]
+            out[-1] += f"; read them: {' '.join(command)}"
     for tuning, final, t in running:
         beat = now - t.system_attrs.get("heartbeat", now)
         out.append(describe(tuning, final, t, f"{done}/{total} done").split("] ", 1)[1])
@@ -48,5 +60,8 @@ def print_status(spec: StudySpec, tracking_uri: str, storage: str) -> None:
     # swapped for another run's is said in one line, not met as a missing record.
     side = stored.side if isinstance(stored.side, OptunaSide) else OptunaSide(0, {})
     stores.agree(side, stored.runs)
-    stores.attach(stored.experiment_id)
+    # Read by this spec where it is the study or extends it (its new tunings not started
+    # until `run`); another design is refused in run's words.
+    refuse_changed_study(spec, stored.record.spec, tracking_uri)
+    stores.attach(stored.experiment_id, created_only=True)
     print("\n".join(status_lines(spec, stores)))

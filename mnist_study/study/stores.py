@@ -130,12 +130,16 @@ class StudyStores:
         done, total = Ledger.read(self.spec, *self.load_studies(storage)).progress()
         return done == total
 
-    def load_studies(self, storage, pruner=None) -> tuple[dict, dict]:
+    def load_studies(self, storage, pruner=None, created_only=False) -> tuple[dict, dict]:
         """Every tuning's two Optuna studies (its trials, with `pruner`; its final seeds),
-        by tuning key."""
+        by tuning key; `created_only`: those that exist, for a reader of an extended spec
+        that `run` has not yet extended in the storage."""
         tune, final = {}, {}
+        created = set(optuna.get_all_study_names(storage)) if created_only else None
         for tuning in self.spec.tunings:
             trials, seeds = study_names(self.spec, tuning)
+            if created is not None and not {trials, seeds} <= created:
+                continue
             tune[tuning.key] = optuna.load_study(study_name=trials, storage=storage, pruner=pruner)
             final[tuning.key] = optuna.load_study(study_name=seeds, storage=storage)
         return tune, final
@@ -225,8 +229,9 @@ class StudyStores:
             reason = "" if outcome in by_state.values() else "left RUNNING after its trial failed"
             self.tracker.end(run_id, outcome, reason)
 
-    def attach(self, experiment_id: str) -> None:
-        """Load the studies create() made (a worker's view of them)."""
+    def attach(self, experiment_id: str, created_only: bool = False) -> None:
+        """Load the studies create() made (a worker's view of them; `created_only`: a
+        reader's, of those there are)."""
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.tracker = Tracker(self.tracking_uri, experiment_id)
         storage = self.optuna.open()
@@ -237,7 +242,7 @@ class StudyStores:
             if s.pruner == "median"
             else optuna.pruners.NopPruner()
         )
-        self.tune, self.final = self.load_studies(storage, pruner)
+        self.tune, self.final = self.load_studies(storage, pruner, created_only)
 
     def claim_lock(self):
         """Held while a worker reaps, closes cells and claims the next unit; refuses to
