@@ -107,6 +107,21 @@ def test_welch_on_tuning_means_from_the_csv_gives_the_pages_numbers(published):
         assert row, f"no comparison row for {variant}"
         assert row[1].strip() == f"{delta * 100:+.2f} [{low * 100:+.2f}, {high * 100:+.2f}]"
         assert row[2] == f"{result.pvalue:.2g}"
+    # The gap column: train − validation accuracy of the final seeds, Welch on tuning
+    # means, Holm over the two comparisons.
+    gaps = (finals.train_acc - finals.val_acc).groupby([finals.variant, finals.tuning]).mean()
+    p = {
+        v: stats.ttest_ind(gaps[v], gaps["baseline"], equal_var=False).pvalue
+        for v in ("batchnorm", "dropout")
+    }
+    first, second = sorted(p, key=p.get)
+    holm = {first: min(1, 2 * p[first])}
+    holm[second] = min(1, max(holm[first], p[second]))
+    for variant in ("batchnorm", "dropout"):
+        row = re.search(rf"^\| {variant} \|.* of \d+ \| (\S+) \(Holm (\S+)\) \|$", shown, re.M)
+        assert row, f"no gap cell for {variant}"
+        assert row[1] == f"{gaps[variant].mean():.2%}".rstrip("%")
+        assert row[2] == f"{holm[variant]:.2g}"
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import math
 import pandas as pd
 
 from mnist_study.analysis.significance import expected_best
-from mnist_study.analysis.tables import points
+from mnist_study.analysis.tables import pct, points
 from mnist_study.analysis.variance import (
     COVERAGE_FLOOR,
     TABLES,
@@ -48,20 +48,26 @@ def test_acc_groups(runs: pd.DataFrame, variant: str) -> list[list[float]]:
 
 def comparison_table(table: pd.DataFrame) -> str:
     """Per variant: Δ with its interval (the tuning the unit), p and Holm's, the interval
-    that ignores tunings beside it, and how many tuning pairs agree in sign."""
+    that ignores tunings beside it, how many tuning pairs agree in sign, and its train−val
+    gap with the Holm p of its comparison (the same unit)."""
+    base_gap = table.loc[table.variant == "baseline", "acc_gap_last"]
+    base_gap = pct(base_gap.iloc[0]).rstrip("%") if len(base_gap) else "–"
     lines = [
         "| variant | Δ test, points [95%, Welch on tuning means] | p (Holm) | "
-        "± seeds only (Welch over seeds, tunings ignored) | tuning pairs same sign |",
-        "|---|---|---|---|---|",
+        "± seeds only (Welch over seeds, tunings ignored) | tuning pairs same sign | "
+        f"train − val gap at the end, points (baseline {base_gap}; Holm p) |",
+        "|---|---|---|---|---|---|",
     ]
     for r in table[table.variant != "baseline"].itertuples():
         if math.isnan(r.diff_vs_baseline):
             continue
+        gap = pct(r.acc_gap_last).rstrip("%")
+        gap += "" if math.isnan(r.gap_p_holm) else f" (Holm {r.gap_p_holm:.2g})"
         lines.append(
             f"| {r.variant} | {points(r.diff_vs_baseline)} "
             f"[{points(r.diff_low)}, {points(r.diff_high)}] | "
             f"{r.p_diff:.2g} (Holm {r.p_holm:.2g}) | ± {r.seed_ci95 * 100:.2f} | "
-            f"{r.same_sign} of {r.tuning_pairs} |"
+            f"{r.same_sign} of {r.tuning_pairs} | {gap} |"
         )
     return "\n".join(lines)
 
