@@ -368,16 +368,22 @@ def test_a_database_copied_without_its_artifacts_is_refused_naming_both(finished
     assert files_in(place) == before
 
 
-def test_status_reads_an_extended_spec_before_its_run_and_refuses_another_design(tmp_path):
-    """A spec raised to more tunings is read before `run` extends the storage (it once
-    failed with Optuna's KeyError): the new round not started, the rounds finished offered
-    to `report` by a command that reads them; another design is refused in run's words."""
+def test_rounds_are_said_once_and_status_reads_an_extended_spec_before_its_run(tmp_path):
+    """A study's round is said once when it ends. A spec raised to more tunings is read
+    before `run` extends the storage (it once failed with Optuna's KeyError): the new round
+    not started, the rounds finished offered to `report` by a command that reads them;
+    another design is refused in run's words."""
     spec, (tracking, storage) = tmp_path / "rounds.toml", stores(tmp_path)
     small = TINY.replace("startup_trials = 2\n", "").replace(
         "trials = 2", "trials = 1\ntunings = 2"
     )
     spec.write_text(small.replace("seeds = [0, 1]", "seeds = [0]"))
-    assert cli(*run_args(spec, tracking, storage), process=False).returncode == 0
+    ran = cli(*run_args(spec, tracking, storage, "--workers", "2"))
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    # Its first round's end is said once, by one of its two workers, with its report.
+    said = "round 1 of 2 finished; read the first 1 (an interim read): mnist-study report "
+    said += f"{spec} --tracking-uri {tracking} --storage {storage} --tunings 1\n"
+    assert ran.stdout.count("round 1 of 2 finished") == 1 and said in ran.stdout
     spec.write_text(
         small.replace("seeds = [0, 1]", "seeds = [0]").replace("tunings = 2", "tunings = 3")
     )

@@ -1,7 +1,8 @@
 """A cell's end: once every tuning of a cell is finished, its parent run records the
 outcome (per tuning its best trial and point, prefixed t0., t1., ... when tuned several
 times; the mean test accuracy of its final seeds with the report's interval) and is
-closed, so MLflow's table shows one row per cell with its result."""
+closed, so MLflow's table shows one row per cell with its result. And a round's end,
+said once for a study that runs in rounds."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import statistics
 from mnist_study.intervals import acc_interval
 from mnist_study.study.ledger import Ledger, TuningLedger
 from mnist_study.study.stores import StudyStores
-from mnist_study.tracking.names import METRIC_NAMES
+from mnist_study.tracking.names import METRIC_NAMES, ROUNDS_TAG
 
 
 def close_finished_cells(
@@ -41,6 +42,21 @@ def close_finished_cells(
         tracker.finish(parent)
         lines.append(f"{cell.key}: done; test acc {fmt_accs(accs)}")
     return lines
+
+
+def newly_finished_round(stores: StudyStores, ledger: Ledger) -> int | None:
+    """K where `ledger` holds more rounds finished (every cell's first K tunings, which
+    `report --tunings K` reads whole) than the study has said, now recorded as said on
+    its experiment, so that one of its workers says it, on any host (call under the
+    claim lock). None otherwise; a study tuned once has no rounds, and a complete one is
+    said by its cells."""
+    rounds, (finished, _, _) = stores.spec.settings.tunings, ledger.rounds()
+    if not 0 < finished < rounds:
+        return None
+    if finished <= int(stores.tracker.experiment_tag(ROUNDS_TAG) or 0):
+        return None
+    stores.tracker.set_experiment_tag(ROUNDS_TAG, str(finished))
+    return finished
 
 
 def test_accs(tunings: list[TuningLedger]) -> list[float]:

@@ -171,3 +171,7 @@ class RunOptions:
             + (["--launcher", "slurm"] if self.slurm else [])
             + (["--threads", str(self.threads)] if self.threads is not None else [])
         )
+
+    def report_command(self, spec_path) -> str:
+        """The command that reports this study from these stores."""
+        return shlex.join(["mnist-study", "report", str(spec_path), *self.store_args()])

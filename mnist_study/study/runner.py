@@ -14,7 +14,7 @@ import optuna
 from optuna.trial import TrialState
 
 from mnist_study.errors import StudyIncomplete, said_in_one_line
-from mnist_study.study.cells import close_finished_cells
+from mnist_study.study.cells import close_finished_cells, newly_finished_round
 from mnist_study.study.console import Console, shown_params
 from mnist_study.study.ledger import Ledger
 from mnist_study.study.liveness import TrialTaken, mark_alive
@@ -186,11 +186,18 @@ class Worker:
         self.console.say(f"worker {self.index}: nothing left to do", force=True)
 
     def next_unit(self) -> tuple[Unit | Idle, list[str]]:
-        """The next unit (or WAIT, DONE) and a line for each cell it found finished."""
+        """The next unit (or WAIT, DONE) and a line for each cell, or round, it found
+        finished."""
         with self.stores.claim_lock():
             self.stores.reap()
             ledger = self.stores.ledger()  # closing cells changes no trial: one read serves both
             finished = close_finished_cells(self.stores, self.closed, ledger)
+            if k := newly_finished_round(self.stores, ledger):
+                report = self.opts.report_command(self.spec.path)
+                finished.append(
+                    f"round {k} of {self.spec.settings.tunings} finished; read the first {k} "
+                    f"(an interim read): {report} --tunings {k}"
+                )
             unit = self.scheduler.claim(ledger)
             if isinstance(unit, Unit) and unit.cell.key not in self.parents:
                 command = self.opts.command(self.spec.path)

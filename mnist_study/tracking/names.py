@@ -14,6 +14,7 @@ EXTENDED_TAG = "mnist_study.extended"  # each accepted extension: "study.tunings
 SPEC_TAG = "mnist_study.spec"  # a summary line, then the resolved spec (JSON) a study started with
 IDENTITY_TAG = "mnist_study.identity"  # JSON: the code, threads, device kind and data it runs on
 MIXED_TAG = "mnist_study.mixed"  # each mix allowed on a resume: "threads 1 -> 2"
+ROUNDS_TAG = "mnist_study.rounds_finished"  # the last round its workers said was finished
 # A saved view of the runs table (MLflow 3.15+), kept as an experiment tag under a key
 # that a link names: the table a study's links open (see cells_view).
 VIEW_KEY = "cells"
