@@ -19,6 +19,8 @@ from mnist_study.tracking.retries import bound_remote_retries
 from mnist_study.training.config import TrainConfig, field_docs
 
 DEFAULT_DATA_ROOT = Path("data")
+RESTORE_HELP = """the tunings a page published (docs/data/STUDY-runs.csv) whose stores
+were lost, restored into new stores first: the study runs on from them"""
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -166,10 +168,10 @@ def add_run_command(sub) -> None:
         "--threads",
         type=int,
         help="threads per run (default: the spec's, 1 unless it says; 0: one per core); "
-        "recorded on every run, since runs "
-        "with other thread counts round differently",
+        "recorded on every run, since runs with other thread counts round differently",
     )
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines, only per run")
+    p.add_argument("--restore", type=Path, metavar="RUNS_CSV", help=RESTORE_HELP)
     p.add_argument(
         "--allow-mixed",
         action="store_true",
@@ -178,9 +180,7 @@ def add_run_command(sub) -> None:
     )
     add_slurm_flags(p)
     p.set_defaults(func=commands.cmd_run)
-    p = sub.add_parser(
-        "status", help="where a study stands: units done and running, its Slurm jobs"
-    )
+    p = sub.add_parser("status", help="where a study stands: units done and running, Slurm jobs")
     p.add_argument("spec", type=Path, help="experiment file or its name")
     add_tracking_uri(p, "MLflow store to read")
     add_storage(p, "Optuna storage to read")

@@ -15,6 +15,7 @@ SPEC_TAG = "mnist_study.spec"  # a summary line, then the resolved spec (JSON) a
 IDENTITY_TAG = "mnist_study.identity"  # JSON: the code, threads, device kind and data it runs on
 MIXED_TAG = "mnist_study.mixed"  # each mix allowed on a resume: "threads 1 -> 2"
 ROUNDS_TAG = "mnist_study.rounds_finished"  # the last round its workers said was finished
+RESTORED_ATTR = "restored_from"  # a restored trial's user attribute: its raw runs' sha256
 # A saved view of the runs table (MLflow 3.15+), kept as an experiment tag under a key
 # that a link names: the table a study's links open (see cells_view).
 VIEW_KEY = "cells"
@@ -29,6 +30,7 @@ class Role(enum.StrEnum):
     VARIANT = "variant"  # a cell's parent run
     REPORT = "report"  # the study's comparison, one per study
     TRAIN = "train"  # a run of `mnist-study train --mlflow`, no study's
+    RESTORED = "restored"  # tunings restored from published raw runs (run --restore)
 
 
 # MLflow's UI groups a run's charts by the prefix before '/': accuracy and loss each
