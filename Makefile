@@ -11,6 +11,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA := data
 ARGS ?=
+RESTORE ?=
 WORKERS ?= auto
 # Test processes (pytest-xdist): one per core of a CI machine; the slow tests spend part
 # of their time waiting on signals, servers and locks, so one more keeps the cores busy.
@@ -35,6 +36,7 @@ help: ## list the targets and the variables they take
 	@echo "variables (make TARGET NAME=value):"
 	@printf "  %-22s %s\n" "WORKERS=$(WORKERS)" "study worker processes (auto: as many as the cores allow)"
 	@printf "  %-22s %s\n" "ARGS=\"...\"" "more arguments for the target's command, e.g. ARGS=\"--threads 2\""
+	@printf "  %-22s %s\n" "RESTORE=FILE" "make ablations: first restore the rounds a page published (docs/data/ablations-runs.csv) into new stores"
 	@printf "  %-22s %s\n" "UI_PORT=$(UI_PORT)" "port of make ui"
 	@printf "  %-22s %s\n" "DASHBOARD_PORT=$(DASHBOARD_PORT)" "port of make dashboard"
 	@printf "  %-22s %s\n" "PYTHON=$(PYTHON)" "the Python (>= 3.11) that builds .venv"
@@ -87,8 +89,8 @@ precision: data ## bf16 against fp32 on this CPU: 10 seeds each, paired TOST at 
 	@mkdir -p reports
 	@$(BIN)/mnist-study --data-root $(DATA) precision --json reports/precision.json $(ARGS)
 
-ablations: data ## run the study in experiments/ablations.toml (4 rounds of ~80-110 min on 2 cores; rerun to resume), then report
-	@$(BIN)/mnist-study --data-root $(DATA) run experiments/ablations.toml --workers $(WORKERS) $(ARGS)
+ablations: data ## run the study in experiments/ablations.toml (10 rounds of ~80-140 min on 2 cores; rerun to resume), then report
+	@$(BIN)/mnist-study --data-root $(DATA) run experiments/ablations.toml --workers $(WORKERS) $(if $(RESTORE),--restore $(RESTORE)) $(ARGS)
 	@$(MAKE) --no-print-directory report
 
 scarcity: data ## the variants at 300 to 10,000 training images (~90 min on 2 cores; rerun to resume), then report

@@ -281,7 +281,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     """Per training-set size of the pilot: the design table, and the fewest tunings that
     detect --effect with the spec's seeds."""
-    from mnist_study.analysis.collect import collect
     from mnist_study.analysis.plan import (
         effect_line,
         no_pilot,
@@ -289,6 +288,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         size_facts,
         worker_counts,
     )
+    from mnist_study.analysis.raw_runs import read_study
     from mnist_study.study.spec_file import find_spec, load_spec
     from mnist_study.tracking.store import check_tracking_uri
 
@@ -308,7 +308,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"{', '.join(bad)}: must be positive, e.g. --worker-counts 2,64 --effect 0.3"
         )
     check_tracking_uri(args.tracking_uri, must_exist=True)
-    data = collect(args.tracking_uri, pilot, tunings=args.tunings)
+    data = read_study(args.tracking_uri, pilot, tunings=args.tunings)
     if data.runs.empty:
         raise ConfigError(no_pilot(pilot, args.tracking_uri, args.spec, "has no runs here"))
     sizes = spec.settings.train_sizes or (None,)

@@ -1,17 +1,20 @@
 """A page's raw runs (docs/data/STUDY-runs.csv and -curves.csv): what they hold, and that
 they alone rebuild the page: `report --runs` gives the store's tables, and Welch's t on
-the tuning means, computed from the CSV with scipy, gives the page's numbers."""
+the tuning means, computed from the CSV with scipy, gives the page's numbers. And a study
+whose stores were lost runs on from them (`run --restore`)."""
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 import pandas as pd
 import pytest
-from helpers import TINY, cli, copy_of, one_line_error, run_args, stores
+from helpers import TINY, cli, copy_of, one_line_error, run_args, runs, stores, trial_states
 from scipy import stats
 
 from mnist_study.analysis.publish import markers
+from mnist_study.study.spec_file import load_spec
 
 # The tiny study with a third variant, tuned 3 times each (1 trial + 2 seeds per tuning):
 # the tuning is the unit.
@@ -164,3 +167,89 @@ def test_plan_without_a_pilot_names_one_of_the_store_or_says_how_to_make_one(
     spec, tracking, _ = copy_of(finished, tmp_path)  # tuned once, alone in its store
     done = cli("plan", str(spec), "--tracking-uri", tracking, process=False)
     one_line_error(done, "study 'tiny' has no cell tuned twice", "set study.tunings = 2 in")
+
+
+@pytest.fixture(scope="module")
+def round2(published):
+    """The study's page as published at round 2 of 3 (`report --tunings 2 --page`), its
+    stores then lost: (spec, runs CSV of tunings 0 and 1)."""
+    root, spec, _ = published
+    tracking, storage = stores(root)
+    page = root / "round2" / "rep.md"
+    args = ["--tracking-uri", tracking, "--storage", storage, "--out", str(root / "r2")]
+    done = cli("report", str(spec), *args, "--tunings", "2", "--page", str(page))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return spec, root / "round2" / "data" / "rep-runs.csv"
+
+
+def test_a_study_restored_from_its_published_rounds_runs_on_as_its_lost_stores_would(
+    published, round2, tmp_path
+):
+    root, _, _ = published
+    spec, csv = round2
+    tracking, storage = stores(tmp_path)
+    done = cli(*run_args(spec, tracking, storage, "--restore", str(csv)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "6 tunings (indices 0-1), 18 runs: 18 trial(s) written" in done.stdout
+    assert "18 of 27 units done and kept, 9 to run" in done.stdout
+    # Only the third tuning ran here: 3 cells x (1 trial + 2 seeds), each in both stores.
+    _, found = runs(tracking, "rep")
+    roles = Counter(r.data.tags["role"] for r in found)
+    assert roles["tune"] == 3 and roles["final"] == 6 and roles["restored"] == 1
+    assert {r.data.tags["tuning"] for r in found if r.data.tags["role"] == "final"} == {"2"}
+    states = trial_states(storage, load_spec(spec))
+    assert all(sum(c.values()) == (1 if ".final" not in n else 2) for n, c in states.items())
+    # Its trials are the ones the stores it lost ran: same points, same accuracies.
+    args = ["--tracking-uri", tracking, "--storage", storage, "--out", str(tmp_path / "out")]
+    page = tmp_path / "docs" / "rep.md"
+    done = cli("report", str(spec), *args, "--page", str(page))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "restored from" in section(page.read_text())
+    keys = ["variant", "tuning", "role", "seed", "state"]
+    measured = ["lr", "dropout", "val_acc", "train_acc", "test_acc"]
+    lost = pd.read_csv(root / "docs/data/rep-runs.csv").sort_values(keys)
+    here = pd.read_csv(tmp_path / "docs/data/rep-runs.csv").sort_values(keys)
+    assert len(here) == len(lost) == 27
+    pd.testing.assert_frame_equal(
+        here[keys + measured].reset_index(drop=True), lost[keys + measured].reset_index(drop=True)
+    )
+    # Restored to round 2, the page reads as the page published then.
+    done = cli("report", str(spec), *args, "--tunings", "2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    restored = (tmp_path / "out" / "rep" / "results.md").read_text()
+    assert tables(restored) == tables((root / "r2" / "rep" / "results.md").read_text())
+    # The same command again: nothing restored twice, nothing run again.
+    done = cli(*run_args(spec, tracking, storage, "--restore", str(csv)))
+    assert done.returncode == 0 and "0 trial(s) written" in done.stdout, done.stderr[-2000:]
+    again = Counter(r.data.tags["role"] for r in runs(tracking, "rep")[1])
+    assert {k: again[k] for k in roles} == roles
+
+
+def test_restoring_into_stores_that_ran_those_tunings_is_refused(published, round2):
+    root, _, _ = published
+    spec, csv = round2
+    tracking, storage = stores(root)
+    before = len(runs(tracking, "rep")[1])
+    done = cli(*run_args(spec, tracking, storage, "--restore", str(csv)))
+    one_line_error(done, "already holds trials of baseline/t0 that this file did not restore")
+    assert len(runs(tracking, "rep")[1]) == before
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (("tunings = 3", "tunings = 1"), "tuning 1 of baseline (train_size 300) is not one"),
+        (("low = 1e-3, high = 3e-3", "low = 2.9e-3, high = 3e-3"), "outside"),
+        (("epochs = 1", "epochs = 2"), "epochs '1', but"),
+    ],
+)
+def test_restoring_runs_of_another_design_is_refused_before_any_store_is_written(
+    round2, tmp_path, edit, needle
+):
+    spec, csv = round2
+    other = tmp_path / "rep.toml"
+    other.write_text(spec.read_text().replace(*edit, 1))
+    tracking, storage = stores(tmp_path)
+    done = cli(*run_args(other, tracking, storage, "--restore", str(csv)), process=False)
+    one_line_error(done, str(csv), needle)
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "optuna.journal").exists()

@@ -34,6 +34,8 @@ class StudyData:
     """Each change of code, threads, device or data a resume was allowed (--allow-mixed)."""
     planned: int | None = None
     """The tunings per cell the study plans, where a stage reads fewer."""
+    restored: str = ""
+    """Where tunings restored from published raw runs came from (run --restore), if any."""
 
     @property
     def rounds(self) -> tuple[int, int] | None:

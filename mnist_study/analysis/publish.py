@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 
 from mnist_study.analysis.ablation import ablation_section
-from mnist_study.analysis.collect import StudyData, collect
-from mnist_study.analysis.raw_runs import data_files, read_raw, write_raw
+from mnist_study.analysis.collect import StudyData
+from mnist_study.analysis.raw_runs import data_files, read_raw, read_study, write_raw
 from mnist_study.analysis.sweep import sweep_section
 from mnist_study.errors import PageRefused, SpecError
 from mnist_study.files import write_atomic
@@ -101,6 +101,8 @@ def provenance_line(data: StudyData, report: str = "") -> str:
         stage += f"; extended after it started: {data.extended}"
     if data.mixed:
         stage += f"; resumed mixed (--allow-mixed): {data.mixed}"
+    if data.restored:
+        stage += f"; {data.restored}"
     return (
         f"Study `{data.name}` ({budget}{len(children)} runs{stage}), {commit}, "
         f"{cpu}{device}, up to {at_once} run(s) at once, {threads}; runs from "
@@ -254,7 +256,7 @@ def write_report(
     if raw is not None:
         data = read_raw(raw[0], raw[1], tunings)
     else:  # the stores
-        data = collect(tracking_uri, study, storage, tunings)
+        data = read_study(tracking_uri, study, storage, tunings)
     done, planned = data.progress()
     if page is not None and done < planned and not partial:
         raise PageRefused(

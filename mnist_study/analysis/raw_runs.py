@@ -5,17 +5,22 @@ them without the stores, which do not outlive their machines; `report --runs` do
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import tempfile
 from pathlib import Path
 
 import pandas as pd
 
-from mnist_study.analysis.collect import StudyData, stage
+from mnist_study.analysis.collect import StudyData, collect, stage
 from mnist_study.errors import ConfigError
 from mnist_study.files import write_atomic
+from mnist_study.study.restore import curves_file
 from mnist_study.study.spec import StudySpec
 from mnist_study.tracking.legacy import metric_history
 from mnist_study.tracking.names import Role
+from mnist_study.tracking.restored_run import restored_files
+from mnist_study.tracking.store import find_experiment
 from mnist_study.training.config import TrainConfig
 
 # Each CSV column and the column of the runs frame (collect) it holds, in the CSV's order;
@@ -60,10 +65,6 @@ def data_files(page: Path, study: str) -> tuple[Path, Path]:
     return folder / f"{study}-runs.csv", folder / f"{study}-curves.csv"
 
 
-def curves_file(runs_csv: Path) -> Path:
-    return runs_csv.with_name(runs_csv.name.removesuffix("-runs.csv") + "-curves.csv")
-
-
 def runs_table(data: StudyData, tracking_uri: str) -> pd.DataFrame:
     """The published rows: every tuning trial and final seed the report counts, with its
     hyperparameters, last and best validation accuracy (the best read from its curve),
@@ -76,7 +77,8 @@ def runs_table(data: StudyData, tracking_uri: str) -> pd.DataFrame:
         out[name] = runs.get(f"params.{name}")
     for name, column in MEASURED.items():
         out[name] = runs.get(column)
-    out.insert(out.columns.get_loc("train_acc"), "best_val_acc", best_val_accs(runs, tracking_uri))
+    best = best_val_accs(runs, tracking_uri)
+    out.insert(out.columns.get_loc("train_acc"), "best_val_acc", best)
     out.insert(
         out.columns.get_loc("start_time"),
         "seconds",
@@ -88,10 +90,16 @@ def runs_table(data: StudyData, tracking_uri: str) -> pd.DataFrame:
 
 
 def best_val_accs(runs: pd.DataFrame, tracking_uri: str) -> list[float]:
-    """Each run's best validation accuracy over its evaluation points."""
+    """Each run's best validation accuracy over its evaluation points (a restored run's
+    as its file gave it: its curve is not in this store)."""
+    given = runs.get("best_val_acc", pd.Series(math.nan, index=runs.index))
     return [
-        max((m.value for m in metric_history(tracking_uri, run_id, "val_acc")), default=math.nan)
-        for run_id in runs.run_id
+        best
+        if pd.notna(best)
+        else max(
+            (m.value for m in metric_history(tracking_uri, run_id, "val_acc")), default=math.nan
+        )
+        for run_id, best in zip(runs.run_id, given, strict=True)
     ]
 
 
@@ -125,6 +133,7 @@ def read_raw(runs_csv: Path, spec: StudySpec, tunings: int | None = None) -> Stu
     for name in ("start_time", "end_time"):
         frame[name] = pd.to_datetime(runs[name], utc=True, format="ISO8601")
     frame["tags.tuning"] = runs["tuning"]  # as MLflow keeps it, a string
+    frame["best_val_acc"] = pd.to_numeric(runs["best_val_acc"]) if "best_val_acc" in runs else None
     curves_csv = curves_file(runs_csv)
     curves = pd.DataFrame(columns=CURVE_COLUMNS)
     if curves_csv.exists():
@@ -135,6 +144,37 @@ def read_raw(runs_csv: Path, spec: StudySpec, tunings: int | None = None) -> Stu
     found = [] if curves_csv.exists() else [f"{curves_csv} not found: gaps and curves left out"]
     data = StudyData(spec.name, spec, frame, curves, variants, found)
     return stage(data, tunings)
+
+
+def read_study(
+    tracking_uri: str, study: str, storage: str | None = None, tunings: int | None = None
+) -> StudyData:
+    """The study from its stores (collect), with the tunings `run --restore` restored in
+    them from a page's raw runs read back as `report --runs` reads them; with
+    `tunings`, every cell's first `tunings` alone."""
+    data = collect(tracking_uri, study, storage)
+    found = find_experiment(tracking_uri, study) if data.spec else None
+    if found is None:
+        return stage(data, tunings)
+    with tempfile.TemporaryDirectory() as tmp:
+        restored = restored_files(tracking_uri, found.experiment_id, Path(tmp))
+        parts = [read_raw(runs_csv, data.spec) for _, runs_csv in restored]
+    if parts:
+        own = data.runs[data.runs["tags.role"] != Role.RESTORED]
+        data = dataclasses.replace(
+            data,
+            runs=joined([p.runs for p in parts] + [own]),
+            curves=joined([p.curves for p in parts] + [data.curves]),
+            problems=[x for p in parts for x in p.problems] + data.problems,
+            restored="; ".join(note for note, _ in restored),
+        )
+    return stage(data, tunings)
+
+
+def joined(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """The frames one after another; an empty one (no run of its own yet) adds nothing,
+    not even a column of unknown type."""
+    return pd.concat([f for f in frames if not f.empty] or frames[:1], ignore_index=True)
 
 
 def read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
