@@ -253,3 +253,21 @@ def test_restoring_runs_of_another_design_is_refused_before_any_store_is_written
     done = cli(*run_args(other, tracking, storage, "--restore", str(csv)), process=False)
     one_line_error(done, str(csv), needle)
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "optuna.journal").exists()
+
+
+@pytest.mark.parametrize("column, command", [("val_acc", "report"), ("lr", "run")])
+def test_a_value_that_is_not_a_number_is_refused_in_one_line(round2, tmp_path, column, command):
+    spec, csv = round2
+    edited = tmp_path / "rep-runs.csv"
+    table = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    table.loc[table.role == "tune", column] = "fast"
+    edited.write_text(table.to_csv(index=False))
+    tracking, storage = stores(tmp_path)
+    args = (
+        ["report", str(spec), "--runs", str(edited), "--out", str(tmp_path / "out")]
+        if command == "report"
+        else run_args(spec, tracking, storage, "--restore", str(edited))
+    )
+    done = cli(*args, process=False)
+    one_line_error(done, str(edited), "fast")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()

@@ -128,18 +128,24 @@ def read_raw(runs_csv: Path, spec: StudySpec, tunings: int | None = None) -> Stu
     for name in HYPERPARAMETERS:
         if name in runs:
             frame[f"params.{name}"] = runs[name]
-    for name in NUMERIC + ["train_size", "tuning"]:
-        frame[(IDENTITY | MEASURED).get(name, name)] = pd.to_numeric(runs[name])
+    for name in [*NUMERIC, "train_size", "tuning", "best_val_acc"]:
+        if name in runs:
+            frame[(IDENTITY | MEASURED).get(name, name)] = numbers(runs_csv, runs, name)
     for name in ("start_time", "end_time"):
         frame[name] = pd.to_datetime(runs[name], utc=True, format="ISO8601")
     frame["tags.tuning"] = runs["tuning"]  # as MLflow keeps it, a string
-    frame["best_val_acc"] = pd.to_numeric(runs["best_val_acc"]) if "best_val_acc" in runs else None
     curves_csv = curves_file(runs_csv)
     curves = pd.DataFrame(columns=CURVE_COLUMNS)
     if curves_csv.exists():
-        curves = read_csv(curves_csv, CURVE_COLUMNS).astype(
-            {"train_size": float, "tuning": int, "seed": int, "point": int, "value": float}
-        )
+        curves = read_csv(curves_csv, CURVE_COLUMNS)
+        for name in ("train_size", "tuning", "seed", "point", "value"):
+            curves[name] = numbers(curves_csv, curves, name)
+        try:
+            curves = curves.astype({"train_size": float, "tuning": int, "seed": int, "point": int})
+        except ValueError as exc:  # an empty cell where a whole number belongs
+            raise ConfigError(
+                f"{curves_csv}: {exc}; give a file that report --page wrote"
+            ) from None
     variants = [v.name for v in spec.variants]
     found = [] if curves_csv.exists() else [f"{curves_csv} not found: gaps and curves left out"]
     data = StudyData(spec.name, spec, frame, curves, variants, found)
@@ -169,6 +175,16 @@ def read_study(
             restored="; ".join(note for note, _ in restored),
         )
     return stage(data, tunings)
+
+
+def numbers(path: Path, table: pd.DataFrame, column: str) -> pd.Series:
+    """A column of numbers, or a one-line refusal naming the file, column and value."""
+    try:
+        return pd.to_numeric(table[column])
+    except ValueError as exc:
+        raise ConfigError(
+            f"{path}: column {column}: {exc}; give a file that report --page wrote"
+        ) from None
 
 
 def joined(frames: list[pd.DataFrame]) -> pd.DataFrame:

@@ -75,6 +75,17 @@ def plan_restore(spec: StudySpec, published: Published) -> Restoring:
     """The file's tunings checked against the spec before anything is written: each of
     its runs is a tuning of this spec with this design (else ConfigError, one line);
     a tuning held in part is left to run, in a line."""
+    try:
+        return tunings_of(spec, published)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # a number that is not one, in a file edited by hand
+        raise ConfigError(
+            f"{published.path}: {exc}; give a file that report --page wrote"
+        ) from None
+
+
+def tunings_of(spec: StudySpec, published: Published) -> Restoring:
     path, s = published.path, spec.settings
     planned = {(t.cell.name, t.cell.train_size, t.index): t for t in spec.tunings}
     runs = published.runs
@@ -121,7 +132,7 @@ def check_design(spec: StudySpec, tuning: Tuning, row: pd.Series, where: str) ->
                 f"{where}: {key} {row[key]} is outside {spec.path}'s search range "
                 f"[{r.low}, {r.high}]: not a run of this design"
             )
-    cfg = spec.config_for(cell, {k: float(row[k]) for k in cell.search})
+    cfg = spec.config_for(cell, {k: cast(k, row[k]) for k in cell.search})
     for key, value in cfg.as_params().items():
         if key in EXECUTION_FIELDS or key in cell.search or key not in row:
             continue
