@@ -123,7 +123,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from mnist_study.analysis.raw_runs import HYPERPARAMETERS, read_raw
     from mnist_study.errors import StudyIncomplete, WorkerRefused
     from mnist_study.study.optuna_storage import optuna_storage
-    from mnist_study.study.restore import Published
+    from mnist_study.study.restore import Published, plan_restore
     from mnist_study.study.runner import RunOptions, run_study
     from mnist_study.study.signals import Interrupted
     from mnist_study.study.spec_file import find_spec, load_spec
@@ -132,13 +132,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     optuna_storage(args.storage)  # refuses an unsupported address
     opts = RunOptions.from_args(args, spec)
-    published = None
-    if args.restore:  # refused here, before any store is opened, if the report could not read it
-        read_raw(args.restore, spec)
-        published = Published.read(args.restore, HYPERPARAMETERS)
+    restoring = None
+    if args.restore:  # refused here, before any store is opened, unless the report reads it
+        read_raw(args.restore, spec)  # and it holds runs of this spec's design
+        restoring = plan_restore(spec, Published.read(args.restore, HYPERPARAMETERS))
     print(opts.headline(spec), flush=True)
     try:
-        run_study(spec, opts, published)
+        run_study(spec, opts, restoring)
     except KeyboardInterrupt as exc:
         print(
             f"interrupted ({exc or 'SIGINT'}): finished trials are kept, those in progress "

@@ -22,7 +22,7 @@ from mnist_study.study.optuna_storage import set_system_attrs, trial_id
 from mnist_study.study.pace import PACE, UnitPace, Work, eta, study_seconds_left
 from mnist_study.study.processes import REFUSED, run_workers, start_fork_server
 from mnist_study.study.record import study_identity
-from mnist_study.study.restore import Published, check_restorable, plan_restore, restore
+from mnist_study.study.restore import Restoring, check_restorable, restore
 from mnist_study.study.run_options import RunOptions
 from mnist_study.study.scheduler import Idle, Scheduler, Unit, proposal_seed
 from mnist_study.study.signals import (
@@ -59,13 +59,12 @@ def preflight(spec: StudySpec, opts: RunOptions) -> StudyStores:
     return stores
 
 
-def run_study(spec: StudySpec, opts: RunOptions, published: Published | None = None) -> None:
-    """Check inputs and stores, create the studies (with the tunings `published` holds
-    restored), then run the workers until done."""
+def run_study(spec: StudySpec, opts: RunOptions, restoring: Restoring | None = None) -> None:
+    """Check inputs and stores, create the studies (with the published tunings of
+    `restoring` restored), then run the workers until done."""
     if opts.workers > 1 and not opts.slurm:
         start_fork_server(__name__)  # its imports overlap the checks below
     stores = preflight(spec, opts)
-    restoring = plan_restore(spec, published) if published else None
     if restoring:
         check_restorable(stores, restoring)
     if stores.resume.finished_on:  # nothing runs, so nothing mixes: the stores stay as they are
