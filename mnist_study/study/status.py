@@ -15,11 +15,13 @@ from mnist_study.study.slurm_watch import describe
 from mnist_study.study.spec import StudySpec
 from mnist_study.study.stored import read_stored
 from mnist_study.study.stores import OptunaSide, StudyStores
+from mnist_study.tracking.names import NOTE_TAG, Role
 
 
 def status_lines(spec: StudySpec, stores: StudyStores) -> list[str]:
-    """Where a study stands: units done, rounds finished (a study that runs in rounds),
-    those running (where, last sign of life), the time left, and its Slurm jobs."""
+    """Where a study stands: units done, tunings restored from published runs, rounds
+    finished (a study that runs in rounds), those running (where, last sign of life),
+    the time left, and its Slurm jobs."""
     ledger = stores.ledger()
     (done, total), running, now = ledger.progress(), ledger.running(), time.time()
     left = study_seconds_left(ledger, max(1, len(running)))
@@ -27,6 +29,8 @@ def status_lines(spec: StudySpec, stores: StudyStores) -> list[str]:
         f"study {spec.name!r}: {done} of {total} units done, {len(running)} running"
         + (f", ~{minutes(left)} left at {max(1, len(running))} worker(s)" if left else "")
     ]
+    for run in stores.tracker.runs(f"tags.role = '{Role.RESTORED}'"):  # run --restore
+        out.append(f"  {run.data.tags.get(NOTE_TAG, 'tunings restored')}")
     finished, next_done, per_round = ledger.rounds()
     if spec.settings.tunings > 1 and finished < spec.settings.tunings:
         out.append(
