@@ -202,13 +202,14 @@ def test_ui_shows_the_links_serves_quietly_and_stops_on_ctrl_c(finished, tmp_pat
             except OSError:
                 assert ui.poll() is None and time.time() < deadline, ui.stderr.read()[-2000:]
                 time.sleep(0.5)
-        asked = time.time()
         ui.send_signal(signal.SIGINT)
+        # A server that ignored Ctrl-C would time out here; how fast it stops depends on
+        # the machine's load (11 s once beside a study and the whole test suite).
         out, err = ui.communicate(timeout=30)
     finally:
         if ui.poll() is None:
             ui.kill()
-    assert ui.returncode == 0 and time.time() - asked < 10
+    assert ui.returncode == 0
     assert "Traceback" not in err and "GET /" not in out + err, err  # no request log
     assert f"http://127.0.0.1:{port}/#/experiments/" in out and "viewStateShareKey=cells" in out
     assert out.rstrip().endswith("MLflow UI stopped")
