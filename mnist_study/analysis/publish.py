@@ -96,6 +96,7 @@ def provenance_line(data: StudyData, report: str = "") -> str:
     wall = f"{busy:.0f} min wall time"
     if span - busy > 1:
         wall += f" with runs in progress, {span:.0f} min including pauses between resumes"
+    until = "%H:%M" if pd.notna(end) and end.date() == start.date() else "%Y-%m-%d %H:%M"
     stage = f"; read here: {data.stage}" if data.stage else ""
     if data.extended:
         stage += f"; extended after it started: {data.extended}"
@@ -106,7 +107,7 @@ def provenance_line(data: StudyData, report: str = "") -> str:
     return (
         f"Study `{data.name}` ({budget}{len(children)} runs{stage}), {commit}, "
         f"{cpu}{device}, up to {at_once} run(s) at once, {threads}; runs from "
-        f"{start:%Y-%m-%d %H:%M} to {end:%H:%M} UTC ({wall}). "
+        f"{start:%Y-%m-%d %H:%M} to {end:{until}} UTC ({wall}). "
         f"{recorded_command(children, data.name, workers)}, then "
         f"`{report or report_command(data.name, DEFAULT_TRACKING_URI, None)}`."
     )
