@@ -174,10 +174,10 @@ def restore(stores: StudyStores, restoring: Restoring, command: str) -> list[str
         return restoring.lines + [f"{published.path}: no tuning held whole; nothing restored"]
     with tempfile.TemporaryDirectory() as tmp:
         files = [Path(tmp) / published.path.name]
-        files[0].write_text(published.runs.loc[restoring.rows].to_csv(index=False))
+        files[0].write_text(published.runs.loc[restoring.rows].to_csv(index=False), "utf-8")
         if published.curves is not None:
             files.append(Path(tmp) / curves_file(published.path).name)
-            files[1].write_text(restored_curves(restoring).to_csv(index=False))
+            files[1].write_text(restored_curves(restoring).to_csv(index=False), "utf-8")
         log_restored(
             stores.tracking_uri, stores.tracker.experiment_id, files, published.sha256,
             restored_note(restoring), command,
@@ -204,10 +204,12 @@ def restored_curves(restoring: Restoring) -> pd.DataFrame:
 def restored_note(restoring: Restoring) -> str:
     tunings = restoring.tunings
     indices = sorted({t.index for t, _, _ in tunings})
+    run = indices == list(range(indices[0], indices[-1] + 1))
+    shown = f"{indices[0]}-{indices[-1]}" if run else ", ".join(map(str, indices))
     return (
         f"restored from {restoring.published.path} (sha256 "
-        f"{restoring.published.sha256[:12]}): {len(tunings)} tunings (indices "
-        f"{indices[0]}-{indices[-1]}), {len(restoring.rows)} runs"
+        f"{restoring.published.sha256[:12]}): {len(tunings)} tunings (indices {shown}), "
+        f"{len(restoring.rows)} runs"
     )
 
 
