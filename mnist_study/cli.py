@@ -19,8 +19,8 @@ from mnist_study.tracking.retries import bound_remote_retries
 from mnist_study.training.config import TrainConfig, field_docs
 
 DEFAULT_DATA_ROOT = Path("data")
-RESTORE_HELP = """the tunings a page published (docs/data/STUDY-runs.csv) whose stores
-were lost, restored into new stores first: the study runs on from them"""
+RESTORE_HELP = """a page's raw runs (docs/data/STUDY-runs.csv) of a study whose stores were
+lost: its whole tunings are restored into new stores first, and the study runs on from them"""
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:

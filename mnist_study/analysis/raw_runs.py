@@ -1,7 +1,8 @@
 """A study's raw runs, published beside its page (docs/data/STUDY-runs.csv and
 STUDY-curves.csv): one row per run the report counts (every tuning trial and final
 seed) and one per point of each final run's curves. Anyone can recompute the page from
-them without the stores, which do not outlive their machines; `report --runs` does."""
+them without the stores, which do not outlive their machines; `report --runs` does, and
+a study restored from them (`run --restore`) is read with them."""
 
 from __future__ import annotations
 
@@ -77,8 +78,7 @@ def runs_table(data: StudyData, tracking_uri: str) -> pd.DataFrame:
         out[name] = runs.get(f"params.{name}")
     for name, column in MEASURED.items():
         out[name] = runs.get(column)
-    best = best_val_accs(runs, tracking_uri)
-    out.insert(out.columns.get_loc("train_acc"), "best_val_acc", best)
+    out.insert(out.columns.get_loc("train_acc"), "best_val_acc", best_val_accs(runs, tracking_uri))
     out.insert(
         out.columns.get_loc("start_time"),
         "seconds",
