@@ -22,7 +22,7 @@ from optuna.trial import TrialState, create_trial
 from mnist_study.errors import ConfigError
 from mnist_study.study.scheduler import distributions
 from mnist_study.study.spec import EXECUTION_FIELDS, StudySpec, Tuning
-from mnist_study.study.stores import StudyStores, study_names
+from mnist_study.study.stores import StudyStores
 from mnist_study.tracking.names import RESTORED_ATTR
 from mnist_study.tracking.restored_run import log_restored
 from mnist_study.training.config import TrainConfig
@@ -152,11 +152,10 @@ def check_restorable(stores: StudyStores, restoring: Restoring) -> None:
     restore, are fine: a rerun completes them)."""
     if not stores.optuna.exists() or not restoring.tunings:
         return
-    storage = stores.optuna.open()
-    existing = set(optuna.get_all_study_names(storage))
+    tune, final = stores.load_studies(stores.optuna.open(), created_only=True)
     for tuning, _, _ in restoring.tunings:
-        for name in (n for n in study_names(stores.spec, tuning) if n in existing):
-            trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+        for study in (s[tuning.key] for s in (tune, final) if tuning.key in s):
+            trials = study.get_trials(deepcopy=False)
             if any(t.user_attrs.get(RESTORED_ATTR) != restoring.published.sha256 for t in trials):
                 raise ConfigError(
                     f"--restore {restoring.published.path}: the Optuna storage "
