@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import mlflow.pytorch
@@ -25,12 +26,13 @@ from helpers import (
     trial_states,
 )
 from mlflow.tracking import MlflowClient
+from optuna.storages.journal import JournalFileSymlinkLock
 
 from mnist_study.analysis.collect import collect
 from mnist_study.analysis.publish import write_report
 from mnist_study.analysis.summary import summarize
 from mnist_study.errors import ConfigError
-from mnist_study.study.optuna_storage import optuna_storage
+from mnist_study.study.optuna_storage import optuna_storage, refuse_dangling_lock
 from mnist_study.study.runner import RunOptions, run_study
 from mnist_study.study.spec_file import load_spec
 
@@ -148,6 +150,29 @@ def test_a_stale_lock_from_a_relative_journal_path_is_refused_not_waited_on(fini
     code, err = done.returncode, done.stderr
     assert code == 2 and err.count("\n") == 1
     assert f"{lock}: a stale lock" in err and "remove" in err
+
+
+def test_a_live_lock_released_while_it_is_checked_is_not_called_stale(tmp_path):
+    """Two workers open the journal at once: one holds Optuna's lock and lets it go while
+    the other checks for a stale one. 20,000 checks against a lock taken and released in
+    a loop must never refuse."""
+    journal = tmp_path / "optuna.journal"
+    journal.write_text("")
+    lock, stop = JournalFileSymlinkLock(str(journal.resolve())), threading.Event()
+
+    def hold_and_release():
+        while not stop.is_set():
+            lock.acquire()
+            lock.release()
+
+    holder = threading.Thread(target=hold_and_release)
+    holder.start()
+    try:
+        for _ in range(20_000):
+            refuse_dangling_lock(journal)
+    finally:
+        stop.set()
+        holder.join()
 
 
 @pytest.mark.slow

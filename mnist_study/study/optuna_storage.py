@@ -165,9 +165,15 @@ class SignalSafeJournal(JournalFileBackend):
 
 def refuse_dangling_lock(path: Path) -> None:
     """A lock left by a process killed while it held it, from a version that opened the
-    journal by a relative path: its link points nowhere, and Optuna would wait forever."""
+    journal by a relative path: its link points nowhere, and Optuna would wait forever.
+    The link is read once: testing it and then its target raced with a live worker
+    releasing its lock between the two, and refused a healthy study."""
     lock = path.with_name(path.name + ".lock")
-    if lock.is_symlink() and not lock.exists():
+    try:
+        target = os.readlink(lock)
+    except OSError:  # no lock, or released just now
+        return
+    if not (lock.parent / target).exists():
         raise ConfigError(
             f"{lock}: a stale lock on the Optuna journal, left by a process killed while it "
             f"held it; check that no study command runs on {path}, remove {lock}, run again"
