@@ -191,7 +191,7 @@ def test_a_study_restored_from_its_published_rounds_runs_on_as_its_lost_stores_w
     done = cli(*run_args(spec, tracking, storage, "--restore", str(csv)))
     assert done.returncode == 0, done.stderr[-2000:]
     assert "6 tunings (indices 0-1), 18 runs: 18 trial(s) written" in done.stdout
-    assert "18 of 27 units done and kept, 9 to run" in done.stdout
+    assert "begins from its published runs: 18 of 27 units restored, 9 to run" in done.stdout
     shown = cli("status", str(spec), "--tracking-uri", tracking, "--storage", storage)
     assert f"restored from {csv} (sha256 " in shown.stdout, shown.stderr[-2000:]
     # Only the third tuning ran here: 3 cells x (1 trial + 2 seeds), each in both stores.

@@ -79,11 +79,12 @@ def run_study(spec: StudySpec, opts: RunOptions, restoring: Restoring | None = N
     stores.attach(experiment_id)
     with stores.claim_lock():  # dead workers' trials failed first, so that they count
         stores.reap()
+        before = stores.ledger().progress()[0] if restoring else 0
         for line in restore(stores, restoring, opts.command(spec.path)) if restoring else []:
             print(line, flush=True)
     ledger = stores.ledger()
     done, total = ledger.progress()
-    resumed = resume_line(stores.spec.name, ledger)
+    resumed = resume_line(stores.spec.name, ledger, restored=done - before if restoring else 0)
     if resumed:
         print(resumed, flush=True)
     if done == total:  # no worker to start: close the cells a killed command left open
@@ -129,13 +130,19 @@ def stop_parents(stores: StudyStores) -> None:
         stores.tracker.stop_parents(stores.ledger().busy_cells())
 
 
-def resume_line(study: str, ledger: Ledger) -> str:
-    """What a resume keeps and redoes, in a line ('' for a study not begun)."""
+def resume_line(study: str, ledger: Ledger, restored: int = 0) -> str:
+    """What a resume keeps and redoes, in a line ('' for a study not begun); a study
+    whose every done unit was `restored` by this command begins, it does not resume."""
     (done, total), failed = ledger.progress(), ledger.failed
     if not done and not failed:
         return ""
     if done == total:
         return f"study {study!r} is complete: all {total} units done; nothing to run"
+    if restored == done and not failed:
+        return (
+            f"study {study!r} begins from its published runs: {done} of {total} units "
+            f"restored, {total - done} to run"
+        )
     return (
         f"resuming study {study!r}: {done} of {total} units done and kept, "
         f"{total - done} to run; {failed} interrupted or failed run(s) stay recorded as FAIL"
