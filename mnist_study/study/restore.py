@@ -165,12 +165,13 @@ def check_restorable(stores: StudyStores, restoring: Restoring) -> None:
                 )
 
 
-def restore(stores: StudyStores, restoring: Restoring, command: str) -> list[str]:
+def restore(stores: StudyStores, restoring: Restoring, command: str) -> tuple[list[str], int]:
     """Write the restore (after create and attach, under the claim lock): the rows kept
-    in MLflow first, then each trial not restored yet into Optuna's record."""
+    in MLflow first, then each trial not restored yet into Optuna's record. Returns its
+    lines and the trials (each a unit done) written now."""
     published, added = restoring.published, 0
     if not restoring.tunings:
-        return restoring.lines + [f"{published.path}: no tuning held whole; nothing restored"]
+        return restoring.lines + [f"{published.path}: no tuning held whole; nothing restored"], 0
     with tempfile.TemporaryDirectory() as tmp:
         files = [Path(tmp) / published.path.name]
         files[0].write_text(published.runs.loc[restoring.rows].to_csv(index=False), "utf-8")
@@ -186,7 +187,7 @@ def restore(stores: StudyStores, restoring: Restoring, command: str) -> list[str
         added += add_trials(stores.final[tuning.key], tuning, finals, published.sha256)
     return restoring.lines + [
         f"{restored_note(restoring)}: {added} trial(s) written to Optuna's record now"
-    ]
+    ], added
 
 
 def restored_curves(restoring: Restoring) -> pd.DataFrame:

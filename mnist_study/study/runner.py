@@ -79,12 +79,14 @@ def run_study(spec: StudySpec, opts: RunOptions, restoring: Restoring | None = N
     stores.attach(experiment_id)
     with stores.claim_lock():  # dead workers' trials failed first, so that they count
         stores.reap()
-        before = stores.ledger().progress()[0] if restoring else 0
-        for line in restore(stores, restoring, opts.command(spec.path)) if restoring else []:
+        lines, restored = (
+            restore(stores, restoring, opts.command(spec.path)) if restoring else ([], 0)
+        )
+        for line in lines:
             print(line, flush=True)
     ledger = stores.ledger()
     done, total = ledger.progress()
-    resumed = resume_line(stores.spec.name, ledger, restored=done - before if restoring else 0)
+    resumed = resume_line(stores.spec.name, ledger, restored)
     if resumed:
         print(resumed, flush=True)
     if done == total:  # no worker to start: close the cells a killed command left open
