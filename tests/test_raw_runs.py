@@ -96,6 +96,26 @@ def test_report_from_the_csv_alone_equals_the_report_from_the_stores(published, 
     assert "--runs" in from_csv and not (tmp_path / "away.db").exists()
 
 
+def test_a_study_run_on_two_machines_names_each_cpu_with_its_runs(published, tmp_path):
+    """Stores lost and restored on another machine, or resumed there: the provenance line
+    names every CPU the runs ran on, not the most frequent one."""
+    root, spec, _ = published
+    runs = pd.read_csv(root / "docs/data/rep-runs.csv", dtype=str, keep_default_na=False)
+    other = runs.tuning == "2"
+    runs.loc[other, "cpu"] = "Other CPU x2 (family 9 model 9, AVX2 kernels)"
+    (tmp_path / "data").mkdir()
+    runs.to_csv(tmp_path / "data" / "rep-runs.csv", index=False)
+    done = cli(
+        "report", str(spec), "--runs", str(tmp_path / "data" / "rep-runs.csv"),
+        "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    body = (tmp_path / "out" / "rep" / "results.md").read_text()
+    mine = runs.loc[~other, "cpu"].iat[0]
+    assert f"{mine} ({(~other).sum()} runs), " in body
+    assert f"Other CPU x2 (family 9 model 9, AVX2 kernels) ({other.sum()} runs)" in body
+
+
 def test_welch_on_tuning_means_from_the_csv_gives_the_pages_numbers(published):
     root, _, page = published
     runs = pd.read_csv(root / "docs" / "data" / "rep-runs.csv")

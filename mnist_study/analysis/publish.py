@@ -67,7 +67,7 @@ def provenance_line(data: StudyData, report: str = "") -> str:
         if len(commits) == 1
         else "commits " + ", ".join(f"`{c}` ({n} run{'s' * (n > 1)})" for c, n in commits.items())
     )
-    cpu = children["tags.cpu"].mode().iat[0] if "tags.cpu" in children else "?"
+    cpu, _ = each_value(children, "tags.cpu")  # a study resumed on another machine: both
     workers = children["tags.workers"].mode().iat[0] if "tags.workers" in children else "?"
     at_once = peak_overlap(children.start_time, children.end_time)
     threads, mixed = each_value(children, "tags.threads")
