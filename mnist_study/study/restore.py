@@ -17,9 +17,10 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
-from optuna.trial import TrialState, create_trial
+from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from mnist_study.errors import ConfigError
+from mnist_study.study.ledger import TuningLedger
 from mnist_study.study.scheduler import distributions
 from mnist_study.study.spec import EXECUTION_FIELDS, StudySpec, Tuning
 from mnist_study.study.stores import StudyStores
@@ -29,6 +30,7 @@ from mnist_study.training.config import TrainConfig
 
 ROW_ATTR = "restored_row"  # a restored trial's user attribute: its row in the file
 ENDED = {"COMPLETE": TrialState.COMPLETE, "PRUNED": TrialState.PRUNED}
+"""The states of the rows written as trials (a failed run stays a row the report reads)."""
 
 
 def curves_file(runs_csv: Path) -> Path:
@@ -62,10 +64,11 @@ class Published:
 
 @dataclass(frozen=True)
 class Restoring:
-    """What a restore writes: per tuning held whole, its ended trials and final seeds."""
+    """What a restore writes: per tuning held whole, its ended trials and final seeds,
+    as the ledger will read them once written."""
 
     published: Published
-    tunings: list[tuple[Tuning, pd.DataFrame, pd.DataFrame]]
+    tunings: list[TuningLedger]
     rows: pd.Index
     """Every row of those tunings (failed runs too): the rows the report reads back."""
     lines: list[str]
@@ -102,19 +105,21 @@ def tunings_of(spec: StudySpec, published: Published) -> Restoring:
             )
         trials = mine[(mine.role == "tune") & mine.state.isin(ENDED)]
         finals = mine[(mine.role == "final") & (mine.state == "COMPLETE")]
-        if len(trials) > s.trials or not set(finals.seed.astype(int)) <= set(s.seeds):
+        for i, row in pd.concat([trials, finals]).iterrows():
+            where = f"{path}: row {i + 2} ({tuning.key})"
+            check_design(spec, tuning, row[published.hyperparameters], where)
+        made = [as_trials(tuning, rows, published.sha256) for rows in (trials, finals)]
+        ledger = TuningLedger(tuning, *made, s.trials, s.seeds)
+        if len(ledger.done_trials) > s.trials or len(ledger.seeds_done) < len(finals):
             raise ConfigError(
                 f"{path}: {tuning.key} holds {len(trials)} ended trials and final seeds "
                 f"{sorted(finals.seed.astype(int))}; {spec.path} gives a tuning {s.trials} "
                 f"trials and seeds {list(s.seeds)}: not a tuning of this design"
             )
-        if len(trials) < s.trials or len(finals) < len(s.seeds):
+        if not ledger.finished:
             partial.append(tuning.key)
             continue
-        for i, row in pd.concat([trials, finals]).iterrows():
-            where = f"{path}: row {i + 2} ({tuning.key})"
-            check_design(spec, tuning, row[published.hyperparameters], where)
-        whole.append((tuning, trials, finals))
+        whole.append(ledger)
         rows.append(mine.index)
     lines = [f"{path}: {len(partial)} tuning(s) held in part, left to run: {', '.join(partial)}"]
     index = rows[0].append(rows[1:]) if rows else pd.Index([])
@@ -153,7 +158,7 @@ def check_restorable(stores: StudyStores, restoring: Restoring) -> None:
     if not stores.optuna.exists() or not restoring.tunings:
         return
     tune, final = stores.load_studies(stores.optuna.open(), created_only=True)
-    for tuning, _, _ in restoring.tunings:
+    for tuning in (t.tuning for t in restoring.tunings):
         for study in (s[tuning.key] for s in (tune, final) if tuning.key in s):
             trials = study.get_trials(deepcopy=False)
             if any(t.user_attrs.get(RESTORED_ATTR) != restoring.published.sha256 for t in trials):
@@ -182,9 +187,9 @@ def restore(stores: StudyStores, restoring: Restoring, command: str) -> tuple[li
             stores.tracking_uri, stores.tracker.experiment_id, files, published.sha256,
             restored_note(restoring), command,
         )  # fmt: skip
-    for tuning, trials, finals in restoring.tunings:
-        added += add_trials(stores.tune[tuning.key], tuning, trials, published.sha256)
-        added += add_trials(stores.final[tuning.key], tuning, finals, published.sha256)
+    for ledger in restoring.tunings:
+        added += add_trials(stores.tune[ledger.tuning.key], ledger.trials)
+        added += add_trials(stores.final[ledger.tuning.key], ledger.finals)
     return restoring.lines + [
         f"{restored_note(restoring)}: {added} trial(s) written to Optuna's record now"
     ], added
@@ -192,8 +197,10 @@ def restore(stores: StudyStores, restoring: Restoring, command: str) -> tuple[li
 
 def restored_curves(restoring: Restoring) -> pd.DataFrame:
     curves = restoring.published.curves
-    keys = {(t.cell.name, t.cell.train_size, t.index) for t, _, _ in restoring.tunings}
-    sized = restoring.tunings[0][0].cell.train_size is not None
+    keys = {
+        (t.tuning.cell.name, t.tuning.cell.train_size, t.tuning.index) for t in restoring.tunings
+    }
+    sized = restoring.tunings[0].tuning.cell.train_size is not None
     held = [
         (v, int(n) if sized else None, int(i)) in keys
         for v, n, i in zip(curves.variant, curves.train_size, curves.tuning, strict=True)
@@ -203,7 +210,7 @@ def restored_curves(restoring: Restoring) -> pd.DataFrame:
 
 def restored_note(restoring: Restoring) -> str:
     tunings = restoring.tunings
-    indices = sorted({t.index for t, _, _ in tunings})
+    indices = sorted({t.tuning.index for t in tunings})
     run = indices == list(range(indices[0], indices[-1] + 1))
     shown = f"{indices[0]}-{indices[-1]}" if run else ", ".join(map(str, indices))
     return (
@@ -213,13 +220,11 @@ def restored_note(restoring: Restoring) -> str:
     )
 
 
-def add_trials(study: optuna.Study, tuning: Tuning, rows: pd.DataFrame, sha256: str) -> int:
-    """The rows as ended trials of `study`, those not there yet; returns how many."""
-    present = {t.user_attrs.get(ROW_ATTR) for t in study.get_trials(deepcopy=False)}
-    dists, added = distributions(tuning.cell), 0
+def as_trials(tuning: Tuning, rows: pd.DataFrame, sha256: str) -> tuple[FrozenTrial, ...]:
+    """The rows (each ended) as the trials a restore writes, each marked with its row;
+    a tuning trial keeps its slot, which breaks ties for the best as the study's own."""
+    dists, out = distributions(tuning.cell), []
     for slot, (i, row) in enumerate(rows.iterrows()):
-        if int(i) in present:
-            continue
         attrs = {RESTORED_ATTR: sha256, ROW_ATTR: int(i)}
         state = ENDED[row.state]
         if row.role == "final":
@@ -230,14 +235,22 @@ def add_trials(study: optuna.Study, tuning: Tuning, rows: pd.DataFrame, sha256: 
             params = {k: cast(k, row[k]) for k in dists}
             dists_used = dists
         value = float(row.val_acc) if state == TrialState.COMPLETE else None
-        study.add_trial(
+        out.append(
             create_trial(
                 state=state, value=value, params=params, distributions=dists_used,
                 user_attrs=attrs,
             )
         )  # fmt: skip
-        added += 1
-    return added
+    return tuple(out)
+
+
+def add_trials(study: optuna.Study, trials: tuple[FrozenTrial, ...]) -> int:
+    """The trials `study` does not hold yet (by row), added; returns how many."""
+    present = {t.user_attrs.get(ROW_ATTR) for t in study.get_trials(deepcopy=False)}
+    fresh = [t for t in trials if t.user_attrs[ROW_ATTR] not in present]
+    for trial in fresh:
+        study.add_trial(trial)
+    return len(fresh)
 
 
 def cast(key: str, text: str) -> float | int:
