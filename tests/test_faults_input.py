@@ -205,7 +205,9 @@ def test_a_tracking_server_answering_500_is_given_up_on_in_seconds(tmp_path):
     started = time.time()
     with serving(HealthyButFailing) as uri:
         done = cli(*run_args(tmp_path / "tiny.toml", uri, str(tmp_path / "o.journal")))
-    assert time.time() - started < 60  # MLflow's own retries: over 4 minutes
+    # Not a speed claim: a bound between ours (seconds alone; 61 s on 2 loaded cores)
+    # and MLflow's own retries (over 4 minutes).
+    assert time.time() - started < 150
     retrying, error = done.stderr.splitlines(keepends=True)  # a line as it starts to retry
     assert "failed a request (HTTP 500" in retrying and "retrying up to 3 times" in retrying
     one_line_error(subprocess.CompletedProcess(done.args, 2, done.stdout, error), "500")
