@@ -20,7 +20,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from mnist_study.errors import ConfigError
-from mnist_study.study.ledger import TuningLedger
+from mnist_study.study.ledger import DONE, TuningLedger
 from mnist_study.study.scheduler import distributions
 from mnist_study.study.spec import EXECUTION_FIELDS, StudySpec, Tuning
 from mnist_study.study.stores import StudyStores
@@ -29,8 +29,9 @@ from mnist_study.tracking.restored_run import log_restored
 from mnist_study.training.config import TrainConfig
 
 ROW_ATTR = "restored_row"  # a restored trial's user attribute: its row in the file
-ENDED = {"COMPLETE": TrialState.COMPLETE, "PRUNED": TrialState.PRUNED}
-"""The states of the rows written as trials (a failed run stays a row the report reads)."""
+ENDED = {state.name: state for state in DONE}
+"""The states of the rows written as trials, the ledger's done ones by name (a failed run
+stays a row the report reads)."""
 
 
 def curves_file(runs_csv: Path) -> Path:
