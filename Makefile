@@ -74,7 +74,7 @@ test: data ## run the tests (CPU, 1.5 to 3 min on 2 cores; real MNIST and stores
 	@$(PYTEST) -q -m "not slow" -n $(TEST_JOBS) --dist loadfile --durations=10 $(ARGS)
 
 test-slow: data ## the slow tests: determinism, killed workers and sweeps, signals, concurrent commands, PostgreSQL, mlflow server (about 10 min on 2 cores)
-	@$(PYTEST) -q -m slow -n $(SLOW_TEST_JOBS) --dist load --durations=10 $(ARGS)
+	@$(PYTEST) -q -m slow -n $(SLOW_TEST_JOBS) --dist load --durations=10 --timeout 1800 $(ARGS)
 
 lint: $(BIN)/.installed ## ruff (lint, formatting) and import-linter (imports go down: cli, analysis, study, tracking, training; MLflow in tracking alone; no circles)
 	@$(BIN)/ruff check .

@@ -224,10 +224,11 @@ def run_args(spec: Path, tracking: str, storage: str, *more: str) -> list[str]:
     return ["run", str(spec), "--tracking-uri", tracking, "--storage", storage, "--quiet", *more]
 
 
-def wait_for_running_trial(storage: str, study: str, worker: int | None, timeout: float = 120):
+def wait_for_running_trial(storage: str, study: str, worker: int | None, timeout: float = 300):
     """A RUNNING trial of `worker` (any if None) with its MLflow run started and no epoch
     reported yet (so that a signal sent now lands before it ends), in the Optuna study
-    `study` or, with a trailing '*', in any study whose name starts so."""
+    `study` or, with a trailing '*', in any study whose name starts so. `timeout` bounds a
+    hang: a study's processes took over 2 minutes to start on 2 cores shared with others."""
     deadline = time.time() + timeout
     opened = None
     while time.time() < deadline:

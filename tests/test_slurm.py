@@ -160,7 +160,7 @@ def test_a_cancelled_worker_job_leaves_its_unit_to_the_other_and_nothing_runs_tw
     tracking, storage = stores(tmp_path)
     args = slurm_run(spec_path, tracking, storage, tmp_path)
     proc = subprocess.Popen(command(*args), stdout=subprocess.PIPE, text=True, cwd=REPO)
-    wait_for_running_trial(storage, "*", 0, timeout=180)
+    wait_for_running_trial(storage, "*", 0)
     (array,) = submitted_array(tracking, spec.name)
     subprocess.run(["scancel", f"{array}_0"], check=True)
     out, _ = proc.communicate(timeout=300)
@@ -180,7 +180,7 @@ def test_ctrl_c_cancels_the_array_and_the_same_command_resumes(tmp_path):
     tracking, storage = stores(tmp_path)
     args = slurm_run(spec_path, tracking, storage, tmp_path)
     proc = subprocess.Popen(command(*args), stdout=subprocess.PIPE, text=True, cwd=REPO)
-    wait_for_running_trial(storage, "*", None, timeout=180)
+    wait_for_running_trial(storage, "*", None)
     (array,) = submitted_array(tracking, spec.name)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=150)
@@ -206,7 +206,7 @@ def test_a_killed_submitting_command_leaves_the_array_and_the_same_command_attac
     tracking, storage = stores(tmp_path)
     args = slurm_run(spec_path, tracking, storage, tmp_path)
     proc = subprocess.Popen(command(*args), stdout=subprocess.DEVNULL, cwd=REPO)
-    wait_for_running_trial(storage, "*", None, timeout=180)
+    wait_for_running_trial(storage, "*", None)
     proc.kill()
     proc.wait()
     (array,) = submitted_array(tracking, spec.name)
@@ -243,7 +243,7 @@ def test_detach_submits_and_returns_and_status_then_the_same_command_finish_it(t
     (array,) = submitted_array(tracking, "tiny")
     status = cli("status", str(spec_path), "--tracking-uri", tracking, "--storage", storage)
     assert status.returncode == 0 and f"Slurm array(s) {array}: " in status.stdout
-    wait_for_array_end([array], timeout=180)
+    wait_for_array_end([array], timeout=300)
     again = cli(*args)
     assert again.returncode == 0 and "nothing to run" in again.stdout, again.stdout
     assert assert_every_unit_done_once(tracking, storage, load_spec(spec_path)) == 0

@@ -31,18 +31,20 @@ def ui(finished, tmp_path):
     )  # fmt: skip
     address = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 240  # its start took over 90 s on 2 cores shared with a study
-    while True:  # MLflow answers through the layer: the page can load
+    try:  # the server is stopped however the test ends, a failed start included
+        while True:  # MLflow answers through the layer: the page can load
+            try:
+                urllib.request.urlopen(address + "health", timeout=5).read()
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline
+                time.sleep(0.5)
+        browser = Browser(tmp_path / "profile")
         try:
-            urllib.request.urlopen(address + "health", timeout=5).read()
-            break
-        except OSError:
-            assert server.poll() is None and time.time() < deadline
-            time.sleep(0.5)
-    browser = Browser(tmp_path / "profile")
-    try:
-        yield browser, address
+            yield browser, address
+        finally:
+            browser.close()
     finally:
-        browser.close()
         server.terminate()
         server.wait(timeout=30)
 
