@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -50,6 +51,21 @@ def slurm_up() -> str:
 
 
 needs_slurm = pytest.mark.skipif(bool(slurm_up()), reason=slurm_up() or "Slurm is up")
+
+
+@pytest.fixture(autouse=True)
+def arrays_cancelled_after(tmp_path):
+    """Whatever array a test leaves (a failed one's, or one still suspended) is cancelled,
+    not left holding the one node's CPUs while the next Slurm test waits behind it."""
+    yield
+    if shutil.which("squeue") is None:
+        return
+    queue = subprocess.run(["squeue", "-h", "-o", "%A|%o"], capture_output=True, text=True,
+                           timeout=60).stdout  # fmt: skip
+    left = [job for job, _, script in (line.partition("|") for line in queue.splitlines())
+            if script.startswith(str(tmp_path))]  # fmt: skip
+    if left:
+        subprocess.run(["scancel", *left], capture_output=True, timeout=60)
 
 
 def test_a_store_the_workers_cannot_reach_is_refused_and_one_for_one_node_is_said(tmp_path):
@@ -219,9 +235,12 @@ def test_a_killed_submitting_command_leaves_the_array_and_the_same_command_attac
     assert running >= 1 and status.stdout.count("  running: ") == running
     again = subprocess.Popen(command(*args), stdout=subprocess.PIPE, text=True, cwd=REPO)
     said = []
+    silent = threading.Timer(300, again.kill)  # stuck before saying either: fails below
+    silent.start()
     while not said or not said[-1].startswith(("attaching", "submitted")):
         said.append(again.stdout.readline())
-        assert said[-1], "".join(said)  # it ended before saying either
+        assert said[-1], "".join(said)  # it ended (or was killed) before saying either
+    silent.cancel()
     subprocess.run(["scontrol", "resume", array], capture_output=True)
     out, _ = again.communicate(timeout=300)
     assert again.returncode == 0, out[-3000:]
