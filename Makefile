@@ -89,7 +89,7 @@ precision: data ## bf16 against fp32 on this CPU: 10 seeds each, paired TOST at 
 	@mkdir -p reports
 	@$(BIN)/mnist-study --data-root $(DATA) precision --json reports/precision.json $(ARGS)
 
-ablations: data ## run the study in experiments/ablations.toml (10 rounds of ~80-140 min on 2 cores; rerun to resume), then report
+ablations: data ## run the study in experiments/ablations.toml (10 rounds of ~90-170 min on 2 cores; rerun to resume), then report
 	@$(BIN)/mnist-study --data-root $(DATA) run experiments/ablations.toml --workers $(WORKERS) $(if $(RESTORE),--restore $(RESTORE)) $(ARGS)
 	@$(MAKE) --no-print-directory report
 
