@@ -58,7 +58,7 @@ def arrays_cancelled_after(tmp_path):
     """Whatever array a test leaves (a failed one's, or one still suspended) is cancelled,
     not left holding the one node's CPUs while the next Slurm test waits behind it."""
     yield
-    if shutil.which("squeue") is None:
+    if slurm_up():  # no cluster here: nothing was submitted
         return
     queue = subprocess.run(["squeue", "-h", "-o", "%A|%o"], capture_output=True, text=True,
                            timeout=60).stdout  # fmt: skip
