@@ -63,7 +63,7 @@ def arrays_cancelled_after(tmp_path):
     queue = subprocess.run(["squeue", "-h", "-o", "%A|%o"], capture_output=True, text=True,
                            timeout=60).stdout  # fmt: skip
     left = [job for job, _, script in (line.partition("|") for line in queue.splitlines())
-            if script.startswith(str(tmp_path))]  # fmt: skip
+            if script.startswith(f"{tmp_path}/")]  # fmt: skip
     if left:
         subprocess.run(["scancel", *left], capture_output=True, timeout=60)
 
