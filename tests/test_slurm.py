@@ -35,7 +35,14 @@ from test_determinism import outcome
 
 from mnist_study.errors import ConfigError
 from mnist_study.study.optuna_storage import optuna_storage
-from mnist_study.study.slurm import ARRAYS_TAG, LIVE_STATES, job_states, reach
+from mnist_study.study.slurm import (
+    ARRAYS_TAG,
+    LIVE_STATES,
+    cancel,
+    job_states,
+    reach,
+    slurm_tool,
+)
 from mnist_study.study.spec_file import load_spec
 from mnist_study.study.stores import study_names
 
@@ -50,7 +57,8 @@ def slurm_up() -> str:
     return ""
 
 
-needs_slurm = pytest.mark.skipif(bool(slurm_up()), reason=slurm_up() or "Slurm is up")
+SLURM_DOWN = slurm_up()  # asked once: each ask is a sinfo
+needs_slurm = pytest.mark.skipif(bool(SLURM_DOWN), reason=SLURM_DOWN or "Slurm is up")
 
 
 @pytest.fixture(autouse=True)
@@ -58,14 +66,11 @@ def arrays_cancelled_after(tmp_path):
     """Whatever array a test leaves (a failed one's, or one still suspended) is cancelled,
     not left holding the one node's CPUs while the next Slurm test waits behind it."""
     yield
-    if slurm_up():  # no cluster here: nothing was submitted
+    if SLURM_DOWN:  # no cluster here: nothing was submitted
         return
-    queue = subprocess.run(["squeue", "-h", "-o", "%A|%o"], capture_output=True, text=True,
-                           timeout=60).stdout  # fmt: skip
-    left = [job for job, _, script in (line.partition("|") for line in queue.splitlines())
-            if script.startswith(f"{tmp_path}/")]  # fmt: skip
-    if left:
-        subprocess.run(["scancel", *left], capture_output=True, timeout=60)
+    queue = slurm_tool("squeue", "-h", "-o", "%A|%o")
+    cancel([job for job, _, script in (line.partition("|") for line in queue.splitlines())
+            if script.startswith(f"{tmp_path}/")])  # fmt: skip
 
 
 def test_a_store_the_workers_cannot_reach_is_refused_and_one_for_one_node_is_said(tmp_path):
@@ -99,7 +104,7 @@ def test_slurm_options_are_refused_in_one_line_before_anything_is_written(tmp_pa
     done = cli(*slurm, env={"PATH": str(Path(command()[0]).parent)})
     one_line_error(done, "--launcher slurm: sinfo not found")
     relative = cli("run", str(spec), "--launcher", "slurm", "--workers", "2", cwd=tmp_path)
-    if not slurm_up():
+    if not SLURM_DOWN:
         one_line_error(relative, "a relative path", "give it absolute")
     assert not list(tmp_path.rglob("*.db")) and not list(tmp_path.rglob("*.journal"))
 
