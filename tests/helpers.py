@@ -6,11 +6,13 @@ import contextlib
 import dataclasses
 import io
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from fnmatch import fnmatch
 from pathlib import Path
@@ -80,6 +82,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def answers(server: subprocess.Popen, url: str, seconds: float = 300) -> bytes:
+    """`url`'s body once `server` (a `mnist-study ui` or `dashboard`) answers it. Where it
+    exits or `seconds` pass first, the test fails with the end of its stderr, read only
+    after stopping it: a live server's pipe never ends, and reading it hung a CI run. Its
+    start took over 90 s on 2 cores shared with the other test tier."""
+    deadline = time.time() + seconds
+    while True:
+        try:  # the ui's layer holds a request up to 180 s while MLflow starts
+            return urllib.request.urlopen(url, timeout=200).read()
+        except OSError:
+            if server.poll() is None and time.time() < deadline:
+                time.sleep(0.5)
+                continue
+        server.send_signal(signal.SIGINT)  # stops the ui's MLflow too, which kill would not
+        try:
+            _, err = server.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+            err = "(it did not stop on Ctrl-C within 30 s)"
+        raise AssertionError(f"{url} unanswered (exit {server.returncode}): {(err or '')[-2000:]}")
 
 
 def stores(tmp_path: Path) -> tuple[str, str]:

@@ -21,6 +21,7 @@ from helpers import (
     REPO,
     SLOW2,
     TINY,
+    answers,
     assert_budget_met_exactly,
     cli,
     command,
@@ -189,19 +190,8 @@ def test_ui_shows_the_links_serves_quietly_and_stops_on_ctrl_c(finished, tmp_pat
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                for page in (
-                    "/health",
-                    "/",
-                    "/ajax-api/2.0/mlflow/experiments/search?max_results=5",
-                ):
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}{page}", timeout=5).read()
-                break
-            except OSError:
-                assert ui.poll() is None and time.time() < deadline, ui.stderr.read()[-2000:]
-                time.sleep(0.5)
+        for page in ("/health", "/", "/ajax-api/2.0/mlflow/experiments/search?max_results=5"):
+            answers(ui, f"http://127.0.0.1:{port}{page}")
         ui.send_signal(signal.SIGINT)
         # A server that ignored Ctrl-C would time out here; how fast it stops depends on
         # the machine's load (11 s once beside a study and the whole test suite).
@@ -241,14 +231,7 @@ def test_dashboard_lists_the_tuning_studies_each_opens_and_it_stops_on_ctrl_c(
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                listing = urllib.request.urlopen(f"{base}/api/studies", timeout=5).read()
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, server.stderr.read()
-                time.sleep(0.3)
+        listing = answers(server, f"{base}/api/studies")
         listed = {s["study_name"]: s["study_id"] for s in json.loads(listing)["study_summaries"]}
         assert sorted(listed) == sorted(f"smoke.{v.name}" for v in spec.variants)
         for study_id in listed.values():

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import subprocess
 import time
-import urllib.request
 
 import pytest
 from browser import CHROMIUM, Browser
-from helpers import command, copy_of, free_port
+from helpers import answers, command, copy_of, free_port
 
 pytestmark = [
     pytest.mark.slow,
@@ -30,15 +29,8 @@ def ui(finished, tmp_path):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     address = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 240  # its start took over 90 s on 2 cores shared with a study
     try:  # the server is stopped however the test ends, a failed start included
-        while True:  # MLflow answers through the layer: the page can load
-            try:
-                urllib.request.urlopen(address + "health", timeout=5).read()
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline
-                time.sleep(0.5)
+        answers(server, address + "health")  # MLflow answers through the layer
         browser = Browser(tmp_path / "profile")
         try:
             yield browser, address

@@ -83,7 +83,8 @@ class Layer(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else None
         headers = {k: v for k, v in self.headers.items() if k.lower() not in NOT_FORWARDED}
         headers["Accept-Encoding"] = "identity"  # the HTML must come uncompressed to edit
-        deadline = time.time() + 60  # MLflow takes seconds to start after the links print
+        # MLflow takes seconds to start after the links print, over 90 s on a loaded machine
+        deadline = time.time() + 180
         while True:
             upstream = http.client.HTTPConnection("127.0.0.1", self.upstream, timeout=300)
             try:
